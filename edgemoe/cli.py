@@ -1,0 +1,50 @@
+"""`edgemoe` command-line entry point: dispatches to one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import EdgeMoEError
+
+SUBCOMMANDS = {
+    "run": "Generate text from a prompt without a server",
+    "tokenize": "Print the token ids (and pieces) of a text",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgemoe", description="Mixture-of-Experts inference on the CPU")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+        importlib.import_module(f"edgemoe.commands.{name}").setup_arg_parser(p)
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"edgemoe.commands.{args.command}")
+    return module.main(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except EdgeMoEError as e:
+        if args.debug:
+            raise
+        print(f"edgemoe: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgemoe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

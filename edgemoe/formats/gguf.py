@@ -1,0 +1,74 @@
+"""Open GGUF files through the `gguf` package's memory-mapped reader, with errors a user can act on."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+
+from ..errors import ModelFormatError
+from ..qtensor import QTensor, check_supported
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def open_gguf(path: str) -> GGUFReader:
+    """Memory-map a GGUF file; a truncated or corrupt file raises ModelFormatError, not a traceback."""
+    if not is_gguf(path):
+        raise ModelFormatError(f"{path}: not a GGUF file (no 'GGUF' magic); pass a .gguf file or an HF checkpoint directory")
+    try:
+        return GGUFReader(path, "r")
+    except (ValueError, IndexError, OverflowError, KeyError, AssertionError) as e:
+        size = os.path.getsize(path)
+        raise ModelFormatError(
+            f"{path}: GGUF file is truncated or corrupt ({size} bytes; {e}); download or convert it again"
+        ) from None
+
+
+def scalar_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """Every scalar (non-array) metadata key → Python value. Arrays (vocabularies) are left to their users."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if not field.types or field.types[0] == GGUFValueType.ARRAY:
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def tensor_index(reader: GGUFReader) -> dict[str, Any]:
+    """Tensor name → ReaderTensor (zero-copy views into the mapping)."""
+    return {t.name: t for t in reader.tensors}
+
+
+def to_qtensor(t: Any) -> QTensor | np.ndarray:
+    """A 1-D GGUF tensor → float32 array; a 2-D one → QTensor (zero-copy). 3-D tensors: see `expert_slices`."""
+    qtype = check_supported(t.tensor_type, f"tensor {t.name}")
+    ne = [int(x) for x in t.shape]  # ggml order: ne[0] = columns
+    if len(ne) == 1:
+        if qtype != GGMLQuantizationType.F32:
+            from ..quants import dequantize  # small 1-D tensors only
+
+            return dequantize(np.asarray(t.data).view(np.uint8).reshape(1, -1), qtype, ne[0])[0]
+        return np.asarray(t.data, dtype=np.float32)
+    if len(ne) != 2:
+        raise ModelFormatError(f"tensor {t.name}: expected 2 dimensions, found {len(ne)}")
+    cols, rows = ne
+    return QTensor(np.asarray(t.data).view(np.uint8).reshape(rows, -1), qtype, rows, cols)
+
+
+def expert_slices(t: Any) -> list[QTensor]:
+    """A merged 3-D expert tensor (E, out, in) → one zero-copy QTensor per expert."""
+    qtype = check_supported(t.tensor_type, f"tensor {t.name}")
+    cols, rows, n_expert = (int(x) for x in t.shape)
+    raw = np.asarray(t.data).view(np.uint8).reshape(n_expert, rows, -1)  # (E, out, row_bytes)
+    return [QTensor(raw[e], qtype, rows, cols) for e in range(n_expert)]

@@ -1,0 +1,97 @@
+"""Index Hugging Face checkpoint directories: config.json + *.safetensors, memory-mapped, zero-copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from glob import glob
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from safetensors import SafetensorError, safe_open
+
+from ..errors import ModelFormatError, UnsupportedError
+from ..qtensor import QTensor
+
+# safetensors dtype → (numpy storage dtype, engine type). BF16 has no numpy dtype: kept as uint16 bits.
+_DTYPES = {
+    "F32": (np.float32, GGMLQuantizationType.F32),
+    "F16": (np.float16, GGMLQuantizationType.F16),
+    "BF16": (np.uint16, GGMLQuantizationType.BF16),
+}
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{cfg_path}: unreadable config ({e}); restore the checkpoint's config.json") from None
+
+
+class SafetensorsIndex:
+    """Name → (file, dtype, shape, byte range) for every tensor of a checkpoint directory.
+
+    The byte ranges come from each file's header (the format's documented 8-byte length + JSON);
+    safetensors itself validates every file first. Tensors are `np.memmap` views, never copied.
+    """
+
+    def __init__(self, path: str):
+        files = sorted(glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise ModelFormatError(f"{path}: no *.safetensors files; edgemoe reads safetensors checkpoints or GGUF files")
+        self.entries: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
+        self._maps: dict[str, np.memmap] = {}
+        for fn in files:
+            try:
+                with safe_open(fn, "np") as f:
+                    names = list(f.keys())
+            except (SafetensorError, OSError) as e:
+                raise ModelFormatError(f"{fn}: not a valid safetensors file ({e}); re-download it") from None
+            with open(fn, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            base = 8 + n
+            for name in names:
+                h = header[name]
+                lo, hi = h["data_offsets"]
+                self.entries[name] = (fn, h["dtype"], tuple(h["shape"]), base + lo, base + hi)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def keys(self):
+        return self.entries.keys()
+
+    def array(self, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+        """The tensor as stored (float32/float16 array or uint16 BF16 bits) and its engine type."""
+        fn, dtype, shape, lo, hi = self.entries[name]
+        if dtype not in _DTYPES:
+            raise UnsupportedError(f"tensor {name}: dtype {dtype} is not supported (F32, F16, BF16); convert the checkpoint")
+        np_dtype, qtype = _DTYPES[dtype]
+        if fn not in self._maps:
+            self._maps[fn] = np.memmap(fn, dtype=np.uint8, mode="r")
+        raw = self._maps[fn][lo:hi]
+        return raw.view(np_dtype).reshape(shape), qtype
+
+    def vector(self, name: str) -> np.ndarray:
+        """A 1-D tensor (norm weights) as float32."""
+        a, qtype = self.array(name)
+        if qtype == GGMLQuantizationType.BF16:
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(a, dtype=np.float32)
+
+    def matrix(self, name: str) -> QTensor:
+        a, qtype = self.array(name)
+        return QTensor.from_array(a, qtype, a.shape[0], a.shape[1])
+
+    def matrices(self, name: str) -> list[QTensor]:
+        """A 3-D tensor (E, out, in) → one zero-copy QTensor per leading index."""
+        a, qtype = self.array(name)
+        return [QTensor.from_array(a[e], qtype, a.shape[1], a.shape[2]) for e in range(a.shape[0])]

@@ -1,0 +1,103 @@
+"""Numba kernels for the non-matrix parts of a transformer step: RMSNorm, RoPE, attention, SwiGLU.
+
+Output first, constants as arguments, parallel over independent rows or heads.
+Legend: T = tokens in the step, D = hidden size, H = query heads, K = key/value heads,
+d = head dim, S = positions in the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def rmsnorm(out, x, w, eps):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w.   out, x: (T, D); w: (D,)"""
+    T, D = x.shape
+    for t in prange(T):
+        ss = 0.0
+        for i in range(D):
+            ss += np.float64(x[t, i]) * x[t, i]
+        inv = np.float32(1.0 / math.sqrt(ss / D + eps))
+        for i in range(D):
+            out[t, i] = w[i] * (x[t, i] * inv)
+
+
+@njit(cache=True, nogil=True)
+def rope_tables(cos, sin, positions, theta, dim):
+    """HF rotary tables: cos/sin (T, dim/2) for angle = pos * theta^(-2i/dim), in float32 like HF."""
+    half = dim // 2
+    for t in range(positions.shape[0]):
+        p = np.float32(positions[t])
+        for i in range(half):
+            inv_freq = np.float32(1.0 / theta ** (np.float32(2 * i) / np.float32(dim)))
+            a = np.float32(p * inv_freq)
+            cos[t, i] = math.cos(a)
+            sin[t, i] = math.sin(a)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def rope_inplace(x, cos, sin):
+    """Rotate-half RoPE (HF order: first half of each head pairs with the second).  x: (T, n_heads, d)"""
+    T, n_heads, d = x.shape
+    half = d // 2
+    for t in prange(T):
+        for h in range(n_heads):
+            for i in range(half):
+                a = x[t, h, i]
+                b = x[t, h, i + half]
+                c = cos[t, i]
+                s = sin[t, i]
+                x[t, h, i] = a * c - b * s
+                x[t, h, i + half] = b * c + a * s
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def attention(out, q, k_cache, v_cache, pos0, scale):
+    """Causal GQA attention of T new queries at positions pos0..pos0+T-1 over the cache.
+
+    out: (T, H, d); q: (T, H, d); k_cache, v_cache: (S, K, d) with S >= pos0 + T filled.
+    """
+    T, H, d = q.shape
+    group = H // k_cache.shape[1]
+    n_max = pos0 + T
+    for job in prange(T * H):
+        t = job // H
+        h = job % H
+        kv = h // group
+        n = pos0 + t + 1
+        scores = np.empty(n_max, dtype=np.float32)
+        m = -np.inf
+        for s in range(n):
+            acc = np.float32(0.0)
+            for i in range(d):
+                acc += q[t, h, i] * k_cache[s, kv, i]
+            acc *= scale
+            scores[s] = acc
+            if acc > m:
+                m = acc
+        total = np.float32(0.0)
+        for s in range(n):
+            e = np.float32(math.exp(scores[s] - m))
+            scores[s] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for i in range(d):
+            out[t, h, i] = 0.0
+        for s in range(n):
+            p = scores[s] * inv
+            for i in range(d):
+                out[t, h, i] += p * v_cache[s, kv, i]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def silu_mul(out, gate, up):
+    """SwiGLU: out = silu(gate) * up.   out, gate, up: (T, I)"""
+    T, n = gate.shape
+    for t in prange(T):
+        for i in range(n):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, i]

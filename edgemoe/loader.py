@@ -1,0 +1,223 @@
+"""Model path → (ModelArgs, Model, Tokenizer). Dense weights stay memory-mapped; experts go to a store."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from .errors import ModelFormatError, UnsupportedError
+from .experts.store import Expert, ResidentExperts
+from .formats import names
+from .formats.gguf import expert_slices, is_gguf, open_gguf, scalar_metadata, tensor_index, to_qtensor
+from .formats.safetensors import SafetensorsIndex, is_checkpoint_dir, read_config
+from .models.mixtral import Layer, Model, ModelArgs, Weights
+from .qtensor import QTensor
+
+SUPPORTED = "Mixtral-family MoE models: GGUF arch 'llama' with experts, or HF model_type 'mixtral'"
+
+
+@dataclass
+class LoadedModel:
+    args: ModelArgs
+    model: Model
+    tokenizer: Any  # edgemoe.tokenizer.Tokenizer, or None when the file carries no vocabulary
+    path: str
+    format: str  # "gguf" | "safetensors"
+
+
+def load_model(path: str) -> LoadedModel:
+    """Open a GGUF file or an HF checkpoint directory; raise a ModelFormatError/UnsupportedError otherwise."""
+    if not os.path.exists(path):
+        raise ModelFormatError(f"{path}: no such file or directory; pass a .gguf file or an HF checkpoint directory")
+    if os.path.isdir(path):
+        if not is_checkpoint_dir(path):
+            raise ModelFormatError(f"{path}: directory has no config.json; pass an HF checkpoint directory or a .gguf file")
+        return _load_hf(path)
+    if not is_gguf(path):
+        raise ModelFormatError(f"{path}: neither a GGUF file nor an HF checkpoint directory; {SUPPORTED} are supported")
+    return _load_gguf(path)
+
+
+def dequant_rows(w: QTensor):
+    """ids (T,) → (T, cols) float32, dequantising only the rows asked for (embedding lookup)."""
+    from .quants import dequantize
+
+    def rows(ids: np.ndarray) -> np.ndarray:
+        return dequantize(w.data[ids], w.qtype, w.cols).astype(np.float32, copy=False).reshape(len(ids), w.cols)
+
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+def _gguf_config(meta: dict, tensors: dict, path: str) -> dict:
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise ModelFormatError(f"{path}: GGUF file has no general.architecture; it is not a model file")
+    if arch != "llama" or not meta.get("llama.expert_count"):
+        kind = arch if arch != "llama" else "llama without experts (a dense model)"
+        raise UnsupportedError(f"{path}: architecture {kind} is not supported; {SUPPORTED}")
+    cfg: dict[str, Any] = {"model_type": "mixtral"}
+    for key, hf in names.GGUF_KEY_TO_HF.items():
+        if f"{arch}.{key}" in meta:
+            cfg.setdefault(hf, meta[f"{arch}.{key}"])
+    if "vocab_size" not in cfg and "token_embd.weight" in tensors:
+        cfg["vocab_size"] = int(tensors["token_embd.weight"].shape[1])
+    cfg.setdefault("rope_theta", 10000.0)  # llama.cpp's default when the key is absent
+    cfg["tie_word_embeddings"] = "output.weight" not in tensors
+    cfg["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
+    cfg["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    if not tensors:
+        raise ModelFormatError(f"{path}: GGUF file has no tensors (a vocabulary-only file?); it can be used with "
+                               "'edgemoe tokenize' but not to generate")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "num_local_experts", "num_experts_per_tok") if k not in cfg]
+    if missing:
+        raise ModelFormatError(f"{path}: GGUF metadata lacks {', '.join(missing)}; convert the model again")
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    return cfg
+
+
+def _need(tensors: dict, name: str, path: str):
+    if name not in tensors:
+        raise ModelFormatError(f"{path}: tensor {name} is missing; the file is incomplete or not a Mixtral model")
+    return tensors[name]
+
+
+def _gguf_experts(tensors: dict, args: ModelArgs, path: str) -> ResidentExperts:
+    layers = []
+    for i in range(args.num_hidden_layers):
+        merged = names.GGUF_EXPERTS["gate"].format(i=i)
+        if merged in tensors:
+            parts = {p: expert_slices(_need(tensors, t.format(i=i), path)) for p, t in names.GGUF_EXPERTS.items()}
+        else:
+            parts = {p: [to_qtensor(_need(tensors, t.format(i=i, e=e), path)) for e in range(args.num_local_experts)]
+                     for p, t in names.GGUF_EXPERT_SPLIT.items()}
+        layers.append([Expert(parts["gate"][e], parts["up"][e], parts["down"][e])
+                       for e in range(args.num_local_experts)])
+    return ResidentExperts(layers)
+
+
+def _unpermuted(w: QTensor, n_head: int) -> QTensor:
+    data = np.ascontiguousarray(names.unpermute_qk(w.data, n_head))  # whole rows move; blocks stay intact
+    return QTensor(data, w.qtype, w.rows, w.cols)
+
+
+def _load_gguf(path: str) -> LoadedModel:
+    reader = open_gguf(path)
+    meta = scalar_metadata(reader)
+    tensors = tensor_index(reader)
+    args = ModelArgs.from_dict(_gguf_config(meta, tensors, path))
+    rope_dim = meta.get("llama.rope.dimension_count", args.head_dim)
+    if rope_dim != args.head_dim:
+        raise UnsupportedError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
+                               f"{args.head_dim}) are not supported")
+
+    def get(template: str, i: int | None = None):
+        return to_qtensor(_need(tensors, template.format(i=i), path))
+
+    hf = {v: k for k, v in names.GGUF_TO_HF.items()}
+    layers = []
+    for i in range(args.num_hidden_layers):
+        def g(hf_name: str):
+            return get(hf[hf_name], i)
+
+        layers.append(Layer(
+            input_layernorm=g("model.layers.{i}.input_layernorm.weight"),
+            q_proj=_unpermuted(g("model.layers.{i}.self_attn.q_proj.weight"), args.num_attention_heads),
+            k_proj=_unpermuted(g("model.layers.{i}.self_attn.k_proj.weight"), args.num_key_value_heads),
+            v_proj=g("model.layers.{i}.self_attn.v_proj.weight"),
+            o_proj=g("model.layers.{i}.self_attn.o_proj.weight"),
+            post_attention_layernorm=g("model.layers.{i}.post_attention_layernorm.weight"),
+            gate=g("model.layers.{i}.mlp.gate.weight"),
+        ))
+    embed = get("token_embd.weight")
+    lm_head = get("output.weight") if "output.weight" in tensors else embed
+    weights = Weights(embed_tokens=embed, layers=layers, norm=get("output_norm.weight"), lm_head=lm_head)
+    _check_shapes(weights, args, path)
+    model = Model(args, weights, _gguf_experts(tensors, args, path), dequant_rows(embed))
+
+    tokenizer = None
+    if "tokenizer.ggml.model" in reader.fields:
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_gguf_reader(reader)
+    return LoadedModel(args, model, tokenizer, path, "gguf")
+
+
+def _check_shapes(w: Weights, a: ModelArgs, path: str) -> None:
+    want = {"token embedding": (w.embed_tokens.shape, (a.vocab_size, a.hidden_size)),
+            "q_proj": (w.layers[0].q_proj.shape, (a.num_attention_heads * a.head_dim, a.hidden_size)),
+            "k_proj": (w.layers[0].k_proj.shape, (a.num_key_value_heads * a.head_dim, a.hidden_size)),
+            "router": (w.layers[0].gate.shape, (a.num_local_experts, a.hidden_size))}
+    for what, (got, exp) in want.items():
+        if tuple(got) != exp:
+            raise ModelFormatError(f"{path}: {what} has shape {tuple(got)} but the metadata implies {exp}; "
+                                   "the file is inconsistent, convert it again")
+
+
+# ----------------------------------------------------------------------------------------- safetensors
+
+def _load_hf(path: str) -> LoadedModel:
+    cfg = read_config(path)
+    if cfg.get("model_type") != "mixtral":
+        raise UnsupportedError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; {SUPPORTED}")
+    args = ModelArgs.from_dict(cfg)
+    idx = SafetensorsIndex(path)
+
+    def need(name: str) -> str:
+        if name not in idx:
+            raise ModelFormatError(f"{path}: tensor {name} is missing from the checkpoint; re-save it")
+        return name
+
+    def router(i: int) -> QTensor:
+        ((old, new),) = names.HF_ROUTER_ALIASES.items()
+        return idx.matrix(old.format(i=i) if old.format(i=i) in idx else need(new.format(i=i)))
+
+    layers, experts = [], []
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layers.append(Layer(
+            input_layernorm=idx.vector(need(p + "input_layernorm.weight")),
+            q_proj=idx.matrix(need(p + "self_attn.q_proj.weight")),
+            k_proj=idx.matrix(need(p + "self_attn.k_proj.weight")),
+            v_proj=idx.matrix(need(p + "self_attn.v_proj.weight")),
+            o_proj=idx.matrix(need(p + "self_attn.o_proj.weight")),
+            post_attention_layernorm=idx.vector(need(p + "post_attention_layernorm.weight")),
+            gate=router(i),
+        ))
+        experts.append(_hf_layer_experts(idx, args, i, need))
+    embed = idx.matrix(need("model.embed_tokens.weight"))
+    tied = args.tie_word_embeddings or "lm_head.weight" not in idx
+    lm_head = embed if tied else idx.matrix("lm_head.weight")
+    weights = Weights(embed_tokens=embed, layers=layers, norm=idx.vector(need("model.norm.weight")), lm_head=lm_head)
+    _check_shapes(weights, args, path)
+    model = Model(args, weights, ResidentExperts(experts), dequant_rows(embed))
+
+    tokenizer = None
+    if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+    return LoadedModel(args, model, tokenizer, path, "safetensors")
+
+
+def _hf_layer_experts(idx: SafetensorsIndex, args: ModelArgs, i: int, need) -> list[Expert]:
+    fused = names.HF_EXPERT_FUSED["gate_up"].format(i=i)
+    if fused in idx:
+        gate_up = idx.matrices(fused)  # E × (2I, D)
+        down = idx.matrices(need(names.HF_EXPERT_FUSED["down"].format(i=i)))  # E × (D, I)
+        inter = args.intermediate_size
+        out = []
+        for e in range(args.num_local_experts):
+            gu = gate_up[e]
+            gate = QTensor(gu.data[:inter], gu.qtype, inter, gu.cols)
+            up = QTensor(gu.data[inter:], gu.qtype, inter, gu.cols)
+            out.append(Expert(gate, up, down[e]))
+        return out
+    t = names.HF_EXPERT_SPLIT
+    return [Expert(idx.matrix(need(t["gate"].format(i=i, e=e))), idx.matrix(need(t["up"].format(i=i, e=e))),
+                   idx.matrix(need(t["down"].format(i=i, e=e)))) for e in range(args.num_local_experts)]
+

@@ -1,0 +1,132 @@
+"""Mixtral: grouped-query attention with RoPE, and a sparse MoE of SwiGLU experts (softmax → top-k → renormalise).
+
+Legend: T = tokens in the step, D = hidden_size, H = num_attention_heads, K = num_key_value_heads,
+d = head_dim, E = num_local_experts, A = num_experts_per_tok, V = vocab_size, S = cache positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..experts.store import ExpertStore
+from ..kernels import ops
+from ..kv_cache import KVCache
+from ..qtensor import QTensor
+from .base import linear, rms_norm, switch_glu
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model's shape and constants, with Hugging Face `config.json` names."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # per expert
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    head_dim: int | None = None  # None → hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    model_type: str = "mixtral"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelArgs":
+        """Build from a config dict, ignoring keys this architecture does not use."""
+        cfg = dict(cfg)
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if "rope_theta" not in cfg and "rope_theta" in rope:
+            cfg["rope_theta"] = rope["rope_theta"]
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
+
+
+@dataclass
+class Layer:
+    input_layernorm: np.ndarray  # (D,)
+    q_proj: QTensor  # (H*d, D)
+    k_proj: QTensor  # (K*d, D)
+    v_proj: QTensor  # (K*d, D)
+    o_proj: QTensor  # (D, H*d)
+    post_attention_layernorm: np.ndarray  # (D,)
+    gate: QTensor  # router (E, D)
+
+
+@dataclass
+class Weights:
+    embed_tokens: QTensor  # (V, D)
+    layers: list[Layer]
+    norm: np.ndarray  # (D,)
+    lm_head: QTensor  # (V, D); the embedding itself when tied
+
+
+class Model:
+    """Mixtral forward pass over a KV cache; experts come from an ExpertStore."""
+
+    def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, embed_rows):
+        self.args = args
+        self.weights = weights
+        self.experts = experts
+        self.embed_rows = embed_rows  # ids (T,) → (T, D) float32, dequantising only those rows
+        self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        a = self.args
+        return KVCache(a.num_hidden_layers, n_ctx, a.num_key_value_heads, a.head_dim)
+
+    def attention(self, x: np.ndarray, layer: Layer, i: int, cache: KVCache, cos, sin) -> np.ndarray:
+        a = self.args
+        T = x.shape[0]
+        q = linear(x, layer.q_proj).reshape(T, a.num_attention_heads, a.head_dim)  # (T, H, d)
+        k = linear(x, layer.k_proj).reshape(T, a.num_key_value_heads, a.head_dim)  # (T, K, d)
+        v = linear(x, layer.v_proj).reshape(T, a.num_key_value_heads, a.head_dim)  # (T, K, d)
+        ops.rope_inplace(q, cos, sin)
+        ops.rope_inplace(k, cos, sin)
+        p = cache.length
+        cache.k[i, p:p + T] = k
+        cache.v[i, p:p + T] = v
+        out = np.empty_like(q)  # (T, H, d)
+        ops.attention(out, q, cache.k[i], cache.v[i], p, self.scale)
+        return linear(out.reshape(T, -1), layer.o_proj)  # (T, D)
+
+    def moe(self, x: np.ndarray, layer: Layer, i: int) -> np.ndarray:
+        A = self.args.num_experts_per_tok
+        logits = linear(x, layer.gate)  # (T, E)
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)  # (T, E) softmax
+        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :A]  # (T, A) top-k
+        w = np.take_along_axis(probs, ids, axis=-1)  # (T, A)
+        w /= w.sum(axis=-1, keepdims=True)
+        return switch_glu(x, ids, w, self.experts, i)
+
+    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens `ids` (T,) at the next positions of `cache`; logits (T, V), or (1, V) of the last token."""
+        a = self.args
+        T = ids.shape[0]
+        cache.reserve(T)
+        positions = np.arange(cache.length, cache.length + T)
+        cos = np.empty((T, a.head_dim // 2), dtype=np.float32)  # (T, d/2)
+        sin = np.empty_like(cos)
+        ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
+        x = self.embed_rows(ids)  # (T, D)
+        for i, layer in enumerate(self.weights.layers):
+            x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, cache, cos, sin)
+            x = x + self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), layer, i)
+        cache.length += T
+        if not all_logits:
+            x = x[-1:]
+        return linear(rms_norm(np.ascontiguousarray(x), self.weights.norm, a.rms_norm_eps), self.weights.lm_head)

@@ -1,0 +1,80 @@
+"""A weight matrix as stored on disk: raw rows of quantised blocks plus its type and logical shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import UnsupportedError
+
+# The types the engine computes with. Anything else is rejected at load time.
+SUPPORTED_TYPES = (
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q5_K,
+    GGMLQuantizationType.Q6_K,
+)
+
+
+def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
+    """Bytes of one row of `n_cols` values stored as `qtype`."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if n_cols % block_size:
+        raise UnsupportedError(
+            f"a row of {n_cols} values cannot be stored as {qtype.name} (blocks of {block_size}); "
+            f"use F16/F32 or a model whose dimensions are multiples of {block_size}"
+        )
+    return n_cols // block_size * type_size
+
+
+def check_supported(qtype: int, what: str) -> GGMLQuantizationType:
+    try:
+        qt = GGMLQuantizationType(int(qtype))
+    except ValueError:
+        qt = None
+    if qt not in SUPPORTED_TYPES:
+        name = qt.name if qt is not None else f"type id {int(qtype)}"
+        names = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise UnsupportedError(
+            f"{what}: tensor type {name} is not supported (supported: {names}); "
+            "re-quantise the model to one of these, e.g. with llama-quantize"
+        )
+    return qt
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A 2-D weight `(rows, cols)` = HF `(out_features, in_features)`.
+
+    `data` is the raw storage, uint8 `(rows, row_bytes)`, C-contiguous; it may be a zero-copy view of
+    a memory-mapped file or of an I/O buffer.
+    """
+
+    data: np.ndarray  # (rows, row_bytes) uint8
+    qtype: GGMLQuantizationType
+    rows: int
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @staticmethod
+    def from_array(a: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int) -> "QTensor":
+        """Wrap storage in any dtype (float32 rows, uint16 rows, uint8 blocks) as raw bytes."""
+        qtype = check_supported(qtype, "weight")
+        a = np.ascontiguousarray(a)
+        data = a.reshape(rows, -1).view(np.uint8)
+        if data.shape != (rows, row_bytes(qtype, cols)):
+            raise ValueError(f"storage {a.shape} {a.dtype} does not hold {rows}x{cols} {qtype.name}")
+        return QTensor(data, qtype, rows, cols)
