@@ -140,7 +140,8 @@ def _load_gguf(path: str) -> LoadedModel:
     model = Model(args, weights, _gguf_experts(tensors, args, path), dequant_rows(embed))
 
     tokenizer = None
-    if "tokenizer.ggml.model" in reader.fields:
+    vocab_model = meta.get("tokenizer.ggml.model", "no_vocab")
+    if vocab_model not in ("no_vocab", "none"):  # llama.cpp's markers for a model file without a vocabulary
         from .tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_gguf_reader(reader)

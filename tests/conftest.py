@@ -1,0 +1,24 @@
+"""Shared test fixtures: where the real tokenizer vocabularies are."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def shared_vocab_dir() -> pathlib.Path | None:
+    """`$EDGEMOE_VOCAB_DIR`, else `<repo>/../shared/vocab`; None when neither exists."""
+    for cand in (os.environ.get("EDGEMOE_VOCAB_DIR"), REPO.parent / "shared" / "vocab"):
+        if cand and pathlib.Path(cand, "ggml-vocab-llama-spm.gguf").exists():
+            return pathlib.Path(cand)
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep the default model (synthesised on first use) out of the user's real cache directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
