@@ -12,9 +12,29 @@ import math
 import numpy as np
 from numba import njit, prange
 
+# A parallel region costs a thread wake-up (µs when idle, a scheduler slice on a busy box); kernels whose
+# work is below this many multiply-adds run on the calling thread instead.
+PARALLEL_MIN_WORK = 1 << 17
 
-@njit(cache=True, nogil=True, parallel=True)
-def rmsnorm(out, x, w, eps):
+
+def _twins(fn):
+    """Compile `fn` twice: parallel over its prange loop, and serial (prange runs as range).
+
+    The serial copy gets its own qualified name so Numba's on-disk cache keeps both.
+    """
+    import types
+
+    serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
+    serial.__qualname__ = fn.__qualname__ + "_serial"
+    return (njit(cache=True, nogil=True, parallel=True)(fn), njit(cache=True, nogil=True)(serial))
+
+
+def pick(pair, work: int):
+    """The parallel or the serial twin for `work` multiply-adds."""
+    return pair[0] if work >= PARALLEL_MIN_WORK else pair[1]
+
+
+def _rmsnorm(out, x, w, eps):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w.   out, x: (T, D); w: (D,)"""
     T, D = x.shape
     for t in prange(T):
@@ -39,8 +59,7 @@ def rope_tables(cos, sin, positions, theta, dim):
             sin[t, i] = math.sin(a)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def rope_inplace(x, cos, sin):
+def _rope_inplace(x, cos, sin):
     """Rotate-half RoPE (HF order: first half of each head pairs with the second).  x: (T, n_heads, d)"""
     T, n_heads, d = x.shape
     half = d // 2
@@ -55,8 +74,7 @@ def rope_inplace(x, cos, sin):
                 x[t, h, i + half] = b * c + a * s
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def attention(out, q, k_cache, v_cache, pos0, scale):
+def _attention(out, q, k_cache, v_cache, pos0, scale):
     """Causal GQA attention of T new queries at positions pos0..pos0+T-1 over the cache.
 
     out: (T, H, d); q: (T, H, d); k_cache, v_cache: (S, K, d) with S >= pos0 + T filled.
@@ -77,8 +95,7 @@ def attention(out, q, k_cache, v_cache, pos0, scale):
                 acc += q[t, h, i] * k_cache[s, kv, i]
             acc *= scale
             scores[s] = acc
-            if acc > m:
-                m = acc
+            m = max(m, acc)
         total = np.float32(0.0)
         for s in range(n):
             e = np.float32(math.exp(scores[s] - m))
@@ -93,11 +110,39 @@ def attention(out, q, k_cache, v_cache, pos0, scale):
                 out[t, h, i] += p * v_cache[s, kv, i]
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def silu_mul(out, gate, up):
+def _silu_mul(out, gate, up):
     """SwiGLU: out = silu(gate) * up.   out, gate, up: (T, I)"""
     T, n = gate.shape
     for t in prange(T):
         for i in range(n):
             g = gate[t, i]
             out[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, i]
+
+
+RMSNORM = _twins(_rmsnorm)
+
+ROPE_INPLACE = _twins(_rope_inplace)
+
+ATTENTION = _twins(_attention)
+
+SILU_MUL = _twins(_silu_mul)
+
+
+def rmsnorm(out, x, w, eps):
+    """out, x: (T, D); w: (D,)"""
+    pick(RMSNORM, x.size)(out, x, w, eps)
+
+
+def rope_inplace(x, cos, sin):
+    """x: (T, n_heads, d); cos, sin: (T, d/2)"""
+    pick(ROPE_INPLACE, x.size)(x, cos, sin)
+
+
+def attention(out, q, k_cache, v_cache, pos0, scale):
+    """out, q: (T, H, d); k_cache, v_cache: (S, K, d)"""
+    pick(ATTENTION, q.size * (pos0 + q.shape[0]) * 2)(out, q, k_cache, v_cache, pos0, scale)
+
+
+def silu_mul(out, gate, up):
+    """out, gate, up: (T, I)"""
+    pick(SILU_MUL, gate.size * 8)(out, gate, up)
