@@ -29,7 +29,7 @@ CONFIG = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-VERSION = 1  # bump when CONFIG or the vocabulary changes, so old cached files are not reused
+VERSION = 2  # bump when CONFIG or the vocabulary changes, so old cached files are not reused
 
 WORDS = """the of and to in a is that for it as was with be by on not he this are or his from at which but have an
 they you were her she there been one all we their has would when if so no will more can who out up about said them
@@ -52,11 +52,14 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
     singles = ["▁"] + [c for c in ".,;:!?'\"-()0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"]
-    words = list(dict.fromkeys("▁" + w for w in WORDS)) + list(dict.fromkeys("▁" + w.capitalize() for w in WORDS[:40]))
-    pieces += singles + words
-    types += [TokenType.NORMAL] * (len(singles) + len(words))
-    # SentencePiece merges the highest-scoring pair first: whole words outrank single characters.
-    scores = [0.0] * 259 + [-1000.0 - i for i in range(len(singles))] + [-float(i) for i in range(len(words))]
+    # Every prefix of every word is a piece, so pairwise merges can grow a word piece by piece.
+    words = WORDS + [w.capitalize() for w in WORDS[:40]]
+    prefixes = list(dict.fromkeys("▁" + w[:k] for w in words for k in range(1, len(w) + 1)))
+    prefixes = [p for p in prefixes if p not in singles]
+    pieces += singles + prefixes
+    types += [TokenType.NORMAL] * (len(singles) + len(prefixes))
+    # SentencePiece merges the highest-scoring pair first: longer pieces outrank shorter ones.
+    scores = [0.0] * 259 + [-1000.0] * len(singles) + [len(p) - 100.0 for p in prefixes]
     return pieces, scores, [int(t) for t in types]
 
 
