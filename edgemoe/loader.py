@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from .errors import ModelFormatError, UnsupportedError
 from .experts.store import Expert, ResidentExperts
 from .formats import names
@@ -121,7 +122,7 @@ def _load_gguf(path: str) -> LoadedModel:
     hf = {v: k for k, v in names.GGUF_TO_HF.items()}
     layers = []
     for i in range(args.num_hidden_layers):
-        def g(hf_name: str):
+        def g(hf_name: str, i: int = i):
             return get(hf[hf_name], i)
 
         layers.append(Layer(

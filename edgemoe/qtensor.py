@@ -70,7 +70,7 @@ class QTensor:
         return self.data.nbytes
 
     @staticmethod
-    def from_array(a: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int) -> "QTensor":
+    def from_array(a: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int) -> QTensor:
         """Wrap storage in any dtype (float32 rows, uint16 rows, uint8 blocks) as raw bytes."""
         qtype = check_supported(qtype, "weight")
         a = np.ascontiguousarray(a)

@@ -45,7 +45,7 @@ class ModelArgs:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
+    def from_dict(cls, cfg: dict) -> ModelArgs:
         """Build from a config dict, ignoring keys this architecture does not use."""
         cfg = dict(cfg)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
