@@ -1,0 +1,472 @@
+"""Expert reads from disk: worker threads issue `os.preadv` on an O_DIRECT file descriptor into
+page-aligned pool buffers. Demand reads overtake queued prefetches; reads of a key already in flight
+are merged; a thermal governor can lower the queue depth and pace reads.
+
+    reader = ExpertReader(path, buffer_bytes=max_expert_bytes)
+    handle = reader.read((layer, e), extent.ranges, priority=DEMAND, checksum=crc_hex)
+    buf = handle.result(timeout=30)              # Buffer: the requested bytes, ranges concatenated
+    gate = buf.view(part_offset, part_length)    # (part_length,) uint8, zero-copy
+    buf.release()                                # back to the pool once every merged caller released
+
+`preadv` releases the GIL, so plain threads overlap disk reads with compute.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import os
+import threading
+import time
+import warnings
+import zlib
+from collections import deque
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import EdgeMoEError, ModelFormatError, UsageError
+from .buffers import ALIGN, Buffer, BufferPool, Layout, Slot, plan, scratch_slot
+
+DEMAND = 0  # a layer is waiting for this expert
+PREFETCH = 1  # a prediction; yields to every demand read
+
+_QUEUED, _RUNNING, _DONE = range(3)
+_NO_DIRECT_ERRNOS = (errno.EINVAL, errno.EOPNOTSUPP)
+
+
+class ExpertIOError(EdgeMoEError):
+    """Reading an expert's bytes failed (EIO and friends); the message names the key, file and offset."""
+
+
+class ChecksumError(EdgeMoEError):
+    """An expert's bytes do not match the crc32 recorded in the pack manifest."""
+
+
+@dataclass
+class ReaderStats:
+    """Counters of one `ExpertReader` (updated live; `as_dict()` for a snapshot)."""
+
+    direct_io: bool = True  # False once O_DIRECT was refused (or never asked for)
+    queue_depth: int = 0  # worker reads allowed at once
+    pacing_s: float = 0.0  # minimum seconds between read starts (thermal governor)
+    requests: int = 0  # read() calls
+    reads: int = 0  # reads completed from disk (a merged read counts once)
+    merged_reads: int = 0  # read() calls that joined a read already in flight
+    promoted: int = 0  # queued prefetches demanded before they started
+    cancelled: int = 0  # queued reads dropped (cancel_prefetches, close)
+    degraded_reads: int = 0  # pool exhausted: buffered read into ordinary memory
+    oversize_reads: int = 0  # larger than buffer_bytes: a one-off buffer
+    errors: int = 0  # reads that ended in an error (I/O, truncation, checksum)
+    bytes_read: int = 0  # bytes transferred from the file, alignment widening included
+    bytes_requested: int = 0
+    busy_s: float = 0.0  # wall time with at least one read in progress
+    queued: int = 0  # reads waiting for a worker now
+    pool_buffers: int = 0  # pool buffers allocated now
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=4096))  # per read, start to data in RAM
+
+    def _percentile(self, q: float) -> float:
+        return float(np.percentile(np.fromiter(self.latencies_ms, float), q)) if self.latencies_ms else 0.0
+
+    @property
+    def p50_ms(self) -> float:
+        return self._percentile(50)
+
+    @property
+    def p99_ms(self) -> float:
+        return self._percentile(99)
+
+    @property
+    def gbps(self) -> float:
+        """Achieved read bandwidth: bytes read / busy wall time, in GB/s (1e9 bytes)."""
+        return self.bytes_read / self.busy_s / 1e9 if self.busy_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "latencies_ms"}
+        d.update(p50_ms=self.p50_ms, p99_ms=self.p99_ms, gbps=self.gbps)
+        return d
+
+
+class _Job:
+    """One disk read of one key, shared by every handle that asked for it while it was in flight."""
+
+    __slots__ = ("key", "ranges", "priority", "seq", "crc", "state", "handles", "error", "done")
+
+    def __init__(self, key, ranges, priority, seq, crc):
+        self.key, self.ranges, self.priority, self.seq, self.crc = key, ranges, priority, seq, crc
+        self.state = _QUEUED
+        self.handles: list[ReadHandle] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class ReadHandle:
+    """A future for one `read()` call. Each handle holds one lease on the shared buffer."""
+
+    def __init__(self, reader: ExpertReader, job: _Job):
+        self._reader = reader
+        self._job = job
+        self.key = job.key
+        self._buffer: Buffer | None = None  # set by the worker when the read completes
+        self._abandoned = False
+
+    def done(self) -> bool:
+        return self._job.done.is_set()
+
+    def result(self, timeout: float | None = None) -> Buffer:
+        """Wait for the read; returns this caller's `Buffer`. Raises `TimeoutError`, `CancelledError`
+        (prefetch cancelled or reader closed), `ExpertIOError`, `ChecksumError` or `ModelFormatError`."""
+        if not self._job.done.wait(timeout):
+            raise TimeoutError(f"read of {self.key!r} did not complete within {timeout} s")
+        if self._job.error is not None:
+            raise self._job.error
+        if self._buffer is None:
+            raise ValueError(f"handle of {self.key!r} was released before its read completed")
+        return self._buffer
+
+    def release(self) -> None:
+        """Give up this caller's lease, whether or not the read has completed (idempotent)."""
+        with self._reader._cond:  # the worker hands out leases under this lock when it marks the job done
+            if self._job.state != _DONE:
+                self._abandoned = True  # the worker will not give this handle a lease
+                return
+        if self._buffer is not None:
+            self._buffer.release()
+
+
+class ExpertReader:
+    """Reads experts' byte ranges from one file with a pool of `queue_depth` worker threads.
+
+    direct_io:     open with O_DIRECT (no page cache); EINVAL/EOPNOTSUPP from open or read falls back to
+                   buffered reads with one warning and `stats.direct_io = False`.
+    fixed_buffers: page-aligned pool buffers of `buffer_bytes` (rounded up to 4096) allocated up front;
+                   the pool grows to `max_buffers`, then reads degrade to buffered reads into ordinary
+                   memory (`stats.degraded_reads`). A read larger than `buffer_bytes` gets a one-off buffer.
+    verify:        check the crc32 passed as `checksum=` to `read()` (costs one pass over the bytes).
+    """
+
+    def __init__(self, path, *, direct_io: bool = True, queue_depth: int = 4, fixed_buffers: int = 8,
+                 max_buffers: int = 32, buffer_bytes: int, verify: bool = False):  # fmt: skip
+        if queue_depth < 1 or fixed_buffers < 0 or max_buffers < max(fixed_buffers, 1) or buffer_bytes < 1:
+            raise UsageError(
+                f"bad reader settings: queue_depth={queue_depth} (>= 1), fixed_buffers={fixed_buffers} (>= 0), "
+                f"max_buffers={max_buffers} (>= fixed_buffers, >= 1), buffer_bytes={buffer_bytes} (>= 1)"
+            )
+        self.path = os.fspath(path)
+        self.verify = verify
+        self.stats = ReaderStats(direct_io=False, queue_depth=queue_depth)
+        try:
+            self._fd_buffered = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ModelFormatError(f"cannot open {self.path}: {e.strerror}; check the path and its permissions") from e
+        self._fd_direct = -1
+        self._warned = False
+        self._cond = threading.Condition()
+        if direct_io:
+            try:
+                self._fd_direct = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                self.stats.direct_io = True
+            except (OSError, AttributeError) as e:  # AttributeError: no os.O_DIRECT on this platform
+                if isinstance(e, OSError) and e.errno not in _NO_DIRECT_ERRNOS:
+                    os.close(self._fd_buffered)
+                    raise ModelFormatError(f"cannot open {self.path}: {e.strerror}; check the path") from e
+                self._disable_direct(e)
+        self._pool = BufferPool(-(-buffer_bytes // ALIGN) * ALIGN, fixed_buffers, max_buffers)
+        self.stats.pool_buffers = self._pool.allocated
+        self._heap: list[tuple[int, int, _Job]] = []  # (priority, seq, job); stale entries skipped
+        self._inflight: dict[object, _Job] = {}  # key -> queued or running job
+        self._seq = itertools.count()
+        self._depth = queue_depth
+        self._running = 0
+        self._busy_since = 0.0
+        self._pacing = 0.0
+        self._last_start = -float("inf")
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._spawn(queue_depth)
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    def read(self, key, ranges, *, priority: int = DEMAND, checksum: str | None = None) -> ReadHandle:
+        """Queue a read of `ranges` ((offset, length), ...) under `key`; returns a `ReadHandle`.
+
+        A read of `key` already queued or running is joined instead (same buffer); a DEMAND joining a
+        queued PREFETCH promotes it. `checksum`: crc32 hex string of the concatenated requested bytes.
+        """
+        ranges = tuple((int(o), int(n)) for o, n in ranges)
+        if not ranges or any(o < 0 or n <= 0 for o, n in ranges):
+            raise ValueError(f"read of {key!r}: ranges must be non-empty (offset >= 0, length > 0), got {ranges}")
+        if priority not in (DEMAND, PREFETCH):
+            raise ValueError(f"priority must be DEMAND ({DEMAND}) or PREFETCH ({PREFETCH}), got {priority!r}")
+        crc = _parse_checksum(key, checksum)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"ExpertReader({self.path}) is closed")
+            self.stats.requests += 1
+            job = self._inflight.get(key)
+            if job is not None:
+                if job.ranges != ranges:
+                    raise ValueError(f"read of {key!r} in flight with ranges {job.ranges}, asked again with {ranges}")
+                self.stats.merged_reads += 1
+                if job.crc is None:
+                    job.crc = crc
+                if priority < job.priority:
+                    job.priority = priority
+                    if job.state == _QUEUED:  # re-queued among demands in the order they were asked for
+                        job.seq = next(self._seq)
+                        heapq.heappush(self._heap, (priority, job.seq, job))
+                        self.stats.promoted += 1
+                        self._cond.notify_all()
+            else:
+                job = _Job(key, ranges, priority, next(self._seq), crc)
+                self._inflight[key] = job
+                heapq.heappush(self._heap, (priority, job.seq, job))
+                self.stats.queued += 1
+                self._cond.notify_all()
+            handle = ReadHandle(self, job)
+            job.handles.append(handle)
+        return handle
+
+    def cancel_prefetches(self, keys=None) -> int:
+        """Drop queued PREFETCH reads (all, or those whose key is in `keys`); their handles raise
+        `CancelledError`. Running reads finish. Returns how many were dropped."""
+        keys = None if keys is None else set(keys)
+        with self._cond:
+            victims = [
+                j for j in self._inflight.values()
+                if j.state == _QUEUED and j.priority == PREFETCH and (keys is None or j.key in keys)
+            ]  # fmt: skip
+            self._cancel(victims, "prefetch cancelled")
+        for job in victims:
+            job.done.set()
+        return len(victims)
+
+    def set_queue_depth(self, n: int) -> None:
+        """Allow `n` (>= 1) reads at once. Lowering it lets running reads finish; nothing queued is lost."""
+        if int(n) != n or n < 1:
+            raise UsageError(f"queue depth must be an integer >= 1, got {n!r}")
+        with self._cond:
+            self._depth = self.stats.queue_depth = int(n)
+            self._spawn(int(n))
+            self._cond.notify_all()
+
+    def set_pacing(self, seconds: float) -> None:
+        """Start at most one read every `seconds` (0 = unpaced). Queued reads wait; none is dropped."""
+        if not 0 <= seconds < float("inf"):
+            raise UsageError(f"pacing must be a finite number of seconds >= 0, got {seconds!r}")
+        with self._cond:
+            self._pacing = self.stats.pacing_s = float(seconds)
+            self._cond.notify_all()
+
+    def pool_free(self) -> int:
+        """Pool buffers not leased to anyone."""
+        return self._pool.free
+
+    def close(self) -> None:
+        """Cancel queued reads (`CancelledError`), let running ones finish, join the workers, close the file."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            victims = [j for j in self._inflight.values() if j.state == _QUEUED]
+            self._cancel(victims, "reader closed")
+            self._cond.notify_all()
+        for job in victims:
+            job.done.set()
+        for t in self._threads:
+            t.join()
+        for fd in (self._fd_direct, self._fd_buffered):
+            if fd >= 0:
+                os.close(fd)
+        self._fd_direct = self._fd_buffered = -1
+
+    def __enter__(self) -> ExpertReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- workers ---------------------------------------------------------------------------------------
+
+    def _spawn(self, n: int) -> None:
+        # Threads beyond the current depth stay parked; the depth gate in _next_job is what limits reads.
+        while len(self._threads) < n:
+            t = threading.Thread(target=self._worker, name=f"edgemoe-io-{len(self._threads)}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _cancel(self, jobs: list[_Job], why: str) -> None:
+        for job in jobs:  # caller holds the lock and sets job.done after releasing it
+            job.state = _DONE
+            job.error = CancelledError(f"read of {job.key!r} from {self.path}: {why}")
+            del self._inflight[job.key]
+            self.stats.queued -= 1
+            self.stats.cancelled += 1
+
+    def _next_job(self) -> _Job | None:
+        """Block until a read may start (depth and pacing allow it); None once closed. Holds the lock."""
+        while not self._closed:
+            while self._heap and not _current(self._heap[0]):
+                heapq.heappop(self._heap)  # stale: cancelled, or superseded by a promoted entry
+            if not self._heap or self._running >= self._depth:
+                self._cond.wait()
+                continue
+            now = time.perf_counter()
+            wait = self._last_start + self._pacing - now
+            if wait > 0:
+                self._cond.wait(wait)  # re-checked: pacing may change, a demand may arrive
+                continue
+            job = heapq.heappop(self._heap)[2]
+            job.state = _RUNNING
+            self._last_start = now
+            self.stats.queued -= 1
+            if self._running == 0:
+                self._busy_since = now
+            self._running += 1
+            return job
+        return None
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                job = self._next_job()
+            if job is None:
+                return
+            t0 = time.perf_counter()
+            slot, layout, degraded = None, None, False
+            try:
+                slot, layout, degraded = self._fill(job)
+                elapsed = time.perf_counter() - t0
+                if self.verify and job.crc is not None:
+                    self._check(job, slot, layout)
+            except Exception as e:  # every failure reaches the waiting callers; a worker never dies
+                if slot is not None and slot.pool is not None:
+                    slot.pool.give_back(slot)
+                slot, elapsed = None, time.perf_counter() - t0
+                if not isinstance(e, EdgeMoEError):
+                    e = ExpertIOError(f"reading {job.key!r} from {self.path} failed: {e!r}")
+                job.error = e
+            self._finish(job, slot, layout, elapsed, degraded)
+
+    def _fill(self, job: _Job) -> tuple[Slot, Layout, bool]:
+        """Read `job`'s ranges into a buffer: pool (O_DIRECT when available), one-off, or degraded."""
+        while True:
+            direct = self._fd_direct >= 0 and self.stats.direct_io
+            layout = plan(job.ranges, ALIGN if direct else 1)
+            degraded = False
+            if layout.nbytes > self._pool.buffer_bytes:
+                slot = scratch_slot(layout.nbytes, aligned=direct)
+            else:
+                slot = self._pool.acquire()
+                if slot is None:  # pool exhausted: buffered read into ordinary memory rather than wait
+                    degraded, direct = True, False
+                    layout = plan(job.ranges, 1)
+                    slot = scratch_slot(layout.nbytes, aligned=False)
+            try:
+                self._read_into(job, slot.array, layout, self._fd_direct if direct else self._fd_buffered, direct)
+                return slot, layout, degraded
+            except BaseException as e:
+                if slot.pool is not None:
+                    slot.pool.give_back(slot)
+                if direct and isinstance(e, OSError) and e.errno in _NO_DIRECT_ERRNOS:
+                    self._disable_direct(e)
+                    continue  # retry buffered
+                raise
+
+    def _read_into(self, job: _Job, array: np.ndarray, layout: Layout, fd: int, direct: bool) -> None:
+        for r in layout.reads:
+            dest = array[r.buf_pos : r.buf_pos + r.nbytes]  # (nbytes,) uint8
+            got = 0
+            while got < r.nbytes:
+                try:
+                    n = os.preadv(fd, [dest[got:]], r.file_offset + got)
+                except OSError as e:
+                    if direct and e.errno in _NO_DIRECT_ERRNOS:
+                        raise
+                    raise ExpertIOError(
+                        f"reading expert {job.key!r} from {self.path} failed at byte {r.file_offset + got}: "
+                        f"{e.strerror or e} (errno {e.errno}); the disk or the file is damaged: check `dmesg` / "
+                        "`smartctl`, then re-download the model or re-run `edgemoe partition`"
+                    ) from e
+                if n == 0:
+                    break  # EOF
+                got += n
+                if direct and got % ALIGN:
+                    break  # O_DIRECT stops short only at EOF, and an unaligned retry would EINVAL
+            if got < r.need:
+                raise ModelFormatError(
+                    f"{self.path} is truncated: expert {job.key!r} needs bytes up to {r.file_offset + r.need} but "
+                    f"the file ends at {r.file_offset + got}; re-download the model or re-run `edgemoe partition`"
+                )
+            with self._cond:
+                self.stats.bytes_read += got
+
+    def _check(self, job: _Job, slot: Slot, layout: Layout) -> None:
+        crc = 0
+        for pos, length in layout.segments:
+            crc = zlib.crc32(slot.array[pos : pos + length], crc)  # releases the GIL on large buffers
+        if crc != job.crc:
+            raise ChecksumError(
+                f"checksum mismatch for expert {job.key!r} in {self.path}: expected {job.crc:08x}, read {crc:08x}; "
+                "the file is corrupt: re-run `edgemoe partition` or re-download the model"
+            )
+
+    def _finish(self, job: _Job, slot: Slot | None, layout: Layout | None, elapsed: float, degraded: bool) -> None:
+        with self._cond:
+            now = time.perf_counter()
+            self._running -= 1
+            if self._running == 0:
+                self.stats.busy_s += now - self._busy_since
+            job.state = _DONE
+            del self._inflight[job.key]
+            st = self.stats
+            st.latencies_ms.append(elapsed * 1e3)
+            st.pool_buffers = self._pool.allocated
+            if job.error is not None:
+                st.errors += 1
+            else:
+                st.reads += 1
+                st.bytes_requested += layout.requested
+                st.degraded_reads += degraded
+                st.oversize_reads += slot.pool is None and not degraded
+                holders = [h for h in job.handles if not h._abandoned]
+                slot.refs = len(holders)
+                for h in holders:
+                    h._buffer = Buffer(job.key, slot, layout.segments)
+                if not holders and slot.pool is not None:
+                    slot.pool.give_back(slot)
+            self._cond.notify_all()  # a depth slot is free
+        job.done.set()
+
+    def _disable_direct(self, err: BaseException) -> None:
+        """Switch to buffered reads; warns exactly once per reader."""
+        with self._cond:
+            self.stats.direct_io = False
+            if self._warned:
+                return
+            self._warned = True
+        warnings.warn(
+            f"O_DIRECT reads are not supported for {self.path} ({err}); falling back to buffered reads through "
+            "the page cache. Put the model on a filesystem with O_DIRECT (ext4, xfs) or set direct_io to false.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _current(entry: tuple[int, int, _Job]) -> bool:
+    priority, seq, job = entry
+    return job.state == _QUEUED and priority == job.priority and seq == job.seq
+
+
+def _parse_checksum(key, checksum: str | None) -> int | None:
+    if checksum is None:
+        return None
+    try:
+        value = int(checksum, 16)
+    except (TypeError, ValueError):
+        value = -1
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise UsageError(f"checksum of {key!r} must be a crc32 hex string like '1a2b3c4d', got {checksum!r}")
+    return value
