@@ -11,6 +11,8 @@ from .errors import EdgeMoEError
 SUBCOMMANDS = {
     "run": "Generate text from a prompt without a server",
     "tokenize": "Print the token ids (and pieces) of a text",
+    "partition": "Write an expert pack (aligned per-expert layout + manifest) from a GGUF or HF model",
+    "config": "Check a configuration file or print the effective configuration",
 }
 
 

@@ -1,21 +1,32 @@
-"""`edgemoe-doctor`: what this machine is, which kernels the engine will use on it, and what fails.
+"""`edgemoe-doctor`: what this machine is, which kernels the engine will use on it, what fails, and how fast it will go.
 
 Each check is a row: name, ok (True / False / None = informational), value, and the fix when it fails.
-A failed hard requirement makes the exit code 1.
+A failed hard requirement makes the exit code 1. With a model, the disk under it is measured (about a
+second of O_DIRECT reads) and a cache budget and decode speed are estimated from the measured bandwidths.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import psutil
 
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512bf16", "amx-tile")
+# (shown as, LLVM feature name, /proc/cpuinfo flag)
+ISA = (("AVX2", "avx2", "avx2"), ("FMA", "fma", "fma"), ("F16C", "f16c", "f16c"),
+       ("AVX-512 F", "avx512f", "avx512f"), ("AVX-512 BW", "avx512bw", "avx512bw"),
+       ("AVX-512 VL", "avx512vl", "avx512vl"), ("AVX-512 VNNI", "avx512vnni", "avx512_vnni"),
+       ("AVX-VNNI", "avxvnni", "avx_vnni"), ("AVX-512 BF16", "avx512bf16", "avx512_bf16"),
+       ("AMX tile", "amx-tile", "amx_tile"), ("AMX int8", "amx-int8", "amx_int8"))
+CACHE_SHARE = 0.6  # of available RAM, for dense weights + expert cache; the rest for KV, buffers, the OS
 
 
 @dataclass
@@ -28,10 +39,22 @@ class Check:
 
 
 def cpu_flags() -> set[str]:
+    """CPU features as LLVM (hence Numba) sees them."""
     from llvmlite import binding
 
-    feats = binding.get_host_cpu_features()
-    return {name for name, on in feats.items() if on}
+    return {name for name, on in binding.get_host_cpu_features().items() if on}
+
+
+def cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The kernel's `flags` line of the first CPU, or None where there is no /proc/cpuinfo."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 def cpu_model() -> str:
@@ -45,78 +68,187 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def checks(model: str | None) -> list[Check]:
-    import numba
-
-    from . import kernels
+def cpu_checks(cfg) -> list[Check]:
+    from .kernels import dispatch
 
     out = [Check("CPU", None, cpu_model()),
            Check("cores", None, f"{psutil.cpu_count(logical=False) or '?'} physical, {os.cpu_count()} logical")]
-    flags = cpu_flags()
-    for f in ISA_FLAGS:
-        out.append(Check(f"ISA {f}", f in flags, "yes" if f in flags else "no",
-                         "" if f in flags else "not fatal: a portable kernel is used instead"))
-    for qtype, kernel in kernels.kernel_names().items():
-        out.append(Check(f"kernel {qtype}", None, kernel))
-    vm = psutil.virtual_memory()
-    out.append(Check("RAM", None, f"{vm.total / 2**30:.1f} GiB total, {vm.available / 2**30:.1f} GiB available"))
-    out.append(Check("numba", True, f"{numba.__version__}, threading layer {numba.config.THREADING_LAYER}, "
-                     f"{numba.config.NUMBA_NUM_THREADS} threads"))
-    cache = numba.config.CACHE_DIR or os.path.dirname(kernels.__file__)
-    writable = os.access(cache, os.W_OK)
-    out.append(Check("numba compile cache", writable, cache,
-                     "" if writable else "set NUMBA_CACHE_DIR to a writable directory, or every start recompiles"))
-    if model is not None:
-        out.extend(model_checks(model))
+    llvm, kernel = cpu_flags(), cpuinfo_flags()
+    for shown, llvm_name, proc_name in ISA:
+        have = llvm_name in llvm
+        value = "yes" if have else "no"
+        ok, fix = (True if have else False) if llvm_name == "avx2" else None, ""
+        if not have and llvm_name == "avx2":
+            fix = "no AVX2: the portable kernels run several times slower; use an x86-64-v3 CPU"
+        if kernel is not None and (proc_name in kernel) != have:
+            ok, value = False, f"{value} (but /proc/cpuinfo says {'yes' if proc_name in kernel else 'no'})"
+            fix = "LLVM and the kernel disagree; pin a kernel variant with compute.dispatch if the detected one fails"
+        out.append(Check(f"ISA {shown}", ok, value, fix))
+    supported = dispatch.supported_variants()
+    out.append(Check("kernel variant", None, f"{dispatch.current_variant()} (this CPU runs: {', '.join(supported)})"))
+    for qtype, name in dispatch.kernel_names().items():
+        wanted = getattr(cfg.compute.dispatch, qtype, "auto")
+        if wanted == "auto":
+            out.append(Check(f"kernel {qtype}", None, name))
+        elif wanted in supported:
+            out.append(Check(f"kernel {qtype}", True, f"{wanted} (compute.dispatch)"))
+        else:
+            out.append(Check(f"kernel {qtype}", False, f"compute.dispatch asks for {wanted}, which this CPU lacks",
+                             f"set compute.dispatch.{qtype}: auto (or one of {', '.join(supported)})", True))
     return out
 
 
-def model_checks(path: str) -> list[Check]:
+def numba_checks() -> list[Check]:
+    import numba
+
+    try:
+        from .kernels import ops
+    except RuntimeError as e:  # numba found no writable cache location for a cache=True kernel
+        return [Check("numba compile cache", False, str(e), "set NUMBA_CACHE_DIR to a writable directory", True)]
+    layer = _threading_layer()
+    out = [Check("numba", True, f"{numba.__version__}, threading layer {layer}, {numba.config.NUMBA_NUM_THREADS} threads")]
+    # Where Numba will write our kernels' machine code: its own choice, read off a cache=True kernel
+    # (private attributes; the documented fallback is NUMBA_CACHE_DIR or __pycache__ beside the source).
+    cache = next((v._cache for v in vars(ops).values() if hasattr(getattr(v, "_cache", None), "_cache_path")), None)
+    if cache is not None:
+        path = cache._cache_path
+        where = type(getattr(cache._impl, "locator", None)).__name__.replace("CacheLocator", "").strip("_")
+    else:
+        path = numba.config.CACHE_DIR or os.path.join(os.path.dirname(ops.__file__), "__pycache__")
+        where = "NUMBA_CACHE_DIR" if numba.config.CACHE_DIR else "in-tree"
+    probe = path if os.path.isdir(path) else os.path.dirname(path)
+    writable = os.access(probe, os.W_OK)
+    out.append(Check("numba compile cache", writable, f"{path} ({where})",
+                     "" if writable else "set NUMBA_CACHE_DIR to a writable directory, or every start recompiles"))
+    return out
+
+
+@functools.cache
+def _threading_layer() -> str:
+    """Compile and run a tiny parallel function (about a second) so Numba picks its threading layer."""
+    import numba
+
+    @numba.njit(parallel=True)
+    def total(x):
+        s = 0.0
+        for i in numba.prange(x.shape[0]):
+            s += x[i]
+        return s
+
+    try:
+        total(np.ones(64))
+        return numba.threading_layer()
+    except Exception as e:  # no usable layer (e.g. TBB/OpenMP missing and workqueue refused)
+        return f"unavailable ({e})"
+
+
+def memory_bandwidth(threads: int | None = None, mb: int = 128) -> float:
+    """Bytes per second of summing a `mb`-MB float32 array split over `threads` (best of 5)."""
+    threads = threads or os.cpu_count() or 1
+    a = np.ones(mb * 2**20 // 4, dtype=np.float32)  # (N,)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))  # numpy releases the GIL in reductions
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def model_sizes(loaded) -> dict:
+    """Bytes of the dense weights (all, and touched per token) and of the routed experts."""
+    w, a = loaded.model.weights, loaded.args
+    mats = [w.embed_tokens] + ([w.lm_head] if w.lm_head is not w.embed_tokens else [])
+    per_layer = sum(m.nbytes for layer in w.layers for m in vars(layer).values())
+    dense = sum(m.nbytes for m in mats) + per_layer + w.norm.nbytes
+    # Per token: one embedding row, every layer's attention/router/norms, the whole output head.
+    touched = per_layer + w.norm.nbytes + w.embed_tokens.nbytes // w.embed_tokens.rows + w.lm_head.nbytes
+    experts = getattr(loaded.model.experts, "nbytes", None)
+    if experts is None:  # a store that does not know: the rest of the file
+        experts = max(0, os.path.getsize(loaded.path) - dense) if os.path.isfile(loaded.path) else 0
+    n = a.num_hidden_layers * a.num_local_experts
+    return {"dense_bytes": dense, "dense_bytes_per_token": touched, "expert_bytes": experts,
+            "expert_bytes_per_token": a.num_hidden_layers * a.num_experts_per_tok * experts // max(n, 1)}
+
+
+def estimate(sizes: dict, available: int, mem_bw: float, disk_bw: float | None) -> dict:
+    """Recommended cache budget and expected decode tokens/s (hit rate assumed = cache fraction: no locality)."""
+    budget = int(max(0, min(sizes["expert_bytes"], CACHE_SHARE * available - sizes["dense_bytes"])))
+    hit = budget / sizes["expert_bytes"] if sizes["expert_bytes"] else 1.0
+    active = sizes["expert_bytes_per_token"]
+    t_ram = (sizes["dense_bytes_per_token"] + hit * active) / mem_bw
+    t_disk = (1 - hit) * active / disk_bw if disk_bw else 0.0
+    return {"recommended_cache_bytes": budget, "assumed_hit_rate": hit,
+            "decode_tok_s": 1.0 / (t_ram + t_disk) if t_ram + t_disk > 0 else float("inf"),
+            "decode_tok_s_in_ram": mem_bw / (sizes["dense_bytes_per_token"] + active)}
+
+
+def model_checks(path: str, cfg, seconds: float) -> tuple[list[Check], dict]:
+    from . import doctor_disk
     from .errors import EdgeMoEError
     from .loader import load_model
 
     exists = os.path.exists(path)
     out = [Check("model path", exists, path, "" if exists else "pass an existing .gguf file or HF directory", True)]
     if not exists:
-        return out
-    target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    out.append(Check("model filesystem", None, _filesystem(target)))
-    out.append(Check("O_DIRECT reads", *_o_direct(path if os.path.isfile(path) else None)))
+        return out, {}
+    rows, figures = doctor_disk.disk_checks(path, require_direct=cfg.ssd.direct_io, queue_depth=cfg.ssd.queue_depth,
+                                            seconds=seconds)
+    out += [Check(*r) for r in rows]
     try:
         loaded = load_model(path)
-        a = loaded.args
-        out.append(Check("model loads", True, f"{loaded.format}, {a.num_hidden_layers} layers, "
-                         f"{a.num_local_experts} experts (top-{a.num_experts_per_tok}), hidden {a.hidden_size}"))
     except EdgeMoEError as e:
         out.append(Check("model loads", False, str(e), "see the message", True))
-    return out
+        return out, figures
+    a = loaded.args
+    sizes = model_sizes(loaded)
+    out.append(Check("model loads", True, f"{loaded.format}, {a.num_hidden_layers} layers, {a.num_local_experts} "
+                     f"experts (top-{a.num_experts_per_tok}), dense {sizes['dense_bytes'] / 2**20:.0f} MB, "
+                     f"experts {sizes['expert_bytes'] / 2**20:.0f} MB"))
+    mem_bw = memory_bandwidth()
+    available = psutil.virtual_memory().available
+    est = estimate(sizes, available, mem_bw, figures.get("disk_read_bytes_per_s"))
+    figures.update(sizes, memory_read_bytes_per_s=mem_bw, **est)
+    out.append(Check("memory bandwidth", None, f"{mem_bw / 1e9:.1f} GB/s (numpy sum, {os.cpu_count()} threads)"))
+    cache = cfg.cache.total_bytes
+    fits = cache + sizes["dense_bytes"] <= available
+    out.append(Check("recommended cache", fits if cache else None,
+                     f"{est['recommended_cache_bytes'] // 2**20} MB (min(experts, {CACHE_SHARE:.0%} of available RAM "
+                     f"- dense)); configured {cache // 2**20} MB",
+                     "" if fits else f"the configured cache and the dense weights exceed available RAM; set "
+                     f"cache.tiers capacities to about {est['recommended_cache_bytes'] // 2**20} MB in total"))
+    out.append(Check("expected decode", None,
+                     f"≈ {est['decode_tok_s']:.2f} tok/s with the recommended cache (assumed hit rate "
+                     f"{est['assumed_hit_rate']:.0%} = cache fraction, no locality; "
+                     f"{(sizes['dense_bytes_per_token'] + sizes['expert_bytes_per_token']) / 2**20:.0f} MB per token); "
+                     f"≤ {est['decode_tok_s_in_ram']:.2f} tok/s from RAM (memory bound)"))
+    return out, figures
 
 
-def _filesystem(path: str) -> str:
-    best = None
-    for part in psutil.disk_partitions(all=True):
-        if path.startswith(part.mountpoint) and (best is None or len(part.mountpoint) > len(best.mountpoint)):
-            best = part
-    return f"{best.fstype} on {best.device} ({best.mountpoint})" if best else "unknown"
+def checks(model: str | None, config: str | None = None, seconds: float = 1.0) -> tuple[list[Check], dict]:
+    """Every row, and the measured/estimated figures (for --json)."""
+    from .config import Config, ConfigError, load_config
 
-
-def _o_direct(path: str | None) -> tuple[bool | None, str, str]:
-    if path is None:
-        return None, "not checked (directory)", ""
+    out: list[Check] = []
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as e:
-        return False, f"refused ({e.strerror})", "reads fall back to the page cache; put the model on ext4/xfs"
-    try:
-        import mmap
-
-        buf = mmap.mmap(-1, 4096)
-        n = os.preadv(fd, [buf], 0)
-        return True, f"works ({n} bytes read)", ""
-    except OSError as e:
-        return False, f"read failed ({e.strerror})", "reads fall back to the page cache"
-    finally:
-        os.close(fd)
+        cfg = load_config(config)
+        if config:
+            out.append(Check("config", True, config))
+    except ConfigError as e:
+        cfg = Config()
+        out.append(Check("config", False, str(e), "fix the listed keys (edgemoe config check FILE); defaults used below",
+                         True))
+    out += cpu_checks(cfg)
+    vm = psutil.virtual_memory()
+    out.append(Check("RAM", None, f"{vm.total / 2**30:.1f} GiB total, {vm.available / 2**30:.1f} GiB available"))
+    out += numba_checks()
+    figures: dict = {}
+    model = model or cfg.inference.model
+    if model is not None:
+        rows, figures = model_checks(model, cfg, seconds)
+        out += rows
+    return out, figures
 
 
 def render(rows: list[Check]) -> str:
@@ -124,7 +256,8 @@ def render(rows: list[Check]) -> str:
     lines = []
     for r in rows:
         mark = {True: "✔", False: "✖", None: "·"}[r.ok]
-        line = f"{mark} {r.name:<{width}}  {r.value}"
+        value = r.value.replace("\n", "\n" + " " * (width + 4))
+        line = f"{mark} {r.name:<{width}}  {value}"
         if r.ok is False and r.fix:
             line += f"\n  {'':<{width}}  fix: {r.fix}"
         lines.append(line)
@@ -133,13 +266,15 @@ def render(rows: list[Check]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edgemoe-doctor", description="Check this machine for edgemoe")
-    p.add_argument("--model", help="also check this model file or directory")
+    p.add_argument("--model", help="also check this model file or directory (default: the config's inference.model)")
+    p.add_argument("--config", metavar="FILE", help="check against this configuration (default: built-in defaults)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--seconds", type=float, default=1.0, help="how long to measure disk bandwidth (default 1)")
     args = p.parse_args(argv)
-    rows = checks(args.model)
+    rows, figures = checks(args.model, args.config, args.seconds)
     failed = any(r.ok is False and r.hard for r in rows)
     if args.json:
-        print(json.dumps({"ok": not failed, "checks": [asdict(r) for r in rows]}, indent=1))
+        print(json.dumps({"ok": not failed, "checks": [asdict(r) for r in rows], "figures": figures}, indent=1))
     else:
         print(render(rows))
         print("\nresult:", "hard requirement failed" if failed else "ready")

@@ -1,0 +1,396 @@
+"""The YAML configuration: one schema of frozen dataclasses, every key with a default.
+
+    cfg = load_config("edgemoe.yaml", {"ssd.queue_depth": 8, "cache.tiers[0].capacity": 2048})
+
+Every problem in the file (unknown keys, wrong types, impossible values) is collected with its key path
+and raised at once as one `ConfigError`. `configs/default.yaml` writes out every key with its default.
+Capacities are in MB = 2**20 bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .config_schema import (
+    Problems,
+    Rule,
+    boolean,
+    build,
+    choice,
+    entries,
+    integer,
+    is_int,
+    key_path,
+    number,
+    optional,
+    parse_key,
+    required,
+    section,
+    setting,
+    show,
+    text,
+    to_plain,
+)
+from .errors import EdgeMoEError
+
+MB = 2**20
+QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+QUANT_ALIASES = {"Q4K": "Q4_K", "Q5K": "Q5_K", "Q6K": "Q6_K"}  # the seed article's spelling
+KERNEL_VARIANTS = ("generic", "avx2", "vnni")  # = edgemoe.kernels.dispatch.VARIANTS (a test keeps them equal)
+CACHE_POLICIES = ("temporal_lru", "lru", "lfu")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class ConfigError(EdgeMoEError):
+    """The configuration has problems; `problems` lists each as `key.path: what is wrong`."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        if len(problems) == 1:
+            msg = f"{source}: {problems[0]}"
+        else:
+            msg = f"{source}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
+        super().__init__(msg)
+
+
+# ------------------------------------------------------------------------------------------ rules
+
+def _tcp_ok(v: Any) -> bool:
+    host, _, port = str(v).rpartition(":")
+    return isinstance(v, str) and host in LOOPBACK_HOSTS and port.isdigit() and 1 <= int(port) <= 65535
+
+
+def _mode_ok(v: Any) -> bool:
+    if isinstance(v, str):
+        return len(v) in (3, 4) and all(c in "01234567" for c in v)
+    return is_int(v) and 0 <= v <= 0o777  # YAML 1.1 reads an unquoted 0660 as octal already
+
+
+def _weights_ok(v: Any) -> bool:
+    return (isinstance(v, dict) and len(v) > 0
+            and all(isinstance(k, str) and k and is_int(w) and w >= 1 for k, w in v.items()))
+
+
+POSITIVE = integer("a positive integer", lo=1)
+QUANT = choice("auto", *QUANT_TYPES, aliases=QUANT_ALIASES)
+VARIANT = choice("auto", *KERNEL_VARIANTS)
+LAYERS = Rule("a list of layer indices (integers >= 0)",
+              lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v), tuple)
+TCP = Rule('a loopback address "127.0.0.1:PORT" (the API has no authentication; use a proxy for remote access)',
+           _tcp_ok)
+MODE = Rule('an octal file mode such as "0660" (quoted)', _mode_ok, lambda v: int(v, 8) if isinstance(v, str) else v)
+WEIGHTS = Rule("a mapping of request class to a positive integer weight, e.g. {interactive: 3, batch: 1}",
+               _weights_ok, lambda v: tuple(sorted(v.items())))  # order-free: a mapping
+FRACTION = number("a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+# ----------------------------------------------------------------------------------------- schema
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    model: str | None = setting(None, optional(text("a model path"), "null"),
+                                "GGUF file, expert pack or HF checkpoint directory (null: give it with -m)")
+    quantization: str = setting("auto", QUANT, "expert quantization `edgemoe partition` writes; auto = keep the source's")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    active_experts: int | None = setting(None, optional(POSITIVE), "experts per token (auto: the model's)")
+    total_experts: int | None = setting(None, optional(POSITIVE), "experts per layer, checked against the model")
+    pin_layers: tuple[int, ...] = setting((), LAYERS, "layers whose experts are never evicted")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    name: str = required(text("a tier name"))
+    capacity: int = required(integer("MB as a positive integer", lo=1), "byte budget of the tier, in MB")
+    policy: str = setting("temporal_lru", choice(*CACHE_POLICIES), "eviction policy")
+    pin_threshold: float = setting(0.8, number("a number >= 0", lambda v: v >= 0),
+                                   "decayed access frequency that promotes an entry into this tier")
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity * MB
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    tiers: tuple[TierConfig, ...] = entries(TierConfig, (
+        TierConfig("hot", 1024, "temporal_lru", 0.8),
+        TierConfig("warm", 3072, "lru", 0.8),
+    ), "RAM tiers, hottest first")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.capacity_bytes for t in self.tiers)
+
+
+@dataclass(frozen=True)
+class SsdConfig:
+    direct_io: bool = setting(True, boolean(), "O_DIRECT reads (bypass the page cache)")
+    queue_depth: int = setting(4, integer("a positive integer up to 1024 (reads in flight)", 1, 1024))
+    fixed_buffers: int = setting(8, POSITIVE, "page-aligned read buffers allocated at start")
+    max_buffers: int = setting(32, POSITIVE, "the pool grows to this many, then degrades to buffered reads")
+    buffer_size: int | None = setting(None, optional(Rule("a positive multiple of 4096 (bytes)",
+                                                          lambda v: is_int(v) and v > 0 and v % 4096 == 0)),
+                                      "bytes per buffer (auto: the largest expert)")
+    verify_checksums: bool = setting(False, boolean(), "check each expert's CRC32 after reading")
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """Kernel variant per weight type: auto (the best this CPU runs), or one of KERNEL_VARIANTS."""
+
+    F32: str = setting("auto", VARIANT)
+    F16: str = setting("auto", VARIANT)
+    BF16: str = setting("auto", VARIANT)
+    Q8_0: str = setting("auto", VARIANT)
+    Q4_0: str = setting("auto", VARIANT)
+    Q4_K: str = setting("auto", VARIANT)
+    Q5_K: str = setting("auto", VARIANT)
+    Q6_K: str = setting("auto", VARIANT)
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    dispatch: DispatchConfig = section(DispatchConfig)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    strategy: str = setting("continuous", choice("continuous"))
+    admission: tuple[tuple[str, int], ...] = setting((("default", 1),), WEIGHTS,
+                                                     "weighted round-robin weight per request class",
+                                                     dump=dict)
+    max_batch: int = setting(8, POSITIVE, "sequences decoded together")
+    max_queue: int = setting(64, POSITIVE, "requests waiting beyond the batch; more are refused (HTTP 503)")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    enabled: bool = setting(False, boolean())
+    draft_model: str = setting("self", text('"self" or a model path'),
+                               "self = the target model using only cached experts (no I/O)")
+    max_tokens: int = setting(4, integer("an integer from 1 to 16", 1, 16), "draft tokens per step")
+    rejection_threshold: float = setting(0.15, FRACTION, "stop drafting when routing diverges beyond this")
+
+
+@dataclass(frozen=True)
+class IoPacingConfig:
+    enabled: bool = setting(True, boolean(), "throttle reads when the SSD is too hot")
+    throttle_interval: float = setting(100.0, number("milliseconds > 0", lambda v: v > 0),
+                                       "largest pause between reads when throttled (ms)")
+    min_queue_depth: int = setting(1, POSITIVE, "queue depth never goes below this")
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    nvme_thermal_limit: float = setting(70.0, number("°C between 30 and 120", lambda v: 30 <= v <= 120))
+    hysteresis: float = setting(5.0, number("°C > 0", lambda v: v > 0), "restore below limit - hysteresis")
+    poll_interval: float = setting(5.0, number("seconds > 0", lambda v: v > 0))
+    io_pacing: IoPacingConfig = section(IoPacingConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: str = setting("/run/edgemoe/edgemoe.sock", text("a socket path"))
+    tcp: str | None = setting(None, optional(TCP, "null"), "also listen on loopback TCP, e.g. 127.0.0.1:8080")
+    socket_mode: int = setting(0o660, MODE, dump=lambda m: f"{m:04o}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Request defaults; names and meaning as in `edgemoe.sampling.SamplingParams`."""
+
+    temperature: float = setting(0.8, number("a number >= 0 (0 = greedy)", lambda v: v >= 0))
+    top_k: int = setting(40, integer("an integer >= 0 (0 = off)", lo=0))
+    top_p: float = setting(0.95, FRACTION)
+    min_p: float = setting(0.05, number("a number in [0, 1)", lambda v: 0 <= v < 1))
+    repeat_penalty: float = setting(1.0, number("a number > 0 (1 = off)", lambda v: v > 0))
+    repeat_last_n: int = setting(64, integer("an integer >= -1 (0 = off, -1 = all)", lo=-1))
+    seed: int | None = setting(None, optional(integer("an integer >= 0", lo=0), "null"))
+
+    def params(self):
+        """These defaults as `SamplingParams`."""
+        from .sampling import SamplingParams
+
+        return SamplingParams(**to_plain(self))
+
+
+@dataclass(frozen=True)
+class Config:
+    inference: InferenceConfig = section(InferenceConfig)
+    routing: RoutingConfig = section(RoutingConfig)
+    cache: CacheConfig = section(CacheConfig)
+    ssd: SsdConfig = section(SsdConfig)
+    compute: ComputeConfig = section(ComputeConfig)
+    batching: BatchingConfig = section(BatchingConfig)
+    speculative: SpeculativeConfig = section(SpeculativeConfig)
+    monitoring: MonitoringConfig = section(MonitoringConfig)
+    server: ServerConfig = section(ServerConfig)
+    threads: int | None = setting(None, optional(POSITIVE), "compute threads (auto: all cores)")
+    context_length: int | None = setting(None, optional(POSITIVE), "tokens (auto: min(model's, 4096))")
+    sampling: SamplingConfig = section(SamplingConfig)
+
+    def to_dict(self) -> dict:
+        """Plain dicts, lists and scalars; `load_config` reads this back to an equal Config."""
+        return to_plain(self)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, *,
+                ram_bytes: int | None = None) -> Config:
+    """The configuration in `path` (None: the defaults) with `overrides` ({"dotted.key[0].path": value}).
+
+    `ram_bytes` is the RAM the cache must fit in (default: this machine's, from psutil).
+    Raises ConfigError listing every problem found.
+    """
+    source = os.fspath(path) if path is not None else "configuration"
+    raw = _read(source) if path is not None else {}
+    problems = Problems()
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"expected a mapping of settings at the top level, got {show(raw)}"])
+    overridden = set()
+    for key, value in (overrides or {}).items():
+        overridden.add(_apply(raw, key, value, problems))
+    cfg = build(Config, raw, "", problems)
+    _cross_check(cfg, problems, ram_bytes)
+    if problems:
+        lines = [line + (" (from --set)" if line.split(":", 1)[0] in overridden else "") for line in problems.lines]
+        raise ConfigError(source, lines)
+    return cfg
+
+
+def _read(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, ["no such file; pass an existing YAML file (see configs/default.yaml)"]) from None
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read it ({e.strerror})"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = getattr(e, "problem", None) or str(e)
+        raise ConfigError(path, [f"{where}not valid YAML ({what})"]) from None
+    return {} if raw is None else raw
+
+
+def _apply(raw: dict, key: str, value: Any, problems: Problems) -> str:
+    """Set `raw[...key...] = value`, creating missing mappings (and default lists) on the way; return the path."""
+    try:
+        segs = parse_key(key)
+    except ValueError as e:
+        problems.add(key, f"{e}; write keys like ssd.queue_depth or cache.tiers[0].capacity")
+        return key
+    defaults = Config().to_dict()
+    node: Any = raw
+    for i, seg in enumerate(segs):
+        path = key_path(segs[: i + 1])
+        last = i == len(segs) - 1
+        if isinstance(seg, int):
+            if not isinstance(node, list) or seg >= len(node):
+                n = len(node) if isinstance(node, list) else 0
+                problems.add(path, f"no such entry ({key_path(segs[:i])} has {n}); override existing entries only")
+                return path
+        elif not isinstance(node, dict):
+            problems.add(path, f"cannot set a key inside {show(node)}")
+            return path
+        if last:
+            node[seg] = value
+            return path
+        child = node[seg] if isinstance(seg, int) else node.get(seg)
+        if child is None:
+            child = copy.deepcopy(_lookup(defaults, segs[: i + 1]))
+            if not isinstance(child, (dict, list)):
+                child = {}
+            node[seg] = child
+        node = child
+    return key_path(segs)
+
+
+def _lookup(tree: Any, segs: list) -> Any:
+    for s in segs:
+        try:
+            tree = tree[s]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return tree
+
+
+def _cross_check(cfg: Config, problems: Problems, ram_bytes: int | None) -> None:
+    """Constraints between keys; skipped where one of the keys was already reported."""
+    r = cfg.routing
+    both = r.active_experts is not None and r.total_experts is not None
+    if both and not problems.near("routing") and r.active_experts > r.total_experts:
+        problems.add("routing.active_experts", f"{r.active_experts} active experts exceed total_experts {r.total_experts}")
+    if not problems.near("cache"):
+        _check_tiers(cfg.cache, problems, ram_bytes)
+    s = cfg.ssd
+    if not problems.near("ssd.max_buffers", "ssd.fixed_buffers") and s.max_buffers < s.fixed_buffers:
+        problems.add("ssd.max_buffers", f"{s.max_buffers} is below fixed_buffers {s.fixed_buffers}; raise it")
+    m = cfg.monitoring
+    if not problems.near("monitoring.hysteresis", "monitoring.nvme_thermal_limit") \
+            and m.hysteresis >= m.nvme_thermal_limit:
+        problems.add("monitoring.hysteresis", f"{m.hysteresis:g} °C must be below nvme_thermal_limit "
+                     f"{m.nvme_thermal_limit:g} °C")
+    if not problems.near("monitoring.io_pacing.min_queue_depth", "ssd.queue_depth") \
+            and m.io_pacing.min_queue_depth > s.queue_depth:
+        problems.add("monitoring.io_pacing.min_queue_depth",
+                     f"{m.io_pacing.min_queue_depth} exceeds ssd.queue_depth {s.queue_depth}")
+
+
+def _check_tiers(cache: CacheConfig, problems: Problems, ram_bytes: int | None) -> None:
+    names = [t.name for t in cache.tiers]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            problems.add(f"cache.tiers[{i}].name", f"duplicate tier name {show(name)}; names must be unique")
+    if ram_bytes is None:
+        import psutil
+
+        ram_bytes = psutil.virtual_memory().total
+    if cache.total_bytes > ram_bytes:
+        problems.add("cache.tiers", f"capacities add up to {cache.total_bytes // MB} MB, more than this machine's "
+                     f"RAM ({ram_bytes // MB} MB); lower them (leave room for the dense weights and the KV cache)")
+
+
+# -------------------------------------------------------------------------------------- CLI helpers
+
+def add_config_arguments(p) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE` on an argparse parser."""
+    p.add_argument("--config", metavar="FILE", help="YAML configuration (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set ssd.queue_depth=8 --set cache.tiers[0].capacity=2048")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["ssd.queue_depth=8", "routing.pin_layers=[0, 1]"] → {"ssd.queue_depth": 8, ...} (values read as YAML)."""
+    out: dict[str, Any] = {}
+    bad = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            bad.append(f"--set {item}: expected KEY=VALUE, e.g. --set ssd.queue_depth=8")
+            continue
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value  # not YAML: keep the text; the schema says whether a string is right
+    if bad:
+        raise ConfigError("command line", bad)
+    return out
+
+
+def config_from_args(args, extra: dict[str, Any] | None = None) -> Config:
+    """The Config of `--config` and `--set` (see add_config_arguments), plus `extra` overrides from other flags."""
+    overrides = parse_overrides(getattr(args, "overrides", None) or [])
+    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return load_config(getattr(args, "config", None), overrides)
