@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelFormatError, UnsupportedError
+from .errors import ModelFormatError, UnsupportedError, UsageError
 from .experts.store import Expert, ResidentExperts
 from .formats import names
 from .formats.gguf import expert_slices, is_gguf, open_gguf, scalar_metadata, tensor_index, to_qtensor
@@ -28,17 +28,24 @@ class LoadedModel:
     format: str  # "gguf" | "safetensors"
 
 
-def load_model(path: str) -> LoadedModel:
-    """Open a GGUF file or an HF checkpoint directory; raise a ModelFormatError/UnsupportedError otherwise."""
+def load_model(path: str, stream=None) -> LoadedModel:
+    """Open a GGUF file or an HF checkpoint directory; raise a ModelFormatError/UnsupportedError otherwise.
+
+    stream: `edgemoe.experts.setup.StreamOptions` to read experts from disk into a budgeted cache (GGUF only);
+    None keeps every expert addressable through the memory map.
+    """
     if not os.path.exists(path):
         raise ModelFormatError(f"{path}: no such file or directory; pass a .gguf file or an HF checkpoint directory")
     if os.path.isdir(path):
         if not is_checkpoint_dir(path):
             raise ModelFormatError(f"{path}: directory has no config.json; pass an HF checkpoint directory or a .gguf file")
+        if stream is not None:
+            raise UsageError(f"{path}: expert streaming reads GGUF files; convert the checkpoint first with "
+                             f"'edgemoe partition {path} -o model.gguf'")
         return _load_hf(path)
     if not is_gguf(path):
         raise ModelFormatError(f"{path}: neither a GGUF file nor an HF checkpoint directory; {SUPPORTED} are supported")
-    return _load_gguf(path)
+    return _load_gguf(path, stream)
 
 
 def dequant_rows(w: QTensor):
@@ -106,7 +113,7 @@ def _unpermuted(w: QTensor, n_head: int) -> QTensor:
     return QTensor(data, w.qtype, w.rows, w.cols)
 
 
-def _load_gguf(path: str) -> LoadedModel:
+def _load_gguf(path: str, stream=None) -> LoadedModel:
     reader = open_gguf(path)
     meta = scalar_metadata(reader)
     tensors = tensor_index(reader)
@@ -138,7 +145,14 @@ def _load_gguf(path: str) -> LoadedModel:
     lm_head = get("output.weight") if "output.weight" in tensors else embed
     weights = Weights(embed_tokens=embed, layers=layers, norm=get("output_norm.weight"), lm_head=lm_head)
     _check_shapes(weights, args, path)
-    model = Model(args, weights, _gguf_experts(tensors, args, path), dequant_rows(embed))
+    if stream is None:
+        experts = _gguf_experts(tensors, args, path)
+    else:
+        from .experts.setup import streaming_store
+
+        _gguf_experts(tensors, args, path)  # validates every expert tensor before streaming starts
+        experts = streaming_store(path, tensors, args.num_hidden_layers, args.num_local_experts, stream)
+    model = Model(args, weights, experts, dequant_rows(embed))
 
     tokenizer = None
     vocab_model = meta.get("tokenizer.ggml.model", "no_vocab")

@@ -23,7 +23,15 @@ class ExpertStore(Protocol):
     n_layers: int
     n_experts: int
 
+    wants_hints: bool  # True when `hint` does something (predictions cost a router pass)
+
     def get(self, layer: int, expert: int) -> Expert: ...
+
+    def request(self, layer: int, experts) -> None:
+        """All of `experts` of `layer` are needed in this step (get() follows for each)."""
+
+    def hint(self, layer: int, experts) -> None:
+        """A prediction that `experts` of `layer` will be needed soon."""
 
 
 class ResidentExperts:
@@ -34,8 +42,16 @@ class ResidentExperts:
         self.n_layers = len(experts)
         self.n_experts = len(experts[0]) if experts else 0
 
+    wants_hints = False
+
     def get(self, layer: int, expert: int) -> Expert:
         return self._experts[layer][expert]
+
+    def request(self, layer: int, experts) -> None:
+        pass
+
+    def hint(self, layer: int, experts) -> None:
+        pass
 
     @property
     def nbytes(self) -> int:

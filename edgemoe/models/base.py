@@ -43,6 +43,7 @@ def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray
     uniq, starts = np.unique(flat[order], return_index=True)
     bounds = np.append(starts, flat.size)
     A = expert_ids.shape[1]
+    experts.request(layer, uniq)  # a streaming store queues every missing read before the first compute
     for n, e in enumerate(uniq):
         sel = order[bounds[n]:bounds[n + 1]]  # positions in (T*A) routed to expert e
         tok = sel // A  # (n_e,)

@@ -103,15 +103,26 @@ class Model:
         ops.attention(out, q, cache.k[i], cache.v[i], p, self.scale)
         return linear(out.reshape(T, -1), layer.o_proj)  # (T, D)
 
-    def moe(self, x: np.ndarray, layer: Layer, i: int) -> np.ndarray:
+    def route(self, x: np.ndarray, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax over experts, top-k, renormalised.  x: (T, D) → ids (T, A), weights (T, A)"""
         A = self.args.num_experts_per_tok
         logits = linear(x, layer.gate)  # (T, E)
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)  # (T, E) softmax
-        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :A]  # (T, A) top-k
+        probs /= probs.sum(axis=-1, keepdims=True)  # (T, E)
+        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :A]  # (T, A)
         w = np.take_along_axis(probs, ids, axis=-1)  # (T, A)
-        w /= w.sum(axis=-1, keepdims=True)
-        return switch_glu(x, ids, w, self.experts, i)
+        return ids, w / w.sum(axis=-1, keepdims=True)
+
+    def moe(self, h: np.ndarray, x: np.ndarray, layer: Layer, i: int) -> np.ndarray:
+        """h: normalised input of layer i's experts; x: the residual stream, for next-layer prediction."""
+        ids, w = self.route(h, layer)
+        layers = self.weights.layers
+        if self.experts.wants_hints and i + 1 < len(layers):
+            # Layer i+1's router on the current hidden state predicts its experts (~70 % right on real models).
+            nxt = layers[i + 1]
+            self.experts.hint(i + 1, np.unique(self.route(rms_norm(x, nxt.post_attention_layernorm,
+                                                                   self.args.rms_norm_eps), nxt)[0]))
+        return switch_glu(h, ids, w, self.experts, i)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` (T,) at the next positions of `cache`; logits (T, V), or (1, V) of the last token."""
@@ -125,7 +136,7 @@ class Model:
         x = self.embed_rows(ids)  # (T, D)
         for i, layer in enumerate(self.weights.layers):
             x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, cache, cos, sin)
-            x = x + self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), layer, i)
+            x = x + self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i)
         cache.length += T
         if not all_logits:
             x = x[-1:]

@@ -1,0 +1,79 @@
+"""Build a StreamingExperts store for a GGUF file (packed or not) from the run's settings."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from .buffers import ALIGN
+from .cache import ExpertCache, TierSpec
+from .extents import gguf_extents
+from .io import ExpertReader
+from .streaming import StreamingExperts
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How experts are streamed: cache tiers (hottest first), reader settings, prefetch."""
+
+    tiers: tuple[TierSpec, ...]
+    pin_layers: tuple[int, ...] = ()
+    direct_io: bool = True
+    queue_depth: int = 4
+    fixed_buffers: int = 8
+    max_buffers: int = 32
+    buffer_bytes: int | None = None  # None: the largest expert
+    verify_checksums: bool = False
+    prefetch: bool = True
+
+    @classmethod
+    def from_budget(cls, cache_mb: float, **kw) -> StreamOptions:
+        """One budget split as the default config does: a quarter hot, the rest warm."""
+        if cache_mb < 0:
+            raise UsageError(f"--cache-mb must be >= 0, got {cache_mb}")
+        total = int(cache_mb * MB)
+        hot = total // 4
+        # Promotion into hot: reused within about one half-life of the temporal score.
+        tiers = (TierSpec("hot", hot, "temporal_lru", 1.5), TierSpec("warm", total - hot, "temporal_lru", None))
+        return cls(tiers=tiers, **kw)
+
+    @classmethod
+    def from_config(cls, cfg, cache_mb: float | None = None, prefetch: bool = True) -> StreamOptions:
+        ssd = cfg.ssd
+        kw = dict(pin_layers=tuple(cfg.routing.pin_layers), direct_io=ssd.direct_io, queue_depth=ssd.queue_depth,
+                  fixed_buffers=ssd.fixed_buffers, max_buffers=ssd.max_buffers, buffer_bytes=ssd.buffer_size,
+                  verify_checksums=ssd.verify_checksums, prefetch=prefetch)
+        if cache_mb is not None:
+            return cls.from_budget(cache_mb, **kw)
+        tiers = cfg.cache.tiers  # hottest first; a tier's pin_threshold promotes into it, so the coldest has none
+        specs = tuple(TierSpec(t.name, t.capacity_bytes, t.policy, t.pin_threshold if n < len(tiers) - 1 else None)
+                      for n, t in enumerate(tiers))
+        return cls(tiers=specs, **kw)
+
+
+def manifest_checksums(path: str) -> dict:
+    """(layer, expert) → crc32 hex from PACK.manifest.json beside a pack, or {} when there is none."""
+    base = path[:-5] if path.endswith(".gguf") else path
+    man = base + ".manifest.json"
+    if not os.path.exists(man):
+        return {}
+    with open(man) as f:
+        doc = json.load(f)
+    return {(e["layer"], e["expert"]): e["checksum"] for e in doc.get("experts", []) if e.get("checksum")}
+
+
+def streaming_store(path: str, tensors: dict, n_layers: int, n_experts: int, opt: StreamOptions) -> StreamingExperts:
+    extents = gguf_extents(tensors, n_layers, n_experts)
+    largest = max(ext.nbytes + 2 * ALIGN * len(ext.ranges) for layer in extents for ext in layer)
+    reader = ExpertReader(path, direct_io=opt.direct_io, queue_depth=opt.queue_depth,
+                          fixed_buffers=opt.fixed_buffers, max_buffers=max(opt.max_buffers, opt.fixed_buffers),
+                          buffer_bytes=opt.buffer_bytes or largest, verify=opt.verify_checksums)
+    blob = extents[0][0].nbytes
+    same = all(ext.nbytes == blob for layer in extents for ext in layer)
+    cache = ExpertCache(list(opt.tiers), pin_layers=opt.pin_layers, slot_bytes=blob if same else None)
+    return StreamingExperts(extents, reader, cache, prefetch=opt.prefetch,
+                            checksums=manifest_checksums(path) if opt.verify_checksums else None)

@@ -1,0 +1,139 @@
+"""Experts streamed from the file on demand into a budgeted RAM cache, with next-layer prefetch.
+
+Only the engine thread touches the cache, so a blob handed to the kernels is never evicted under them;
+reader threads only fill I/O buffers. Prefetched buffers wait in `_pending` until the engine asks for
+that expert (used in time, or late if the read is still running) or until the next prediction for the
+same layer replaces them (wasted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..qtensor import QTensor, row_bytes
+from .cache import ExpertCache
+from .extents import ExpertExtent
+from .io import DEMAND, PREFETCH, ExpertReader, ReadHandle
+from .store import Expert
+
+
+@dataclass
+class PrefetchStats:
+    issued: int = 0  # prefetch reads queued
+    used_in_time: int = 0  # demanded after its read had finished
+    used_late: int = 0  # demanded while its read was still queued or running
+    wasted: int = 0  # never demanded before the next prediction for its layer
+    skipped_busy: int = 0  # predictions not issued because the disk queue or buffer pool was full
+    enabled: bool = True
+
+    def as_dict(self) -> dict:
+        done = self.used_in_time + self.used_late + self.wasted
+        return {"issued": self.issued, "used_in_time": self.used_in_time, "used_late": self.used_late,
+                "wasted": self.wasted, "skipped_busy": self.skipped_busy,
+                "accuracy": round((self.used_in_time + self.used_late) / done, 4) if done else None,
+                "enabled": self.enabled}
+
+
+class StreamingExperts:
+    """ExpertStore whose experts live on disk; `get` returns them from the cache or reads them."""
+
+    def __init__(self, extents: list[list[ExpertExtent]], reader: ExpertReader, cache: ExpertCache, *,
+                 prefetch: bool = True, checksums: dict | None = None):
+        self.extents = extents  # [layer][expert]
+        self.reader = reader
+        self.cache = cache
+        self.checksums = checksums or {}
+        self.n_layers = len(extents)
+        self.n_experts = len(extents[0]) if extents else 0
+        self.prefetch = PrefetchStats(enabled=prefetch)
+        self._demanded: dict[tuple[int, int], ReadHandle] = {}  # issued by request(), consumed by get()
+        self._pending: dict[tuple[int, int], ReadHandle] = {}  # prefetches not yet demanded
+        self._spill: np.ndarray | None = None  # holds an expert the cache could not take, until the next get
+
+    @property
+    def wants_hints(self) -> bool:
+        return self.prefetch.enabled
+
+    def _read(self, key, priority) -> ReadHandle:
+        ext = self.extents[key[0]][key[1]]
+        return self.reader.read(key, ext.ranges, priority=priority, checksum=self.checksums.get(key))
+
+    def request(self, layer: int, experts) -> None:
+        """Queue demand reads for every listed expert not in RAM, so the disk works while the first computes."""
+        for e in experts:
+            key = (layer, int(e))
+            if key in self._demanded or self.cache.contains(key):
+                continue
+            if key in self._pending:
+                continue  # its prefetch is promoted when get() asks for it
+            self._demanded[key] = self._read(key, DEMAND)
+
+    def hint(self, layer: int, experts) -> None:
+        """A prediction that `experts` of `layer` come next: prefetch those not in RAM, unless the disk is busy."""
+        if not self.prefetch.enabled or layer >= self.n_layers:
+            return
+        wanted = {(layer, int(e)) for e in experts}
+        for key in [k for k in self._pending if k[0] == layer and k not in wanted]:
+            self._pending.pop(key).release()
+            self.prefetch.wasted += 1
+        st = self.reader.stats
+        for key in sorted(wanted):
+            if key in self._pending or key in self._demanded or self.cache.contains(key):
+                continue
+            # Never compete with demand reads: skip when reads are already queued or buffers run short.
+            if st.queued > st.queue_depth or self.reader.pool_free() < 2:
+                self.prefetch.skipped_busy += 1
+                continue
+            self._pending[key] = self._read(key, PREFETCH)
+            self.prefetch.issued += 1
+
+    def get(self, layer: int, expert: int) -> Expert:
+        key = (layer, expert)
+        ext = self.extents[layer][expert]
+        blob = self.cache.get(key)
+        if blob is None:
+            handle = self._demanded.pop(key, None)
+            if handle is None:
+                pre = self._pending.pop(key, None)
+                if pre is not None:
+                    if pre.done():
+                        self.prefetch.used_in_time += 1
+                        handle = pre
+                    else:
+                        self.prefetch.used_late += 1
+                        handle = self._read(key, DEMAND)  # joins the running read and promotes a queued one
+                        pre.release()
+                else:
+                    handle = self._read(key, DEMAND)
+            buf = handle.result()
+            try:
+                data = buf.view(0, ext.nbytes)
+                blob = self.cache.put(key, data)
+                if blob is None:  # larger than the cache, or its tier is full of pinned experts
+                    self._spill = np.array(data)
+                    blob = self._spill
+            finally:
+                buf.release()
+        return self._expert(ext, blob)
+
+    @staticmethod
+    def _expert(ext: ExpertExtent, blob: np.ndarray) -> Expert:
+        mats = []
+        for p in ("gate", "up", "down"):
+            part = ext.parts[p]
+            rb = row_bytes(part.qtype, part.cols)
+            data = blob[part.offset:part.offset + part.rows * rb].reshape(part.rows, rb)
+            mats.append(QTensor(data, part.qtype, part.rows, part.cols))
+        return Expert(*mats)
+
+    def stats(self) -> dict:
+        return {"cache": self.cache.stats(), "io": self.reader.stats.as_dict(), "prefetch": self.prefetch.as_dict()}
+
+    def close(self) -> None:
+        for h in list(self._pending.values()) + list(self._demanded.values()):
+            h.release()
+        self._pending.clear()
+        self._demanded.clear()
+        self.reader.close()
