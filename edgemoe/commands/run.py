@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..config import add_config_arguments, config_from_args
 from ..errors import UsageError
 
 
@@ -23,6 +24,11 @@ def setup_arg_parser(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: min(model's, 4096))")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--cache-mb", type=float, default=None,
+                   help="stream experts from the file into a RAM cache of this many MB (default: memory-map all)")
+    p.add_argument("--no-prefetch", action="store_true", help="with streaming: do not prefetch predicted experts")
+    p.add_argument("--stream", action="store_true", help="stream experts with the config's cache tiers")
+    add_config_arguments(p)
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
@@ -54,7 +60,12 @@ def main(args) -> int:
         from ..default_model import default_model_path
 
         args.model = default_model_path()
-    loaded = load_model(args.model)
+    stream = None
+    if args.cache_mb is not None or args.stream or args.config:
+        from ..experts.setup import StreamOptions
+
+        stream = StreamOptions.from_config(config_from_args(args), args.cache_mb, prefetch=not args.no_prefetch)
+    loaded = load_model(args.model, stream)
     tok = loaded.tokenizer
     ids = _prompt_ids(args, tok)
     n_ctx = args.ctx or min(loaded.args.max_position_embeddings, 4096)
@@ -81,6 +92,7 @@ def main(args) -> int:
     gen = generate(loaded.model, ids, args.n_predict, sampler, n_ctx=n_ctx, eos_ids=eos, on_token=on_token,
                    logprobs=5 if args.json else 0)
     text = tok.decode(gen.token_ids) if tok is not None else ""
+    streaming = stream_figures(loaded.model.experts)
     if args.json:
         print(json.dumps({
             "model": loaded.path,
@@ -92,6 +104,7 @@ def main(args) -> int:
             "timings": {"prefill_tok_s": round(gen.prefill_tok_s, 2), "decode_tok_s": round(gen.decode_tok_s, 2),
                         "prefill_s": round(gen.prefill_s, 4), "decode_s": round(gen.decode_s, 4),
                         "prompt_tokens": len(gen.prompt_ids), "generated_tokens": len(gen.token_ids)},
+            **streaming,
         }, ensure_ascii=False))
     else:
         if tok is not None:
@@ -100,4 +113,28 @@ def main(args) -> int:
         sys.stdout.flush()
         print(f"prompt: {len(gen.prompt_ids)} tokens, {gen.prefill_tok_s:.1f} tok/s | "
               f"generation: {len(gen.token_ids)} tokens, {gen.decode_tok_s:.1f} tok/s", file=sys.stderr)
+        if streaming:
+            c, io, pf = streaming["cache"], streaming["io"], streaming["prefetch"]
+            print(f"experts: cache hit rate {c['hit_rate']:.1%}, {c['bytes_read'] / 1e6:.1f} MB read at "
+                  f"{io['read_gb_s']:.2f} GB/s (p50 {io['latency_ms_p50']:.2f} ms, p99 {io['latency_ms_p99']:.2f} ms, "
+                  f"O_DIRECT {'on' if c['direct_io'] else 'off'}), prefetch {pf['used_in_time']}/{pf['issued']} "
+                  "used in time", file=sys.stderr)
+    loaded.model.experts.close()
     return 0
+
+
+def stream_figures(experts) -> dict:
+    """The `cache`, `io` and `prefetch` figures of a streaming store ({} for memory-mapped experts)."""
+    if not hasattr(experts, "stats"):
+        return {}
+    st = experts.stats()
+    c, io = st["cache"], st["io"]
+    return {
+        "cache": {"hit_rate": round(c["hit_rate"], 4), "hits": c["hits"], "misses": c["misses"],
+                  "evictions": c["evictions"], "bytes_read": io["bytes_read"], "direct_io": io["direct_io"],
+                  "resident_bytes": experts.cache.resident_bytes},
+        "io": {"read_gb_s": round(io["gbps"], 3), "latency_ms_p50": round(io["p50_ms"], 3),
+               "latency_ms_p99": round(io["p99_ms"], 3), "reads": io["reads"], "merged_reads": io["merged_reads"],
+               "degraded_reads": io["degraded_reads"]},
+        "prefetch": st["prefetch"],
+    }
