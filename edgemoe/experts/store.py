@@ -33,6 +33,9 @@ class ExpertStore(Protocol):
     def hint(self, layer: int, experts) -> None:
         """A prediction that `experts` of `layer` will be needed soon."""
 
+    def close(self) -> None:
+        """Stop background work and free buffers."""
+
 
 class ResidentExperts:
     """Every expert already addressable in memory (zero-copy views of a memory-mapped file)."""
@@ -51,6 +54,9 @@ class ResidentExperts:
         pass
 
     def hint(self, layer: int, experts) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     @property
