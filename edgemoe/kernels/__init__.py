@@ -1,0 +1,14 @@
+"""Numba kernels. The matrix kernels work directly on quantised GGML blocks:
+
+    matvec(out, w, x)    out (rows,) = W @ x (cols,)
+    matmul(out, w, x)    out (T, rows) = x (T, cols) @ W.T, any T >= 1
+    set_threads(n)       kernel threads, 1 .. numba.config.NUMBA_NUM_THREADS
+    kernel_names()       {"Q4_0": "avx2 int8", ...}: the variant this CPU uses per weight type
+
+W is a `QTensor` of type F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K. See `dispatch` for the
+variant choice (AVX-512 VNNI, AVX2, portable) and the files it imports for the kernels.
+"""
+
+from .dispatch import kernel_names, matmul, matvec, set_threads
+
+__all__ = ["kernel_names", "matmul", "matvec", "set_threads"]

@@ -1,0 +1,161 @@
+"""Benchmark the matrix kernels: matvec weight GB/s against this machine's DRAM read GB/s, and
+matmul GFLOP/s at a few batch sizes. Medians are the headline; the best run is shown too, as on a
+shared machine it approximates the uncontended speed.
+
+    python tools/bench_kernels.py [--threads 2] [--types Q4_0,Q4_K] [--repeat 15]
+
+Weights are random valid blocks (scales set to small finite values), so no model is needed. The
+machine may be shared: every figure is a median, and the bandwidth is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from numba import njit, prange
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgemoe.kernels import kernel_names, matmul, matvec, set_threads
+from edgemoe.qtensor import QTensor
+
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+SHAPES = (
+    (14336, 4096),
+    (4096, 14336),
+    (768, 2048),
+)  # Mixtral w1/w3, w2; a small-MoE expert
+# Byte offsets of the f16 scales inside each block type, set to small finite values.
+F16_FIELDS = {
+    QT.Q8_0: (0,),
+    QT.Q4_0: (0,),
+    QT.Q4_K: (0, 2),
+    QT.Q5_K: (0, 2),
+    QT.Q6_K: (208,),
+}
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _read_all(a):
+    """Sum of a large float32 array: a pure streaming read."""
+    total = np.float32(0.0)
+    for i in prange(a.size):
+        total += a[i]
+    return total
+
+
+def timings(fn, repeat: int) -> tuple[float, float]:
+    """(median, best) seconds of `repeat` calls after a warm-up call (compile, page in)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), min(times)
+
+
+def read_bandwidth(buf: np.ndarray, repeat: int) -> tuple[float, float]:
+    """(median, best) GB/s of a parallel streaming read over `buf`."""
+    med, best = timings(lambda: _read_all(buf), repeat)
+    return buf.nbytes / med / 1e9, buf.nbytes / best / 1e9
+
+
+def random_weight(qt: QT, rows: int, cols: int, rng: np.random.Generator) -> QTensor:
+    """A (rows, cols) weight of type `qt` with random contents and finite scales."""
+    if qt == QT.F32:
+        return QTensor.from_array(rng.standard_normal((rows, cols), dtype=np.float32), qt, rows, cols)
+    if qt == QT.F16:
+        return QTensor.from_array(
+            rng.standard_normal((rows, cols), dtype=np.float32).astype(np.float16),
+            qt,
+            rows,
+            cols,
+        )
+    if qt == QT.BF16:
+        bits = rng.standard_normal((rows, cols), dtype=np.float32).view(np.uint32) >> 16
+        return QTensor.from_array(bits.astype(np.uint16), qt, rows, cols)
+    block, size = GGML_QUANT_SIZES[qt]
+    blocks = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 1e-2, (rows, cols // block)).astype(np.float16)
+    for off in F16_FIELDS[qt]:
+        blocks[:, :, off : off + 2] = scales.view(np.uint8).reshape(rows, cols // block, 2)
+    return QTensor.from_array(blocks, qt, rows, cols)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2, help="kernel threads (default 2)")
+    p.add_argument("--types", default=",".join(TYPES), help="comma-separated weight types")
+    p.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median)")
+    p.add_argument("--tokens", default="8,32,64", help="batch sizes for the matmul GFLOP/s")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    types = [QT[t.strip().upper()] for t in args.types.split(",") if t.strip()]
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    set_threads(args.threads)
+    rng = np.random.default_rng(0)
+    names = kernel_names()
+    print(f"threads {args.threads}, repeat {args.repeat}")
+
+    print(f"load average {os.getloadavg()[0]:.1f} (other processes skew shared-machine figures)")
+    buf = np.ones(1 << 28, np.float32)  # 1 GiB
+    bw_runs = [read_bandwidth(buf, args.repeat)]
+    print(f"DRAM read (1 GiB parallel sum): median {bw_runs[0][0]:.1f} GB/s, best {bw_runs[0][1]:.1f}")
+
+    results = []  # (type, rows, cols, median GB/s, best GB/s)
+    for qt in types:
+        for rows, cols in SHAPES:
+            w = random_weight(qt, rows, cols, rng)
+            x = rng.standard_normal(cols, dtype=np.float32)
+            out = np.empty(rows, np.float32)
+            med, best = timings(lambda o=out, w=w, x=x: matvec(o, w, x), args.repeat)
+            results.append((qt.name, rows, cols, w.nbytes / med / 1e9, w.nbytes / best / 1e9))
+            print(
+                f"  matvec {qt.name:5s} {rows:5d}x{cols:<5d} {w.nbytes / 1e6:6.1f} MB  "
+                f"median {w.nbytes / med / 1e9:5.1f} GB/s ({med * 1e3:6.2f} ms), "
+                f"best {w.nbytes / best / 1e9:5.1f}  [{names[qt.name]}]",
+                flush=True,
+            )
+        rows, cols = SHAPES[0]
+        w = random_weight(qt, rows, cols, rng)
+        for n_tok in tokens:
+            x = rng.standard_normal((n_tok, cols), dtype=np.float32)
+            out = np.empty((n_tok, rows), np.float32)
+            n = max(3, args.repeat // 3)
+            med, best = timings(lambda o=out, w=w, x=x: matmul(o, w, x), n)
+            flop = 2 * rows * cols * n_tok
+            print(
+                f"  matmul {qt.name:5s} {rows:5d}x{cols:<5d} T={n_tok:<3d} "
+                f"median {flop / med / 1e9:6.1f} GFLOP/s ({med * 1e3:7.2f} ms), best {flop / best / 1e9:6.1f}",
+                flush=True,
+            )
+
+    bw_runs.append(read_bandwidth(buf, args.repeat))
+    bw_med = statistics.median(r[0] for r in bw_runs)
+    bw_best = max(r[1] for r in bw_runs)
+    print(f"DRAM read again: median {bw_runs[1][0]:.1f} GB/s, best {bw_runs[1][1]:.1f}")
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    print(f"\nmatvec weight bytes/s vs DRAM read (median {bw_med:.1f} GB/s, best {bw_best:.1f}):")
+    print(f"{'type':5s} {'shape':>11s} {'median':>7s} {'of DRAM':>8s} {'best':>6s} {'of best':>8s}")
+    for name, rows, cols, med_gbs, best_gbs in results:
+        print(
+            f"{name:5s} {rows:5d}x{cols:<5d} {med_gbs:7.1f} {100 * med_gbs / bw_med:7.0f}% "
+            f"{best_gbs:6.1f} {100 * best_gbs / bw_best:7.0f}%"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
