@@ -1,0 +1,125 @@
+"""Expert streaming benchmark: decode tokens/s, cache hit rate and disk GB/s at several cache budgets.
+
+Synthesises (once) a random-weight model whose experts are at least twice the largest budget tested
+below 100 %, measures the disk's own O_DIRECT read bandwidth on that file in the same run, then decodes
+with cache budgets of 10/25/50/100 % of the expert bytes, prefetch on and off. Random weights have no
+routing locality, so these hit rates are the worst case; the bound column is what the disk allows:
+1 / (expert bytes read per token ÷ measured disk bandwidth); a figure above 100 % means some reads were
+served faster than the measured cold bandwidth (host-side caching of a freshly written file).
+
+    python tools/bench_stream.py --preset mixtral-8x7b --scale 0.25 --layers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from bench_disk import measure_direct_read_gbs  # noqa: E402
+
+from edgemoe import kernels  # noqa: E402
+from edgemoe.experts.setup import StreamOptions  # noqa: E402
+from edgemoe.generate import generate  # noqa: E402
+from edgemoe.loader import load_model  # noqa: E402
+from edgemoe.sampling import Sampler, SamplingParams  # noqa: E402
+
+
+def ensure_model(args) -> str:
+    path = os.path.join(args.dir, f"{args.preset}-s{args.scale}-l{args.layers}-{args.expert_quant}.gguf")
+    if not os.path.exists(path):
+        os.makedirs(args.dir, exist_ok=True)
+        cmd = [sys.executable, os.path.join(HERE, "synth_model.py"), args.preset, "-o", path, "--scale",
+               str(args.scale), "--layers", str(args.layers), "--expert-quant", args.expert_quant, "--packed", "-q"]
+        subprocess.run(cmd, check=True)
+    return path
+
+
+def expert_bytes(path: str) -> tuple[int, int, int]:
+    """(total expert bytes, bytes of one expert, active experts per token over all layers)."""
+    loaded = load_model(path, StreamOptions.from_budget(1))
+    ex = loaded.model.experts
+    total = sum(e.nbytes for layer in ex.extents for e in layer)
+    one = ex.extents[0][0].nbytes
+    a = loaded.args
+    ex.close()
+    return total, one, a.num_hidden_layers * a.num_experts_per_tok
+
+
+def run_once(path: str, budget_mb: float, prefetch: bool, prompt: list[int], n: int, queue_depth: int) -> dict:
+    loaded = load_model(path, StreamOptions.from_budget(budget_mb, prefetch=prefetch, queue_depth=queue_depth))
+    sampler = Sampler(SamplingParams(temperature=0.0), loaded.args.vocab_size)
+    gen = generate(loaded.model, prompt, n, sampler, n_ctx=len(prompt) + n + 1)
+    st = loaded.model.experts.stats()
+    loaded.model.experts.close()
+    return {"decode_tok_s": gen.decode_tok_s, "prefill_tok_s": gen.prefill_tok_s, "hit_rate": st["cache"]["hit_rate"],
+            "bytes_read": st["io"]["bytes_read"], "read_gb_s": st["io"]["gbps"], "p50_ms": st["io"]["p50_ms"],
+            "p99_ms": st["io"]["p99_ms"], "tokens": len(prompt) + gen.decode_steps,
+            "prefetch_used": st["prefetch"]["used_in_time"], "prefetch_issued": st["prefetch"]["issued"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mixtral-8x7b")
+    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--expert-quant", default="Q4_0", choices=["Q4_0", "Q4_K"])
+    p.add_argument("--dir", default="/tmp/edgemoe-bench")
+    p.add_argument("--budgets", default="10,25,50,100", help="cache budgets, %% of expert bytes")
+    p.add_argument("--tokens", type=int, default=24, help="tokens to decode per run")
+    p.add_argument("--prompt", type=int, default=8, help="prompt tokens")
+    p.add_argument("--repeat", type=int, default=2, help="runs per configuration (median reported)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--queue-depth", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    kernels.set_threads(args.threads)
+
+    path = ensure_model(args)
+    total, one, active = expert_bytes(path)
+    disk = statistics.median(measure_direct_read_gbs(path, seconds=2.0, start=(i * 1 << 30) % max(1, total))
+                             for i in range(3))
+    prompt = [int(x) for x in np.random.default_rng(0).integers(3, 200, args.prompt)]
+    run_once(path, 1, True, prompt[:2], 2, args.queue_depth)  # compile kernels, warm the dense pages
+    rows = []
+    for pct in (float(b) for b in args.budgets.split(",")):
+        budget_mb = total * pct / 100 / 2**20 * 1.02  # a little slack for alignment
+        for prefetch in (True, False):
+            runs = [run_once(path, budget_mb, prefetch, prompt, args.tokens, args.queue_depth)
+                    for _ in range(args.repeat)]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            read_per_tok = med["bytes_read"] / med["tokens"]  # misses and prefetches actually read
+            bound = disk * 1e9 / read_per_tok if read_per_tok else float("inf")
+            rows.append({"budget_pct": pct, "budget_mb": round(budget_mb), "prefetch": prefetch, **med,
+                         "bound_tok_s": bound, "of_bound": med["decode_tok_s"] / bound if bound != float("inf") else None})
+    info = {"model": path, "model_gb": os.path.getsize(path) / 1e9, "expert_gb": total / 1e9,
+            "expert_mb": one / 2**20, "active_per_token": active, "disk_direct_gb_s": disk, "threads": args.threads,
+            "time": time.strftime("%Y-%m-%d %H:%M")}
+    if args.json:
+        print(json.dumps({"info": info, "rows": rows}))
+        return 0
+    print(f"model {path}: {info['model_gb']:.2f} GB, experts {info['expert_gb']:.2f} GB "
+          f"({info['expert_mb']:.1f} MB each, {active} active per token); disk O_DIRECT {disk:.2f} GB/s (median of 3)")
+    print(f"{'budget':>7} {'MB':>6} {'prefetch':>8} {'decode tok/s':>12} {'bound':>7} {'of bound':>8} {'hit rate':>8} "
+          f"{'disk GB/s':>9} {'p50 ms':>7} {'p99 ms':>7}")
+    for r in rows:
+        of = f"{r['of_bound']:.0%}" if r["of_bound"] is not None else "-"
+        bound = f"{r['bound_tok_s']:.2f}" if r["bound_tok_s"] != float("inf") else "inf"
+        print(f"{r['budget_pct']:>6.0f}% {r['budget_mb']:>6} {('on' if r['prefetch'] else 'off'):>8} "
+              f"{r['decode_tok_s']:>12.2f} {bound:>7} {of:>8} {r['hit_rate']:>8.1%} {r['read_gb_s']:>9.2f} "
+              f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
