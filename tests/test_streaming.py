@@ -37,6 +37,24 @@ def reference(model_file):
     return run(load_model(model_file))
 
 
+@pytest.fixture(scope="module")
+def pack_file(model_file, tmp_path_factory):
+    from edgemoe.partition import partition
+
+    out = tmp_path_factory.mktemp("pack") / "m.pack.gguf"
+    partition(model_file, str(out))
+    return str(out)
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "checksums"])
+def test_pack_streams_bit_identical(pack_file, reference, verify):
+    loaded = load_model(pack_file, StreamOptions.from_budget(1.5 * expert_mb(pack_file), verify_checksums=verify))
+    assert all(len(e.ranges) == 1 for layer in loaded.model.experts.extents for e in layer)  # one read per expert
+    got = run(loaded)
+    loaded.model.experts.close()
+    assert np.array_equal(got, reference)
+
+
 def expert_mb(path):
     loaded = load_model(path, StreamOptions.from_budget(1))
     mb = loaded.model.experts.extents[0][0].nbytes / 2**20

@@ -26,14 +26,41 @@ class PrefetchStats:
     used_late: int = 0  # demanded while its read was still queued or running
     wasted: int = 0  # never demanded before the next prediction for its layer
     skipped_busy: int = 0  # predictions not issued because the disk queue or buffer pool was full
+    paused: int = 0  # predictions not issued while backed off after poor recent accuracy
     enabled: bool = True
 
     def as_dict(self) -> dict:
         done = self.used_in_time + self.used_late + self.wasted
         return {"issued": self.issued, "used_in_time": self.used_in_time, "used_late": self.used_late,
-                "wasted": self.wasted, "skipped_busy": self.skipped_busy,
+                "wasted": self.wasted, "skipped_busy": self.skipped_busy, "paused": self.paused,
                 "accuracy": round((self.used_in_time + self.used_late) / done, 4) if done else None,
                 "enabled": self.enabled}
+
+
+class Backoff:
+    """Pauses prefetch when recent predictions were mostly wasted or late: on a saturated disk a wrong
+    prefetch delays the demand reads behind it. After a pause it probes again."""
+
+    WINDOW = 32  # outcomes judged together
+    MIN_USEFUL = 0.5  # fraction used in time below which prefetch pauses
+    PAUSE = 256  # hints skipped before probing again
+
+    def __init__(self):
+        self.outcomes: list[bool] = []
+        self.pause_left = 0
+
+    def record(self, useful: bool) -> None:
+        self.outcomes.append(useful)
+        if len(self.outcomes) >= self.WINDOW:
+            if sum(self.outcomes) < self.MIN_USEFUL * len(self.outcomes):
+                self.pause_left = self.PAUSE
+            self.outcomes.clear()
+
+    def allow(self) -> bool:
+        if self.pause_left > 0:
+            self.pause_left -= 1
+            return False
+        return True
 
 
 class StreamingExperts:
@@ -48,6 +75,7 @@ class StreamingExperts:
         self.n_layers = len(extents)
         self.n_experts = len(extents[0]) if extents else 0
         self.prefetch = PrefetchStats(enabled=prefetch)
+        self._backoff = Backoff()
         self._demanded: dict[tuple[int, int], ReadHandle] = {}  # issued by request(), consumed by get()
         self._pending: dict[tuple[int, int], ReadHandle] = {}  # prefetches not yet demanded
         self._spill: np.ndarray | None = None  # holds an expert the cache could not take, until the next get
@@ -78,6 +106,10 @@ class StreamingExperts:
         for key in [k for k in self._pending if k[0] == layer and k not in wanted]:
             self._pending.pop(key).release()
             self.prefetch.wasted += 1
+            self._backoff.record(False)
+        if not self._backoff.allow():
+            self.prefetch.paused += 1
+            return
         st = self.reader.stats
         for key in sorted(wanted):
             if key in self._pending or key in self._demanded or self.cache.contains(key):
@@ -98,6 +130,7 @@ class StreamingExperts:
             if handle is None:
                 pre = self._pending.pop(key, None)
                 if pre is not None:
+                    self._backoff.record(pre.done())
                     if pre.done():
                         self.prefetch.used_in_time += 1
                         handle = pre

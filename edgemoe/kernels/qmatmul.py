@@ -21,13 +21,13 @@ from __future__ import annotations
 from numba import njit, prange
 
 from .intrinsics import get, load_f16, load_f32x8, load_i8x32, load_q4_0, load_q4_0_pair, scales8_f16
-from .vecops import abs_sign, dot, ffma, fma_halves, fma_i32, fma_lane, fma_pair, fmul, hsum, iadd, zero_f32x8
+from .vecops import abs_sign, dot, dot2, ffma, fma_halves, fma_i32, fma_lane, fma_pair, fmul, hsum, zero_f32x8
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dot_pair(variant, lo, hi, x, xo):
     """Integer dots of a Q4_0 block pair with its pair-layout activations at x[xo : xo + 64]."""
-    return iadd(dot(variant, lo, load_i8x32(x, xo)), dot(variant, hi, load_i8x32(x, xo + 32)))
+    return dot2(variant, lo, load_i8x32(x, xo), hi, load_i8x32(x, xo + 32))
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -85,6 +85,37 @@ def dot(typingctx, marker, a, b):
 
 
 @intrinsic
+def dot2(typingctx, marker, a0, b0, a1, b1):
+    """`dot(a0, b0) + dot(a1, b1)` for weights a0, a1 <= 15 (4-bit).
+
+    AVX2 adds the two vpmaddubsw results before one vpmaddwd (4 * 15 * 128 fits i16); VNNI
+    accumulates the second vpdpbusd onto the first.
+    """
+    if not (_is_marker(marker) and a0 == i8x32 and b0 == i8x32 and a1 == i8x32 and b1 == i8x32):
+        return None
+    variant = _variant(marker)
+
+    def codegen(context, builder, sig, args):
+        _, a0, b0, a1, b1 = args
+        if variant == 2:
+            first = _dot_u8s8(builder, variant, a0, b0)
+            return _call(
+                builder,
+                "llvm.x86.avx512.vpdpbusd.256",
+                _V8I32,
+                [first, builder.bitcast(a1, _V8I32), builder.bitcast(b1, _V8I32)],
+            )
+        if variant == 1:
+            p0 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [a0, b0])
+            p1 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [a1, b1])
+            ones = ir.Constant(_V16I16, [1] * 16)
+            return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [builder.add(p0, p1), ones])
+        return builder.add(_dot_u8s8(builder, variant, a0, b0), _dot_u8s8(builder, variant, a1, b1))
+
+    return i32x8(marker, a0, b0, a1, b1), codegen
+
+
+@intrinsic
 def scales_k(typingctx, sc):
     """The 8 bytes of `sc` (scale of sub-block i in byte i) as i16 lanes 0..7, repeated in 8..15."""
     if not isinstance(sc, types.Integer):
