@@ -56,15 +56,21 @@ def main(args) -> int:
     params.validate()
     if args.threads is not None:
         kernels.set_threads(args.threads)
+    stream = None
+    if args.cache_mb is not None or args.stream or args.config or args.overrides:
+        from ..experts.setup import StreamOptions
+
+        cfg = config_from_args(args)
+        apply_dispatch(cfg)
+        if args.model is None:
+            args.model = cfg.inference.model
+        if args.threads is None and cfg.threads is not None:
+            kernels.set_threads(cfg.threads)
+        stream = StreamOptions.from_config(cfg, args.cache_mb, prefetch=not args.no_prefetch)
     if args.model is None:
         from ..default_model import default_model_path
 
         args.model = default_model_path()
-    stream = None
-    if args.cache_mb is not None or args.stream or args.config:
-        from ..experts.setup import StreamOptions
-
-        stream = StreamOptions.from_config(config_from_args(args), args.cache_mb, prefetch=not args.no_prefetch)
     loaded = load_model(args.model, stream)
     tok = loaded.tokenizer
     ids = _prompt_ids(args, tok)
@@ -138,3 +144,12 @@ def stream_figures(experts) -> dict:
                "degraded_reads": io["degraded_reads"]},
         "prefetch": st["prefetch"],
     }
+
+
+def apply_dispatch(cfg) -> None:
+    """Force the kernel variants that `compute.dispatch` names (auto leaves the CPU's best)."""
+    from ..kernels import dispatch
+
+    for qtype, variant in vars(cfg.compute.dispatch).items():
+        if variant not in (None, "auto"):
+            dispatch.force_variant(variant, qtype)
