@@ -72,6 +72,13 @@ def main(args) -> int:
 
         args.model = default_model_path()
     loaded = load_model(args.model, stream)
+    governor = None
+    if stream is not None:
+        from ..thermal import ThermalGovernor
+
+        governor = ThermalGovernor.from_config(loaded.model.experts.reader, cfg, args.model)
+        if governor.sensor is not None:  # no sensor (VMs, most SD cards): nothing to govern
+            governor.start()
     tok = loaded.tokenizer
     ids = _prompt_ids(args, tok)
     n_ctx = args.ctx or min(loaded.args.max_position_embeddings, 4096)
@@ -99,6 +106,9 @@ def main(args) -> int:
                    logprobs=5 if args.json else 0)
     text = tok.decode(gen.token_ids) if tok is not None else ""
     streaming = stream_figures(loaded.model.experts)
+    if governor is not None:
+        governor.stop()
+        streaming["thermal"] = governor.status()
     if args.json:
         print(json.dumps({
             "model": loaded.path,
