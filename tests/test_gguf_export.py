@@ -7,6 +7,7 @@ import os
 import pathlib
 
 import gguf
+import llamacpp_oracle
 import numpy as np
 import pytest
 from conftest import shared_vocab_dir
@@ -262,26 +263,6 @@ except (ImportError, OSError, RuntimeError):  # not installed, or its shared lib
     llama_cpp = None
 
 
-def _llama(path):
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False,
-        type_k=0, type_v=0,  # F32 KV cache: the default F16 cache alone costs ~1e-3 relative
-    )
-
-
-def _llama_run(llm, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
-    """llama.cpp's logits for `ids` (T, V) and its greedy continuation of `n` tokens."""
-    llm.reset()
-    llm.eval(ids)
-    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)  # (T, V)
-    greedy = []
-    for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, reset=True):
-        greedy.append(int(tok))
-        if len(greedy) == n:
-            break
-    return logits, greedy
-
-
 def _hf_run(model, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
     """transformers' logits for `ids` (T, V) and its greedy continuation of `n` tokens."""
     import torch
@@ -314,11 +295,11 @@ def test_llama_cpp_matches_transformers(tmp_path, qtype, vocab):
         hf = {k: v.numpy() for k, v in model.state_dict().items()}
     path = tmp_path / f"m-{qtype}.gguf"
     export_mixtral_gguf(path, cfg, hf, qtype=qtype, tokenizer_from=SPM_VOCAB if vocab else None)
-    llm = _llama(path)
+    llm = llamacpp_oracle.load(path)
 
     ids = [t % n_vocab for t in (1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203)]
     want, want_greedy = _hf_run(model, ids, 16)
-    got, greedy = _llama_run(llm, ids, 16)
+    got, greedy = llamacpp_oracle.run(llm, ids, 16)
     scale = np.abs(want).max()
     err = np.abs(got - want).max()
     if qtype == "F32":

@@ -8,6 +8,7 @@ and pick the same top token wherever the choice is clear.
 
 from __future__ import annotations
 
+import llamacpp_oracle
 import numpy as np
 import pytest
 from mixtral_factory import make_hf_mixtral
@@ -27,16 +28,7 @@ CASES = {  # dense type, expert type, tolerance: max |Δ| / scale for F32, relat
 
 
 def llama_run(path, ids, n):
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)  # F32 KV cache, like ours
-    llm.eval(ids)
-    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)  # (T, V)
-    greedy = []
-    for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, reset=True):
-        greedy.append(int(tok))
-        if len(greedy) == n:
-            break
-    return logits, greedy
+    return llamacpp_oracle.run(llamacpp_oracle.load(path), ids, n)
 
 
 def engine_run(path, ids, n):

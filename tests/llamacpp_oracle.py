@@ -1,0 +1,27 @@
+"""llama.cpp (through llama-cpp-python) as a test oracle: logits and greedy continuations of a GGUF file."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def load(path):
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False,
+        type_k=0, type_v=0,  # F32 KV cache: the default F16 cache alone costs ~1e-3 relative
+    )
+
+
+def run(llm, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's logits for `ids` (T, V) and its greedy continuation of `n` tokens."""
+    llm.reset()
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)  # (T, V)
+    greedy = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, reset=True):
+        greedy.append(int(tok))
+        if len(greedy) == n:
+            break
+    return logits, greedy
