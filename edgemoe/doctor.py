@@ -13,8 +13,6 @@ import json
 import os
 import platform
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -142,18 +140,11 @@ def _threading_layer() -> str:
         return f"unavailable ({e})"
 
 
-def memory_bandwidth(threads: int | None = None, mb: int = 128) -> float:
-    """Bytes per second of summing a `mb`-MB float32 array split over `threads` (best of 5)."""
-    threads = threads or os.cpu_count() or 1
-    a = np.ones(mb * 2**20 // 4, dtype=np.float32)  # (N,)
-    parts = np.array_split(a, threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(5):
-            t0 = time.perf_counter()
-            list(pool.map(np.sum, parts))  # numpy releases the GIL in reductions
-            best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
+def memory_bandwidth(mb: int = 256) -> float:
+    """Bytes per second of a parallel streaming read (the way the kernels read weights)."""
+    from .membw import memory_read_gbs
+
+    return memory_read_gbs(mb, repeat=5) * 1e9
 
 
 def model_sizes(loaded) -> dict:

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgemoe.kernels import kernel_names, matmul, matvec, set_threads
+from edgemoe.membw import _read_all
 from edgemoe.qtensor import QTensor
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
@@ -43,15 +43,6 @@ F16_FIELDS = {
 }
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _read_all(a):
-    """Sum of a large float32 array: a pure streaming read."""
-    total = np.float32(0.0)
-    for i in prange(a.size):
-        total += a[i]
-    return total
-
-
 def timings(fn, repeat: int) -> tuple[float, float]:
     """(median, best) seconds of `repeat` calls after a warm-up call (compile, page in)."""
     fn()
@@ -65,7 +56,7 @@ def timings(fn, repeat: int) -> tuple[float, float]:
 
 def read_bandwidth(buf: np.ndarray, repeat: int) -> tuple[float, float]:
     """(median, best) GB/s of a parallel streaming read over `buf`."""
-    med, best = timings(lambda: _read_all(buf), repeat)
+    med, best = timings(lambda: _read_all(buf), repeat)  # the package's own bandwidth probe
     return buf.nbytes / med / 1e9, buf.nbytes / best / 1e9
 
 
