@@ -13,6 +13,9 @@ SUBCOMMANDS = {
     "tokenize": "Print the token ids (and pieces) of a text",
     "partition": "Write an expert pack (aligned per-expert layout + manifest) from a GGUF or HF model",
     "config": "Check a configuration file or print the effective configuration",
+    "bench": "Measure prefill and decode speed against the memory and disk bandwidth bound",
+    "serve": "Serve OpenAI-style completions over a UNIX socket (continuous batching)",
+    "repl": "Chat with a running server interactively",
 }
 
 
