@@ -175,3 +175,13 @@ def test_gguf_quantised_vs_dequantised_reference(case, tmp_path):
     top2 = np.sort(want, axis=-1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) > 2 * tol * np.abs(want).max()
     assert (ours.argmax(-1) == want.argmax(-1))[decisive].all()
+
+
+def test_long_prompt_in_one_pass(tmp_path):
+    """A 150-token prompt (more than one 64-row kernel chunk, attention over a long causal window)."""
+    model, cfg, tensors = make_hf_mixtral(hidden=64, heads=4, kv_heads=2, experts=4, top_k=2, seed=9)
+    d = save_checkpoint(tmp_path / "ckpt", cfg, tensors)
+    ids = [int(t) for t in np.random.default_rng(1).integers(0, 128, 150)]
+    m = load_model(str(d)).model
+    ours = m.forward(np.asarray(ids), m.new_cache(160), all_logits=True)
+    assert_close(ours, hf_logits(model, ids), 1e-4)
