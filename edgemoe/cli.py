@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "partition": "Write an expert pack (aligned per-expert layout + manifest) from a GGUF or HF model",
     "config": "Check a configuration file or print the effective configuration",
     "bench": "Measure prefill and decode speed against the memory and disk bandwidth bound",
+    "serve": "Serve OpenAI-style completions over a UNIX socket (continuous batching)",
+    "repl": "Chat with a running server interactively",
 }
 
 

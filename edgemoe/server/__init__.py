@@ -1,0 +1,1 @@
+"""The HTTP service: OpenAI-style completions over a UNIX socket, continuous batching, one engine thread."""

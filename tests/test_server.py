@@ -1,0 +1,346 @@
+"""The real server in a subprocess on a temporary UNIX socket, driven with httpx; oracle: transformers' greedy."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from mixtral_factory import make_hf_mixtral
+
+from edgemoe.cli import main
+from edgemoe.default_model import write_vocab
+from edgemoe.formats.gguf_export import export_mixtral_gguf
+from edgemoe.tokenizer import load_tokenizer
+
+CTX = 128
+MAX_BATCH = 4
+MAX_QUEUE = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(gguf path, transformers model, tokenizer) of a tiny Mixtral with a real vocabulary."""
+    d = tmp_path_factory.mktemp("server")
+    vocab = d / "vocab.gguf"
+    write_vocab(str(vocab))
+    tok = load_tokenizer(str(vocab))
+    hf, cfg, tensors = make_hf_mixtral(vocab=tok.vocab_size, hidden=64, layers=2)
+    path = d / "tiny.gguf"
+    export_mixtral_gguf(path, cfg, tensors, qtype="F32", tokenizer_from=str(vocab))
+    return str(path), hf, tok
+
+
+def start_server(model: str, sock: str, *extra: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "edgemoe", "serve", "-m", model, "--socket", sock, "--ctx", str(CTX),
+           "--set", f"batching.max_batch={MAX_BATCH}", "--set", f"batching.max_queue={MAX_QUEUE}",
+           "--set", "batching.admission={interactive: 3, batch: 1}", *extra]
+    log = open(sock + ".log", "w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=log, **popen)
+    deadline = time.monotonic() + 120  # a cold Numba cache compiles the kernels first
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read()}")
+        try:
+            with client(sock) as c:
+                if c.get("/health").status_code == 200:
+                    return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not come up")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tcp_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory, tcp_port):
+    sock = str(tmp_path_factory.mktemp("sock") / "edgemoe.sock")
+    proc = start_server(tiny[0], sock, "--tcp", f"127.0.0.1:{tcp_port}")
+    yield sock
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def client(sock: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://edgemoe", timeout=120)
+
+
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation (the oracle)."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def stream_events(c: httpx.Client, path: str, body: dict) -> list:
+    with c.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_completion_greedy_matches_transformers_and_run(server, tiny, capsys):
+    path, hf, tok = tiny
+    with client(server) as c:
+        r = c.post("/v1/completions", json={"prompt": "the king", "max_tokens": 8, "temperature": 0, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    ids = tok.encode("the king")
+    assert choice["token_ids"] == hf_greedy(hf, ids, 8)
+    assert choice["text"] == tok.decode(choice["token_ids"]) and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 8, "total_tokens": len(ids) + 8}
+    lp = choice["logprobs"]
+    assert lp["token_ids"] == choice["token_ids"] and all(len(t) == 2 for t in lp["top_logprobs"])
+    assert main(["run", "-m", path, "-p", "the king", "-n", "8", "--temp", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == choice["token_ids"]
+
+
+def test_streaming_equals_whole_reply(server):
+    body = {"messages": [{"role": "user", "content": "the sea"}], "max_tokens": 6, "temperature": 0}
+    with client(server) as c:
+        whole = c.post("/v1/chat/completions", json=body).json()
+        events = stream_events(c, "/v1/chat/completions", body)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+    msg = whole["choices"][0]["message"]
+    assert msg["role"] == "assistant" and text == msg["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_concurrent_clients_equal_sequential(server, tiny):
+    _, hf, _ = tiny
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 300, size=int(rng.integers(2, 9))).tolist() for _ in range(8)]
+    results: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        with client(server) as c:
+            events = stream_events(c, "/v1/completions", {"prompt": prompts[i], "max_tokens": 10, "temperature": 0,
+                                                          "priority": "batch" if i % 2 else "interactive"})
+        results[i] = [t for e in events[:-1] for t in json.loads(e)["choices"][0]["token_ids"]]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with client(server) as c:
+        sequential = [c.post("/v1/completions", json={"prompt": p, "max_tokens": 10, "temperature": 0})
+                      .json()["choices"][0]["token_ids"] for p in prompts]
+    assert [results[i] for i in range(8)] == sequential
+    assert sequential[0] == hf_greedy(hf, prompts[0], 10)
+
+
+def _health(c: httpx.Client) -> dict:
+    return c.get("/health").json()
+
+
+def _wait_for(pred, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_disconnect_cancels(server):
+    with client(server) as c:
+        before = _health(c)["requests"]["cancelled"]
+        with c.stream("POST", "/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 100, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        # The connection is closed: the engine drops the request at a later step, long before 100 tokens.
+        _wait_for(lambda: _health(c)["requests"]["cancelled"] > before, "the cancellation")
+        h = _health(c)
+        _wait_for(lambda: _health(c)["running"] == 0, "an empty batch")
+        assert h["status"] == "ok"
+
+
+def test_disconnect_cancels_a_whole_reply_request(server):
+    with client(server) as c:
+        before = _health(c)["requests"]["cancelled"]
+        with httpx.Client(transport=httpx.HTTPTransport(uds=server), base_url="http://edgemoe",
+                         timeout=httpx.Timeout(60, read=0.05)) as impatient:
+            with pytest.raises(httpx.ReadTimeout):  # gives up long before 126 tokens: closes the connection
+                impatient.post("/v1/completions", json={"prompt": [1, 6], "max_tokens": CTX - 2})
+        _wait_for(lambda: _health(c)["requests"]["cancelled"] > before, "the cancellation")
+
+
+def test_full_queue_answers_429(server):
+    body = {"prompt": [1, 7, 8], "max_tokens": 100, "stream": True}
+    with client(server) as c:
+        with contextlib.ExitStack() as streams:  # leaving it closes every stream: the server cancels them
+            for _ in range(MAX_BATCH + MAX_QUEUE):
+                assert streams.enter_context(c.stream("POST", "/v1/completions", json=body)).status_code == 200
+            _wait_for(lambda: _health(c)["queue_length"] == MAX_QUEUE, "a full queue")
+            r = c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
+            assert r.status_code == 429 and "max_queue" in r.json()["error"]["message"]
+        _wait_for(lambda: _health(c)["running"] == 0 and _health(c)["queue_length"] == 0, "the queue to empty")
+        assert c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    ({"prompt": "x", "max_tokens": 4, "bogus": 1}, "bogus"),
+    ({"prompt": "x", "max_tokens": "4"}, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": [1] * CTX}, "prompt"),
+    ({"prompt": "the king", "max_tokens": CTX}, "max_tokens"),
+    ({"prompt": [1, 10**7]}, "prompt"),
+    ({"prompt": "x", "priority": "vip"}, "priority"),
+    ({"max_tokens": 3}, "prompt"),
+])
+def test_bad_requests_name_the_field(server, body, param):
+    with client(server) as c:
+        if isinstance(body, bytes):
+            r = c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            r = c.post("/v1/completions", json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and (param is None or param in err["message"])
+        assert _health(c)["status"] == "ok"
+
+
+def test_bad_chat_message(server):
+    with client(server) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 3}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+
+
+def test_models_metrics_and_stop_strings(server, tiny):
+    _, _, tok = tiny
+    with client(server) as c:
+        models = c.get("/v1/models").json()
+        assert models["data"][0]["id"] == "tiny.gguf" and models["data"][0]["context_length"] == CTX
+        full = c.post("/v1/completions", json={"prompt": "the king", "max_tokens": 8, "temperature": 0}).json()
+        text = full["choices"][0]["text"]
+        stop = text.strip().split(" ")[1] if len(text.strip().split(" ")) > 1 else text.strip()[-1]
+        cut = c.post("/v1/completions", json={"prompt": "the king", "max_tokens": 8, "temperature": 0,
+                                               "stop": [stop]}).json()["choices"][0]
+        assert cut["finish_reason"] == "stop" and cut["text"] == text[:text.index(stop)]
+        m = c.get("/metrics").text
+    assert os.stat(server).st_mode & 0o777 == 0o660
+    assert "# TYPE edgemoe_tokens_generated_total counter" in m
+    for name in ("tokens_per_second", "queue_length", "running_batch_size"):
+        assert f"\nedgemoe_{name} " in m
+
+
+def test_client_and_repl_session(server):
+    import io
+
+    from edgemoe.client import Client, ServerError
+    from edgemoe.commands.repl import Session
+
+    msgs = [{"role": "user", "content": "the moon"}]
+    with Client(socket=server) as cl:
+        whole = cl.chat(msgs, max_tokens=5, temperature=0)["choices"][0]["message"]["content"]
+        out = io.StringIO()
+        session = Session(cl, out=out)
+        session.command("/set temperature 0")
+        session.command("/set max_tokens 5")
+        assert session.say("the moon") == whole and out.getvalue() == whole + "\n"
+        session.command("/stats")
+        assert "tok/s" in out.getvalue() and len(session.messages) == 2
+        session.command("/reset")
+        assert session.messages == []
+        with pytest.raises(ServerError, match="400"):
+            cl.complete("x", max_tokens=0)
+
+
+def test_loopback_tcp(server, tcp_port):
+    r = httpx.post(f"http://127.0.0.1:{tcp_port}/v1/completions", json={"prompt": [1, 3], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_live_socket_is_refused(server, tiny):
+    r = subprocess.run([sys.executable, "-m", "edgemoe", "serve", "-m", tiny[0], "--socket", server],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "another server is listening" in r.stderr
+
+
+def test_sigterm_during_generation_exits_cleanly(tiny, tmp_path):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    states: list[str] = []
+
+    def listen() -> None:  # as systemd does: read every datagram as it comes (the queue holds only a few)
+        while True:
+            try:
+                states.append(notify.recv(4096).decode())
+            except OSError:
+                return
+
+    notify.settimeout(30)
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    sock = str(tmp_path / "s.sock")
+    socket.socket(socket.AF_UNIX).bind(sock)  # a stale socket file from a crashed run: replaced
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "100000"}
+    proc = start_server(tiny[0], sock, "--grace", "0", env=env)
+    try:
+        with client(sock) as c:
+            with c.stream("POST", "/v1/completions",
+                          json={"prompt": [1, 4], "max_tokens": CTX - 2, "stream": True}) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                proc.send_signal(signal.SIGTERM)
+                rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["choices"][0]["finish_reason"] in ("cancelled", "length")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _wait_for(lambda: "STOPPING=1" in states, "STOPPING=1")
+    notify.close()
+    assert "READY=1" in states and "WATCHDOG=1" in states
+    assert states.index("READY=1") < states.index("STOPPING=1")
+    assert not os.path.exists(sock)
+
+
+def test_socket_activation_uses_fd_3(tiny, tmp_path):
+    path = str(tmp_path / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    fd = listener.fileno()
+    # As systemd does: the listening socket is fd 3 and LISTEN_FDS=1; --socket is then not used.
+    proc = start_server(tiny[0], path, env={"LISTEN_FDS": "1"}, pass_fds=(3, fd),
+                        preexec_fn=lambda: os.dup2(fd, 3))
+    try:
+        with client(path) as c:
+            r = c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        listener.close()
+    assert os.path.exists(path)  # the socket unit, not the service, owns the file
