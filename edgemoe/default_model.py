@@ -1,14 +1,17 @@
 """The model `edgemoe run` uses when no -m is given.
 
-Until a trained model ships inside the package, this synthesises a small random-weight Mixtral
-(4 layers, 8 experts, top-2, Q4_0 experts) with a word-level SentencePiece-style vocabulary, once,
-into the user's cache directory. Its text is a random walk over English words: it shows the engine
-working end to end and its speed, not language ability.
+The package ships `edgemoe/data/default-moe.gguf`: a 14 M-parameter Mixtral (4 layers, 8 experts, top-2,
+Q8_0) trained on Shakespeare's plays by `tools/train_default_model.py` (see `edgemoe/data/MODEL.md`).
+Only when that file is missing (a source tree without it) is a small random-weight Mixtral synthesised,
+once, into the user's cache directory, with a word-level SentencePiece-style vocabulary; its text is a
+random walk over English words. The synthesis helpers below are also used by tests to build tiny models.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from importlib import resources
 
 import numpy as np
 from gguf import GGUFWriter, TokenType
@@ -29,6 +32,7 @@ CONFIG = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+SHIPPED = "default-moe.gguf"  # in edgemoe/data/
 VERSION = 2  # bump when CONFIG or the vocabulary changes, so old cached files are not reused
 
 WORDS = """the of and to in a is that for it as was with be by on not he this are or his from at which but have an
@@ -107,8 +111,31 @@ def random_tensors(cfg: dict, vocab: int, seed: int = 0) -> dict[str, np.ndarray
     return t
 
 
+def shipped_model_path() -> str | None:
+    """Path of the trained model shipped in the package, or None when the package lacks it."""
+    res = resources.files("edgemoe").joinpath("data", SHIPPED)
+    if not res.is_file():
+        return None
+    if isinstance(res, os.PathLike):
+        return os.fspath(res)
+    # A zipped install: the engine memory-maps the file, so copy it out once.
+    path = os.path.join(cache_dir(), SHIPPED)
+    if not os.path.exists(path):
+        os.makedirs(cache_dir(), exist_ok=True)
+        with res.open("rb") as src, open(f"{path}.{os.getpid()}.tmp", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    return path
+
+
 def default_model_path() -> str:
-    """Path of the default model, synthesising it on first use (a few seconds)."""
+    """Path of the default model: the shipped trained GGUF, else a random one synthesised on first use."""
+    shipped = shipped_model_path()
+    return shipped if shipped is not None else synthesised_model_path()
+
+
+def synthesised_model_path() -> str:
+    """Path of the random-weight fallback model, synthesising it on first use (a few seconds)."""
     from .formats.gguf_export import export_mixtral_gguf
 
     out_dir = cache_dir()
