@@ -9,8 +9,9 @@ reads ÷ memory bandwidth; when streaming, + expert bytes read from disk ÷ meas
     python tools/compare_llamacpp.py MODEL.gguf --memory-limit-mb 600 --cache-mb 250   # larger than RAM
 
 Larger than RAM: both engines run inside one cgroup-v1 memory group limited to --memory-limit-mb (root
-needed), the page cache is dropped before each run; llama.cpp uses its default mmap, edgemoe streams experts
-through a --cache-mb cache.
+needed), the page cache is dropped before each run; llama.cpp uses its default mmap with --no-repack (its
+CPU repacking copies Q4_0/Q4_K weights into anonymous memory, which a memory limit below the model size
+turns into an OOM kill), edgemoe streams experts through a --cache-mb cache.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ LLAMA_WORKER = r"""
 import json, sys, time
 import llama_cpp
 path, threads, ids, n = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4])
+if sys.argv[5] == "no-repack":  # llama.cpp's --no-repack: keep weights in the mmap instead of copying them to RAM
+    import llama_cpp.llama_cpp as C
+    _default = C.llama_model_default_params
+    def _params():
+        p = _default()
+        p.use_extra_bufts = False
+        return p
+    C.llama_model_default_params = _params
 llm = llama_cpp.Llama(model_path=path, n_ctx=len(ids) + n + 8, n_threads=threads, n_threads_batch=threads,
                       n_batch=512, verbose=False)
 llama_cpp.llama_perf_context_reset(llm.ctx)
@@ -67,7 +76,8 @@ def drop_caches() -> None:
 
 
 def run_llama(path, threads, ids, n, limit):
-    r = subprocess.run([sys.executable, "-c", LLAMA_WORKER, path, str(threads), ",".join(map(str, ids)), str(n)],
+    mode = "no-repack" if limit else "default"
+    r = subprocess.run([sys.executable, "-c", LLAMA_WORKER, path, str(threads), ",".join(map(str, ids)), str(n), mode],
                        capture_output=True, text=True, preexec_fn=in_cgroup(limit), timeout=3600)
     if r.returncode:
         raise SystemExit(f"llama.cpp run failed ({r.returncode}): {r.stderr[-1500:]}")
@@ -96,12 +106,12 @@ def bounds(path, mem_gbs, disk_gbs, edgemoe_runs, ids, n):
     ram = (sizes["dense_bytes_per_token"] + sizes["expert_bytes_per_token"]) / (mem_gbs * 1e9)
     out = {"in_ram_tok_s": 1 / ram, "sizes": sizes}
     if disk_gbs and edgemoe_runs[0].get("cache"):
-        read = statistics.median(r["cache"]["bytes_read"] for r in edgemoe_runs) / (len(ids) + n)
+        # A decode token reads its active experts: the hit fraction from RAM, the rest from disk.
         hit = statistics.median(r["cache"]["hit_rate"] for r in edgemoe_runs)
-        t = (sizes["dense_bytes_per_token"] + hit * sizes["expert_bytes_per_token"]) / (mem_gbs * 1e9)
-        out["streaming_tok_s"] = 1 / (t + read / (disk_gbs * 1e9))
+        active = sizes["expert_bytes_per_token"]
+        t = (sizes["dense_bytes_per_token"] + hit * active) / (mem_gbs * 1e9)
+        out["streaming_tok_s"] = 1 / (t + (1 - hit) * active / (disk_gbs * 1e9))
         out["hit_rate"] = hit
-        out["read_mb_per_token"] = read / 1e6
     return out
 
 
