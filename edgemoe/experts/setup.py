@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -57,13 +56,11 @@ class StreamOptions:
 
 def manifest_checksums(path: str) -> dict:
     """(layer, expert) → crc32 hex from PACK.manifest.json beside a pack, or {} when there is none."""
-    base = path[:-5] if path.endswith(".gguf") else path
-    man = base + ".manifest.json"
-    if not os.path.exists(man):
+    from ..pack.manifest import manifest_path, read_manifest
+
+    if not os.path.exists(manifest_path(path)):
         return {}
-    with open(man) as f:
-        doc = json.load(f)
-    return {(e["layer"], e["expert"]): e["checksum"] for e in doc.get("experts", []) if e.get("checksum")}
+    return {(e["layer"], e["expert"]): e["checksum"] for e in read_manifest(path)["experts"] if e.get("checksum")}
 
 
 def streaming_store(path: str, tensors: dict, n_layers: int, n_experts: int, opt: StreamOptions) -> StreamingExperts:
