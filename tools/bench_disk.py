@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgemoe.doctor_disk import filesystem, open_direct
 from edgemoe.errors import UnsupportedError
 
 MiB = 1 << 20
@@ -45,7 +46,7 @@ def _size_name(n: int) -> str:
 
 def _open_direct(path) -> int:
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        return open_direct(path)
     except OSError as e:
         raise UnsupportedError(f"{path}: O_DIRECT is not supported on this filesystem ({e.strerror})") from e
 
@@ -147,20 +148,6 @@ def random_read_latency_ms(path, size: int, seconds: float = 1.0, max_samples: i
         os.close(fd)
     p50, p99 = np.percentile(samples, [50, 99])
     return {"p50_ms": float(p50), "p99_ms": float(p99), "n": len(samples)}
-
-
-def filesystem(path) -> str:
-    """Filesystem type of the mount holding `path` (from /proc/mounts), or "unknown"."""
-    path, best, fstype = os.path.realpath(path), "", "unknown"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                _, mnt, fs = line.split()[:3]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, fstype = mnt, fs
-    except OSError:
-        pass
-    return fstype
 
 
 def write_test_file(path, size: int) -> float:
