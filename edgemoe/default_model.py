@@ -14,7 +14,7 @@ import shutil
 from importlib import resources
 
 import numpy as np
-from gguf import GGUFWriter, TokenType
+from gguf import TokenType
 
 CONFIG = {
     "model_type": "mixtral",
@@ -68,22 +68,10 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
 
 
 def write_vocab(path: str) -> None:
+    from .formats.gguf_vocab import write_llama_vocab
+
     pieces, scores, types = vocabulary()
-    w = GGUFWriter(path, "llama")
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_llama_vocab(path, pieces, scores, types, bos=1, eos=2, unk=0)
 
 
 def random_tensors(cfg: dict, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

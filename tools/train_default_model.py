@@ -110,7 +110,7 @@ def train_tokenizer(train_texts: list[str], work: str, vocab_size: int):
 
 def write_vocab_gguf(sp, path: str) -> None:
     """SentencePiece model → GGUF `llama` vocabulary, as convert_hf_to_gguf's _create_vocab_sentencepiece."""
-    from gguf import GGUFWriter, TokenType
+    from gguf import TokenType
 
     pieces, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
@@ -126,22 +126,12 @@ def write_vocab_gguf(sp, path: str) -> None:
         elif sp.is_byte(i):
             t = TokenType.BYTE
         types.append(int(t))
-    w = GGUFWriter(path, "llama")
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(sp.bos_id())
-    w.add_eos_token_id(sp.eos_id())
-    w.add_unk_token_id(sp.unk_id())
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)  # trained with add_dummy_prefix=False
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from edgemoe.formats.gguf_vocab import write_llama_vocab
+
+    # trained with add_dummy_prefix=False, so no space prefix
+    write_llama_vocab(path, pieces, scores, types, bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id(),
+                      add_space_prefix=False)
 
 
 def check_tokenizer(sp, vocab_path: str, samples: list[str]) -> None:
