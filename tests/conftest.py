@@ -22,3 +22,11 @@ def shared_vocab_dir() -> pathlib.Path | None:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep the default model (synthesised on first use) out of the user's real cache directory."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+@pytest.fixture(scope="module")
+def model_gguf(tmp_path_factory) -> str:
+    """Path of a tiny Mixtral GGUF with a real (word-level SentencePiece-style) vocabulary."""
+    from mixtral_factory import tiny_gguf_with_vocab
+
+    return tiny_gguf_with_vocab(tmp_path_factory.mktemp("tiny"))[0]

@@ -89,3 +89,21 @@ def to_fused_layout(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out[FUSED_GATE_UP.format(i=i)] = np.concatenate([w1, w3], axis=1)  # (E, 2I, D)
         out[FUSED_DOWN.format(i=i)] = w2  # (E, D, I)
     return out
+
+
+def tiny_gguf_with_vocab(directory) -> tuple[str, object, object]:
+    """A tiny F32 Mixtral GGUF carrying the default model's word-level vocabulary, in `directory`.
+
+    Returns (path, the transformers model it was exported from, our tokenizer of that vocabulary).
+    """
+    from edgemoe.default_model import write_vocab
+    from edgemoe.formats.gguf_export import export_mixtral_gguf
+    from edgemoe.tokenizer import load_tokenizer
+
+    vocab = f"{directory}/vocab.gguf"
+    write_vocab(vocab)
+    tok = load_tokenizer(vocab)
+    hf, cfg, tensors = make_hf_mixtral(vocab=tok.vocab_size, hidden=64, layers=2)
+    path = f"{directory}/tiny.gguf"
+    export_mixtral_gguf(path, cfg, tensors, qtype="F32", tokenizer_from=vocab)
+    return path, hf, tok

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-from test_cli import model_gguf  # noqa: F401  (the fixture: a tiny Mixtral with a vocabulary)
-
 from edgemoe.cli import main
 
 
-def test_bench_json_in_ram_and_streaming(capsys, model_gguf):  # noqa: F811
+def test_bench_json_in_ram_and_streaming(capsys, model_gguf):
     assert main(["bench", "-m", model_gguf, "-p", "4", "-n", "3", "--repeat", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_bound_tok_s"] > r["decode_tok_s"]

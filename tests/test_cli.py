@@ -8,29 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
-from mixtral_factory import make_hf_mixtral
 
 from edgemoe.cli import main
 from edgemoe.default_model import write_vocab
-from edgemoe.formats.gguf_export import export_mixtral_gguf
-
-
-@pytest.fixture(scope="module")
-def model_gguf(tmp_path_factory):
-    """A tiny Mixtral with a real (word-level SentencePiece-style) vocabulary."""
-    d = tmp_path_factory.mktemp("cli")
-    vocab = d / "vocab.gguf"
-    write_vocab(str(vocab))
-    from edgemoe.tokenizer import load_tokenizer
-
-    n_vocab = load_tokenizer(str(vocab)).vocab_size
-    _, cfg, tensors = make_hf_mixtral(vocab=n_vocab, hidden=64, layers=2)
-    path = d / "tiny.gguf"
-    export_mixtral_gguf(path, cfg, tensors, qtype="F32", tokenizer_from=str(vocab))
-    return str(path)
 
 
 def run_cli(capsys, *argv):

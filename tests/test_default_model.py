@@ -13,7 +13,7 @@ import re
 
 import gguf
 import pytest
-from test_mixtral import dequantised_reference, engine_greedy, hf_greedy
+from reference_runs import dequantised_reference, engine_greedy, hf_greedy
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from edgemoe.default_model import default_model_path, shipped_model_path

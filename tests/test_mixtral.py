@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import numpy as np
 import pytest
-import torch
 from mixtral_factory import make_hf_mixtral, to_fused_layout
+from reference_runs import dequantised_reference, engine_greedy, engine_logits, hf_greedy, hf_logits
 from safetensors.numpy import save_file
-from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from edgemoe.formats.gguf_export import export_mixtral_gguf
-from edgemoe.formats.names import GGUF_TO_HF
 from edgemoe.loader import load_model
 
 PROMPT = [1, 7, 42, 99, 3, 64, 17, 5, 120, 33, 8]
@@ -30,37 +27,6 @@ SHAPES = {  # GQA ratios, tied/untied, top-1/2/3 of 4–8 experts, hidden sizes 
     "gqa8-top3": dict(hidden=160, heads=8, kv_heads=1, experts=8, top_k=3, intermediate=64),
     "headdim-top2": dict(hidden=96, heads=2, kv_heads=1, experts=6, top_k=2, head_dim=32, layers=3),
 }
-
-
-def hf_logits(model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()  # (T, V)
-
-
-def hf_greedy(model, ids, n) -> list[int]:
-    ids = list(ids)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(hf_logits(model, ids)[-1]))
-        out.append(nxt)
-        ids.append(nxt)
-    return out
-
-
-def engine_logits(path, ids) -> np.ndarray:
-    m = load_model(str(path)).model
-    return m.forward(np.asarray(ids), m.new_cache(64), all_logits=True)
-
-
-def engine_greedy(path, ids, n) -> list[int]:
-    m = load_model(str(path)).model
-    cache = m.new_cache(64)
-    logits = m.forward(np.asarray(ids), cache)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = m.forward(np.asarray(out[-1:]), cache)[-1]
-    return out
 
 
 def save_checkpoint(d, cfg, tensors):
@@ -113,43 +79,6 @@ def test_gguf_f32(tiny, tmp_path, merged):
     export_mixtral_gguf(path, cfg, tensors, qtype="F32", merged_experts=merged)
     assert_close(engine_logits(path, PROMPT), hf_logits(model, PROMPT), 1e-4)
     assert engine_greedy(path, PROMPT, 32) == hf_greedy(model, PROMPT, 32)
-
-
-def dequantised_reference(model, cfg, path):
-    """transformers' model with every weight replaced by gguf-py's dequantisation of the GGUF tensor."""
-    reverse_permute = LlamaTensorProcessor()._reverse_permute_weights
-    h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hf_names = {}
-    for g, hf in GGUF_TO_HF.items():
-        for i in range(cfg["num_hidden_layers"]):
-            hf_names[g.format(i=i)] = hf.format(i=i)
-    state = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
-        w = w.reshape([int(x) for x in reversed(t.shape)])
-        if ".attn_q." in t.name:
-            w = reverse_permute(w, h, h)
-        elif ".attn_k." in t.name:
-            w = reverse_permute(w, h, kv)
-        if "_exps." in t.name:
-            i = int(t.name.split(".")[1])
-            proj = t.name.split(".")[2]
-            key = f"model.layers.{i}.mlp.experts."
-            if proj == "ffn_down_exps":
-                state[key + "down_proj"] = w
-            else:
-                state.setdefault(key + "gate_up_proj", {})[proj] = w
-        else:
-            state[hf_names[t.name]] = w
-    for k, v in list(state.items()):
-        if isinstance(v, dict):
-            state[k] = np.concatenate([v["ffn_gate_exps"], v["ffn_up_exps"]], axis=1)
-    if "lm_head.weight" not in state:  # tied: the output head is the embedding
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    new = {k: torch.from_numpy(state[k]) for k in model.state_dict()}
-    ref = type(model)(model.config).eval()
-    ref.load_state_dict(new)
-    return ref
 
 
 QUANT_CASES = {  # dense type, expert type, tolerance × logits scale (int8 activations for block types)

@@ -16,12 +16,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from mixtral_factory import make_hf_mixtral
+from mixtral_factory import tiny_gguf_with_vocab
 
 from edgemoe.cli import main
-from edgemoe.default_model import write_vocab
-from edgemoe.formats.gguf_export import export_mixtral_gguf
-from edgemoe.tokenizer import load_tokenizer
 
 CTX = 128
 MAX_BATCH = 4
@@ -31,14 +28,7 @@ MAX_QUEUE = 4
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(gguf path, transformers model, tokenizer) of a tiny Mixtral with a real vocabulary."""
-    d = tmp_path_factory.mktemp("server")
-    vocab = d / "vocab.gguf"
-    write_vocab(str(vocab))
-    tok = load_tokenizer(str(vocab))
-    hf, cfg, tensors = make_hf_mixtral(vocab=tok.vocab_size, hidden=64, layers=2)
-    path = d / "tiny.gguf"
-    export_mixtral_gguf(path, cfg, tensors, qtype="F32", tokenizer_from=str(vocab))
-    return str(path), hf, tok
+    return tiny_gguf_with_vocab(tmp_path_factory.mktemp("server"))
 
 
 def start_server(model: str, sock: str, *extra: str, env: dict | None = None, **popen) -> subprocess.Popen:
