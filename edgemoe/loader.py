@@ -150,7 +150,6 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
     else:
         from .experts.setup import streaming_store
 
-        _gguf_experts(tensors, args, path)  # validates every expert tensor before streaming starts
         experts = streaming_store(path, tensors, args.num_hidden_layers, args.num_local_experts, stream)
     model = Model(args, weights, experts, dequant_rows(embed))
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType
 
+from ..errors import ModelFormatError
 from ..formats import names
 from ..qtensor import check_supported, row_bytes
 
@@ -43,6 +44,12 @@ def _slice(t, e: int | None) -> tuple[int, int, GGMLQuantizationType, int, int]:
     return off, n, qtype, rows, cols
 
 
+def _tensor(tensors: dict, name: str):
+    if name not in tensors:
+        raise ModelFormatError(f"tensor {name} is missing; the file is incomplete or not a Mixtral model")
+    return tensors[name]
+
+
 def gguf_extents(tensors: dict, n_layers: int, n_experts: int) -> list[list[ExpertExtent]]:
     """Extents of every expert, from a GGUF tensor index (merged `*_exps` or per-expert tensors)."""
     out = []
@@ -51,9 +58,9 @@ def gguf_extents(tensors: dict, n_layers: int, n_experts: int) -> list[list[Expe
         merged = names.GGUF_EXPERTS["gate"].format(i=i) in tensors
         for e in range(n_experts):
             if merged:
-                sl = {p: _slice(tensors[names.GGUF_EXPERTS[p].format(i=i)], e) for p in PROJS}
+                sl = {p: _slice(_tensor(tensors, names.GGUF_EXPERTS[p].format(i=i)), e) for p in PROJS}
             else:
-                sl = {p: _slice(tensors[names.GGUF_EXPERT_SPLIT[p].format(i=i, e=e)], None) for p in PROJS}
+                sl = {p: _slice(_tensor(tensors, names.GGUF_EXPERT_SPLIT[p].format(i=i, e=e)), None) for p in PROJS}
             layer.append(_extent(i, e, sl))
         out.append(layer)
     return out
