@@ -99,18 +99,15 @@ def run_edgemoe(path, threads, ids, n, limit, cache_mb):
 
 
 def bounds(path, mem_gbs, disk_gbs, edgemoe_runs, ids, n):
+    from edgemoe.commands.bench import bound_tok_s
     from edgemoe.doctor import model_sizes
     from edgemoe.loader import load_model
 
     sizes = model_sizes(load_model(path))
-    ram = (sizes["dense_bytes_per_token"] + sizes["expert_bytes_per_token"]) / (mem_gbs * 1e9)
-    out = {"in_ram_tok_s": 1 / ram, "sizes": sizes}
+    out = {"in_ram_tok_s": bound_tok_s(sizes, mem_gbs * 1e9), "sizes": sizes}
     if disk_gbs and edgemoe_runs[0].get("cache"):
-        # A decode token reads its active experts: the hit fraction from RAM, the rest from disk.
         hit = statistics.median(r["cache"]["hit_rate"] for r in edgemoe_runs)
-        active = sizes["expert_bytes_per_token"]
-        t = (sizes["dense_bytes_per_token"] + hit * active) / (mem_gbs * 1e9)
-        out["streaming_tok_s"] = 1 / (t + (1 - hit) * active / (disk_gbs * 1e9))
+        out["streaming_tok_s"] = bound_tok_s(sizes, mem_gbs * 1e9, disk_gbs * 1e9, hit)
         out["hit_rate"] = hit
     return out
 
