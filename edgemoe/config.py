@@ -169,7 +169,8 @@ class BatchingConfig:
                                                      "weighted round-robin weight per request class",
                                                      dump=dict)
     max_batch: int = setting(8, POSITIVE, "sequences decoded together")
-    max_queue: int = setting(64, POSITIVE, "requests waiting beyond the batch; more are refused (HTTP 503)")
+    max_queue: int = setting(64, POSITIVE, "requests waiting beyond the batch; more are refused (HTTP 429)")
+    prefill_chunk: int = setting(256, POSITIVE, "prompt tokens one step takes (all new requests together)")
 
 
 @dataclass(frozen=True)

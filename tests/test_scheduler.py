@@ -157,6 +157,9 @@ class CountingModel:
         logits[0, (int(ids[-1]) + 1) % self.args.vocab_size] = 5.0
         return logits
 
+    def forward_batch(self, batch):
+        return np.concatenate([self.forward(ids, cache) for ids, cache in batch])  # (B, V)
+
 
 def run_jobs(jobs: list[Job], eos: set[int] = frozenset()) -> None:
     engine = Engine(CountingModel(), None, Scheduler({"default": 1}, max_batch=2, max_queue=10))

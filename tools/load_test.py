@@ -2,6 +2,7 @@
 
     python tools/load_test.py --socket /run/edgemoe/edgemoe.sock
     python tools/load_test.py -m tiny.gguf          # starts a server on a temporary socket first
+    python tools/load_test.py -m pack.gguf --serve-arg=--cache-mb=200   # an expert-streaming server
 
 Each client streams completions back to back for --requests requests; latency is submit → last token.
 """
@@ -61,9 +62,9 @@ def one_level(sock: str, clients: int, requests: int, max_tokens: int, prompt: s
             "first_token_p50_s": round(float(np.percentile(ttft, 50)), 3)}
 
 
-def start_server(model: str, sock: str, max_batch: int) -> subprocess.Popen:
+def start_server(model: str, sock: str, max_batch: int, extra: list[str]) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "-m", model, "--socket", sock,
-                             "--set", f"batching.max_batch={max_batch}", "--set", "batching.max_queue=64"])
+                             "--set", f"batching.max_batch={max_batch}", "--set", "batching.max_queue=64", *extra])
     while True:
         if proc.poll() is not None:
             sys.exit(f"the server exited with {proc.returncode}")
@@ -84,6 +85,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16, help="with -m: the server's batching.max_batch")
     p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="with -m: one more argument for edgemoe serve (repeat), e.g. --serve-arg=--cache-mb=200")
     p.add_argument("--json", action="store_true", help="one JSON object per level")
     args = p.parse_args()
     if not args.socket and not args.model:
@@ -92,15 +95,18 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory()
     sock = args.socket or os.path.join(tmp.name, "edgemoe.sock")
     if args.model:
-        proc = start_server(args.model, sock, args.max_batch)
+        proc = start_server(args.model, sock, args.max_batch, args.serve_arg)
     try:
         one_level(sock, 1, 1, 4, args.prompt)  # warm-up
+        single = None
         for level in (int(x) for x in args.levels.split(",")):
             r = one_level(sock, level, args.requests, args.max_tokens, args.prompt)
+            single = single or r["tok_s"]
+            r["vs_1_stream"] = round(r["tok_s"] / single, 2) if single else None
             if args.json:
                 print(json.dumps(r))
             else:
-                print(f"{level:3d} streams: {r['tok_s']:8.2f} tok/s total, latency p50 {r['latency_p50_s']:.3f} s "
+                print(f"{level:3d} streams: {r['tok_s']:8.2f} tok/s total ({r['vs_1_stream']:.2f}x), latency p50 {r['latency_p50_s']:.3f} s "
                       f"p99 {r['latency_p99_s']:.3f} s, first token p50 {r['first_token_p50_s']:.3f} s "
                       f"({r['requests']} requests, {r['tokens']} tokens)")
     finally:

@@ -145,7 +145,7 @@ def main(args) -> int:
         _warm_up(loaded.model)
         b = cfg.batching
         engine = Engine(loaded.model, loaded.tokenizer, Scheduler(dict(b.admission), b.max_batch, b.max_queue),
-                        Metrics())
+                        Metrics(), prefill_chunk=b.prefill_chunk)
         service = Service(engine, loaded.tokenizer, os.path.basename(model_path.rstrip("/")), n_ctx,
                           cfg.sampling.params())
         engine.start()
@@ -170,7 +170,9 @@ def _warm_up(model) -> None:
     """Compile (or load from Numba's cache) every kernel before READY, so the first request is not slow."""
     import numpy as np
 
-    model.forward(np.zeros(2, dtype=np.int64), model.new_cache(3))
+    cache = model.new_cache(3)
+    model.forward(np.zeros(2, dtype=np.int64), cache)  # matrix kernels (prompts, batched steps)
+    model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
 
 
 async def _serve(server, sockets, engine) -> None:

@@ -119,6 +119,38 @@ def _silu_mul(out, gate, up):
             out[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, i]
 
 
+@njit(cache=True, nogil=True)
+def route_topk(ids, weights, logits):
+    """Mixtral routing per token: softmax over the experts, the top A by probability (lower expert id
+    first on ties, like a stable sort), their probabilities renormalised to sum to 1.
+
+    ids: (T, A) int64; weights: (T, A) f32; logits: (T, E) f32
+    """
+    T, E = logits.shape
+    A = ids.shape[1]
+    probs = np.empty(E, dtype=np.float32)
+    for t in range(T):
+        m = logits[t, 0]
+        for e in range(1, E):
+            m = max(m, logits[t, e])
+        total = np.float32(0.0)
+        for e in range(E):
+            probs[e] = np.float32(math.exp(logits[t, e] - m))
+            total += probs[e]
+        kept = np.float32(0.0)
+        for a in range(A):
+            best = -1
+            for e in range(E):
+                if probs[e] >= 0 and (best < 0 or probs[e] > probs[best]):
+                    best = e
+            ids[t, a] = best
+            weights[t, a] = probs[best] / total
+            kept += weights[t, a]
+            probs[best] = -1.0  # taken
+        for a in range(A):
+            weights[t, a] = weights[t, a] / kept
+
+
 RMSNORM = _twins(_rmsnorm)
 
 ROPE_INPLACE = _twins(_rope_inplace)

@@ -34,10 +34,19 @@ def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray
                experts: ExpertStore, layer: int) -> np.ndarray:
     """Σ_a weight[t, a] · expert[ids[t, a]](x[t]), computing each expert once for all its tokens.
 
+    Each token sums its experts' outputs in increasing expert id, whatever the other tokens of the
+    step are, so a token's result does not depend on its batch.
     x: (T, D); expert_ids, expert_weights: (T, A) → (T, D)
     """
     T, _ = x.shape
     out = np.zeros_like(x)  # (T, D)
+    if T == 1:  # decode: no grouping needed
+        order = np.argsort(expert_ids[0], kind="stable")
+        uniq = expert_ids[0, order]
+        experts.request(layer, uniq)
+        for a in order:
+            out += expert_weights[0, a] * _expert(x, experts.get(layer, int(expert_ids[0, a])))
+        return out
     flat = expert_ids.reshape(-1)  # (T*A,)
     order = np.argsort(flat, kind="stable")
     uniq, starts = np.unique(flat[order], return_index=True)
@@ -47,10 +56,13 @@ def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray
     for n, e in enumerate(uniq):
         sel = order[bounds[n]:bounds[n + 1]]  # positions in (T*A) routed to expert e
         tok = sel // A  # (n_e,)
-        ex = experts.get(layer, int(e))
-        xe = np.ascontiguousarray(x[tok])  # (n_e, D)
-        h = np.empty((tok.size, ex.gate.rows), dtype=np.float32)  # (n_e, I)
-        ops.silu_mul(h, linear(xe, ex.gate), linear(xe, ex.up))
-        y = linear(h, ex.down)  # (n_e, D)
+        y = _expert(np.ascontiguousarray(x[tok]), experts.get(layer, int(e)))  # (n_e, D)
         out[tok] += expert_weights.reshape(-1)[sel, None] * y
     return out
+
+
+def _expert(x: np.ndarray, ex) -> np.ndarray:
+    """SwiGLU expert: down(silu(gate x) * up x).   x: (n, D) → (n, D)"""
+    h = np.empty((x.shape[0], ex.gate.rows), dtype=np.float32)  # (n, I)
+    ops.silu_mul(h, linear(x, ex.gate), linear(x, ex.up))
+    return linear(h, ex.down)

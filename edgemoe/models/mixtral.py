@@ -88,7 +88,9 @@ class Model:
         a = self.args
         return KVCache(a.num_hidden_layers, n_ctx, a.num_key_value_heads, a.head_dim)
 
-    def attention(self, x: np.ndarray, layer: Layer, i: int, cache: KVCache, cos, sin) -> np.ndarray:
+    def attention(self, x: np.ndarray, layer: Layer, i: int, seqs: list[tuple[int, int, KVCache]],
+                  cos, sin) -> np.ndarray:
+        """Each sequence's tokens attend to its own cache.  x: (T, D); seqs: (start row, rows, cache) → (T, D)"""
         a = self.args
         T = x.shape[0]
         q = linear(x, layer.q_proj).reshape(T, a.num_attention_heads, a.head_dim)  # (T, H, d)
@@ -96,22 +98,22 @@ class Model:
         v = linear(x, layer.v_proj).reshape(T, a.num_key_value_heads, a.head_dim)  # (T, K, d)
         ops.rope_inplace(q, cos, sin)
         ops.rope_inplace(k, cos, sin)
-        p = cache.length
-        cache.k[i, p:p + T] = k
-        cache.v[i, p:p + T] = v
         out = np.empty_like(q)  # (T, H, d)
-        ops.attention(out, q, cache.k[i], cache.v[i], p, self.scale)
+        for r0, n, cache in seqs:
+            p = cache.length
+            cache.k[i, p:p + n] = k[r0:r0 + n]
+            cache.v[i, p:p + n] = v[r0:r0 + n]
+            ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], p, self.scale)
         return linear(out.reshape(T, -1), layer.o_proj)  # (T, D)
 
     def route(self, x: np.ndarray, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Softmax over experts, top-k, renormalised.  x: (T, D) → ids (T, A), weights (T, A)"""
-        A = self.args.num_experts_per_tok
         logits = linear(x, layer.gate)  # (T, E)
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)  # (T, E)
-        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :A]  # (T, A)
-        w = np.take_along_axis(probs, ids, axis=-1)  # (T, A)
-        return ids, w / w.sum(axis=-1, keepdims=True)
+        T, A = x.shape[0], self.args.num_experts_per_tok
+        ids = np.empty((T, A), dtype=np.int64)
+        w = np.empty((T, A), dtype=np.float32)
+        ops.route_topk(ids, w, logits)
+        return ids, w
 
     def moe(self, h: np.ndarray, x: np.ndarray, layer: Layer, i: int) -> np.ndarray:
         """h: normalised input of layer i's experts; x: the residual stream, for next-layer prediction."""
@@ -126,18 +128,44 @@ class Model:
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` (T,) at the next positions of `cache`; logits (T, V), or (1, V) of the last token."""
+        ids = np.asarray(ids, dtype=np.int64)
+        x = self._hidden(ids, [(0, ids.shape[0], cache)])  # (T, D)
+        return self._logits(x if all_logits else x[-1:])
+
+    def forward_batch(self, batch: list[tuple[np.ndarray, KVCache]]) -> np.ndarray:
+        """One pass for several sequences: each (ids (T_j,), its cache) runs at its cache's next positions.
+
+        Every token goes through the same per-row arithmetic as in `forward`, so a sequence's logits do
+        not depend on what else is in the batch; experts are fetched and applied once for all rows.
+        Returns the last-token logits of each sequence, (len(batch), V).
+        """
+        ids = [np.asarray(t, dtype=np.int64) for t, _ in batch]
+        starts = np.cumsum([0] + [t.shape[0] for t in ids])
+        seqs = [(int(starts[j]), t.shape[0], c) for j, (t, (_, c)) in enumerate(zip(ids, batch))]
+        x = self._hidden(np.concatenate(ids), seqs)  # (T, D)
+        return self._logits(x[starts[1:] - 1])
+
+    def _hidden(self, ids: np.ndarray, seqs: list[tuple[int, int, KVCache]]) -> np.ndarray:
+        """The last layer's output for `ids` (T,), whose rows r0..r0+n-1 continue each (r0, n, cache)."""
         a = self.args
+        for _, n, cache in seqs:
+            cache.reserve(n)
+        if len({id(c) for *_, c in seqs}) != len(seqs):
+            raise ValueError("forward_batch: a cache appears twice in one batch")
+        positions = np.concatenate([np.arange(c.length, c.length + n) for _, n, c in seqs])  # (T,)
         T = ids.shape[0]
-        cache.reserve(T)
-        positions = np.arange(cache.length, cache.length + T)
         cos = np.empty((T, a.head_dim // 2), dtype=np.float32)  # (T, d/2)
         sin = np.empty_like(cos)
         ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
         x = self.embed_rows(ids)  # (T, D)
         for i, layer in enumerate(self.weights.layers):
-            x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, cache, cos, sin)
+            x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin)
             x = x + self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i)
-        cache.length += T
-        if not all_logits:
-            x = x[-1:]
-        return linear(rms_norm(np.ascontiguousarray(x), self.weights.norm, a.rms_norm_eps), self.weights.lm_head)
+        for _, n, cache in seqs:  # only now: a failed pass leaves every cache as it was
+            cache.length += n
+        return x
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """(T, D) hidden states → (T, V) logits."""
+        return linear(rms_norm(np.ascontiguousarray(x), self.weights.norm, self.args.rms_norm_eps),
+                      self.weights.lm_head)

@@ -1,9 +1,10 @@
-"""The one thread that owns model state: step() = schedule → prefill the admitted → decode one token each.
+"""The one thread that owns model state. A step: schedule → sample one token for each running request
+→ one forward pass for all of them together with chunks of new prompts.
 
-Each request keeps its own KVCache (sized to its prompt + max_tokens) and Sampler, so outputs do not
-depend on what else is running: greedy results equal `edgemoe run --temp 0`. A step calls
-Model.forward once per running request; pushing all of a step's tokens through one forward pass (so
-each expert is fetched once per step for the whole batch) is a later optimisation.
+Each request keeps its own KVCache (sized to its prompt + max_tokens) and Sampler. The pass runs every
+row with the same arithmetic whatever else is in it (Model.forward_batch), so outputs do not depend
+on what else is running: greedy results equal `edgemoe run --temp 0`. Rows of one step that route to
+the same expert share its read and its matrix product.
 
 The HTTP side talks to the engine through `submit` / `cancel` / `shutdown` and receives events through
 each job's `emit` callback, which it points at an asyncio queue (loop.call_soon_threadsafe).
@@ -54,15 +55,22 @@ class Job:
         self.sampler: Sampler | None = None
         self.decoder = None
         self.history: list[int] = []
-        self.logits: np.ndarray | None = None  # (V,) for the next position
+        self.logits: np.ndarray | None = None  # (V,) for the next position; None while prefilling
+        self.prefilled = 0  # prompt tokens already in the cache
         self.done = False
 
 
 class Engine:
-    """Runs the model for every job on one thread."""
+    """Runs the model for every job on one thread.
 
-    def __init__(self, model, tokenizer, scheduler: Scheduler, metrics: Metrics | None = None):
+    `prefill_chunk` bounds the prompt tokens one step takes (over all new requests), so a long prompt
+    does not stall the running requests' tokens for its whole length.
+    """
+
+    def __init__(self, model, tokenizer, scheduler: Scheduler, metrics: Metrics | None = None,
+                 prefill_chunk: int = 256):
         self.model = model
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.metrics = metrics or Metrics()
@@ -142,25 +150,20 @@ class Engine:
             for job in plan.dropped:
                 self._end(job, "cancelled")
             for job in plan.admitted:
-                self._guarded(self._prefill, job)
-            t0 = time.perf_counter()
-            n = 0
-            for job in plan.running:
-                if not job.done:
-                    n += self._guarded(self._decode, job) or 0
-            self.metrics.step(n, time.perf_counter() - t0, n_waiting, len(self.scheduler.running))
+                self._guarded(self._admit, job)
+            self._step([job for job in plan.running if not job.done], n_waiting)
 
-    def _guarded(self, fn, job: Job):
+    def _guarded(self, fn, *args):
         # A failure in one request (a bug, a bad expert read) ends that request, never the server.
+        job = args[0]
         try:
-            return fn(job)
+            return fn(*args)
         except Exception as e:  # noqa: BLE001 - reported to the client and the log
             log.exception("request %d failed", job.id)
             self._fail(job, f"{type(e).__name__}: {e}")
-            return 0
+            return None
 
-    def _prefill(self, job: Job) -> None:
-        t0 = time.perf_counter()
+    def _admit(self, job: Job) -> None:
         job.cache = self.model.new_cache(len(job.prompt_ids) + job.max_tokens)
         job.sampler = Sampler(job.params, self.model.args.vocab_size)
         if self.tokenizer is not None:
@@ -168,11 +171,60 @@ class Engine:
 
             job.decoder = StreamDecoder(self.tokenizer)
         job.history = list(job.prompt_ids)
-        job.logits = self.model.forward(np.asarray(job.prompt_ids, dtype=np.int64), job.cache)[-1]  # (V,)
-        self.metrics.prefill(len(job.prompt_ids), time.perf_counter() - t0)
 
-    def _decode(self, job: Job) -> int:
-        """Sample the next token from the job's logits, send it, and run it through the model unless done."""
+    def _step(self, jobs: list[Job], n_waiting: int) -> None:
+        """Sample a token for every job that has logits, then run those tokens and prompt chunks in one pass."""
+        t0 = time.perf_counter()
+        batch: list[tuple[Job, np.ndarray]] = []
+        budget = self.prefill_chunk
+        n_decode = n_prompt = 0
+        for job in jobs:
+            if job.logits is not None:
+                tok = self._guarded(self._sample, job)
+                n_decode += tok is not None
+                if tok is not None and not job.done:
+                    batch.append((job, np.asarray([tok], dtype=np.int64)))
+            elif job.prefilled < len(job.prompt_ids) and budget > 0:  # still prefilling: the next chunk of its prompt
+                chunk = job.prompt_ids[job.prefilled:job.prefilled + budget]
+                budget -= len(chunk)
+                n_prompt += len(chunk)
+                batch.append((job, np.asarray(chunk, dtype=np.int64)))
+        if batch:
+            self._forward(batch)
+        dt = time.perf_counter() - t0
+        share = n_prompt / max(1, n_prompt + n_decode)  # the step's time, split by tokens
+        if n_prompt:
+            self.metrics.prefill(n_prompt, dt * share)
+        self.metrics.step(n_decode, dt * (1 - share), n_waiting, len(self.scheduler.running))
+
+    def _forward(self, batch: list[tuple[Job, np.ndarray]]) -> None:
+        """One pass for the whole batch; if it fails, each job alone, so only the failing ones end."""
+        try:
+            logits = self.model.forward_batch([(ids, job.cache) for job, ids in batch])  # (B, V)
+        except Exception:  # noqa: BLE001 - retried per job below, where the failure is reported
+            if len(batch) == 1:
+                self._guarded(self._forward_one, *batch[0])
+                return
+            log.warning("a batched step failed; running its %d requests one by one", len(batch))
+            for job, ids in batch:
+                self._guarded(self._forward_one, job, ids)
+            return
+        for (job, ids), row in zip(batch, logits):
+            self._took(job, ids, row)
+
+    def _forward_one(self, job: Job, ids: np.ndarray) -> None:
+        self._took(job, ids, self.model.forward_batch([(ids, job.cache)])[0])
+
+    def _took(self, job: Job, ids: np.ndarray, logits: np.ndarray) -> None:
+        """`ids` went through the model; `logits` (V,) are the prediction after its last token."""
+        if job.prefilled < len(job.prompt_ids):
+            job.prefilled += ids.shape[0]
+            if job.prefilled < len(job.prompt_ids):
+                return  # more prompt to go: these logits predict a prompt token
+        job.logits = logits
+
+    def _sample(self, job: Job) -> int | None:
+        """Sample the next token from the job's logits and send it; ends the job at a stop. The token."""
         logits = job.logits  # (V,)
         top, chosen_lp = None, None
         if job.logprobs:
@@ -196,11 +248,10 @@ class Engine:
             if job.stopper.stopped:
                 reason = "stop"
         job.emit({"type": "token", "id": tok, "text": text, "logprob": chosen_lp, "top": top})
+        job.logits = None
         if reason is not None:
             self._end(job, reason)
-            return 1
-        job.logits = self.model.forward(np.asarray([tok], dtype=np.int64), job.cache)[-1]
-        return 1
+        return tok
 
     def _end(self, job: Job, reason: str) -> None:
         self._release(job)
