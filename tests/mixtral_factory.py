@@ -91,8 +91,8 @@ def to_fused_layout(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def tiny_gguf_with_vocab(directory) -> tuple[str, object, object]:
-    """A tiny F32 Mixtral GGUF carrying the default model's word-level vocabulary, in `directory`.
+def tiny_gguf_with_vocab(directory, qtype: str = "F32", expert_qtype: str | None = None) -> tuple[str, object, object]:
+    """A tiny Mixtral GGUF (F32 unless told) carrying the default model's word-level vocabulary, in `directory`.
 
     Returns (path, the transformers model it was exported from, our tokenizer of that vocabulary).
     """
@@ -104,6 +104,6 @@ def tiny_gguf_with_vocab(directory) -> tuple[str, object, object]:
     write_vocab(vocab)
     tok = load_tokenizer(vocab)
     hf, cfg, tensors = make_hf_mixtral(vocab=tok.vocab_size, hidden=64, layers=2)
-    path = f"{directory}/tiny.gguf"
-    export_mixtral_gguf(path, cfg, tensors, qtype="F32", tokenizer_from=vocab)
+    path = f"{directory}/tiny-{qtype}-{expert_qtype or qtype}.gguf"
+    export_mixtral_gguf(path, cfg, tensors, qtype=qtype, expert_qtype=expert_qtype, tokenizer_from=vocab)
     return path, hf, tok

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from mixtral_factory import tiny_gguf_with_vocab
+from reference_runs import engine_greedy
 
 from edgemoe.cli import main
 
@@ -144,6 +145,38 @@ def test_concurrent_clients_equal_sequential(server, tiny):
                       .json()["choices"][0]["token_ids"] for p in prompts]
     assert [results[i] for i in range(8)] == sequential
     assert sequential[0] == hf_greedy(hf, prompts[0], 10)
+
+
+def test_sixteen_batched_clients_equal_run_on_a_quantised_model(tmp_path):
+    """16 clients at once share batched steps (8 running, the rest queued and joining as others end);
+    each greedy reply equals edgemoe's own single-sequence greedy run (what `edgemoe run --temp 0` does)."""
+    path = tiny_gguf_with_vocab(tmp_path, qtype="Q8_0", expert_qtype="Q4_0")[0]
+    sock = str(tmp_path / "q.sock")
+    proc = start_server(path, sock, "--set", "batching.max_batch=8", "--set", "batching.max_queue=16",
+                        "--set", "batching.prefill_chunk=8")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 300, size=int(rng.integers(2, 20))).tolist() for _ in range(16)]
+    n_tokens = [int(n) for n in rng.integers(4, 16, size=16)]  # replies end at different steps
+    results: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        with client(sock) as c:
+            r = c.post("/v1/completions", json={"prompt": prompts[i], "max_tokens": n_tokens[i], "temperature": 0})
+        results[i] = r.json()["choices"][0]["token_ids"]
+
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with client(sock) as c:
+            steps = c.get("/health").json()["steps"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert [results[i] for i in range(16)] == [engine_greedy(path, p, n) for p, n in zip(prompts, n_tokens)]
+    assert steps < sum(n_tokens)  # steps were shared
 
 
 def _health(c: httpx.Client) -> dict:
