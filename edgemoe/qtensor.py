@@ -53,13 +53,15 @@ class QTensor:
     """A 2-D weight `(rows, cols)` = HF `(out_features, in_features)`.
 
     `data` is the raw storage, uint8 `(rows, row_bytes)`, C-contiguous; it may be a zero-copy view of
-    a memory-mapped file or of an I/O buffer.
+    a memory-mapped file or of an I/O buffer. With `interleave` 8 (Q4_0 only, see kernels/q4x8.py) the
+    blocks of each 8 consecutive rows are interleaved, and `data` is `(rows / 8, 8 * row_bytes)`.
     """
 
-    data: np.ndarray  # (rows, row_bytes) uint8
+    data: np.ndarray  # (rows, row_bytes) uint8; (rows / 8, 8 * row_bytes) when interleave == 8
     qtype: GGMLQuantizationType
     rows: int
     cols: int
+    interleave: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -74,6 +74,13 @@ class Weights:
     lm_head: QTensor  # (V, D); the embedding itself when tied
 
 
+def _stacked(*ws: QTensor) -> QTensor | None:
+    """The matrices' rows in one QTensor (a copy), or None when their types or widths differ."""
+    if len({(w.qtype, w.cols) for w in ws}) != 1:
+        return None
+    return QTensor(np.concatenate([w.data for w in ws]), ws[0].qtype, sum(w.rows for w in ws), ws[0].cols)
+
+
 class Model:
     """Mixtral forward pass over a KV cache; experts come from an ExpertStore."""
 
@@ -83,6 +90,8 @@ class Model:
         self.experts = experts
         self.embed_rows = embed_rows  # ids (T,) → (T, D) float32, dequantising only those rows
         self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
+        # q, k and v of a layer as one matrix where they share a type: one kernel call for all three
+        self.qkv = [_stacked(layer.q_proj, layer.k_proj, layer.v_proj) for layer in weights.layers]
 
     def new_cache(self, n_ctx: int) -> KVCache:
         a = self.args
@@ -93,9 +102,17 @@ class Model:
         """Each sequence's tokens attend to its own cache.  x: (T, D); seqs: (start row, rows, cache) → (T, D)"""
         a = self.args
         T = x.shape[0]
-        q = linear(x, layer.q_proj).reshape(T, a.num_attention_heads, a.head_dim)  # (T, H, d)
-        k = linear(x, layer.k_proj).reshape(T, a.num_key_value_heads, a.head_dim)  # (T, K, d)
-        v = linear(x, layer.v_proj).reshape(T, a.num_key_value_heads, a.head_dim)  # (T, K, d)
+        H, K, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        if self.qkv[i] is not None:
+            qkv = linear(x, self.qkv[i])  # (T, (H + 2K) d)
+            q = np.ascontiguousarray(qkv[:, :H * d]).reshape(T, H, d)  # (T, H, d)
+            k = qkv[:, H * d:(H + K) * d].reshape(T, K, d)  # (T, K, d)
+            v = qkv[:, (H + K) * d:].reshape(T, K, d)  # (T, K, d)
+        else:
+            q = linear(x, layer.q_proj).reshape(T, H, d)  # (T, H, d)
+            k = linear(x, layer.k_proj).reshape(T, K, d)  # (T, K, d)
+            v = linear(x, layer.v_proj).reshape(T, K, d)  # (T, K, d)
+        k = np.ascontiguousarray(k)
         ops.rope_inplace(q, cos, sin)
         ops.rope_inplace(k, cos, sin)
         out = np.empty_like(q)  # (T, H, d)
