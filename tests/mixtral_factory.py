@@ -104,6 +104,7 @@ def tiny_gguf_with_vocab(directory, qtype: str = "F32", expert_qtype: str | None
     write_vocab(vocab)
     tok = load_tokenizer(vocab)
     hf, cfg, tensors = make_hf_mixtral(vocab=tok.vocab_size, hidden=64, layers=2)
-    path = f"{directory}/tiny-{qtype}-{expert_qtype or qtype}.gguf"
+    path = f"{directory}/tiny.gguf" if (qtype, expert_qtype) == ("F32", None) else \
+        f"{directory}/tiny-{qtype}-{expert_qtype or qtype}.gguf"
     export_mixtral_gguf(path, cfg, tensors, qtype=qtype, expert_qtype=expert_qtype, tokenizer_from=vocab)
     return path, hf, tok

@@ -21,7 +21,7 @@ from reference_runs import engine_greedy
 
 from edgemoe.cli import main
 
-CTX = 128
+CTX = 1024  # long enough that a whole reply takes well over the impatient client's 50 ms
 MAX_BATCH = 4
 MAX_QUEUE = 4
 

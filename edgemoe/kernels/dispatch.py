@@ -1,4 +1,5 @@
-"""Python wrappers of the matrix kernels: checks, variant choice, activation scratch, T chunking.
+"""Python wrappers of the matrix kernels: checks, variant choice, serial or parallel twin, activation
+scratch, T chunking.
 
 The SIMD variant is detected once, at first use (not at import), from LLVM's view of the host CPU.
 Tests (or a user on a misdetected CPU, via config compute.dispatch) can pin it for every weight
@@ -15,12 +16,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from ..errors import UnsupportedError, UsageError
-from ..qtensor import QTensor
+from ..qtensor import QTensor, row_bytes
 from . import intrinsics
-from .fmatmul import matmul_bf16, matmul_f16, matmul_f32
-from .kmatmul import matmul_q6_k, matmul_q45_k
+from .fmatmul import matmul_float, matmul_float_serial
+from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
 from .q8act import quantize_q8_0, quantize_q8_k
-from .qmatmul import matmul_q4_0, matmul_q8_0
+from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
 VARIANTS = ("generic", "avx2", "vnni")
 _TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
@@ -152,17 +153,70 @@ def _scratch(kind: str, n_tok: int, cols: int):
     return views
 
 
+_F32 = np.dtype(np.float32)
+_U8 = np.dtype(np.uint8)
+
+
 def _check(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
+    """Reject arguments the kernels cannot take (they check nothing themselves).
+
+    This runs ~25 times per layer per token, so the usual case is one chain of cheap tests
+    (exact types, dtype identity; ~0.6 µs); anything else gets the full checks and messages.
+    """
+    if not (
+        type(w) is QTensor
+        and type(out) is np.ndarray
+        and type(x) is np.ndarray
+        and out.dtype is _F32
+        and x.dtype is _F32
+        and out.flags.c_contiguous
+        and x.flags.c_contiguous
+        and out.flags.writeable
+    ):
+        _check_arrays(out, w, x)
+    data = w.data
+    if not (
+        type(data) is np.ndarray
+        and data.dtype is _U8
+        and data.shape == (w.rows, _row_bytes(w.qtype, w.cols))
+        and data.flags.c_contiguous
+    ):
+        _check_weight(w)
+
+
+def _check_arrays(out, w, x) -> None:
     if not isinstance(w, QTensor):
         raise TypeError(f"w must be a QTensor, got {type(w).__name__}")
     for name, a in (("out", out), ("x", x)):
-        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+        if not isinstance(a, np.ndarray) or a.dtype != _F32 or not a.flags.c_contiguous:
             raise TypeError(f"{name} must be a C-contiguous float32 array")
-    data = w.data
-    if data.dtype != np.uint8 or data.shape[0] != w.rows or not data.flags.c_contiguous:
-        raise ValueError(f"weight storage must be C-contiguous uint8 (rows, row_bytes), got {data.shape}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
+
+
+def _check_weight(w: QTensor) -> None:
+    data = w.data
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == _U8
+        and data.shape == (w.rows, _row_bytes(w.qtype, w.cols))
+        and data.flags.c_contiguous
+    ):
+        shape = getattr(data, "shape", None)
+        raise ValueError(f"weight storage must be C-contiguous uint8 (rows, row_bytes), got {shape}")
+
+
+def _row_bytes(qtype: QT, cols: int) -> int:
+    """Bytes per row of a (qtype, cols) weight, memoised (gguf's size table is slower to ask)."""
+    n = _ROW_BYTES.get((qtype, cols))
+    if n is None:
+        if qtype not in _KERNELS:
+            raise UnsupportedError(f"no matrix kernel for {qtype!r}; re-quantise the model to a supported type")
+        n = _ROW_BYTES[(qtype, cols)] = row_bytes(qtype, cols)
+    return n
+
+
+_ROW_BYTES: dict = {}  # {(qtype, cols): bytes per row}
 
 
 def matvec(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
@@ -170,7 +224,7 @@ def matvec(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
     _check(out, w, x)
     if out.shape != (w.rows,) or x.shape != (w.cols,):
         raise ValueError(f"matvec: W {w.shape}, x {x.shape}, out {out.shape} do not match")
-    _matmul(out.reshape(1, w.rows), w, x.reshape(1, w.cols))
+    _matmul(out[None], w, x[None], 1)
 
 
 def matmul(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
@@ -179,78 +233,66 @@ def matmul(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
     n_tok = x.shape[0] if x.ndim == 2 else 0
     if n_tok < 1 or x.shape[1] != w.cols or out.shape != (n_tok, w.rows):
         raise ValueError(f"matmul: W {w.shape}, x {x.shape}, out {out.shape} do not match")
-    _matmul(out, w, x)
+    _matmul(out, w, x, n_tok)
 
 
-# Per int8 type: activation layout and the kernel call (type sizes and offsets as constants).
-def _q8_0(o, w, q, d, s, m):
-    matmul_q8_0(o, w, q, d, m)
+# Below this much work (weight bytes x tokens) a call runs the serial twin of its kernel on the
+# calling thread, as waking the other threads costs more than they save. Measured on a 2-core
+# Zen 3 (matvec at 1024 columns): serial wins below ~100 KB for the int8 types, ~200 KB for F16/F32.
+PARALLEL_MIN_BYTES = 1 << 17
 
 
-def _q4_0(o, w, q, d, s, m):
-    matmul_q4_0(o, w, q, d, s, m)
+def _q8_0(x, q, d, s):
+    quantize_q8_0(q, d, s, x, 0)
 
 
-def _q4_k(o, w, q, d, s, m):
-    matmul_q45_k(o, w, q, d, s, 144, 0, 16, m)
+def _q8_0_pairs(x, q, d, s):
+    quantize_q8_0(q, d, s, x, 1)
 
 
-def _q5_k(o, w, q, d, s, m):
-    matmul_q45_k(o, w, q, d, s, 176, 16, 48, m)
+def _q8_k(x, q, d, s):
+    quantize_q8_k(q, d, s, x)
 
 
-def _q6_k(o, w, q, d, s, m):
-    matmul_q6_k(o, w, q, d, s, m)
+def _float(fmt):
+    return lambda k, o, w, x, m: k(o, w, x, fmt, m)
 
 
-_INT8_KERNELS = {
-    QT.Q8_0: ("q8_0", _q8_0),
-    QT.Q4_0: ("q8_0p", _q4_0),
-    QT.Q4_K: ("q8_k", _q4_k),
-    QT.Q5_K: ("q8_k", _q5_k),
-    QT.Q6_K: ("q8_k", _q6_k),
+# Per weight type: (activation scratch kind, its quantiser; None for f32 activations),
+# (parallel, serial) kernels, and the kernel call (type sizes and offsets as constants).
+_FLOAT = (matmul_float, matmul_float_serial)
+_KERNELS = {
+    QT.F32: (None, None, _FLOAT, _float(intrinsics.FMT_F32)),
+    QT.F16: (None, None, _FLOAT, _float(intrinsics.FMT_F16)),
+    QT.BF16: (None, None, _FLOAT, _float(intrinsics.FMT_BF16)),
+    QT.Q8_0: ("q8_0", _q8_0, (matmul_q8_0, matmul_q8_0_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, m)),
+    QT.Q4_0: ("q8_0p", _q8_0_pairs, (matmul_q4_0, matmul_q4_0_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.Q4_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 144, 0, 16, m)),
+    QT.Q5_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 176, 16, 48, m)),
+    QT.Q6_K: ("q8_k", _q8_k, (matmul_q6_k, matmul_q6_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
 }
 
 
-def _matmul(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
-    marker = _MARKERS[_state["by_type"].get(w.qtype) or _state["forced"] or detect_variant()]
-    entry = _INT8_KERNELS.get(w.qtype)
-    if entry is None:
-        _matmul_float(out, w, x, marker)
+def _matmul(out: np.ndarray, w: QTensor, x: np.ndarray, n_tok: int) -> None:
+    qt = w.qtype
+    marker = _MARKERS[_state["by_type"].get(qt) or _state["forced"] or detect_variant()]
+    kind, quantize, (parallel, serial), run = _KERNELS[qt]
+    data = w.data
+    if kind is None:
+        run(serial if data.nbytes * n_tok < PARALLEL_MIN_BYTES else parallel, out, data, x, marker)
         return
-    kind, run = entry
-    n_tok, cols = x.shape
+    cols = x.shape[1]
     step = max(4, min(_MAX_TILE_TOKENS, _ACT_BYTES // cols) // 4 * 4)
     if n_tok <= step:
         xq, xd, xs = _scratch(kind, n_tok, cols)
-        _quantize(kind, xq, xd, xs, x)
-        run(out, w.data, xq, xd, xs, marker)
+        quantize(x, xq, xd, xs)
+        run(serial if data.nbytes * n_tok < PARALLEL_MIN_BYTES else parallel, out, data, xq, xd, xs, marker)
         return
     # long inputs go in chunks of `step` tokens, each quantised just before use (bounded scratch)
     xq, xd, xs = _scratch(kind, step, cols)
+    kernel = serial if data.nbytes * step < PARALLEL_MIN_BYTES else parallel
     for t0 in range(0, n_tok, step):
         n = min(step, n_tok - t0)
         q, d, s = (xq, xd, xs) if n == step else (xq[:n], xd[:n], xs[:n])
-        _quantize(kind, q, d, s, x[t0 : t0 + n])
-        run(out[t0 : t0 + n], w.data, q, d, s, marker)
-
-
-def _quantize(kind: str, xq, xd, xs, x) -> None:
-    if kind == "q8_0":
-        quantize_q8_0(xq, xd, xs, x, 0)
-    elif kind == "q8_0p":
-        quantize_q8_0(xq, xd, xs, x, 1)
-    else:
-        quantize_q8_k(xq, xd, xs, x)
-
-
-def _matmul_float(out: np.ndarray, w: QTensor, x: np.ndarray, marker) -> None:
-    qt = w.qtype
-    if qt == QT.F32:
-        matmul_f32(out, w.data.view(np.float32), x)
-    elif qt == QT.F16:
-        matmul_f16(out, w.data.view(np.uint16), x, marker)
-    elif qt == QT.BF16:
-        matmul_bf16(out, w.data.view(np.uint16), x)
-    else:
-        raise UnsupportedError(f"no matrix kernel for {qt.name}; re-quantise the model to a supported type")
+        quantize(x[t0 : t0 + n], q, d, s)
+        run(kernel, out[t0 : t0 + n], data, q, d, s, marker)

@@ -326,3 +326,107 @@ def load_f32x8(typingctx, arr, off):
         return builder.load(_ptr(context, builder, arr, args[0], off, args[1], _V8F32), align=4)
 
     return f32x8(arr, off), codegen
+
+
+# ---- float weights (F32, F16, BF16) from raw row bytes ------------------------------------------
+
+# Format markers for `load_float8` / `load_float1`: only the Numba type matters, as for the variant
+# markers (Numba has no float16 argument type): f32 for F32, u16 for IEEE half bits, and u32 for
+# BF16, whose 16 bits are the top half of an f32.
+FMT_F32 = np.float32(0)
+FMT_F16 = np.uint16(0)
+FMT_BF16 = np.uint32(0)
+
+
+def _float_fmt(fmt) -> int:
+    """Bytes per weight of a format marker (4 f32, 2 f16 or bf16), or 0 when it is not one."""
+    if fmt == types.float32:
+        return 4
+    if fmt in (types.uint16, types.uint32):
+        return 2
+    return 0
+
+
+def _floats(builder, fmt, variant: int, raw, n: int):
+    """`n` weights in format `fmt` from their raw integer bits (an <n x iW> vector or an iW)."""
+    if fmt == types.float32:
+        return builder.bitcast(raw, ir.VectorType(_F32, n) if n > 1 else _F32)
+    if fmt == types.uint16:
+        return _half_to_float(builder, raw, variant)
+    wide = ir.VectorType(_I32, n) if n > 1 else _I32
+    sixteen = ir.Constant(wide, [16] * n if n > 1 else 16)
+    return builder.bitcast(builder.shl(builder.zext(raw, wide), sixteen), ir.VectorType(_F32, n) if n > 1 else _F32)
+
+
+def _weight_ptr(context, builder, sig, args, size: int, elem: ir.Type):
+    """Pointer to weight `i` of the row at byte `ro` (args[2:5] = arr, ro, i), as `elem*`."""
+    arrty, roty, ity = sig.args[2:5]
+    ro = context.cast(builder, args[3], roty, types.intp)
+    i = context.cast(builder, args[4], ity, types.intp)
+    off = builder.add(ro, builder.mul(i, ir.Constant(ro.type, size)))
+    return _ptr(context, builder, arrty, args[2], types.intp, off, elem)
+
+
+@intrinsic
+def load_float8(typingctx, fmt, marker, arr, ro, i):
+    """Weights i .. i+7 of format `fmt` of the row at byte `ro` of a uint8 array, as an f32x8."""
+    size = _float_fmt(fmt)
+    ints = isinstance(ro, types.Integer) and isinstance(i, types.Integer)
+    if not (size and _is_marker(marker) and _is_bytes(arr) and ints):
+        return None
+    variant = _variant(marker)
+    raw_type = ir.VectorType(ir.IntType(8 * size), 8)
+
+    def codegen(context, builder, sig, args):
+        raw = builder.load(_weight_ptr(context, builder, sig, args, size, raw_type), align=1)
+        return _floats(builder, fmt, variant, raw, 8)
+
+    return f32x8(fmt, marker, arr, ro, i), codegen
+
+
+@intrinsic
+def load_float1(typingctx, fmt, marker, arr, ro, i):
+    """Weight i of format `fmt` of the row at byte `ro` of a uint8 array, as f32."""
+    size = _float_fmt(fmt)
+    ints = isinstance(ro, types.Integer) and isinstance(i, types.Integer)
+    if not (size and _is_marker(marker) and _is_bytes(arr) and ints):
+        return None
+    variant = _variant(marker)
+
+    def codegen(context, builder, sig, args):
+        raw = builder.load(_weight_ptr(context, builder, sig, args, size, ir.IntType(8 * size)), align=1)
+        return _floats(builder, fmt, variant, raw, 1)
+
+    return types.float32(fmt, marker, arr, ro, i), codegen
+
+
+@intrinsic
+def or_qh(typingctx, q, arr, o, qh_off, shift):
+    """`q | (((byte >> shift) & 1) << 4)` for the 32 bytes at o + qh_off (Q5_K's fifth bits), or
+    `q` when qh_off is 0 (Q4_K).
+
+    The branch is in LLVM IR: in Numba IR, a branch inside an inlined helper keeps Numba from
+    pruning the helper's reference counting of `arr` (library calls per chunk, 3x slower in a
+    serial kernel), and a select instead costs Q4_K two loads per chunk.
+    """
+    if not (q == i8x32 and _is_bytes(arr) and isinstance(o, types.Integer) and isinstance(qh_off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        qh = context.cast(builder, args[3], qh_off, types.intp)
+        entry = builder.block
+        with builder.if_then(builder.icmp_signed("!=", qh, ir.Constant(qh.type, 0))):
+            off = builder.add(context.cast(builder, args[2], o, types.intp), qh)
+            v = builder.load(_ptr(context, builder, arr, args[1], types.intp, off, _V32I8), align=1)
+            s = _splat(builder, _int_arg(context, builder, shift, args[4], _I16), _V16I16)
+            v = builder.bitcast(builder.lshr(builder.bitcast(v, _V16I16), s), _V32I8)
+            v = builder.and_(v, ir.Constant(_V32I8, [1] * 32))
+            v = builder.bitcast(builder.shl(builder.bitcast(v, _V16I16), ir.Constant(_V16I16, [4] * 16)), _V32I8)
+            high = builder.or_(args[0], v)
+            then = builder.block
+        out = builder.phi(_V32I8)
+        out.add_incoming(args[0], entry)
+        out.add_incoming(high, then)
+        return out
+
+    return i8x32(q, arr, o, qh_off, shift), codegen

@@ -13,6 +13,10 @@ per 32 (or 16) elements weighted by the integer sub-block scales, then one f32 s
     Q6_K (210 B): ql[128], qh[64], scales int8[16] (one per 16), d f16;  value = d * sc * (q - 32)
         group g = 4n + k (32 elements): low 4 bits from ql[64n + 32(k & 1) ..] (high nibbles when
         k >= 2), top 2 bits = bits 2k, 2k+1 of qh[32n ..]; its halves use scales[2g], scales[2g+1].
+
+Tokens go four at a time; the float operations of each token are the same in the 4-token tile and
+alone (the integer sums are exact in any order), so a row of a batch is bit-identical to the row
+computed alone.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import get, load_bits, load_f16, load_i8x32, load_u32, or_shl
+from .intrinsics import get, load_bits, load_f16, load_i8x32, load_u32, or_qh, or_shl
+from .ops import twins
 from .vecops import (
     dot_scaled_k,
     fma_i32,
@@ -52,17 +57,38 @@ def _scales_mins_k4(w, o):
 
 @njit(cache=True, nogil=True, inline="always")
 def _q45_k_quants(w, o, qh_off, qs_off, j):
-    """The two 32-value sub-blocks of chunk j (values 0..15, or 0..31 when qh_off > 0)."""
-    lo = load_bits(w, o + qs_off + 32 * j, 0, 15)
-    hi = load_bits(w, o + qs_off + 32 * j, 4, 15)
-    if qh_off:
-        lo = or_shl(lo, load_bits(w, o + qh_off, 2 * j, 1), 4)
-        hi = or_shl(hi, load_bits(w, o + qh_off, 2 * j + 1, 1), 4)
-    return lo, hi
+    """The two 32-value sub-blocks of chunk j (values 0..15, or 0..31 with Q5_K's qh bits)."""
+    lo = or_qh(load_bits(w, o + qs_off + 32 * j, 0, 15), w, o, qh_off, 2 * j)
+    return lo, or_qh(load_bits(w, o + qs_off + 32 * j, 4, 15), w, o, qh_off, 2 * j + 1)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q45_k(out, w, xq, xd, xb, type_size, qh_off, qs_off, variant):
+@njit(cache=True, nogil=True, inline="always")
+def _q45_k_chunk4(variant, w, o, qh_off, qs_off, j, sv, xq, x0, cols, i0, i1, i2, i3):
+    """i0..i3 plus the scaled integer dots of chunk j with the super-blocks at xq[x0:],
+    xq[x0 + cols:], ... of four consecutive tokens."""
+    lo, hi = _q45_k_quants(w, o, qh_off, qs_off, j)
+    xo = x0 + 64 * j
+    i0 = iadd(i0, dot_scaled_k(variant, lo, load_i8x32(xq, xo), sv, 2 * j))
+    i1 = iadd(i1, dot_scaled_k(variant, lo, load_i8x32(xq, xo + cols), sv, 2 * j))
+    i2 = iadd(i2, dot_scaled_k(variant, lo, load_i8x32(xq, xo + 2 * cols), sv, 2 * j))
+    i3 = iadd(i3, dot_scaled_k(variant, lo, load_i8x32(xq, xo + 3 * cols), sv, 2 * j))
+    xo += 32
+    i0 = iadd(i0, dot_scaled_k(variant, hi, load_i8x32(xq, xo), sv, 2 * j + 1))
+    i1 = iadd(i1, dot_scaled_k(variant, hi, load_i8x32(xq, xo + cols), sv, 2 * j + 1))
+    i2 = iadd(i2, dot_scaled_k(variant, hi, load_i8x32(xq, xo + 2 * cols), sv, 2 * j + 1))
+    i3 = iadd(i3, dot_scaled_k(variant, hi, load_i8x32(xq, xo + 3 * cols), sv, 2 * j + 1))
+    return i0, i1, i2, i3
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _q45_k_chunk1(variant, w, o, qh_off, qs_off, j, sv, xq, x0, i0):
+    """i0 plus the scaled integer dots of chunk j with one token's super-block at xq[x0:]."""
+    lo, hi = _q45_k_quants(w, o, qh_off, qs_off, j)
+    i0 = iadd(i0, dot_scaled_k(variant, lo, load_i8x32(xq, x0 + 64 * j), sv, 2 * j))
+    return iadd(i0, dot_scaled_k(variant, hi, load_i8x32(xq, x0 + 64 * j + 32), sv, 2 * j + 1))
+
+
+def _matmul_q45_k(out, w, xq, xd, xb, type_size, qh_off, qs_off, variant):
     """Q4_K (type_size 144, qh_off 0, qs_off 16) or Q5_K (176, 16, 48) weights."""
     n_tok, n_row = out.shape
     rb, cols, n_sb, n16 = w.shape[1], xq.shape[1], xd.shape[1], xb.shape[1]
@@ -70,7 +96,7 @@ def matmul_q45_k(out, w, xq, xd, xb, type_size, qh_off, qs_off, variant):
         ro = r * rb  # offset of row r in w
         t = 0
         while t + 4 <= n_tok:
-            x0, x1, x2, x3 = t * cols, (t + 1) * cols, (t + 2) * cols, (t + 3) * cols  # xq rows
+            x0 = t * cols  # xq row of token t (the other three follow, cols apart)
             b0, b1, b2, b3 = t * n16, (t + 1) * n16, (t + 2) * n16, (t + 3) * n16  # xb rows
             e0, e1, e2, e3 = t * n_sb, (t + 1) * n_sb, (t + 2) * n_sb, (t + 3) * n_sb  # xd rows
             a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
@@ -80,18 +106,13 @@ def matmul_q45_k(out, w, xq, xd, xb, type_size, qh_off, qs_off, variant):
                 sc, mn_lo, mn_hi = _scales_mins_k4(w, o + 4)
                 sv = scales_k(sc)
                 i0, i1, i2, i3 = zero_i32x8(), zero_i32x8(), zero_i32x8(), zero_i32x8()
-                for j in range(4):
-                    lo, hi = _q45_k_quants(w, o, qh_off, qs_off, j)
-                    xo = s * 256 + 64 * j
-                    i0 = iadd(i0, dot_scaled_k(variant, lo, load_i8x32(xq, x0 + xo), sv, 2 * j))
-                    i1 = iadd(i1, dot_scaled_k(variant, lo, load_i8x32(xq, x1 + xo), sv, 2 * j))
-                    i2 = iadd(i2, dot_scaled_k(variant, lo, load_i8x32(xq, x2 + xo), sv, 2 * j))
-                    i3 = iadd(i3, dot_scaled_k(variant, lo, load_i8x32(xq, x3 + xo), sv, 2 * j))
-                    xo += 32
-                    i0 = iadd(i0, dot_scaled_k(variant, hi, load_i8x32(xq, x0 + xo), sv, 2 * j + 1))
-                    i1 = iadd(i1, dot_scaled_k(variant, hi, load_i8x32(xq, x1 + xo), sv, 2 * j + 1))
-                    i2 = iadd(i2, dot_scaled_k(variant, hi, load_i8x32(xq, x2 + xo), sv, 2 * j + 1))
-                    i3 = iadd(i3, dot_scaled_k(variant, hi, load_i8x32(xq, x3 + xo), sv, 2 * j + 1))
+                # the chunks written out, as in the one-token path: a constant j folds the scale
+                # shuffles, and the serial twin does not unroll a loop over j
+                xo = x0 + s * 256
+                i0, i1, i2, i3 = _q45_k_chunk4(variant, w, o, qh_off, qs_off, 0, sv, xq, xo, cols, i0, i1, i2, i3)
+                i0, i1, i2, i3 = _q45_k_chunk4(variant, w, o, qh_off, qs_off, 1, sv, xq, xo, cols, i0, i1, i2, i3)
+                i0, i1, i2, i3 = _q45_k_chunk4(variant, w, o, qh_off, qs_off, 2, sv, xq, xo, cols, i0, i1, i2, i3)
+                i0, i1, i2, i3 = _q45_k_chunk4(variant, w, o, qh_off, qs_off, 3, sv, xq, xo, cols, i0, i1, i2, i3)
                 d = load_f16(variant, w, o)
                 dmin = load_f16(variant, w, o + 2)
                 f0, f1, f2, f3 = get(xd, e0 + s), get(xd, e1 + s), get(xd, e2 + s), get(xd, e3 + s)
@@ -115,11 +136,11 @@ def matmul_q45_k(out, w, xq, xd, xb, type_size, qh_off, qs_off, variant):
                 sc, mn_lo, mn_hi = _scales_mins_k4(w, o + 4)
                 sv = scales_k(sc)
                 i0 = zero_i32x8()
-                for j in range(4):
-                    lo, hi = _q45_k_quants(w, o, qh_off, qs_off, j)
-                    xo = s * 256 + 64 * j
-                    i0 = iadd(i0, dot_scaled_k(variant, lo, load_i8x32(xq, x0 + xo), sv, 2 * j))
-                    i0 = iadd(i0, dot_scaled_k(variant, hi, load_i8x32(xq, x0 + xo + 32), sv, 2 * j + 1))
+                xo = x0 + s * 256
+                i0 = _q45_k_chunk1(variant, w, o, qh_off, qs_off, 0, sv, xq, xo, i0)
+                i0 = _q45_k_chunk1(variant, w, o, qh_off, qs_off, 1, sv, xq, xo, i0)
+                i0 = _q45_k_chunk1(variant, w, o, qh_off, qs_off, 2, sv, xq, xo, i0)
+                i0 = _q45_k_chunk1(variant, w, o, qh_off, qs_off, 3, sv, xq, xo, i0)
                 f0 = get(xd, e0 + s)
                 a0 = fma_i32(a0, i0, load_f16(variant, w, o) * f0)
                 m0 = np.float32(mins_dot(mn_lo, mn_hi, xb, b0 + s * 16))
@@ -137,8 +158,7 @@ def _q6_k_group(w, o, g):
     return or_shl(ql, load_bits(w, o + 128 + 32 * n, 2 * k, 3), 4)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q6_k(out, w, xq, xd, xb, variant):
+def _matmul_q6_k(out, w, xq, xd, xb, variant):
     """Q6_K weights: sum over groups of sc * (q . x) - 32 * sc * sum(x), times d_w * d_x."""
     n_tok, n_row = out.shape
     rb, cols, n_sb, n16 = w.shape[1], xq.shape[1], xd.shape[1], xb.shape[1]
@@ -199,3 +219,9 @@ def matmul_q6_k(out, w, xq, xd, xb, variant):
                 c0 += f0 * np.float32(sdot16(w, o + 192, xb, b0 + s * 16))
             out[t, r] = hsum(a0) - 32 * c0
             t += 1
+
+
+# (parallel over rows, serial) compilations of the same code: identical results, and the serial
+# one skips the thread wake-up that dominates small calls.
+matmul_q45_k, matmul_q45_k_serial = twins(_matmul_q45_k)
+matmul_q6_k, matmul_q6_k_serial = twins(_matmul_q6_k)

@@ -17,7 +17,7 @@ from numba import njit, prange
 PARALLEL_MIN_WORK = 1 << 17
 
 
-def _twins(fn):
+def twins(fn):
     """Compile `fn` twice: parallel over its prange loop, and serial (prange runs as range).
 
     The serial copy gets its own qualified name so Numba's on-disk cache keeps both.
@@ -151,13 +151,15 @@ def route_topk(ids, weights, logits):
             weights[t, a] = weights[t, a] / kept
 
 
-RMSNORM = _twins(_rmsnorm)
+_twins = twins  # older name
 
-ROPE_INPLACE = _twins(_rope_inplace)
+RMSNORM = twins(_rmsnorm)
 
-ATTENTION = _twins(_attention)
+ROPE_INPLACE = twins(_rope_inplace)
 
-SILU_MUL = _twins(_silu_mul)
+ATTENTION = twins(_attention)
+
+SILU_MUL = twins(_silu_mul)
 
 
 def rmsnorm(out, x, w, eps):

@@ -12,7 +12,10 @@ Blocks go in groups of 8 so their scales convert with one vcvtph2ps and multiply
 activation scales as one vector (per-block scalar conversion was the bottleneck); fewer than 8
 blocks at the end take a scalar route. Q4_0 blocks go in pairs (`load_q4_0_pair`), with the
 activations in the matching pair layout. Tokens go four at a time so each decoded weight block is
-reused from registers; a single token (decode) alternates two accumulators to hide FMA latency.
+reused from registers. A token left over (decode, or T not a multiple of 4) runs exactly the
+per-token float operations of the 4-token tile, so a row of a batch is bit-identical to the same
+row computed alone (two accumulators per token would hide FMA latency, but measured no faster:
+decode is bound by memory and block decoding, and the tile has no registers for eight).
 Arrays are indexed by flat offsets (no row slices, which cost reference counting per row).
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 from numba import njit, prange
 
 from .intrinsics import get, load_f16, load_f32x8, load_i8x32, load_q4_0, load_q4_0_pair, scales8_f16
+from .ops import twins
 from .vecops import abs_sign, dot, dot2, ffma, fma_halves, fma_i32, fma_lane, fma_pair, fmul, hsum, zero_f32x8
 
 
@@ -30,8 +34,7 @@ def _dot_pair(variant, lo, hi, x, xo):
     return dot2(variant, lo, load_i8x32(x, xo), hi, load_i8x32(x, xo + 32))
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q4_0(out, w, xq, xd, xs, variant):
+def _matmul_q4_0(out, w, xq, xd, xs, variant):
     """out[t, r] = sum_b d_w[r,b] * (xd[t,b] * (q_w . q_x) - 8 * xs[t,b]) for Q4_0 weights.
 
     xq is in the pair layout of `quantize_q8_0(..., pairs=1)`.
@@ -93,20 +96,17 @@ def matmul_q4_0(out, w, xq, xd, xs, variant):
             out[t + 2, r] = hsum(a2) - 8 * r2
             out[t + 3, r] = hsum(a3) - 8 * r3
             t += 4
-        while t < n_tok:
+        while t < n_tok:  # the same per-token sequence, one token
             x0, d0 = t * cols, t * nb
-            a0, a1, c0 = zero_f32x8(), zero_f32x8(), zero_f32x8()
+            a0, c0 = zero_f32x8(), zero_f32x8()
             b = 0
             while b + 8 <= nb:
                 dw = scales8_f16(variant, w, ro + b * 18, 18)  # (8,) block scales
                 e0 = fmul(dw, load_f32x8(xd, d0 + b))
                 c0 = ffma(dw, load_f32x8(xs, d0 + b), c0)
-                for k in range(0, 8, 4):  # two accumulators: FMA latency would bound one
-                    o, xo = ro + (b + k) * 18 + 2, x0 + (b + k) * 32
-                    lo, hi = load_q4_0_pair(w, o, 18)
-                    a0 = fma_pair(variant, a0, _dot_pair(variant, lo, hi, xq, xo), e0, k)
-                    lo, hi = load_q4_0_pair(w, o + 36, 18)
-                    a1 = fma_pair(variant, a1, _dot_pair(variant, lo, hi, xq, xo + 64), e0, k + 2)
+                for k in range(0, 8, 2):
+                    lo, hi = load_q4_0_pair(w, ro + (b + k) * 18 + 2, 18)
+                    a0 = fma_pair(variant, a0, _dot_pair(variant, lo, hi, xq, x0 + (b + k) * 32), e0, k)
                 b += 8
             r0 = hsum(c0)
             while b < nb:  # fewer than 8 blocks left: pairs, then a last odd block
@@ -122,7 +122,7 @@ def matmul_q4_0(out, w, xq, xd, xs, variant):
                     a0 = fma_i32(a0, p0, dw * get(xd, d0 + b))
                     r0 += dw * get(xs, d0 + b)
                 b += 2
-            out[t, r] = hsum(a0) + hsum(a1) - 8 * r0
+            out[t, r] = hsum(a0) - 8 * r0
             t += 1
 
 
@@ -133,8 +133,7 @@ def _dot_q8(variant, q, x, xo):
     return dot(variant, u, v)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q8_0(out, w, xq, xd, variant):
+def _matmul_q8_0(out, w, xq, xd, variant):
     """out[t, r] = sum_b d_w[r,b] * xd[t,b] * (q_w . q_x) for Q8_0 weights."""
     n_tok, n_row = out.shape
     rb, cols, nb = w.shape[1], xq.shape[1], xd.shape[1]
@@ -172,22 +171,26 @@ def matmul_q8_0(out, w, xq, xd, variant):
             out[t + 2, r] = hsum(a2)
             out[t + 3, r] = hsum(a3)
             t += 4
-        while t < n_tok:
+        while t < n_tok:  # the same per-token sequence, one token
             x0, d0 = t * cols, t * nb
-            a0, a1 = zero_f32x8(), zero_f32x8()
+            a0 = zero_f32x8()
             b = 0
             while b + 8 <= nb:
                 e0 = fmul(scales8_f16(variant, w, ro + b * 34, 34), load_f32x8(xd, d0 + b))
-                for k in range(0, 8, 2):  # two accumulators: FMA latency would bound one
-                    o, xo = ro + (b + k) * 34 + 2, x0 + (b + k) * 32
-                    p0 = _dot_q8(variant, load_i8x32(w, o), xq, xo)
-                    p1 = _dot_q8(variant, load_i8x32(w, o + 34), xq, xo + 32)
-                    a0 = fma_lane(variant, a0, p0, e0, k)
-                    a1 = fma_lane(variant, a1, p1, e0, k + 1)
+                for k in range(8):
+                    q = load_i8x32(w, ro + (b + k) * 34 + 2)
+                    a0 = fma_lane(variant, a0, _dot_q8(variant, q, xq, x0 + (b + k) * 32), e0, k)
                 b += 8
             while b < nb:
-                p0 = _dot_q8(variant, load_i8x32(w, ro + b * 34 + 2), xq, x0 + b * 32)
-                a0 = fma_i32(a0, p0, load_f16(variant, w, ro + b * 34) * get(xd, d0 + b))
+                dw = load_f16(variant, w, ro + b * 34)
+                q = load_i8x32(w, ro + b * 34 + 2)
+                a0 = fma_i32(a0, _dot_q8(variant, q, xq, x0 + b * 32), dw * get(xd, d0 + b))
                 b += 1
-            out[t, r] = hsum(a0) + hsum(a1)
+            out[t, r] = hsum(a0)
             t += 1
+
+
+# (parallel over rows, serial) compilations of the same code: identical results, and the serial
+# one skips the thread wake-up that dominates small calls.
+matmul_q4_0, matmul_q4_0_serial = twins(_matmul_q4_0)
+matmul_q8_0, matmul_q8_0_serial = twins(_matmul_q8_0)

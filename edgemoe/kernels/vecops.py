@@ -297,6 +297,18 @@ def hsum(typingctx, v):
 
 
 @intrinsic
+def fadd(typingctx, a, b):
+    """Lane-wise f32 add."""
+    if not (a == f32x8 and b == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
 def fmul(typingctx, a, b):
     """Lane-wise f32 multiply."""
     if not (a == f32x8 and b == f32x8):
