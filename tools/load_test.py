@@ -106,7 +106,8 @@ def main() -> int:
             if args.json:
                 print(json.dumps(r))
             else:
-                print(f"{level:3d} streams: {r['tok_s']:8.2f} tok/s total ({r['vs_1_stream']:.2f}x), latency p50 {r['latency_p50_s']:.3f} s "
+                print(f"{level:3d} streams: {r['tok_s']:8.2f} tok/s total ({r['vs_1_stream']:.2f}x), "
+                      f"latency p50 {r['latency_p50_s']:.3f} s "
                       f"p99 {r['latency_p99_s']:.3f} s, first token p50 {r['first_token_p50_s']:.3f} s "
                       f"({r['requests']} requests, {r['tokens']} tokens)")
     finally:
