@@ -28,12 +28,38 @@ class LoadedModel:
     format: str  # "gguf" | "safetensors"
 
 
-def load_model(path: str, stream=None) -> LoadedModel:
+def load_model(path: str, stream=None, repack: bool | None = None) -> LoadedModel:
     """Open a GGUF file or an HF checkpoint directory; raise a ModelFormatError/UnsupportedError otherwise.
 
     stream: `edgemoe.experts.setup.StreamOptions` to read experts from disk into a budgeted cache (GGUF only);
     None keeps every expert addressable through the memory map.
+    repack: keep Q4_0 matrices in the faster 8-row interleaved layout (Model.repack): True, False, or
+    None = the dense ones and streamed experts always, memory-mapped experts when their copy fits in half
+    the free memory (without the copy they run on the plain-layout kernel, whose results differ in rounding).
     """
+    loaded = _load(path, stream)
+    if repack is not False:
+        experts = stream is not None or repack or 2 * loaded.model.experts.nbytes <= _free_memory()
+        loaded.model.repack(experts)
+    return loaded
+
+
+def _free_memory() -> int:
+    """Bytes this process may still allocate: free RAM, or less under a memory cgroup limit."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                free = min(free, int(f.read()) - int(g.read()))
+        except (OSError, ValueError):  # no such controller, or "max"
+            continue
+    return free
+
+
+def _load(path: str, stream) -> LoadedModel:
     if not os.path.exists(path):
         raise ModelFormatError(f"{path}: no such file or directory; pass a .gguf file or an HF checkpoint directory")
     if os.path.isdir(path):

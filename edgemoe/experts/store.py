@@ -36,6 +36,9 @@ class ExpertStore(Protocol):
     def close(self) -> None:
         """Stop background work and free buffers."""
 
+    def repack_q4_0(self) -> None:
+        """Keep Q4_0 matrices in the 8-row interleaved layout (kernels/q4x8.py), now and as they arrive."""
+
 
 class ResidentExperts:
     """Every expert already addressable in memory (zero-copy views of a memory-mapped file)."""
@@ -46,6 +49,12 @@ class ResidentExperts:
         self.n_experts = len(experts[0]) if experts else 0
 
     wants_hints = False
+
+    def repack_q4_0(self) -> None:
+        """Copy every Q4_0 matrix (rows divisible by 8) into the 8-row interleaved layout."""
+        from ..kernels.q4x8 import interleave_if_q4_0
+
+        self._experts = [[Expert(*map(interleave_if_q4_0, e)) for e in layer] for layer in self._experts]
 
     def get(self, layer: int, expert: int) -> Expert:
         return self._experts[layer][expert]

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
+from ..kernels.q4x8 import repack_q4_0_x8
 from ..qtensor import QTensor, row_bytes
 from .cache import ExpertCache
 from .extents import ExpertExtent
@@ -63,6 +65,22 @@ class Backoff:
         return True
 
 
+def _x8_eligible(part) -> bool:
+    return part.qtype == GGMLQuantizationType.Q4_0 and part.rows % 8 == 0
+
+
+def _interleaved(ext: ExpertExtent, data: np.ndarray) -> np.ndarray:
+    """A copy of an expert's bytes with its Q4_0 parts in the 8-row interleaved layout (same size)."""
+    out = data.copy()
+    for part in ext.parts.values():
+        if _x8_eligible(part):
+            rb = row_bytes(part.qtype, part.cols)
+            n = part.rows * rb
+            repack_q4_0_x8(data[part.offset:part.offset + n].reshape(part.rows, rb),
+                           out[part.offset:part.offset + n].reshape(part.rows // 8, 8 * rb))
+    return out
+
+
 class StreamingExperts:
     """ExpertStore whose experts live on disk; `get` returns them from the cache or reads them."""
 
@@ -79,6 +97,11 @@ class StreamingExperts:
         self._demanded: dict[tuple[int, int], ReadHandle] = {}  # issued by request(), consumed by get()
         self._pending: dict[tuple[int, int], ReadHandle] = {}  # prefetches not yet demanded
         self._spill: np.ndarray | None = None  # holds an expert the cache could not take, until the next get
+        self._x8 = False  # Q4_0 parts are repacked into the 8-row interleaved layout as they arrive
+
+    def repack_q4_0(self) -> None:
+        """From now on keep Q4_0 matrices (rows divisible by 8) in the 8-row interleaved layout."""
+        self._x8 = True
 
     @property
     def wants_hints(self) -> bool:
@@ -143,6 +166,8 @@ class StreamingExperts:
             buf = handle.result()
             try:
                 data = buf.view(0, ext.nbytes)
+                if self._x8:
+                    data = _interleaved(ext, data)
                 blob = self.cache.put(key, data)
                 if blob is None:  # larger than the cache, or its tier is full of pinned experts
                     self._spill = np.array(data)
@@ -151,14 +176,16 @@ class StreamingExperts:
                 buf.release()
         return self._expert(ext, blob)
 
-    @staticmethod
-    def _expert(ext: ExpertExtent, blob: np.ndarray) -> Expert:
+    def _expert(self, ext: ExpertExtent, blob: np.ndarray) -> Expert:
         mats = []
         for p in ("gate", "up", "down"):
             part = ext.parts[p]
             rb = row_bytes(part.qtype, part.cols)
-            data = blob[part.offset:part.offset + part.rows * rb].reshape(part.rows, rb)
-            mats.append(QTensor(data, part.qtype, part.rows, part.cols))
+            data = blob[part.offset:part.offset + part.rows * rb]
+            if self._x8 and _x8_eligible(part):
+                mats.append(QTensor(data.reshape(part.rows // 8, 8 * rb), part.qtype, part.rows, part.cols, 8))
+            else:
+                mats.append(QTensor(data.reshape(part.rows, rb), part.qtype, part.rows, part.cols))
         return Expert(*mats)
 
     def stats(self) -> dict:

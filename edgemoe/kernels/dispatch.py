@@ -20,6 +20,7 @@ from ..qtensor import QTensor, row_bytes
 from . import intrinsics
 from .fmatmul import matmul_float, matmul_float_serial
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
+from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
 from .q8act import quantize_q8_0, quantize_q8_k
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
@@ -134,7 +135,13 @@ def _scratch(kind: str, n_tok: int, cols: int):
     bufs = cache.get((kind, cols))
     if bufs is None or bufs[0].shape[0] < n_tok:
         cap = max(n_tok, 1)
-        if kind != "q8_k":
+        if kind == "q8_0x8":
+            bufs = (
+                np.empty((cap, cols), np.int8),  # (T, C) quants
+                np.empty((cap, cols // 32), np.float32),  # (T, C/32) scales
+                np.empty((cap, cols // 32), np.int32),  # (T, C/32) 8 * sum of quants
+            )
+        elif kind != "q8_k":
             bufs = (
                 np.empty((cap, cols), np.int8),  # (T, C) quants
                 np.empty((cap, cols // 32), np.float32),  # (T, C/32) scales
@@ -178,10 +185,20 @@ def _check(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
     if not (
         type(data) is np.ndarray
         and data.dtype is _U8
-        and data.shape == (w.rows, _row_bytes(w.qtype, w.cols))
+        and data.shape == _storage_shape(w)
         and data.flags.c_contiguous
     ):
         _check_weight(w)
+
+
+def _storage_shape(w: QTensor) -> tuple[int, int]:
+    """The (rows, row bytes) of plain storage; (rows / 8, 8 * row bytes) of 8-row interleaved Q4_0."""
+    n = _row_bytes(w.qtype, w.cols)
+    if w.interleave == 1:
+        return (w.rows, n)
+    if w.interleave == 8 and w.qtype is QT.Q4_0:
+        return (w.rows // 8, 8 * n)
+    raise UnsupportedError(f"no matrix kernel for {w.qtype.name} interleaved by {w.interleave}")
 
 
 def _check_arrays(out, w, x) -> None:
@@ -196,14 +213,10 @@ def _check_arrays(out, w, x) -> None:
 
 def _check_weight(w: QTensor) -> None:
     data = w.data
-    if not (
-        isinstance(data, np.ndarray)
-        and data.dtype == _U8
-        and data.shape == (w.rows, _row_bytes(w.qtype, w.cols))
-        and data.flags.c_contiguous
-    ):
+    want = _storage_shape(w)
+    if not (isinstance(data, np.ndarray) and data.dtype == _U8 and data.shape == want and data.flags.c_contiguous):
         shape = getattr(data, "shape", None)
-        raise ValueError(f"weight storage must be C-contiguous uint8 (rows, row_bytes), got {shape}")
+        raise ValueError(f"weight storage must be C-contiguous uint8 {want}, got {shape}")
 
 
 def _row_bytes(qtype: QT, cols: int) -> int:
@@ -254,6 +267,10 @@ def _q8_k(x, q, d, s):
     quantize_q8_k(q, d, s, x)
 
 
+def _q8_0_x8(x, q, d, s):
+    quantize_q8_0_x8(q, d, s, x)
+
+
 def _float(fmt):
     return lambda k, o, w, x, m: k(o, w, x, fmt, m)
 
@@ -273,10 +290,16 @@ _KERNELS = {
 }
 
 
+# 8-row interleaved Q4_0 (kernels/q4x8.py), chosen by QTensor.interleave == 8.
+_KERNELS_X8 = {
+    QT.Q4_0: ("q8_0x8", _q8_0_x8, (matmul_q4_0_x8, matmul_q4_0_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+}
+
+
 def _matmul(out: np.ndarray, w: QTensor, x: np.ndarray, n_tok: int) -> None:
     qt = w.qtype
     marker = _MARKERS[_state["by_type"].get(qt) or _state["forced"] or detect_variant()]
-    kind, quantize, (parallel, serial), run = _KERNELS[qt]
+    kind, quantize, (parallel, serial), run = _KERNELS[qt] if w.interleave == 1 else _KERNELS_X8[qt]
     data = w.data
     if kind is None:
         run(serial if data.nbytes * n_tok < PARALLEL_MIN_BYTES else parallel, out, data, x, marker)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..experts.store import ExpertStore
 from ..kernels import ops
+from ..kernels.q4x8 import interleave_if_q4_0
 from ..kv_cache import KVCache
 from ..qtensor import QTensor
 from .base import linear, rms_norm, switch_glu
@@ -92,6 +93,23 @@ class Model:
         self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
         # q, k and v of a layer as one matrix where they share a type: one kernel call for all three
         self.qkv = [_stacked(layer.q_proj, layer.k_proj, layer.v_proj) for layer in weights.layers]
+
+    def repack(self, experts: bool) -> None:
+        """Keep the Q4_0 matrices the kernels read in the 8-row interleaved layout (kernels/q4x8.py,
+        ~1.5x faster per core): attention and output head (copies), and the experts too when
+        `experts` (a resident store copies them now, a streaming store repacks each as it arrives)."""
+
+        def x8(w: QTensor | None) -> QTensor | None:
+            return None if w is None else interleave_if_q4_0(w)
+
+        self.qkv = [x8(w) for w in self.qkv]
+        for i, layer in enumerate(self.weights.layers):
+            if self.qkv[i] is None:
+                layer.q_proj, layer.k_proj, layer.v_proj = x8(layer.q_proj), x8(layer.k_proj), x8(layer.v_proj)
+            layer.o_proj = x8(layer.o_proj)
+        self.weights.lm_head = x8(self.weights.lm_head)  # the embedding lookup keeps its own plain copy
+        if experts:
+            self.experts.repack_q4_0()
 
     def new_cache(self, n_ctx: int) -> KVCache:
         a = self.args
