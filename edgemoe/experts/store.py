@@ -13,6 +13,7 @@ class Expert(NamedTuple):
     gate: QTensor
     up: QTensor
     down: QTensor
+    gate_up: QTensor | None = None  # gate's rows then up's in one matrix (gate, up are views of it), if stored so
 
     @property
     def nbytes(self) -> int:
@@ -52,9 +53,10 @@ class ResidentExperts:
 
     def repack_q4_0(self) -> None:
         """Copy every Q4_0 matrix (rows divisible by 8) into the 8-row interleaved layout."""
-        from ..kernels.q4x8 import interleave_if_q4_0
+        from ..kernels.q4x8 import interleave_if_q4_0, stacked_x8
 
-        self._experts = [[Expert(*map(interleave_if_q4_0, e)) for e in layer] for layer in self._experts]
+        self._experts = [[stacked_x8(e.gate, e.up, interleave_if_q4_0(e.down), Expert) for e in layer]
+                         for layer in self._experts]
 
     def get(self, layer: int, expert: int) -> Expert:
         return self._experts[layer][expert]

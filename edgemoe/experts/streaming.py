@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..kernels.q4x8 import repack_q4_0_x8
+from ..kernels.q4x8 import repack_q4_0_x8, split_gate_up
 from ..qtensor import QTensor, row_bytes
 from .cache import ExpertCache
 from .extents import ExpertExtent
@@ -69,15 +69,29 @@ def _x8_eligible(part) -> bool:
     return part.qtype == GGMLQuantizationType.Q4_0 and part.rows % 8 == 0
 
 
+def _x8_offsets(ext: ExpertExtent) -> dict[str, int] | None:
+    """Where gate, up and down go in an expert's repacked blob: gate and up adjacent (one stacked
+    matrix) when both are Q4_0 of one shape; None keeps the parts where they were read."""
+    g, u, d = (ext.parts[p] for p in ("gate", "up", "down"))
+    if not (_x8_eligible(g) and _x8_eligible(u) and (g.rows, g.cols) == (u.rows, u.cols)):
+        return None
+    n = g.rows * row_bytes(g.qtype, g.cols)
+    return {"gate": 0, "up": n, "down": 2 * n}
+
+
 def _interleaved(ext: ExpertExtent, data: np.ndarray) -> np.ndarray:
-    """A copy of an expert's bytes with its Q4_0 parts in the 8-row interleaved layout (same size)."""
-    out = data.copy()
-    for part in ext.parts.values():
+    """A copy of an expert's bytes with its Q4_0 parts in the 8-row interleaved layout (no larger)."""
+    offsets = _x8_offsets(ext)
+    out = np.empty_like(data) if offsets is not None else data.copy()
+    for name, part in ext.parts.items():
+        rb = row_bytes(part.qtype, part.cols)
+        n = part.rows * rb
+        src = data[part.offset:part.offset + n]
+        at = part.offset if offsets is None else offsets[name]
         if _x8_eligible(part):
-            rb = row_bytes(part.qtype, part.cols)
-            n = part.rows * rb
-            repack_q4_0_x8(data[part.offset:part.offset + n].reshape(part.rows, rb),
-                           out[part.offset:part.offset + n].reshape(part.rows // 8, 8 * rb))
+            repack_q4_0_x8(src.reshape(part.rows, rb), out[at:at + n].reshape(part.rows // 8, 8 * rb))
+        elif offsets is not None:
+            out[at:at + n] = src
     return out
 
 
@@ -177,6 +191,16 @@ class StreamingExperts:
         return self._expert(ext, blob)
 
     def _expert(self, ext: ExpertExtent, blob: np.ndarray) -> Expert:
+        offsets = _x8_offsets(ext) if self._x8 else None
+        if offsets is not None:  # gate and up stacked: one x8 matrix
+            g, d = ext.parts["gate"], ext.parts["down"]
+            rb, drb = row_bytes(g.qtype, g.cols), row_bytes(d.qtype, d.cols)
+            gu = QTensor(blob[:2 * g.rows * rb].reshape(g.rows // 4, 8 * rb), g.qtype, 2 * g.rows, g.cols, 8)
+            n = d.rows * drb
+            raw = blob[offsets["down"]:offsets["down"] + n]
+            down = QTensor(raw.reshape(d.rows // 8, 8 * drb), d.qtype, d.rows, d.cols, 8) if _x8_eligible(d) else \
+                QTensor(raw.reshape(d.rows, drb), d.qtype, d.rows, d.cols)
+            return split_gate_up(gu, Expert, down)
         mats = []
         for p in ("gate", "up", "down"):
             part = ext.parts[p]

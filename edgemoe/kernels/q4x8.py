@@ -90,6 +90,24 @@ def interleave_if_q4_0(w: QTensor) -> QTensor:
     return interleave(w)
 
 
+def stacked_x8(gate: QTensor, up: QTensor, down: QTensor, make):
+    """make(gate, up, down, gate_up): gate and up repacked into one x8 matrix (their rows stacked,
+    gate and up as views of it) when both are plain Q4_0 of one shape, else each one on its own."""
+    if not (gate.qtype == up.qtype == QT.Q4_0 and gate.interleave == up.interleave == 1
+            and gate.shape == up.shape and gate.rows % 8 == 0):
+        return make(interleave_if_q4_0(gate), interleave_if_q4_0(up), down, None)
+    gu = QTensor(np.concatenate([gate.data, up.data]), QT.Q4_0, 2 * gate.rows, gate.cols)
+    return split_gate_up(interleave(gu), make, down)
+
+
+def split_gate_up(gu: QTensor, make, down: QTensor):
+    """make(gate, up, down, gu) with gate and up as views of the x8 rows of `gu` (2I, D)."""
+    g = gu.rows // 16  # row groups of gate
+    gate = QTensor(gu.data[:g], QT.Q4_0, gu.rows // 2, gu.cols, 8)
+    up = QTensor(gu.data[g:], QT.Q4_0, gu.rows // 2, gu.cols, 8)
+    return make(gate, up, down, gu)
+
+
 def interleave(w: QTensor) -> QTensor:
     """A plain Q4_0 QTensor in the x8 layout (`interleave` 8)."""
     if w.qtype != QT.Q4_0 or w.interleave != 1:

@@ -63,6 +63,11 @@ def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray
 
 def _expert(x: np.ndarray, ex) -> np.ndarray:
     """SwiGLU expert: down(silu(gate x) * up x).   x: (n, D) → (n, D)"""
-    h = np.empty((x.shape[0], ex.gate.rows), dtype=np.float32)  # (n, I)
-    ops.silu_mul(h, linear(x, ex.gate), linear(x, ex.up))
+    n_i = ex.gate.rows
+    h = np.empty((x.shape[0], n_i), dtype=np.float32)  # (n, I)
+    if ex.gate_up is not None:  # one call for both
+        gu = linear(x, ex.gate_up)  # (n, 2I)
+        ops.silu_mul(h, gu[:, :n_i], gu[:, n_i:])
+    else:
+        ops.silu_mul(h, linear(x, ex.gate), linear(x, ex.up))
     return linear(h, ex.down)
