@@ -12,6 +12,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .intrinsics import load_f32x8
+from .vecops import ffma, hsum, zero_f32x8
+
 # A parallel region costs a thread wake-up (µs when idle, a scheduler slice on a busy box); kernels whose
 # work is below this many multiply-adds run on the calling thread instead.
 PARALLEL_MIN_WORK = 1 << 17
@@ -78,20 +81,29 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
     """Causal GQA attention of T new queries at positions pos0..pos0+T-1 over the cache.
 
     out: (T, H, d); q: (T, H, d); k_cache, v_cache: (S, K, d) with S >= pos0 + T filled.
+    Each (token, head) is computed alone in a fixed order (q.k as 8-lane partial sums), so its
+    result does not depend on T: a prompt in chunks gives the same values as in one pass.
     """
     T, H, d = q.shape
-    group = H // k_cache.shape[1]
+    K = k_cache.shape[1]
+    group = H // K
     n_max = pos0 + T
+    d8 = d - d % 8
     for job in prange(T * H):
         t = job // H
         h = job % H
         kv = h // group
         n = pos0 + t + 1
+        qo = (t * H + h) * d  # flat offset of q[t, h]
         scores = np.empty(n_max, dtype=np.float32)
         m = -np.inf
         for s in range(n):
-            acc = np.float32(0.0)
-            for i in range(d):
+            ko = (s * K + kv) * d  # flat offset of k_cache[s, kv]
+            acc8 = zero_f32x8()
+            for i in range(0, d8, 8):
+                acc8 = ffma(load_f32x8(q, qo + i), load_f32x8(k_cache, ko + i), acc8)
+            acc = hsum(acc8)
+            for i in range(d8, d):
                 acc += q[t, h, i] * k_cache[s, kv, i]
             acc *= scale
             scores[s] = acc
