@@ -38,6 +38,9 @@ def load_model(path: str, stream=None, repack: bool | None = None) -> LoadedMode
     the free memory (without the copy they run on the plain-layout kernel, whose results differ in rounding).
     """
     loaded = _load(path, stream)
+    if stream is not None:  # dense weights must not compete with expert reads for the page cache
+        loaded.model.own_dense()
+        loaded.model.embed_rows = dequant_rows(loaded.model.weights.embed_tokens)
     if repack is not False:
         experts = stream is not None or repack or 2 * loaded.model.experts.nbytes <= _free_memory()
         loaded.model.repack(experts)

@@ -234,6 +234,14 @@ class ExpertCache:
         callers' views of evicted entries, or another thread is inserting the same key right now.
         """
         src = _as_u8(blob)
+
+        def copy(dst: np.ndarray) -> None:
+            dst[:] = src
+
+        return self.put_with(key, src.nbytes, copy)
+
+    def put_with(self, key: Key, nbytes: int, fill) -> np.ndarray | None:
+        """As `put`, for `nbytes` that `fill(dst)` writes straight into the cache's uint8 view `dst`."""
         layer = key[0]
         with self._lock:
             e = self._entries.get(key)
@@ -241,13 +249,13 @@ class ExpertCache:
                 return e.arr
             if key in self._pending:
                 return None
-            e = self._reserve(key, src.nbytes, layer in self._pin_layers)
+            e = self._reserve(key, nbytes, layer in self._pin_layers)
             if e is None:
                 self._layer(layer)[REJECTED] += 1
                 return None
             self._pending[key] = e
         try:
-            self._arena.view(e.off, e.nbytes)[:] = src  # outside the lock: may be 100 MB
+            fill(self._arena.view(e.off, e.nbytes))  # outside the lock: may be 100 MB
         except BaseException:
             with self._lock:  # give the reservation back
                 del self._pending[key]

@@ -79,20 +79,21 @@ def _x8_offsets(ext: ExpertExtent) -> dict[str, int] | None:
     return {"gate": 0, "up": n, "down": 2 * n}
 
 
-def _interleaved(ext: ExpertExtent, data: np.ndarray) -> np.ndarray:
-    """A copy of an expert's bytes with its Q4_0 parts in the 8-row interleaved layout (no larger)."""
+def _interleave_into(ext: ExpertExtent, src: np.ndarray, dst: np.ndarray) -> None:
+    """Write an expert's bytes `src` (as read) into `dst` (as large) with its Q4_0 parts in the 8-row
+    interleaved layout, at the offsets `_x8_offsets` gives (else where they were)."""
     offsets = _x8_offsets(ext)
-    out = np.empty_like(data) if offsets is not None else data.copy()
+    if offsets is None:
+        dst[:] = src
     for name, part in ext.parts.items():
         rb = row_bytes(part.qtype, part.cols)
         n = part.rows * rb
-        src = data[part.offset:part.offset + n]
         at = part.offset if offsets is None else offsets[name]
         if _x8_eligible(part):
-            repack_q4_0_x8(src.reshape(part.rows, rb), out[at:at + n].reshape(part.rows // 8, 8 * rb))
+            repack_q4_0_x8(src[part.offset:part.offset + n].reshape(part.rows, rb),
+                           dst[at:at + n].reshape(part.rows // 8, 8 * rb))
         elif offsets is not None:
-            out[at:at + n] = src
-    return out
+            dst[at:at + n] = src[part.offset:part.offset + n]
 
 
 class StreamingExperts:
@@ -180,11 +181,16 @@ class StreamingExperts:
             buf = handle.result()
             try:
                 data = buf.view(0, ext.nbytes)
-                if self._x8:
-                    data = _interleaved(ext, data)
-                blob = self.cache.put(key, data)
+                if self._x8:  # repacked straight into the cache
+                    blob = self.cache.put_with(key, ext.nbytes, lambda dst: _interleave_into(ext, data, dst))
+                else:
+                    blob = self.cache.put(key, data)
                 if blob is None:  # larger than the cache, or its tier is full of pinned experts
-                    self._spill = np.array(data)
+                    self._spill = np.empty(ext.nbytes, np.uint8)
+                    if self._x8:
+                        _interleave_into(ext, data, self._spill)
+                    else:
+                        self._spill[:] = data
                     blob = self._spill
             finally:
                 buf.release()

@@ -48,24 +48,24 @@ def repack_q4_0_x8(data: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
         )
     if out is None:
         out = np.empty((rows // 8, rb * 8), np.uint8)  # (G, B * 144)
-    _REPACK[0 if data.nbytes >= 1 << 20 else 1](out, np.ascontiguousarray(data))
+    _REPACK[0 if data.nbytes >= 1 << 20 else 1](out.view(np.uint16), np.ascontiguousarray(data).view(np.uint16))
     return out
 
 
 def _repack(out, data):
-    """out (G, B * 144) <- data (8G, B * 18): the x8 layout described in the module docstring."""
-    n_grp, nb = out.shape[0], data.shape[1] // 18
+    """out (G, B * 72) <- data (8G, B * 9), both as uint16 (blocks are 2-byte aligned): the x8 layout
+    described in the module docstring."""
+    n_grp, nb = out.shape[0], data.shape[1] // 9
     for g in prange(n_grp):
+        dst = out[g]
         for r in range(8):
             src = data[8 * g + r]
-            dst = out[g]
             for b in range(nb):
-                s, o = b * 18, b * 144
-                dst[o + 2 * r] = src[s]
-                dst[o + 2 * r + 1] = src[s + 1]
-                for j in range(4):
-                    for i in range(4):
-                        dst[o + 16 + 32 * j + 4 * r + i] = src[s + 2 + 4 * j + i]
+                s, o = b * 9, b * 72
+                dst[o + r] = src[s]  # the f16 scale
+                for j in range(4):  # 4 quant bytes = 2 uint16 per chunk
+                    dst[o + 8 + 16 * j + 2 * r] = src[s + 1 + 2 * j]
+                    dst[o + 9 + 16 * j + 2 * r] = src[s + 2 + 2 * j]
 
 
 _REPACK = twins(_repack)  # (parallel over row groups, serial)
