@@ -13,7 +13,8 @@ import numpy as np
 from numba import njit, prange
 
 from .intrinsics import load_f32x8
-from .vecops import ffma, hsum, zero_f32x8
+from .intrinsics_x8 import store_x8
+from .vecops import fadd, ffma, hsum, splat_f32x8, zero_f32x8
 
 # A parallel region costs a thread wake-up (µs when idle, a scheduler slice on a busy box); kernels whose
 # work is below this many multiply-adds run on the calling thread instead.
@@ -99,10 +100,18 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
         m = -np.inf
         for s in range(n):
             ko = (s * K + kv) * d  # flat offset of k_cache[s, kv]
-            acc8 = zero_f32x8()
-            for i in range(0, d8, 8):
-                acc8 = ffma(load_f32x8(q, qo + i), load_f32x8(k_cache, ko + i), acc8)
-            acc = hsum(acc8)
+            a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
+            i = 0
+            while i + 32 <= d8:  # four independent chains: one would wait on FMA latency
+                a0 = ffma(load_f32x8(q, qo + i), load_f32x8(k_cache, ko + i), a0)
+                a1 = ffma(load_f32x8(q, qo + i + 8), load_f32x8(k_cache, ko + i + 8), a1)
+                a2 = ffma(load_f32x8(q, qo + i + 16), load_f32x8(k_cache, ko + i + 16), a2)
+                a3 = ffma(load_f32x8(q, qo + i + 24), load_f32x8(k_cache, ko + i + 24), a3)
+                i += 32
+            while i < d8:
+                a0 = ffma(load_f32x8(q, qo + i), load_f32x8(k_cache, ko + i), a0)
+                i += 8
+            acc = hsum(fadd(fadd(a0, a1), fadd(a2, a3)))
             for i in range(d8, d):
                 acc += q[t, h, i] * k_cache[s, kv, i]
             acc *= scale
@@ -114,12 +123,31 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
             scores[s] = e
             total += e
         inv = np.float32(1.0) / total
-        for i in range(d):
-            out[t, h, i] = 0.0
-        for s in range(n):
-            p = scores[s] * inv
-            for i in range(d):
-                out[t, h, i] += p * v_cache[s, kv, i]
+        i0 = 0  # out[t, h] = sum_s p_s v[s, kv]: 64 columns at a time in 8 vector accumulators
+        while i0 + 64 <= d:
+            a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
+            a4, a5, a6, a7 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
+            for s in range(n):
+                p = splat_f32x8(scores[s] * inv)
+                vo = (s * K + kv) * d + i0
+                a0, a1 = ffma(p, load_f32x8(v_cache, vo), a0), ffma(p, load_f32x8(v_cache, vo + 8), a1)
+                a2, a3 = ffma(p, load_f32x8(v_cache, vo + 16), a2), ffma(p, load_f32x8(v_cache, vo + 24), a3)
+                a4, a5 = ffma(p, load_f32x8(v_cache, vo + 32), a4), ffma(p, load_f32x8(v_cache, vo + 40), a5)
+                a6, a7 = ffma(p, load_f32x8(v_cache, vo + 48), a6), ffma(p, load_f32x8(v_cache, vo + 56), a7)
+            store_x8(out, qo + i0, a0)
+            store_x8(out, qo + i0 + 8, a1)
+            store_x8(out, qo + i0 + 16, a2)
+            store_x8(out, qo + i0 + 24, a3)
+            store_x8(out, qo + i0 + 32, a4)
+            store_x8(out, qo + i0 + 40, a5)
+            store_x8(out, qo + i0 + 48, a6)
+            store_x8(out, qo + i0 + 56, a7)
+            i0 += 64
+        for i in range(i0, d):
+            acc = np.float32(0.0)
+            for s in range(n):
+                acc += (scores[s] * inv) * v_cache[s, kv, i]
+            out[t, h, i] = acc
 
 
 def _silu_mul(out, gate, up):

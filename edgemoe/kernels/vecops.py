@@ -405,3 +405,17 @@ def sdot16(typingctx, w, w_off, sums, off):
         return builder.sext(total, ir.IntType(64))
 
     return types.int64(w, w_off, sums, off), codegen
+
+
+@intrinsic
+def splat_f32x8(typingctx, x):
+    """<8 x float> with every lane = x."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return builder.shuffle_vector(builder.insert_element(ir.Constant(_V8F32, None), v, ir.Constant(ir.IntType(32), 0)),
+                                      ir.Constant(_V8F32, None), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+
+    return f32x8(x), codegen
