@@ -38,9 +38,8 @@ def load_model(path: str, stream=None, repack: bool | None = None) -> LoadedMode
     the free memory (without the copy they run on the plain-layout kernel, whose results differ in rounding).
     """
     loaded = _load(path, stream)
-    if stream is not None:  # dense weights must not compete with expert reads for the page cache
-        loaded.model.own_dense()
-        loaded.model.embed_rows = dequant_rows(loaded.model.weights.embed_tokens)
+    if stream is not None and 3 * loaded.model.dense_nbytes() <= _free_memory():
+        loaded.model.own_dense()  # dense weights must not compete with expert reads for the page cache
     if repack is not False:
         experts = stream is not None or repack or 2 * loaded.model.experts.nbytes <= _free_memory()
         loaded.model.repack(experts)
@@ -48,18 +47,28 @@ def load_model(path: str, stream=None, repack: bool | None = None) -> LoadedMode
 
 
 def _free_memory() -> int:
-    """Bytes this process may still allocate: free RAM, or less under a memory cgroup limit."""
+    """Bytes this process may still allocate: free RAM, or less under its memory cgroup's limit."""
     import psutil
 
     free = psutil.virtual_memory().available
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit) as f, open(usage) as g:
-                free = min(free, int(f.read()) - int(g.read()))
-        except (OSError, ValueError):  # no such controller, or "max"
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return free
+    for _, controllers, rel in lines:
+        if controllers == "memory":  # cgroup v1
+            files = (f"/sys/fs/cgroup/memory{rel}/memory.limit_in_bytes", f"/sys/fs/cgroup/memory{rel}/memory.usage_in_bytes")
+        elif controllers == "":  # cgroup v2
+            files = (f"/sys/fs/cgroup{rel}/memory.max", f"/sys/fs/cgroup{rel}/memory.current")
+        else:
             continue
-    return free
+        try:
+            with open(files[0]) as f, open(files[1]) as g:
+                free = min(free, int(f.read()) - int(g.read()))
+        except (OSError, ValueError):  # not mounted there, or "max"
+            continue
+    return max(free, 0)
 
 
 def _load(path: str, stream) -> LoadedModel:

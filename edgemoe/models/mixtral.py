@@ -94,26 +94,37 @@ class Model:
         # q, k and v of a layer as one matrix where they share a type: one kernel call for all three
         self.qkv = [_stacked(layer.q_proj, layer.k_proj, layer.v_proj) for layer in weights.layers]
 
+    def dense_nbytes(self) -> int:
+        """Bytes of the dense tensors a forward pass reads (q, k, v counted once when stacked)."""
+        w = self.weights
+        n = sum(layer.input_layernorm.nbytes + layer.post_attention_layernorm.nbytes + layer.o_proj.nbytes
+                + layer.gate.nbytes for layer in w.layers)
+        n += sum(qkv.nbytes if qkv is not None else layer.q_proj.nbytes + layer.k_proj.nbytes + layer.v_proj.nbytes
+                 for qkv, layer in zip(self.qkv, w.layers))
+        return n + w.norm.nbytes + w.lm_head.nbytes
+
     def own_dense(self) -> None:
-        """Copy every dense tensor out of the memory-mapped file into process memory.
+        """Copy the dense tensors a forward pass reads out of the memory-mapped file into process memory.
 
         When experts stream inside a memory limit, the kernel reclaims clean file pages first: a
         memory-mapped norm or attention matrix would be dropped and faulted back in from the disk,
-        behind the expert reads, once per token. The caller points `embed_rows` at the new embedding.
+        behind the expert reads, once per token. (The embedding stays mapped: a step reads a few rows.)
         """
         def own(w):
             if isinstance(w, QTensor):
                 return QTensor(np.array(w.data), w.qtype, w.rows, w.cols, w.interleave)
             return np.array(w)
 
-        tied = self.weights.lm_head is self.weights.embed_tokens
-        for layer in self.weights.layers:
-            for name in ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm", "gate"):
+        for i, layer in enumerate(self.weights.layers):
+            names = ["input_layernorm", "o_proj", "post_attention_layernorm", "gate"]
+            if self.qkv[i] is None:
+                names += ["q_proj", "k_proj", "v_proj"]
+            else:
+                self.qkv[i] = own(self.qkv[i])
+            for name in names:
                 setattr(layer, name, own(getattr(layer, name)))
-        self.qkv = [None if w is None else own(w) for w in self.qkv]
         self.weights.norm = own(self.weights.norm)
-        self.weights.embed_tokens = own(self.weights.embed_tokens)
-        self.weights.lm_head = self.weights.embed_tokens if tied else own(self.weights.lm_head)
+        self.weights.lm_head = own(self.weights.lm_head)
 
     def repack(self, experts: bool) -> None:
         """Keep the Q4_0 matrices the kernels read in the 8-row interleaved layout (kernels/q4x8.py,
