@@ -47,7 +47,8 @@ def load_model(path: str, stream=None, repack: bool | None = None) -> LoadedMode
 
 
 def _free_memory() -> int:
-    """Bytes this process may still allocate: free RAM, or less under its memory cgroup's limit."""
+    """Bytes this process may still allocate: free RAM, or less under its memory cgroup's limit (where file
+    pages in the page cache count as free: the kernel drops them to make room)."""
     import psutil
 
     free = psutil.virtual_memory().available
@@ -58,14 +59,16 @@ def _free_memory() -> int:
         return free
     for _, controllers, rel in lines:
         if controllers == "memory":  # cgroup v1
-            files = (f"/sys/fs/cgroup/memory{rel}/memory.limit_in_bytes", f"/sys/fs/cgroup/memory{rel}/memory.usage_in_bytes")
+            d, limit, usage = f"/sys/fs/cgroup/memory{rel}", "memory.limit_in_bytes", "memory.usage_in_bytes"
         elif controllers == "":  # cgroup v2
-            files = (f"/sys/fs/cgroup{rel}/memory.max", f"/sys/fs/cgroup{rel}/memory.current")
+            d, limit, usage = f"/sys/fs/cgroup{rel}", "memory.max", "memory.current"
         else:
             continue
         try:
-            with open(files[0]) as f, open(files[1]) as g:
-                free = min(free, int(f.read()) - int(g.read()))
+            with open(f"{d}/{limit}") as f, open(f"{d}/{usage}") as g, open(f"{d}/memory.stat") as h:
+                stat = dict(line.split() for line in h)
+                files = int(stat.get("active_file", 0)) + int(stat.get("inactive_file", 0))
+                free = min(free, int(f.read()) - int(g.read()) + files)
         except (OSError, ValueError):  # not mounted there, or "max"
             continue
     return max(free, 0)
