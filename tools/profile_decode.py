@@ -10,6 +10,7 @@ wall time is Python/NumPy work between kernels. Per-call timers add ~1 µs each;
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -60,6 +61,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=64, help="decode steps timed (default 64)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # piped into head: stop quietly
     set_threads(args.threads)
     seconds: dict = defaultdict(float)
     calls: dict = defaultdict(int)
