@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
+from weight_factory import make_weight
 
 from edgemoe.kernels import dispatch, matmul, matvec, set_threads
 from edgemoe.qtensor import QTensor
@@ -25,7 +25,6 @@ TOKENS = (1, 3, 4, 5, 9, 70)  # single, remainder only, one tile, tile + 1, two 
 SHAPES = {t: ((5, 19), (37, 61), (3, 304)) for t in FLOAT_TYPES}
 SHAPES.update({t: ((37, 96), (5, 288), (3, 608)) for t in (QT.Q8_0, QT.Q4_0)})
 SHAPES.update({t: ((37, 256), (5, 768), (3, 1280)) for t in (QT.Q4_K, QT.Q5_K, QT.Q6_K)})
-K_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}  # byte offsets of d (, dmin)
 # (threads, twin): the serial twin, and the parallel one on one and on two threads
 RUNS = ((1, "serial"), (1, "parallel"), (2, "parallel"))
 
@@ -37,19 +36,6 @@ def variant(request):
     dispatch.force_variant(request.param)
     yield request.param
     dispatch.force_variant(None)
-
-
-def make_weight(qt: QT, rows: int, cols: int, rng) -> QTensor:
-    """Random weights: quantised by gguf-py where it can, else random valid K blocks."""
-    if qt in K_F16_FIELDS:
-        block, size = GGML_QUANT_SIZES[qt]
-        raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-        for off in K_F16_FIELDS[qt]:
-            d = rng.uniform(1e-3, 2e-2, (rows, cols // block)).astype(np.float16)
-            raw[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, cols // block, 2)
-        return QTensor.from_array(raw, qt, rows, cols)
-    w = rng.standard_normal((rows, cols), dtype=np.float32)
-    return QTensor.from_array(w if qt == QT.F32 else quantize(w, qt), qt, rows, cols)
 
 
 def dequant(w: QTensor) -> np.ndarray:

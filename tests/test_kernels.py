@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
+from weight_factory import make_weight
 
 from edgemoe.errors import UsageError
 from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, set_threads
@@ -33,7 +33,6 @@ SHAPES = {QT.F32: ((37, 96), (5, 352))}
 SHAPES.update({t: SHAPES[QT.F32] for t in FLOAT_TYPES + Q0_TYPES})
 SHAPES.update({t: ((37, 256), (5, 768)) for t in K_TYPES})
 # Byte offsets of the f16 fields (d, dmin) in each K block.
-K_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
 
 
 @pytest.fixture(params=dispatch.VARIANTS)
@@ -43,21 +42,6 @@ def variant(request):
     dispatch.force_variant(request.param)
     yield request.param
     dispatch.force_variant(None)
-
-
-def make_weight(qt: QT, rows: int, cols: int, rng) -> QTensor:
-    """Random weights: quantised with gguf-py where it can, else random valid K blocks."""
-    if qt in K_TYPES:
-        block, size = GGML_QUANT_SIZES[qt]
-        raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-        for off in K_F16_FIELDS[qt]:
-            d = rng.uniform(1e-3, 2e-2, (rows, cols // block)).astype(np.float16)
-            raw[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, cols // block, 2)
-        return QTensor.from_array(raw, qt, rows, cols)
-    w = rng.standard_normal((rows, cols), dtype=np.float32)
-    if qt == QT.F32:
-        return QTensor.from_array(w, qt, rows, cols)
-    return QTensor.from_array(quantize(w, qt), qt, rows, cols)
 
 
 def dequant(w: QTensor) -> np.ndarray:

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .intrinsics import f32x8, i32x8
+from .intrinsics import _call, _is_bytes, _is_flat, _ptr, _splat, f32x8, i32x8  # shared LLVM helpers
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V32I8 = ir.VectorType(_I8, 32)
@@ -46,32 +45,6 @@ def _variant(marker) -> int:
 
 def _is_marker(marker) -> bool:
     return isinstance(marker, types.Integer) and marker.signed and marker.bitwidth in (8, 16, 32)
-
-
-def _is_flat(arr) -> bool:
-    """1-D, or C-contiguous n-D: element `off` of the flattened array is data[off]."""
-    return isinstance(arr, types.Array) and (arr.ndim == 1 or arr.layout == "C")
-
-
-def _is_bytes(arr) -> bool:
-    return _is_flat(arr) and arr.dtype.bitwidth == 8
-
-
-def _ptr(context, builder, arrty, arr, offty, off, elem: ir.Type):
-    """Pointer to flat element `off` of an array, cast to `elem*`."""
-    data = context.make_array(arrty)(context, builder, arr).data
-    off = context.cast(builder, off, offty, types.intp)
-    return builder.bitcast(builder.gep(data, [off]), elem.as_pointer())
-
-
-def _splat(builder, value, vtype: ir.VectorType):
-    v = builder.insert_element(ir.Constant(vtype, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
-
-
-def _call(builder, name: str, ret: ir.Type, args):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, args)
 
 
 def _half_to_float8(builder, h, variant: int):
