@@ -30,3 +30,15 @@ def model_gguf(tmp_path_factory) -> str:
     from mixtral_factory import tiny_gguf_with_vocab
 
     return tiny_gguf_with_vocab(tmp_path_factory.mktemp("tiny"))[0]
+
+
+@pytest.fixture(params=("generic", "avx2", "vnni"))
+def variant(request):
+    """Every matrix kernel runs with this SIMD variant (skipped where the CPU cannot run it)."""
+    from edgemoe.kernels import dispatch
+
+    if request.param not in dispatch.supported_variants():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    dispatch.force_variant(request.param)
+    yield request.param
+    dispatch.force_variant(None)

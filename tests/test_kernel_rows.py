@@ -10,11 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize
-from weight_factory import make_weight
+from weight_factory import dequant, make_weight
 
 from edgemoe.kernels import dispatch, matmul, matvec, set_threads
-from edgemoe.qtensor import QTensor
 
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 ALL_TYPES = FLOAT_TYPES + (QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
@@ -27,22 +25,6 @@ SHAPES.update({t: ((37, 96), (5, 288), (3, 608)) for t in (QT.Q8_0, QT.Q4_0)})
 SHAPES.update({t: ((37, 256), (5, 768), (3, 1280)) for t in (QT.Q4_K, QT.Q5_K, QT.Q6_K)})
 # (threads, twin): the serial twin, and the parallel one on one and on two threads
 RUNS = ((1, "serial"), (1, "parallel"), (2, "parallel"))
-
-
-@pytest.fixture(params=("generic", "avx2"))
-def variant(request):
-    if request.param not in dispatch.supported_variants():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    dispatch.force_variant(request.param)
-    yield request.param
-    dispatch.force_variant(None)
-
-
-def dequant(w: QTensor) -> np.ndarray:
-    """(rows, cols) float64 values of W, by gguf-py."""
-    if w.qtype == QT.F32:
-        return w.data.view(np.float32).astype(np.float64)
-    return dequantize(w.data, w.qtype).astype(np.float64).reshape(w.rows, w.cols)
 
 
 def use(monkeypatch, threads: int, twin: str) -> None:

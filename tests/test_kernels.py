@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize, quantize
-from weight_factory import make_weight
+from gguf.quants import quantize
+from weight_factory import dequant, make_weight
 
 from edgemoe.errors import UsageError
 from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, set_threads
@@ -32,23 +32,6 @@ TOKENS = (1, 3, 17, 64, 70)
 SHAPES = {QT.F32: ((37, 96), (5, 352))}
 SHAPES.update({t: SHAPES[QT.F32] for t in FLOAT_TYPES + Q0_TYPES})
 SHAPES.update({t: ((37, 256), (5, 768)) for t in K_TYPES})
-# Byte offsets of the f16 fields (d, dmin) in each K block.
-
-
-@pytest.fixture(params=dispatch.VARIANTS)
-def variant(request):
-    if request.param not in dispatch.supported_variants():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    dispatch.force_variant(request.param)
-    yield request.param
-    dispatch.force_variant(None)
-
-
-def dequant(w: QTensor) -> np.ndarray:
-    """(rows, cols) float64 values of W, by gguf-py."""
-    if w.qtype == QT.F32:
-        return w.data.view(np.float32).astype(np.float64)
-    return dequantize(w.data, w.qtype).astype(np.float64).reshape(w.rows, w.cols)
 
 
 # ---- NumPy emulation of ggml's activation quantisers (from ggml-quants.c) ---------------------

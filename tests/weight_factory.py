@@ -1,11 +1,12 @@
-"""Random weight matrices for kernel tests, in every type the kernels take."""
+"""Random weight matrices for kernel tests, in every type the kernels take; the `variant` fixture (conftest)
+pins the SIMD variant."""
 
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 
 from edgemoe.qtensor import QTensor
 
@@ -23,3 +24,10 @@ def make_weight(qt: QT, rows: int, cols: int, rng) -> QTensor:
         return QTensor.from_array(raw, qt, rows, cols)
     w = rng.standard_normal((rows, cols), dtype=np.float32)
     return QTensor.from_array(w if qt == QT.F32 else quantize(w, qt), qt, rows, cols)
+
+
+def dequant(w: QTensor) -> np.ndarray:
+    """(rows, cols) float64 values of W, by gguf-py."""
+    if w.qtype == QT.F32:
+        return w.data.view(np.float32).astype(np.float64)
+    return dequantize(w.data, w.qtype).astype(np.float64).reshape(w.rows, w.cols)

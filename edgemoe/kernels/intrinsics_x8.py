@@ -25,15 +25,26 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .intrinsics import _call, _is_bytes, _is_flat, _ptr, _splat, f32x8, i32x8  # shared LLVM helpers
+from .intrinsics import (  # shared LLVM types and helpers
+    _F32,
+    _I8,
+    _I16,
+    _I32,
+    _V8F32,
+    _V8I32,
+    _V16I16,
+    _V32I8,
+    _V32I16,
+    _call,
+    _is_bytes,
+    _is_flat,
+    _ptr,
+    _splat,
+    f32x8,
+    i32x8,
+)
 
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-_V32I8 = ir.VectorType(_I8, 32)
-_V16I16 = ir.VectorType(_I16, 16)
-_V32I16 = ir.VectorType(_I16, 32)
 _V8I16 = ir.VectorType(_I16, 8)
-_V8I32 = ir.VectorType(_I32, 8)
-_V8F32 = ir.VectorType(_F32, 8)
 
 BLOCK_BYTES = 144  # bytes per block of 8 rows: 8 f16 scales + 8 x 16 quant bytes
 
@@ -185,16 +196,6 @@ def fma_x8(typingctx, acc, isum, xc, dw, xd):
         return _call(builder, "llvm.fma.v8f32", _V8F32, [v, e, acc_v])
 
     return f32x8(acc, isum, xc, dw, xd), codegen
-
-
-@intrinsic
-def zero_x8(typingctx):
-    """<8 x float> zeros."""
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V8F32, None)
-
-    return f32x8(), codegen
 
 
 @intrinsic

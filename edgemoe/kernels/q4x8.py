@@ -27,9 +27,10 @@ from numba import njit, prange
 from ..errors import UnsupportedError
 from ..qtensor import QTensor
 from .intrinsics import get
-from .intrinsics_x8 import BLOCK_BYTES, dot_x8, dot_x8_4, fma_x8, prefetch_x8, scales_x8, store_x8, zero_x8
+from .intrinsics_x8 import BLOCK_BYTES, dot_x8, dot_x8_4, fma_x8, prefetch_x8, scales_x8, store_x8
 from .ops import twins
 from .q8act import absmax32, quant32_round, store_half, sum_half
+from .vecops import zero_f32x8
 
 _Q4_0_BYTES = 18  # plain Q4_0 block: f16 scale + 16 quant bytes
 
@@ -150,7 +151,7 @@ def _matmul_q4_0_x8(out, w, xq, xd, xc, variant):
         t = 0
         while t + 4 <= n_tok:
             d0 = t * nb  # xd, xc offset of token t
-            a0, a1, a2, a3 = zero_x8(), zero_x8(), zero_x8(), zero_x8()
+            a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
             for b in range(nb):
                 bo = go + b * 144
                 prefetch_x8(w, bo + 2048)
@@ -167,7 +168,7 @@ def _matmul_q4_0_x8(out, w, xq, xd, xc, variant):
             t += 4
         while t < n_tok:  # the same per-token sequence, one token
             d0 = t * nb
-            a0 = zero_x8()
+            a0 = zero_f32x8()
             for b in range(nb):
                 bo = go + b * 144
                 prefetch_x8(w, bo + 2048)
