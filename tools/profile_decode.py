@@ -25,7 +25,7 @@ import edgemoe.models.mixtral as mixtral  # noqa: E402
 from edgemoe.kernels import ops, set_threads  # noqa: E402
 from edgemoe.loader import load_model  # noqa: E402
 
-OPS = ("attention", "silu_mul", "rmsnorm", "rope_inplace", "route_topk")
+OPS = ("attention", "silu_mul", "swiglu_halves", "rmsnorm", "rope_inplace", "route_topk")
 
 
 def instrument(seconds: dict, calls: dict) -> None:

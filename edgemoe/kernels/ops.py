@@ -12,9 +12,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import load_f32x8
+from .intrinsics import get, load_f32x8
 from .intrinsics_x8 import store_x8
-from .vecops import fadd, ffma, hsum, splat_f32x8, zero_f32x8
+from .vecops import exp_f32x8, fadd, fdiv, ffma, fmul, fsub, hsum, splat_f32x8, zero_f32x8
 
 # A parallel region costs a thread wake-up (µs when idle, a scheduler slice on a busy box); kernels whose
 # work is below this many multiply-adds run on the calling thread instead.
@@ -117,11 +117,20 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
             acc *= scale
             scores[s] = acc
             m = max(m, acc)
-        total = np.float32(0.0)
-        for s in range(n):
+        mv = splat_f32x8(np.float32(m))
+        total8 = zero_f32x8()
+        s = 0
+        while s + 8 <= n:  # 8 lanes of exp at a time; a position's lane is fixed, so results do not depend on T
+            e8 = exp_f32x8(fsub(load_f32x8(scores, s), mv))
+            store_x8(scores, s, e8)
+            total8 = fadd(total8, e8)
+            s += 8
+        total = hsum(total8)
+        while s < n:
             e = np.float32(math.exp(scores[s] - m))
             scores[s] = e
             total += e
+            s += 1
         inv = np.float32(1.0) / total
         i0 = 0  # out[t, h] = sum_s p_s v[s, kv]: 64 columns at a time in 8 vector accumulators
         while i0 + 64 <= d:
@@ -150,13 +159,21 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
             out[t, h, i] = acc
 
 
-def _silu_mul(out, gate, up):
-    """SwiGLU: out = silu(gate) * up.   out, gate, up: (T, I)"""
-    T, n = gate.shape
+def _swiglu(out, gate, g0, up, u0, stride):
+    """SwiGLU: out[t, i] = silu(gate[g0 + t * stride + i]) * up[u0 + t * stride + i], flat offsets into
+    C-contiguous gate and up (which may be one (T, 2I) array).  out: (T, I)"""
+    T, n = out.shape
+    n8 = n - n % 8
+    one, minus = splat_f32x8(np.float32(1.0)), splat_f32x8(np.float32(-1.0))
     for t in prange(T):
-        for i in range(n):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, i]
+        go, uo, oo = g0 + t * stride, u0 + t * stride, t * n
+        for i in range(0, n8, 8):
+            g = load_f32x8(gate, go + i)
+            silu = fdiv(g, fadd(one, exp_f32x8(fmul(g, minus))))
+            store_x8(out, oo + i, fmul(silu, load_f32x8(up, uo + i)))
+        for i in range(n8, n):
+            g = get(gate, go + i)
+            out[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * get(up, uo + i)
 
 
 @njit(cache=True, nogil=True)
@@ -199,7 +216,7 @@ ROPE_INPLACE = twins(_rope_inplace)
 
 ATTENTION = twins(_attention)
 
-SILU_MUL = twins(_silu_mul)
+SWIGLU = twins(_swiglu)
 
 
 def rmsnorm(out, x, w, eps):
@@ -218,5 +235,11 @@ def attention(out, q, k_cache, v_cache, pos0, scale):
 
 
 def silu_mul(out, gate, up):
-    """out, gate, up: (T, I)"""
-    pick(SILU_MUL, gate.size * 8)(out, gate, up)
+    """out = silu(gate) * up.   out, gate, up: (T, I), C-contiguous"""
+    pick(SWIGLU, gate.size * 8)(out, gate, 0, up, 0, gate.shape[1])
+
+
+def swiglu_halves(out, gate_up):
+    """out = silu(gate_up[:, :I]) * gate_up[:, I:].   out: (T, I); gate_up: (T, 2I), C-contiguous"""
+    n = out.shape[1]
+    pick(SWIGLU, out.size * 8)(out, gate_up, 0, gate_up, n, 2 * n)

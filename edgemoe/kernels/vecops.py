@@ -419,3 +419,61 @@ def splat_f32x8(typingctx, x):
                                       ir.Constant(_V8F32, None), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
 
     return f32x8(x), codegen
+
+
+def _f32x8_const(v: float):
+    return ir.Constant(_V8F32, [v] * 8)
+
+
+@intrinsic
+def exp_f32x8(typingctx, v):
+    """Lane-wise e**x (Cephes expf: x = n ln2 + r, a degree-6 polynomial in r, times 2**n; ~1 ulp).
+
+    Inputs are clamped to [-87.3, 88.376]; below, the result is ~1e-38 instead of 0 (softmax and SiLU
+    do not notice). Deterministic: the same lane value always gives the same result.
+    """
+    if v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        x = _call(builder, "llvm.maxnum.v8f32", _V8F32, [x, _f32x8_const(-87.3)])
+        x = _call(builder, "llvm.minnum.v8f32", _V8F32, [x, _f32x8_const(88.3762626647949)])
+        fx = _call(builder, "llvm.floor.v8f32", _V8F32,
+                   [builder.fadd(builder.fmul(x, _f32x8_const(1.44269504088896341)), _f32x8_const(0.5))])
+        x = builder.fsub(x, builder.fmul(fx, _f32x8_const(0.693359375)))
+        x = builder.fsub(x, builder.fmul(fx, _f32x8_const(-2.12194440e-4)))
+        y = _f32x8_const(1.9875691500e-4)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            y = builder.fadd(builder.fmul(y, x), _f32x8_const(c))
+        y = builder.fadd(builder.fadd(builder.fmul(y, builder.fmul(x, x)), x), _f32x8_const(1.0))
+        n = builder.fptosi(fx, _V8I32)
+        scale = builder.bitcast(builder.shl(builder.add(n, ir.Constant(_V8I32, [127] * 8)), ir.Constant(_V8I32, [23] * 8)),
+                                _V8F32)
+        return builder.fmul(y, scale)
+
+    return f32x8(v), codegen
+
+
+@intrinsic
+def fdiv(typingctx, a, b):
+    """Lane-wise f32 divide."""
+    if not (a == f32x8 and b == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(args[0], args[1])
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
+def fsub(typingctx, a, b):
+    """Lane-wise f32 subtract."""
+    if not (a == f32x8 and b == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(args[0], args[1])
+
+    return f32x8(a, b), codegen

@@ -66,8 +66,7 @@ def _expert(x: np.ndarray, ex) -> np.ndarray:
     n_i = ex.gate.rows
     h = np.empty((x.shape[0], n_i), dtype=np.float32)  # (n, I)
     if ex.gate_up is not None:  # one call for both
-        gu = linear(x, ex.gate_up)  # (n, 2I)
-        ops.silu_mul(h, gu[:, :n_i], gu[:, n_i:])
+        ops.swiglu_halves(h, linear(x, ex.gate_up))  # gate_up: (n, 2I)
     else:
         ops.silu_mul(h, linear(x, ex.gate), linear(x, ex.up))
     return linear(h, ex.down)
