@@ -297,30 +297,6 @@ def hsum(typingctx, v):
 
 
 @intrinsic
-def fadd(typingctx, a, b):
-    """Lane-wise f32 add."""
-    if not (a == f32x8 and b == f32x8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-
-    return f32x8(a, b), codegen
-
-
-@intrinsic
-def fmul(typingctx, a, b):
-    """Lane-wise f32 multiply."""
-    if not (a == f32x8 and b == f32x8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fmul(args[0], args[1])
-
-    return f32x8(a, b), codegen
-
-
-@intrinsic
 def ffma(typingctx, a, b, c):
     """Lane-wise a * b + c in f32."""
     if not (a == f32x8 and b == f32x8 and c == f32x8):
@@ -455,25 +431,24 @@ def exp_f32x8(typingctx, v):
     return f32x8(v), codegen
 
 
-@intrinsic
-def fdiv(typingctx, a, b):
-    """Lane-wise f32 divide."""
-    if not (a == f32x8 and b == f32x8):
-        return None
+def _lanewise(name: str, op: str, what: str):
+    """A lane-wise f32x8 intrinsic `name(a, b)` emitting the LLVM instruction `op`."""
 
-    def codegen(context, builder, sig, args):
-        return builder.fdiv(args[0], args[1])
+    def impl(typingctx, a, b):
+        if not (a == f32x8 and b == f32x8):
+            return None
 
-    return f32x8(a, b), codegen
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], args[1])
+
+        return f32x8(a, b), codegen
+
+    impl.__name__ = impl.__qualname__ = name
+    impl.__doc__ = f"Lane-wise f32 {what}."
+    return intrinsic(impl)
 
 
-@intrinsic
-def fsub(typingctx, a, b):
-    """Lane-wise f32 subtract."""
-    if not (a == f32x8 and b == f32x8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fsub(args[0], args[1])
-
-    return f32x8(a, b), codegen
+fadd = _lanewise("fadd", "fadd", "add")
+fsub = _lanewise("fsub", "fsub", "subtract")
+fmul = _lanewise("fmul", "fmul", "multiply")
+fdiv = _lanewise("fdiv", "fdiv", "divide")
