@@ -208,8 +208,6 @@ def route_topk(ids, weights, logits):
             weights[t, a] = weights[t, a] / kept
 
 
-_twins = twins  # older name
-
 RMSNORM = twins(_rmsnorm)
 
 ROPE_INPLACE = twins(_rope_inplace)
