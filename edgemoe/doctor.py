@@ -150,11 +150,9 @@ def memory_bandwidth(mb: int = 256) -> float:
 def model_sizes(loaded) -> dict:
     """Bytes of the dense weights (all, and touched per token) and of the routed experts."""
     w, a = loaded.model.weights, loaded.args
-    mats = [w.embed_tokens] + ([w.lm_head] if w.lm_head is not w.embed_tokens else [])
-    per_layer = sum(m.nbytes for layer in w.layers for m in vars(layer).values())
-    dense = sum(m.nbytes for m in mats) + per_layer + w.norm.nbytes
-    # Per token: one embedding row, every layer's attention/router/norms, the whole output head.
-    touched = per_layer + w.norm.nbytes + w.embed_tokens.nbytes // w.embed_tokens.rows + w.lm_head.nbytes
+    step = loaded.model.dense_nbytes()  # every layer's attention/router/norms, the output head
+    dense = step + (0 if w.lm_head is w.embed_tokens else w.embed_tokens.nbytes)
+    touched = step + w.embed_tokens.nbytes // w.embed_tokens.rows  # per token: plus one embedding row
     experts = getattr(loaded.model.experts, "nbytes", None)
     if experts is None:  # a store that does not know: the rest of the file
         experts = max(0, os.path.getsize(loaded.path) - dense) if os.path.isfile(loaded.path) else 0

@@ -28,21 +28,21 @@ class LoadedModel:
     format: str  # "gguf" | "safetensors"
 
 
-def load_model(path: str, stream=None, repack: bool | None = None) -> LoadedModel:
+def load_model(path: str, stream=None, prepare: bool = True) -> LoadedModel:
     """Open a GGUF file or an HF checkpoint directory; raise a ModelFormatError/UnsupportedError otherwise.
 
     stream: `edgemoe.experts.setup.StreamOptions` to read experts from disk into a budgeted cache (GGUF only);
     None keeps every expert addressable through the memory map.
-    repack: keep Q4_0 matrices in the faster 8-row interleaved layout (Model.repack): True, False, or
-    None = the dense ones and streamed experts always, memory-mapped experts when their copy fits in half
-    the free memory (without the copy they run on the plain-layout kernel, whose results differ in rounding).
+    prepare: lay the weights out for the kernels (Model.prepare); False keeps zero-copy views of the file
+    (for tools that read the weights back). Dense tensors are copied out of the memory map when experts
+    stream and three times their size is free; memory-mapped experts are repacked when their copy fits in
+    half the free memory (else they run on the plain-layout Q4_0 kernel, whose results differ in rounding).
     """
     loaded = _load(path, stream)
-    if stream is not None and 3 * loaded.model.dense_nbytes() <= _free_memory():
-        loaded.model.own_dense()  # dense weights must not compete with expert reads for the page cache
-    if repack is not False:
-        experts = stream is not None or repack or 2 * loaded.model.experts.nbytes <= _free_memory()
-        loaded.model.repack(experts)
+    if prepare:
+        model = loaded.model
+        own_dense = stream is not None and 3 * model.dense_nbytes() <= _free_memory()
+        model.prepare(own_dense, stream is not None or 2 * model.experts.nbytes <= _free_memory())
     return loaded
 
 

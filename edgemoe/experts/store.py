@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+import numpy as np
+
+from ..kernels.q4x8 import interleave, interleave_if_q4_0, x8_eligible, x8_rows
 from ..qtensor import QTensor
 
 
@@ -18,6 +21,20 @@ class Expert(NamedTuple):
     @property
     def nbytes(self) -> int:
         return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+
+def with_gate_up(gate_up: QTensor, down: QTensor) -> Expert:
+    """An expert whose gate and up are the two halves of one 8-row interleaved (2I, D) matrix."""
+    n = gate_up.rows // 2
+    return Expert(x8_rows(gate_up, 0, n), x8_rows(gate_up, n, n), down, gate_up)
+
+
+def _x8_expert(e: Expert) -> Expert:
+    g, u = e.gate, e.up
+    down = interleave_if_q4_0(e.down)
+    if g.interleave == u.interleave == 1 and g.shape == u.shape and g.qtype == u.qtype and x8_eligible(g.qtype, g.rows):
+        return with_gate_up(interleave(QTensor(np.concatenate([g.data, u.data]), g.qtype, 2 * g.rows, g.cols)), down)
+    return Expert(interleave_if_q4_0(g), interleave_if_q4_0(u), down)
 
 
 class ExpertStore(Protocol):
@@ -52,11 +69,9 @@ class ResidentExperts:
     wants_hints = False
 
     def repack_q4_0(self) -> None:
-        """Copy every Q4_0 matrix (rows divisible by 8) into the 8-row interleaved layout."""
-        from ..kernels.q4x8 import interleave_if_q4_0, stacked_x8
-
-        self._experts = [[stacked_x8(e.gate, e.up, interleave_if_q4_0(e.down), Expert) for e in layer]
-                         for layer in self._experts]
+        """Copy every Q4_0 matrix (rows divisible by 8) into the 8-row interleaved layout, gate and up of
+        an expert stacked into one matrix."""
+        self._experts = [[_x8_expert(e) for e in layer] for layer in self._experts]
 
     def get(self, layer: int, expert: int) -> Expert:
         return self._experts[layer][expert]

@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
-from ..kernels.q4x8 import repack_q4_0_x8, split_gate_up
+from ..kernels.q4x8 import repack_q4_0_x8, x8_eligible
 from ..qtensor import QTensor, row_bytes
 from .cache import ExpertCache
 from .extents import ExpertExtent
 from .io import DEMAND, PREFETCH, ExpertReader, ReadHandle
-from .store import Expert
+from .store import Expert, with_gate_up
 
 
 @dataclass
@@ -66,7 +65,7 @@ class Backoff:
 
 
 def _x8_eligible(part) -> bool:
-    return part.qtype == GGMLQuantizationType.Q4_0 and part.rows % 8 == 0
+    return x8_eligible(part.qtype, part.rows)
 
 
 def _x8_offsets(ext: ExpertExtent) -> dict[str, int] | None:
@@ -198,25 +197,21 @@ class StreamingExperts:
 
     def _expert(self, ext: ExpertExtent, blob: np.ndarray) -> Expert:
         offsets = _x8_offsets(ext) if self._x8 else None
-        if offsets is not None:  # gate and up stacked: one x8 matrix
-            g, d = ext.parts["gate"], ext.parts["down"]
-            rb, drb = row_bytes(g.qtype, g.cols), row_bytes(d.qtype, d.cols)
-            gu = QTensor(blob[:2 * g.rows * rb].reshape(g.rows // 4, 8 * rb), g.qtype, 2 * g.rows, g.cols, 8)
-            n = d.rows * drb
-            raw = blob[offsets["down"]:offsets["down"] + n]
-            down = QTensor(raw.reshape(d.rows // 8, 8 * drb), d.qtype, d.rows, d.cols, 8) if _x8_eligible(d) else \
-                QTensor(raw.reshape(d.rows, drb), d.qtype, d.rows, d.cols)
-            return split_gate_up(gu, Expert, down)
-        mats = []
-        for p in ("gate", "up", "down"):
-            part = ext.parts[p]
-            rb = row_bytes(part.qtype, part.cols)
-            data = blob[part.offset:part.offset + part.rows * rb]
-            if self._x8 and _x8_eligible(part):
-                mats.append(QTensor(data.reshape(part.rows // 8, 8 * rb), part.qtype, part.rows, part.cols, 8))
-            else:
-                mats.append(QTensor(data.reshape(part.rows, rb), part.qtype, part.rows, part.cols))
-        return Expert(*mats)
+        mats = {p: self._view(blob, part.offset if offsets is None else offsets[p], part)
+                for p, part in ext.parts.items()}
+        if offsets is None:
+            return Expert(mats["gate"], mats["up"], mats["down"])
+        g = ext.parts["gate"]  # gate and up stacked: one x8 matrix
+        gate_up = QTensor(blob[:offsets["down"]].reshape(g.rows // 4, -1), g.qtype, 2 * g.rows, g.cols, 8)
+        return with_gate_up(gate_up, mats["down"])
+
+    def _view(self, blob: np.ndarray, at: int, part) -> QTensor:
+        """The matrix `part` stored at blob[at:], in the x8 layout if this store repacks it."""
+        rb = row_bytes(part.qtype, part.cols)
+        data = blob[at:at + part.rows * rb]
+        if self._x8 and _x8_eligible(part):
+            return QTensor(data.reshape(part.rows // 8, 8 * rb), part.qtype, part.rows, part.cols, 8)
+        return QTensor(data.reshape(part.rows, rb), part.qtype, part.rows, part.cols)
 
     def stats(self) -> dict:
         return {"cache": self.cache.stats(), "io": self.reader.stats.as_dict(), "prefetch": self.prefetch.as_dict()}

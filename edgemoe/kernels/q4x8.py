@@ -84,29 +84,19 @@ def unpack_q4_0_x8(data: np.ndarray) -> np.ndarray:
     return out.reshape(g * 8, nb * _Q4_0_BYTES)
 
 
+def x8_eligible(qtype, rows: int) -> bool:
+    """Whether a plain matrix of this type and row count can take the x8 layout."""
+    return qtype == QT.Q4_0 and rows % 8 == 0
+
+
 def interleave_if_q4_0(w: QTensor) -> QTensor:
     """`w` in the x8 layout when it is plain Q4_0 with rows divisible by 8, else `w` itself."""
-    if w.qtype != QT.Q4_0 or w.interleave != 1 or w.rows % 8:
-        return w
-    return interleave(w)
+    return interleave(w) if w.interleave == 1 and x8_eligible(w.qtype, w.rows) else w
 
 
-def stacked_x8(gate: QTensor, up: QTensor, down: QTensor, make):
-    """make(gate, up, down, gate_up): gate and up repacked into one x8 matrix (their rows stacked,
-    gate and up as views of it) when both are plain Q4_0 of one shape, else each one on its own."""
-    if not (gate.qtype == up.qtype == QT.Q4_0 and gate.interleave == up.interleave == 1
-            and gate.shape == up.shape and gate.rows % 8 == 0):
-        return make(interleave_if_q4_0(gate), interleave_if_q4_0(up), down, None)
-    gu = QTensor(np.concatenate([gate.data, up.data]), QT.Q4_0, 2 * gate.rows, gate.cols)
-    return split_gate_up(interleave(gu), make, down)
-
-
-def split_gate_up(gu: QTensor, make, down: QTensor):
-    """make(gate, up, down, gu) with gate and up as views of the x8 rows of `gu` (2I, D)."""
-    g = gu.rows // 16  # row groups of gate
-    gate = QTensor(gu.data[:g], QT.Q4_0, gu.rows // 2, gu.cols, 8)
-    up = QTensor(gu.data[g:], QT.Q4_0, gu.rows // 2, gu.cols, 8)
-    return make(gate, up, down, gu)
+def x8_rows(w: QTensor, r0: int, n: int) -> QTensor:
+    """Rows r0 .. r0 + n of an x8 matrix, as a view (r0 and n multiples of 8)."""
+    return QTensor(w.data[r0 // 8:(r0 + n) // 8], w.qtype, n, w.cols, 8)
 
 
 def interleave(w: QTensor) -> QTensor:

@@ -59,12 +59,13 @@ class ModelArgs:
 @dataclass
 class Layer:
     input_layernorm: np.ndarray  # (D,)
-    q_proj: QTensor  # (H*d, D)
-    k_proj: QTensor  # (K*d, D)
-    v_proj: QTensor  # (K*d, D)
+    q_proj: QTensor | None  # (H*d, D); None once stacked into qkv_proj
+    k_proj: QTensor | None  # (K*d, D)
+    v_proj: QTensor | None  # (K*d, D)
     o_proj: QTensor  # (D, H*d)
     post_attention_layernorm: np.ndarray  # (D,)
     gate: QTensor  # router (E, D)
+    qkv_proj: QTensor | None = None  # ((H + 2K) d, D): q, k, v rows in one matrix (Model.prepare)
 
 
 @dataclass
@@ -73,13 +74,6 @@ class Weights:
     layers: list[Layer]
     norm: np.ndarray  # (D,)
     lm_head: QTensor  # (V, D); the embedding itself when tied
-
-
-def _stacked(*ws: QTensor) -> QTensor | None:
-    """The matrices' rows in one QTensor (a copy), or None when their types or widths differ."""
-    if len({(w.qtype, w.cols) for w in ws}) != 1:
-        return None
-    return QTensor(np.concatenate([w.data for w in ws]), ws[0].qtype, sum(w.rows for w in ws), ws[0].cols)
 
 
 class Model:
@@ -91,56 +85,48 @@ class Model:
         self.experts = experts
         self.embed_rows = embed_rows  # ids (T,) → (T, D) float32, dequantising only those rows
         self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
-        # q, k and v of a layer as one matrix where they share a type: one kernel call for all three
-        self.qkv = [_stacked(layer.q_proj, layer.k_proj, layer.v_proj) for layer in weights.layers]
 
     def dense_nbytes(self) -> int:
-        """Bytes of the dense tensors a forward pass reads (q, k, v counted once when stacked)."""
+        """Bytes of the dense tensors a forward pass reads (all but the embedding, of which a step reads rows)."""
         w = self.weights
-        n = sum(layer.input_layernorm.nbytes + layer.post_attention_layernorm.nbytes + layer.o_proj.nbytes
-                + layer.gate.nbytes for layer in w.layers)
-        n += sum(qkv.nbytes if qkv is not None else layer.q_proj.nbytes + layer.k_proj.nbytes + layer.v_proj.nbytes
-                 for qkv, layer in zip(self.qkv, w.layers))
-        return n + w.norm.nbytes + w.lm_head.nbytes
+        names = ("input_layernorm", "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "post_attention_layernorm",
+                 "gate")
+        return sum(t.nbytes for layer in w.layers for t in (getattr(layer, n) for n in names) if t is not None) + \
+            w.norm.nbytes + w.lm_head.nbytes
 
-    def own_dense(self) -> None:
-        """Copy the dense tensors a forward pass reads out of the memory-mapped file into process memory.
+    def prepare(self, own_dense: bool, repack_experts: bool) -> None:
+        """Lay the weights out for the kernels, once after loading.
 
-        When experts stream inside a memory limit, the kernel reclaims clean file pages first: a
-        memory-mapped norm or attention matrix would be dropped and faulted back in from the disk,
-        behind the expert reads, once per token. (The embedding stays mapped: a step reads a few rows.)
+        - q, k and v of a layer go into one matrix where they share a type (one kernel call for three);
+        - Q4_0 matrices go into the 8-row interleaved layout (kernels/q4x8.py, ~1.5x faster per core);
+        - with `own_dense`, every other dense tensor a step reads is copied out of the memory-mapped file:
+          when experts stream inside a memory limit the kernel reclaims clean file pages first, and a
+          mapped norm or attention matrix would be faulted back in from the disk once per token;
+        - with `repack_experts`, the experts take the interleaved layout too (a resident store copies them
+          now, a streaming store repacks each as it arrives).
         """
-        def own(w):
+        def laid_out(w):
             if isinstance(w, QTensor):
-                return QTensor(np.array(w.data), w.qtype, w.rows, w.cols, w.interleave)
-            return np.array(w)
+                w = interleave_if_q4_0(w)
+                if own_dense and not w.data.flags.owndata:
+                    w = QTensor(np.array(w.data), w.qtype, w.rows, w.cols, w.interleave)
+                return w
+            return np.array(w) if own_dense else w
 
-        for i, layer in enumerate(self.weights.layers):
-            names = ["input_layernorm", "o_proj", "post_attention_layernorm", "gate"]
-            if self.qkv[i] is None:
-                names += ["q_proj", "k_proj", "v_proj"]
-            else:
-                self.qkv[i] = own(self.qkv[i])
-            for name in names:
-                setattr(layer, name, own(getattr(layer, name)))
-        self.weights.norm = own(self.weights.norm)
-        self.weights.lm_head = own(self.weights.lm_head)
-
-    def repack(self, experts: bool) -> None:
-        """Keep the Q4_0 matrices the kernels read in the 8-row interleaved layout (kernels/q4x8.py,
-        ~1.5x faster per core): attention and output head (copies), and the experts too when
-        `experts` (a resident store copies them now, a streaming store repacks each as it arrives)."""
-
-        def x8(w: QTensor | None) -> QTensor | None:
-            return None if w is None else interleave_if_q4_0(w)
-
-        self.qkv = [x8(w) for w in self.qkv]
-        for i, layer in enumerate(self.weights.layers):
-            if self.qkv[i] is None:
-                layer.q_proj, layer.k_proj, layer.v_proj = x8(layer.q_proj), x8(layer.k_proj), x8(layer.v_proj)
-            layer.o_proj = x8(layer.o_proj)
-        self.weights.lm_head = x8(self.weights.lm_head)  # the embedding lookup keeps its own plain copy
-        if experts:
+        for layer in self.weights.layers:
+            q, k, v = layer.q_proj, layer.k_proj, layer.v_proj
+            if q.qtype == k.qtype == v.qtype and q.cols == k.cols == v.cols:
+                layer.qkv_proj = QTensor(np.concatenate([q.data, k.data, v.data]), q.qtype,
+                                         q.rows + k.rows + v.rows, q.cols)
+                layer.q_proj = layer.k_proj = layer.v_proj = None
+            for name in ("input_layernorm", "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj",
+                         "post_attention_layernorm", "gate"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, laid_out(t))
+        self.weights.norm = laid_out(self.weights.norm)
+        self.weights.lm_head = laid_out(self.weights.lm_head)  # the embedding lookup keeps its own plain copy
+        if repack_experts:
             self.experts.repack_q4_0()
 
     def new_cache(self, n_ctx: int) -> KVCache:
@@ -153,8 +139,8 @@ class Model:
         a = self.args
         T = x.shape[0]
         H, K, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        if self.qkv[i] is not None:
-            qkv = linear(x, self.qkv[i])  # (T, (H + 2K) d)
+        if layer.qkv_proj is not None:
+            qkv = linear(x, layer.qkv_proj)  # (T, (H + 2K) d)
             q = np.ascontiguousarray(qkv[:, :H * d]).reshape(T, H, d)  # (T, H, d)
             k = qkv[:, H * d:(H + K) * d].reshape(T, K, d)  # (T, K, d)
             v = qkv[:, (H + K) * d:].reshape(T, K, d)  # (T, K, d)

@@ -158,7 +158,7 @@ def plan_from_hf(path: str, *, expert_type: GGMLQuantizationType | None = None,
     """
     from ..loader import load_model  # validates the tensor set and shapes; zero-copy views of the files
 
-    model = load_model(path).model  # rejects anything but model_type "mixtral"
+    model = load_model(path, prepare=False).model  # rejects anything but model_type "mixtral"
     cfg = read_config(path)
     hp = _Hparams.from_config(cfg)
     tokenizer = None
