@@ -201,9 +201,10 @@ class Engine:
         """One pass for the whole batch; if it fails, each job alone, so only the failing ones end."""
         try:
             logits = self.model.forward_batch([(ids, job.cache) for job, ids in batch])  # (B, V)
-        except Exception:  # noqa: BLE001 - retried per job below, where the failure is reported
-            if len(batch) == 1:
-                self._guarded(self._forward_one, *batch[0])
+        except Exception as e:  # noqa: BLE001 - reported to the client and the log
+            if len(batch) == 1:  # nothing to separate: that request fails
+                log.exception("request %d failed", batch[0][0].id)
+                self._fail(batch[0][0], f"{type(e).__name__}: {e}")
                 return
             log.warning("a batched step failed; running its %d requests one by one", len(batch))
             for job, ids in batch:
