@@ -196,7 +196,7 @@ def _storage_shape(w: QTensor) -> tuple[int, int]:
     n = _row_bytes(w.qtype, w.cols)
     if w.interleave == 1:
         return (w.rows, n)
-    if w.interleave == 8 and w.qtype is QT.Q4_0:
+    if w.interleave == 8 and w.qtype in _KERNELS_X8:
         return (w.rows // 8, 8 * n)
     raise UnsupportedError(f"no matrix kernel for {w.qtype.name} interleaved by {w.interleave}")
 
