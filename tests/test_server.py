@@ -92,6 +92,15 @@ def stream_events(c: httpx.Client, path: str, body: dict) -> list:
         return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
 
 
+def at_once(fn, n: int) -> None:
+    """fn(0) .. fn(n - 1), each on its own thread, all started before any is waited for."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_completion_greedy_matches_transformers_and_run(server, tiny, capsys):
     path, hf, tok = tiny
     with client(server) as c:
@@ -135,11 +144,7 @@ def test_concurrent_clients_equal_sequential(server, tiny):
                                                           "priority": "batch" if i % 2 else "interactive"})
         results[i] = [t for e in events[:-1] for t in json.loads(e)["choices"][0]["token_ids"]]
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(ask, 8)
     with client(server) as c:
         sequential = [c.post("/v1/completions", json={"prompt": p, "max_tokens": 10, "temperature": 0})
                       .json()["choices"][0]["token_ids"] for p in prompts]
@@ -165,11 +170,7 @@ def test_sixteen_batched_clients_equal_run_on_a_quantised_model(tmp_path):
         results[i] = r.json()["choices"][0]["token_ids"]
 
     try:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        at_once(ask, 16)
         with client(sock) as c:
             steps = c.get("/health").json()["steps"]
     finally:
