@@ -55,6 +55,7 @@ class QTensor:
     `data` is the raw storage, uint8 `(rows, row_bytes)`, C-contiguous; it may be a zero-copy view of
     a memory-mapped file or of an I/O buffer. With `interleave` 8 (Q4_0 only, see kernels/q4x8.py) the
     blocks of each 8 consecutive rows are interleaved, and `data` is `(rows / 8, 8 * row_bytes)`.
+    `data` is held as a read-only view.
     """
 
     data: np.ndarray  # (rows, row_bytes) uint8; (rows / 8, 8 * row_bytes) when interleave == 8
@@ -62,6 +63,15 @@ class QTensor:
     rows: int
     cols: int
     interleave: int = 1
+
+    def __post_init__(self):
+        # Weights are never written after loading; a read-only view also gives every kernel one Numba
+        # type for weights (memory-mapped files are read-only), so each compiles once, not twice.
+        data = self.data
+        if isinstance(data, np.ndarray) and data.flags.writeable:
+            view = data.view()
+            view.flags.writeable = False
+            object.__setattr__(self, "data", view)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as QT
 from weight_factory import dequant, make_weight
 
 from edgemoe.kernels import dispatch, matmul, matvec, set_threads
+from edgemoe.kernels.q4x8 import interleave
 
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 ALL_TYPES = FLOAT_TYPES + (QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
@@ -23,6 +24,9 @@ TOKENS = (1, 3, 4, 5, 9, 70)  # single, remainder only, one tile, tile + 1, two 
 SHAPES = {t: ((5, 19), (37, 61), (3, 304)) for t in FLOAT_TYPES}
 SHAPES.update({t: ((37, 96), (5, 288), (3, 608)) for t in (QT.Q8_0, QT.Q4_0)})
 SHAPES.update({t: ((37, 256), (5, 768), (3, 1280)) for t in (QT.Q4_K, QT.Q5_K, QT.Q6_K)})
+# the 8-row interleaved layouts (rows a multiple of 8): a group, 5 groups, 2 groups
+X8_SHAPES = {QT.Q4_0: ((40, 96), (8, 288), (16, 608)), QT.Q4_K: ((40, 256), (8, 768), (16, 1280))}
+CASES = [(t, 1) for t in ALL_TYPES] + [(t, 8) for t in X8_SHAPES]
 # (threads, twin): the serial twin, and the parallel one on one and on two threads
 RUNS = ((1, "serial"), (1, "parallel"), (2, "parallel"))
 
@@ -32,13 +36,15 @@ def use(monkeypatch, threads: int, twin: str) -> None:
     monkeypatch.setattr(dispatch, "PARALLEL_MIN_BYTES", 1 << 62 if twin == "serial" else 0)
 
 
-@pytest.mark.parametrize("qt", ALL_TYPES, ids=lambda t: t.name)
-def test_matmul_rows_equal_matvec(qt, variant, monkeypatch):
-    rng = np.random.default_rng(int(qt))
+@pytest.mark.parametrize("qt,layout", CASES, ids=lambda c: c.name if isinstance(c, QT) else f"x{c}")
+def test_matmul_rows_equal_matvec(qt, layout, variant, monkeypatch):
+    rng = np.random.default_rng(int(qt) + layout)
     try:
-        for rows, cols in SHAPES[qt]:
+        for rows, cols in SHAPES[qt] if layout == 1 else X8_SHAPES[qt]:
             w = make_weight(qt, rows, cols, rng)
             wd = dequant(w)
+            if layout == 8:
+                w = interleave(w)
             x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)  # (T, C)
             single = np.empty((len(x), rows), np.float32)  # (T, R) token by token
             use(monkeypatch, 2, "parallel")

@@ -6,7 +6,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from ..kernels.q4x8 import interleave, interleave_if_q4_0, x8_eligible, x8_rows
+from ..kernels.q4x8 import interleave, interleave_if_eligible, x8_eligible, x8_rows
 from ..qtensor import QTensor
 
 
@@ -31,10 +31,10 @@ def with_gate_up(gate_up: QTensor, down: QTensor) -> Expert:
 
 def _x8_expert(e: Expert) -> Expert:
     g, u = e.gate, e.up
-    down = interleave_if_q4_0(e.down)
+    down = interleave_if_eligible(e.down)
     if g.interleave == u.interleave == 1 and g.shape == u.shape and g.qtype == u.qtype and x8_eligible(g.qtype, g.rows):
         return with_gate_up(interleave(QTensor(np.concatenate([g.data, u.data]), g.qtype, 2 * g.rows, g.cols)), down)
-    return Expert(interleave_if_q4_0(g), interleave_if_q4_0(u), down)
+    return Expert(interleave_if_eligible(g), interleave_if_eligible(u), down)
 
 
 class ExpertStore(Protocol):
@@ -42,6 +42,7 @@ class ExpertStore(Protocol):
     n_experts: int
 
     wants_hints: bool  # True when `hint` does something (predictions cost a router pass)
+    stable_views: bool  # True when experts got one after another stay valid together (no eviction)
 
     def get(self, layer: int, expert: int) -> Expert: ...
 
@@ -54,8 +55,8 @@ class ExpertStore(Protocol):
     def close(self) -> None:
         """Stop background work and free buffers."""
 
-    def repack_q4_0(self) -> None:
-        """Keep Q4_0 matrices in the 8-row interleaved layout (kernels/q4x8.py), now and as they arrive."""
+    def repack_x8(self) -> None:
+        """Keep Q4_0/Q4_K matrices in the 8-row interleaved layout (kernels/q4x8.py), now and as they arrive."""
 
 
 class ResidentExperts:
@@ -67,9 +68,10 @@ class ResidentExperts:
         self.n_experts = len(experts[0]) if experts else 0
 
     wants_hints = False
+    stable_views = True
 
-    def repack_q4_0(self) -> None:
-        """Copy every Q4_0 matrix (rows divisible by 8) into the 8-row interleaved layout, gate and up of
+    def repack_x8(self) -> None:
+        """Copy every Q4_0 and Q4_K matrix (rows divisible by 8) into the 8-row interleaved layout, gate and up of
         an expert stacked into one matrix."""
         self._experts = [[_x8_expert(e) for e in layer] for layer in self._experts]
 

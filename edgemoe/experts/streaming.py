@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels.q4x8 import repack_q4_0_x8, x8_eligible
+from ..kernels.q4x8 import repack_x8, x8_eligible
 from ..qtensor import QTensor, row_bytes
 from .cache import ExpertCache
 from .extents import ExpertExtent
@@ -70,16 +70,16 @@ def _x8_eligible(part) -> bool:
 
 def _x8_offsets(ext: ExpertExtent) -> dict[str, int] | None:
     """Where gate, up and down go in an expert's repacked blob: gate and up adjacent (one stacked
-    matrix) when both are Q4_0 of one shape; None keeps the parts where they were read."""
+    matrix) when both are Q4_0 or Q4_K of one type and shape; None keeps the parts where they were read."""
     g, u, d = (ext.parts[p] for p in ("gate", "up", "down"))
-    if not (_x8_eligible(g) and _x8_eligible(u) and (g.rows, g.cols) == (u.rows, u.cols)):
+    if not (_x8_eligible(g) and _x8_eligible(u) and (g.qtype, g.rows, g.cols) == (u.qtype, u.rows, u.cols)):
         return None
     n = g.rows * row_bytes(g.qtype, g.cols)
     return {"gate": 0, "up": n, "down": 2 * n}
 
 
 def _interleave_into(ext: ExpertExtent, src: np.ndarray, dst: np.ndarray) -> None:
-    """Write an expert's bytes `src` (as read) into `dst` (as large) with its Q4_0 parts in the 8-row
+    """Write an expert's bytes `src` (as read) into `dst` (as large) with its Q4_0/Q4_K parts in the 8-row
     interleaved layout, at the offsets `_x8_offsets` gives (else where they were)."""
     offsets = _x8_offsets(ext)
     if offsets is None:
@@ -89,7 +89,7 @@ def _interleave_into(ext: ExpertExtent, src: np.ndarray, dst: np.ndarray) -> Non
         n = part.rows * rb
         at = part.offset if offsets is None else offsets[name]
         if _x8_eligible(part):
-            repack_q4_0_x8(src[part.offset:part.offset + n].reshape(part.rows, rb),
+            repack_x8(part.qtype, src[part.offset:part.offset + n].reshape(part.rows, rb),
                            dst[at:at + n].reshape(part.rows // 8, 8 * rb))
         elif offsets is not None:
             dst[at:at + n] = src[part.offset:part.offset + n]
@@ -111,11 +111,15 @@ class StreamingExperts:
         self._demanded: dict[tuple[int, int], ReadHandle] = {}  # issued by request(), consumed by get()
         self._pending: dict[tuple[int, int], ReadHandle] = {}  # prefetches not yet demanded
         self._spill: np.ndarray | None = None  # holds an expert the cache could not take, until the next get
-        self._x8 = False  # Q4_0 parts are repacked into the 8-row interleaved layout as they arrive
+        self._x8 = False  # Q4_0/Q4_K parts are repacked into the 8-row interleaved layout as they arrive
 
-    def repack_q4_0(self) -> None:
-        """From now on keep Q4_0 matrices (rows divisible by 8) in the 8-row interleaved layout."""
+    def repack_x8(self) -> None:
+        """From now on keep Q4_0/Q4_K matrices (rows divisible by 8) in the 8-row interleaved layout."""
         self._x8 = True
+
+    @property
+    def stable_views(self) -> bool:
+        return False  # a get() may evict the blob of the one before
 
     @property
     def wants_hints(self) -> bool:

@@ -20,6 +20,7 @@ from ..qtensor import QTensor, row_bytes
 from . import intrinsics
 from .fmatmul import matmul_float, matmul_float_serial
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
+from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
 from .q8act import quantize_q8_0, quantize_q8_k
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
@@ -88,6 +89,11 @@ def current_variant(qtype: str | None = None) -> str:
     return pinned or _state["forced"] or detect_variant()
 
 
+def variant_marker(qtype: QT):
+    """The marker of the kernel variant in use for weight type `qtype` (for kernels taking it directly)."""
+    return _MARKERS[_state["by_type"].get(qtype) or _state["forced"] or detect_variant()]
+
+
 def set_threads(n: int) -> None:
     """Number of threads the kernels use (1 .. numba.config.NUMBA_NUM_THREADS).
 
@@ -141,6 +147,12 @@ def _scratch(kind: str, n_tok: int, cols: int):
                 np.empty((cap, cols // 32), np.float32),  # (T, C/32) scales
                 np.empty((cap, cols // 32), np.int32),  # (T, C/32) 8 * sum of quants
             )
+        elif kind == "q8_kx8":
+            bufs = (
+                np.empty((cap, cols), np.int8),  # (T, C) quants
+                np.empty((cap, cols // 256), np.float32),  # (T, C/256) scales
+                np.empty((cap, cols // 64), np.int32),  # (T, C/64) pairs of sub-block sums
+            )
         elif kind != "q8_k":
             bufs = (
                 np.empty((cap, cols), np.int8),  # (T, C) quants
@@ -192,7 +204,7 @@ def _check(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
 
 
 def _storage_shape(w: QTensor) -> tuple[int, int]:
-    """The (rows, row bytes) of plain storage; (rows / 8, 8 * row bytes) of 8-row interleaved Q4_0."""
+    """The (rows, row bytes) of plain storage; (rows / 8, 8 * row bytes) of 8-row interleaved Q4_0/Q4_K."""
     n = _row_bytes(w.qtype, w.cols)
     if w.interleave == 1:
         return (w.rows, n)
@@ -271,6 +283,10 @@ def _q8_0_x8(x, q, d, s):
     quantize_q8_0_x8(q, d, s, x)
 
 
+def _q8_k_x8(x, q, d, s):
+    quantize_q8_k_x8(q, d, s, x)
+
+
 def _float(fmt):
     return lambda k, o, w, x, m: k(o, w, x, fmt, m)
 
@@ -290,9 +306,10 @@ _KERNELS = {
 }
 
 
-# 8-row interleaved Q4_0 (kernels/q4x8.py), chosen by QTensor.interleave == 8.
+# 8-row interleaved Q4_0 (kernels/q4x8.py) and Q4_K (kernels/q4kx8.py), chosen by QTensor.interleave == 8.
 _KERNELS_X8 = {
     QT.Q4_0: ("q8_0x8", _q8_0_x8, (matmul_q4_0_x8, matmul_q4_0_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.Q4_K: ("q8_kx8", _q8_k_x8, (matmul_q4_k_x8, matmul_q4_k_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
 }
 
 

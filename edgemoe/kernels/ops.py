@@ -78,6 +78,13 @@ def _rope_inplace(x, cos, sin):
                 x[t, h, i + half] = b * c + a * s
 
 
+@njit(cache=True, nogil=True)
+def attention_jobs(T, H, K):
+    """Jobs of `_attention` for T tokens, H query heads and K key/value heads."""
+    group = H // K
+    return T * K * ((group + 3) // 4)
+
+
 def _attention(out, q, k_cache, v_cache, pos0, scale):
     """Causal GQA attention of T new queries at positions pos0..pos0+T-1 over the cache.
 
@@ -87,6 +94,14 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
     in a fixed order (q.k as 8-lane partial sums, p.V accumulated over positions in order), so its
     result does not depend on T or on the grouping: a prompt in chunks gives the same values.
     """
+    T, H, _ = q.shape
+    for job in prange(attention_jobs(T, H, k_cache.shape[1])):
+        attention_job(out, q, k_cache, v_cache, pos0, scale, job)
+
+
+@njit(cache=True, nogil=True)
+def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
+    """Job number `job` of `_attention`: token t, query heads h0 .. h0 + ng - 1."""
     T, H, d = q.shape
     K = k_cache.shape[1]
     group = H // K
@@ -94,83 +109,82 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
     subs = (group + per_job - 1) // per_job  # jobs per (token, kv head)
     n_max = pos0 + T
     d8 = d - d % 8
-    for job in prange(T * K * subs):
-        t = job // (K * subs)
-        kv = (job // subs) % K
-        h0 = kv * group + (job % subs) * per_job
-        ng = min(per_job, kv * group + group - h0)
-        n = pos0 + t + 1
-        scores = np.empty((ng, n_max), dtype=np.float32)
-        ms = np.full(ng, -np.inf, dtype=np.float32)
-        for s in range(n):
-            ko = (s * K + kv) * d  # flat offset of k_cache[s, kv]
-            for j in range(ng):
-                qo = (t * H + h0 + j) * d  # flat offset of q[t, h0 + j]
-                a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
-                i = 0
-                while i + 32 <= d8:  # four independent chains: one would wait on FMA latency
-                    a0 = ffma(load_f32x8(q, qo + i), load_f32x8(k_cache, ko + i), a0)
-                    a1 = ffma(load_f32x8(q, qo + i + 8), load_f32x8(k_cache, ko + i + 8), a1)
-                    a2 = ffma(load_f32x8(q, qo + i + 16), load_f32x8(k_cache, ko + i + 16), a2)
-                    a3 = ffma(load_f32x8(q, qo + i + 24), load_f32x8(k_cache, ko + i + 24), a3)
-                    i += 32
-                while i < d8:
-                    a0 = ffma(load_f32x8(q, qo + i), load_f32x8(k_cache, ko + i), a0)
-                    i += 8
-                acc = hsum(fadd(fadd(a0, a1), fadd(a2, a3)))
-                for i in range(d8, d):
-                    acc += q[t, h0 + j, i] * k_cache[s, kv, i]
-                acc *= scale
-                scores[j, s] = acc
-                ms[j] = max(ms[j], acc)
+    t = job // (K * subs)
+    kv = (job // subs) % K
+    h0 = kv * group + (job % subs) * per_job
+    ng = min(per_job, kv * group + group - h0)
+    n = pos0 + t + 1
+    scores = np.empty((ng, n_max), dtype=np.float32)
+    ms = np.full(ng, -np.inf, dtype=np.float32)
+    for s in range(n):
+        ko = (s * K + kv) * d  # flat offset of k_cache[s, kv]
         for j in range(ng):
-            so = j * n_max  # flat offset of scores[j]
-            m = ms[j]
-            mv = splat_f32x8(m)
-            total8 = zero_f32x8()
-            s = 0
-            while s + 8 <= n:  # 8 lanes of exp at a time; a position's lane is fixed, so results do not depend on T
-                e8 = exp_f32x8(fsub(load_f32x8(scores, so + s), mv))
-                store_x8(scores, so + s, e8)
-                total8 = fadd(total8, e8)
-                s += 8
-            total = hsum(total8)
-            while s < n:
-                e = np.float32(math.exp(np.float64(scores[j, s]) - np.float64(m)))
-                scores[j, s] = e
-                total += e
-                s += 1
-            ms[j] = np.float32(1.0) / total  # from here on: 1 / the softmax denominator
-        i0 = 0  # out[t, h] = sum_s p_s v[s, kv]: 64 columns at a time in 8 vector accumulators
-        while i0 + 64 <= d:
-            for j in range(ng):  # the chunk's v rows stay in L2 for the group's other heads
-                inv = ms[j]
-                oo = (t * H + h0 + j) * d + i0
-                a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
-                a4, a5, a6, a7 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
-                for s in range(n):
-                    p = splat_f32x8(scores[j, s] * inv)
-                    vo = (s * K + kv) * d + i0
-                    a0, a1 = ffma(p, load_f32x8(v_cache, vo), a0), ffma(p, load_f32x8(v_cache, vo + 8), a1)
-                    a2, a3 = ffma(p, load_f32x8(v_cache, vo + 16), a2), ffma(p, load_f32x8(v_cache, vo + 24), a3)
-                    a4, a5 = ffma(p, load_f32x8(v_cache, vo + 32), a4), ffma(p, load_f32x8(v_cache, vo + 40), a5)
-                    a6, a7 = ffma(p, load_f32x8(v_cache, vo + 48), a6), ffma(p, load_f32x8(v_cache, vo + 56), a7)
-                store_x8(out, oo, a0)
-                store_x8(out, oo + 8, a1)
-                store_x8(out, oo + 16, a2)
-                store_x8(out, oo + 24, a3)
-                store_x8(out, oo + 32, a4)
-                store_x8(out, oo + 40, a5)
-                store_x8(out, oo + 48, a6)
-                store_x8(out, oo + 56, a7)
-            i0 += 64
-        for j in range(ng):
+            qo = (t * H + h0 + j) * d  # flat offset of q[t, h0 + j]
+            a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
+            i = 0
+            while i + 32 <= d8:  # four independent chains: one would wait on FMA latency
+                a0 = ffma(load_f32x8(q, qo + i), load_f32x8(k_cache, ko + i), a0)
+                a1 = ffma(load_f32x8(q, qo + i + 8), load_f32x8(k_cache, ko + i + 8), a1)
+                a2 = ffma(load_f32x8(q, qo + i + 16), load_f32x8(k_cache, ko + i + 16), a2)
+                a3 = ffma(load_f32x8(q, qo + i + 24), load_f32x8(k_cache, ko + i + 24), a3)
+                i += 32
+            while i < d8:
+                a0 = ffma(load_f32x8(q, qo + i), load_f32x8(k_cache, ko + i), a0)
+                i += 8
+            acc = hsum(fadd(fadd(a0, a1), fadd(a2, a3)))
+            for i in range(d8, d):
+                acc += q[t, h0 + j, i] * k_cache[s, kv, i]
+            acc *= scale
+            scores[j, s] = acc
+            ms[j] = max(ms[j], acc)
+    for j in range(ng):
+        so = j * n_max  # flat offset of scores[j]
+        m = ms[j]
+        mv = splat_f32x8(m)
+        total8 = zero_f32x8()
+        s = 0
+        while s + 8 <= n:  # 8 lanes of exp at a time; a position's lane is fixed, so results do not depend on T
+            e8 = exp_f32x8(fsub(load_f32x8(scores, so + s), mv))
+            store_x8(scores, so + s, e8)
+            total8 = fadd(total8, e8)
+            s += 8
+        total = hsum(total8)
+        while s < n:
+            e = np.float32(math.exp(np.float64(scores[j, s]) - np.float64(m)))
+            scores[j, s] = e
+            total += e
+            s += 1
+        ms[j] = np.float32(1.0) / total  # from here on: 1 / the softmax denominator
+    i0 = 0  # out[t, h] = sum_s p_s v[s, kv]: 64 columns at a time in 8 vector accumulators
+    while i0 + 64 <= d:
+        for j in range(ng):  # the chunk's v rows stay in L2 for the group's other heads
             inv = ms[j]
-            for i in range(i0, d):
-                acc = np.float32(0.0)
-                for s in range(n):
-                    acc += (scores[j, s] * inv) * v_cache[s, kv, i]
-                out[t, h0 + j, i] = acc
+            oo = (t * H + h0 + j) * d + i0
+            a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
+            a4, a5, a6, a7 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
+            for s in range(n):
+                p = splat_f32x8(scores[j, s] * inv)
+                vo = (s * K + kv) * d + i0
+                a0, a1 = ffma(p, load_f32x8(v_cache, vo), a0), ffma(p, load_f32x8(v_cache, vo + 8), a1)
+                a2, a3 = ffma(p, load_f32x8(v_cache, vo + 16), a2), ffma(p, load_f32x8(v_cache, vo + 24), a3)
+                a4, a5 = ffma(p, load_f32x8(v_cache, vo + 32), a4), ffma(p, load_f32x8(v_cache, vo + 40), a5)
+                a6, a7 = ffma(p, load_f32x8(v_cache, vo + 48), a6), ffma(p, load_f32x8(v_cache, vo + 56), a7)
+            store_x8(out, oo, a0)
+            store_x8(out, oo + 8, a1)
+            store_x8(out, oo + 16, a2)
+            store_x8(out, oo + 24, a3)
+            store_x8(out, oo + 32, a4)
+            store_x8(out, oo + 40, a5)
+            store_x8(out, oo + 48, a6)
+            store_x8(out, oo + 56, a7)
+        i0 += 64
+    for j in range(ng):
+        inv = ms[j]
+        for i in range(i0, d):
+            acc = np.float32(0.0)
+            for s in range(n):
+                acc += (scores[j, s] * inv) * v_cache[s, kv, i]
+            out[t, h0 + j, i] = acc
 
 
 def _swiglu(out, gate, g0, up, u0, stride):

@@ -85,12 +85,31 @@ def unpack_q4_0_x8(data: np.ndarray) -> np.ndarray:
 
 
 def x8_eligible(qtype, rows: int) -> bool:
-    """Whether a plain matrix of this type and row count can take the x8 layout."""
-    return qtype == QT.Q4_0 and rows % 8 == 0
+    """Whether a plain matrix of this type and row count can take the 8-row interleaved layout
+    (Q4_0 here, Q4_K in `q4kx8`)."""
+    return qtype in (QT.Q4_0, QT.Q4_K) and rows % 8 == 0
 
 
-def interleave_if_q4_0(w: QTensor) -> QTensor:
-    """`w` in the x8 layout when it is plain Q4_0 with rows divisible by 8, else `w` itself."""
+def repack_x8(qtype, data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Plain rows of `qtype` -> its x8 layout (the same number of bytes), into `out` if given."""
+    if qtype == QT.Q4_K:
+        from .q4kx8 import repack_q4_k_x8
+
+        return repack_q4_k_x8(data, out)
+    return repack_q4_0_x8(data, out)
+
+
+def unpack_x8(qtype, data: np.ndarray) -> np.ndarray:
+    """x8 layout of `qtype` -> plain rows (a new array)."""
+    if qtype == QT.Q4_K:
+        from .q4kx8 import unpack_q4_k_x8
+
+        return unpack_q4_k_x8(data)
+    return unpack_q4_0_x8(data)
+
+
+def interleave_if_eligible(w: QTensor) -> QTensor:
+    """`w` in the x8 layout when it is plain Q4_0 or Q4_K with rows divisible by 8, else `w` itself."""
     return interleave(w) if w.interleave == 1 and x8_eligible(w.qtype, w.rows) else w
 
 
@@ -100,10 +119,11 @@ def x8_rows(w: QTensor, r0: int, n: int) -> QTensor:
 
 
 def interleave(w: QTensor) -> QTensor:
-    """A plain Q4_0 QTensor in the x8 layout (`interleave` 8)."""
-    if w.qtype != QT.Q4_0 or w.interleave != 1:
-        raise UnsupportedError(f"only plain Q4_0 weights can be interleaved (got {w.qtype.name}, interleave {w.interleave})")
-    return QTensor(repack_q4_0_x8(w.data), QT.Q4_0, w.rows, w.cols, interleave=8)
+    """A plain Q4_0 or Q4_K QTensor in the x8 layout (`interleave` 8)."""
+    if not x8_eligible(w.qtype, w.rows) or w.interleave != 1:
+        raise UnsupportedError(f"only plain Q4_0/Q4_K weights with rows divisible by 8 can be interleaved "
+                               f"(got {w.qtype.name}, {w.rows} rows, interleave {w.interleave})")
+    return QTensor(repack_x8(w.qtype, w.data), w.qtype, w.rows, w.cols, interleave=8)
 
 
 # ---- kernels --------------------------------------------------------------------------------

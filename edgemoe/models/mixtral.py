@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..experts.store import ExpertStore
-from ..kernels import ops
-from ..kernels.q4x8 import interleave_if_q4_0
+from ..kernels import fused, ops
+from ..kernels.q4x8 import interleave_if_eligible
 from ..kv_cache import KVCache
 from ..qtensor import QTensor
 from .base import linear, rms_norm, switch_glu
@@ -85,6 +85,7 @@ class Model:
         self.experts = experts
         self.embed_rows = embed_rows  # ids (T,) → (T, D) float32, dequantising only those rows
         self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
+        self.fused = True  # one-token steps run each layer's blocks as single kernels (kernels/fused.py)
 
     def dense_nbytes(self) -> int:
         """Bytes of the dense tensors a forward pass reads (all but the embedding, of which a step reads rows)."""
@@ -98,7 +99,8 @@ class Model:
         """Lay the weights out for the kernels, once after loading.
 
         - q, k and v of a layer go into one matrix where they share a type (one kernel call for three);
-        - Q4_0 matrices go into the 8-row interleaved layout (kernels/q4x8.py, ~1.5x faster per core);
+        - Q4_0 and Q4_K matrices go into the 8-row interleaved layouts (kernels/q4x8.py, q4kx8.py; 1.5-2.4x
+          faster per core);
         - with `own_dense`, every other dense tensor a step reads is copied out of the memory-mapped file:
           when experts stream inside a memory limit the kernel reclaims clean file pages first, and a
           mapped norm or attention matrix would be faulted back in from the disk once per token;
@@ -107,7 +109,7 @@ class Model:
         """
         def laid_out(w):
             if isinstance(w, QTensor):
-                w = interleave_if_q4_0(w)
+                w = interleave_if_eligible(w)
                 if own_dense and not w.data.flags.owndata:
                     w = QTensor(np.array(w.data), w.qtype, w.rows, w.cols, w.interleave)
                 return w
@@ -127,7 +129,7 @@ class Model:
         self.weights.norm = laid_out(self.weights.norm)
         self.weights.lm_head = laid_out(self.weights.lm_head)  # the embedding lookup keeps its own plain copy
         if repack_experts:
-            self.experts.repack_q4_0()
+            self.experts.repack_x8()
 
     def new_cache(self, n_ctx: int) -> KVCache:
         a = self.args
@@ -169,7 +171,7 @@ class Model:
         return ids, w
 
     def moe(self, h: np.ndarray, x: np.ndarray, layer: Layer, i: int) -> np.ndarray:
-        """h: normalised input of layer i's experts; x: the residual stream, for next-layer prediction."""
+        """x plus layer i's experts applied to h, its normalised input.  x, h: (T, D) → (T, D)"""
         ids, w = self.route(h, layer)
         layers = self.weights.layers
         if self.experts.wants_hints and i + 1 < len(layers):
@@ -177,7 +179,14 @@ class Model:
             nxt = layers[i + 1]
             self.experts.hint(i + 1, np.unique(self.route(rms_norm(x, nxt.post_attention_layernorm,
                                                                    self.args.rms_norm_eps), nxt)[0]))
-        return switch_glu(h, ids, w, self.experts, i)
+        if self.fused and x.shape[0] == 1 and self.experts.stable_views:
+            order = np.argsort(ids[0], kind="stable")  # summed in increasing expert id, as switch_glu
+            self.experts.request(i, ids[0, order])
+            chosen = [self.experts.get(i, int(e)) for e in ids[0, order]]
+            kinds = fused.moe_kinds(chosen[0].gate_up, chosen[0].gate, chosen[0].down)
+            if kinds is not None:
+                return fused.moe_block(x[0], h[0], chosen, np.ascontiguousarray(w[0, order]), kinds)[None]
+        return x + switch_glu(h, ids, w, self.experts, i)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` (T,) at the next positions of `cache`; logits (T, V), or (1, V) of the last token."""
@@ -211,9 +220,17 @@ class Model:
         sin = np.empty_like(cos)
         ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
         x = self.embed_rows(ids)  # (T, D)
+        one = T == 1 and self.fused
         for i, layer in enumerate(self.weights.layers):
-            x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin)
-            x = x + self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i)
+            kinds = one and layer.qkv_proj is not None and fused.attention_kinds(layer.qkv_proj, layer.o_proj)
+            if kinds:
+                cache = seqs[0][2]
+                x = fused.attention_block(x[0], layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj, layer.o_proj,
+                                          a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin,
+                                          cache.k[i], cache.v[i], cache.length, self.scale, kinds)[None]
+            else:
+                x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin)
+            x = self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i)
         for _, n, cache in seqs:  # only now: a failed pass leaves every cache as it was
             cache.length += n
         return x

@@ -1,0 +1,257 @@
+"""One token's attention block and one token's expert block, each in a single parallel region.
+
+Decoding one token runs ~25 small kernels per layer; as separate calls each is its own parallel
+region (a launch, then a join that waits for the slower thread, which on a shared 2-vCPU box is often
+a scheduler slice late) with Python in between. Here each block is one call: its phases are split
+into chunks that the threads claim from shared counters (`sync`), and a phase starts once every
+chunk of the one before is done. The matrix rows are computed by the serial kernels of `rows`, and
+every other step is the same code as the separate path, so the results are bit-identical to it.
+
+    attention block (one layer): x (D,) -> x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))))
+        phases: qkv rows | rope + KV-cache write | attention jobs | quantise | o_proj rows + residual
+    expert block: x (D,) -> x + sum_a w_a down_a(silu(gate_a h) * up_a h), experts in the given order
+        phases: gate/up rows of every expert | SwiGLU + quantise per expert | down rows + sum + residual
+
+A kernel is compiled per combination of weight kinds (`rows.KINDS`): the template's code is bound to
+that kind's functions under its own name, which Numba's on-disk cache keys on.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ..qtensor import QTensor
+from . import dispatch
+from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs
+from .rows import Kind, activations, kind_of
+from .sync import SYNC_SLOTS, claim, finish, wait_done
+
+CHUNK_ROWS = 128  # matrix rows per chunk (a multiple of 8): ~35-70 KB of weights, a few µs of work
+
+# Bound per weight kind by `_specialise` (the templates are never compiled themselves).
+GU_QUANT = GU_ROWS = DOWN_QUANT = DOWN_ROWS = QKV_QUANT = QKV_ROWS = O_QUANT = O_ROWS = None
+SWIGLU_SERIAL, RMSNORM_SERIAL, ROPE_SERIAL = SWIGLU[1], RMSNORM[1], ROPE_INPLACE[1]
+
+
+def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, hbuf, hq, hd, hs, ys, downs,
+                  gu_variant, down_variant, sync, chunk):
+    """out (D,) = resid + sum_a w_exp[a] * down_a(silu(gate_a h) * up_a h).
+
+    mats: the experts' gate|up matrices, `n_per` per expert in expert order (1: gate and up stacked,
+    2I rows; 2: gate then up, I rows each); downs: the down matrices (D, I).
+    Scratch: xq, xd, xs: (1, ...) activations of h; gu: (A * 2I,) f32; hbuf: (A, I) f32;
+    hq, hd, hs: (A, ...) activations of hbuf; ys: (A, D) f32. sync: (3 * SYNC_SLOTS,) int64 zeros;
+    n_threads: iterations of the parallel loop (the threads kernels use); chunk: rows per chunk.
+    """
+    A = w_exp.shape[0]
+    D = out.shape[0]
+    n_i = hbuf.shape[1]
+    r1 = 2 * n_i // n_per  # rows per matrix of `mats`
+    per_mat = (r1 + chunk - 1) // chunk
+    n1 = len(mats) * per_mat
+    n3 = (D + chunk - 1) // chunk
+    GU_QUANT(xq, xd, xs, h.reshape(1, D))
+    for it in prange(n_threads):
+        back = it % 2 == 1  # odd iterations take chunks from the back
+        c = claim(sync, 0, n1, back)
+        while c >= 0:  # gate and up rows
+            m = c // per_mat
+            lo = (c % per_mat) * chunk
+            GU_ROWS(gu[m * r1:(m + 1) * r1], lo, min(lo + chunk, r1), mats[m], xq, xd, xs, gu_variant)
+            finish(sync, 0)
+            c = claim(sync, 0, n1, back)
+        wait_done(sync, 0, n1)
+        a = claim(sync, 1, A, back)
+        while a >= 0:  # SwiGLU and the down projection's activations, per expert
+            SWIGLU_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i)
+            DOWN_QUANT(hq[a:a + 1], hd[a:a + 1], hs[a:a + 1], hbuf[a:a + 1])
+            finish(sync, 1)
+            a = claim(sync, 1, A, back)
+        wait_done(sync, 1, A)
+        c = claim(sync, 2, n3, back)
+        while c >= 0:  # down rows of every expert, summed in order, plus the residual
+            lo = c * chunk
+            hi = min(lo + chunk, D)
+            for e in range(A):
+                DOWN_ROWS(ys[e], lo, hi, downs[e], hq[e:e + 1], hd[e:e + 1], hs[e:e + 1], down_variant)
+            for r in range(lo, hi):
+                acc = np.float32(0.0)
+                for e in range(A):
+                    acc += w_exp[e] * ys[e, r]
+                out[r] = resid[r] + acc
+            finish(sync, 2)
+            c = claim(sync, 2, n3, back)
+
+
+def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, n_heads, n_kv, cos, sin, k_cache,
+                        v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk):
+    """out (D,) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))) of one token at position `pos`,
+    whose k and v are written into k_cache[pos], v_cache[pos] (S, K, d).
+
+    Scratch: hbuf (1, D) f32; xq, xd, xs: (1, ...) activations of hbuf; qkv ((H + 2K) d,) f32;
+    att (1, H, d) f32; aq, ad, as_: (1, ...) activations of att; obuf (D,) f32.
+    cos, sin: (1, d/2) rotary tables of the position; sync: (5 * SYNC_SLOTS,) int64 zeros;
+    n_threads: iterations of the parallel loop (the threads kernels use); chunk: rows per chunk.
+    """
+    D = x.shape[0]
+    d = att.shape[2]
+    hq = n_heads * d
+    hk = n_kv * d
+    r_qkv = hq + 2 * hk
+    n1 = (r_qkv + chunk - 1) // chunk
+    n3 = attention_jobs(1, n_heads, n_kv)
+    n5 = (D + chunk - 1) // chunk
+    q = qkv[:hq].reshape(1, n_heads, d)
+    k = qkv[hq:hq + hk].reshape(1, n_kv, d)
+    v = qkv[hq + hk:].reshape(1, n_kv, d)
+    RMSNORM_SERIAL(hbuf, x.reshape(1, D), norm_w, eps)
+    QKV_QUANT(xq, xd, xs, hbuf)
+    for it in prange(n_threads):
+        back = it % 2 == 1  # odd iterations take chunks from the back
+        c = claim(sync, 0, n1, back)
+        while c >= 0:  # q, k, v rows
+            lo = c * chunk
+            QKV_ROWS(qkv, lo, min(lo + chunk, r_qkv), w_qkv, xq, xd, xs, qkv_variant)
+            finish(sync, 0)
+            c = claim(sync, 0, n1, back)
+        wait_done(sync, 0, n1)
+        if claim(sync, 1, 1, back) == 0:  # RoPE, then the new position into the cache
+            ROPE_SERIAL(q, cos, sin)
+            ROPE_SERIAL(k, cos, sin)
+            for j in range(n_kv):
+                for i in range(d):
+                    k_cache[pos, j, i] = k[0, j, i]
+                    v_cache[pos, j, i] = v[0, j, i]
+            finish(sync, 1)
+        wait_done(sync, 1, 1)
+        c = claim(sync, 2, n3, back)
+        while c >= 0:
+            attention_job(att, q, k_cache, v_cache, pos, scale, c)
+            finish(sync, 2)
+            c = claim(sync, 2, n3, back)
+        wait_done(sync, 2, n3)
+        if claim(sync, 3, 1, back) == 0:
+            O_QUANT(aq, ad, as_, att.reshape(1, hq))
+            finish(sync, 3)
+        wait_done(sync, 3, 1)
+        c = claim(sync, 4, n5, back)
+        while c >= 0:  # o_proj rows plus the residual
+            lo = c * chunk
+            hi = min(lo + chunk, D)
+            O_ROWS(obuf, lo, hi, w_o, aq, ad, as_, o_variant)
+            for r in range(lo, hi):
+                out[r] = x[r] + obuf[r]
+            finish(sync, 4)
+            c = claim(sync, 4, n5, back)
+
+
+_compiled: dict = {}
+
+
+def _specialise(template, tag: str, **bound):
+    """`template` compiled in parallel with its upper-case globals bound to `bound`, named by `tag`."""
+    key = (template.__name__, tag)
+    fn = _compiled.get(key)
+    if fn is None:
+        name = f"{template.__name__}__{tag}"
+        py = types.FunctionType(template.__code__, dict(template.__globals__, **bound), name, template.__defaults__)
+        py.__qualname__ = name
+        fn = _compiled[key] = njit(cache=True, nogil=True, parallel=True)(py)
+    return fn
+
+
+_local = threading.local()
+
+
+def _scratch(role: str, act: str, n: int, cols: int):
+    """Activation buffers for one role of the fused kernels, reused across calls on this thread."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    key = (role, act, n, cols)
+    b = bufs.get(key)
+    if b is None:
+        b = bufs[key] = activations(act, n, cols)
+    return b
+
+
+def _f32(role: str, *shape):
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    key = (role, "f32buf") + shape
+    b = bufs.get(key)
+    if b is None:
+        b = bufs[key] = np.empty(shape, np.float32)
+    return b
+
+
+def _variant(w: QTensor):
+    return dispatch.variant_marker(w.qtype)
+
+
+def moe_kinds(gate_up: QTensor | None, gate: QTensor, down: QTensor) -> tuple[Kind, Kind] | None:
+    """(gate/up kind, down kind) of an expert when the fused expert block can run it, else None."""
+    first = gate_up if gate_up is not None else gate
+    k1, k2 = kind_of(first), kind_of(down)
+    if k1 is None or k2 is None or first.cols % 256 and k1.act.startswith("q8_k") or down.cols % 256 and k2.act.startswith("q8_k"):
+        return None
+    return k1, k2
+
+
+def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, kinds: tuple[Kind, Kind]) -> np.ndarray:
+    """x + the weighted sum of `experts` applied to h, for one token.   x, h: (D,) → (D,)
+
+    experts: Expert tuples of one layer with the same types and shapes, in the order their outputs
+    are summed; weights: (A,) f32; kinds: from `moe_kinds` on the first expert.
+    """
+    k1, k2 = kinds
+    e0 = experts[0]
+    A, D = len(experts), x.shape[0]
+    n_i = e0.down.cols
+    if e0.gate_up is not None:
+        mats, n_per = tuple(e.gate_up.data for e in experts), 1
+    else:
+        mats, n_per = tuple(m for e in experts for m in (e.gate.data, e.up.data)), 2
+    kernel = _specialise(_moe_template, f"{k1.name}_{k2.name}", GU_QUANT=k1.quant, GU_ROWS=k1.rows,
+                         DOWN_QUANT=k2.quant, DOWN_ROWS=k2.rows)
+    xq, xd, xs = _scratch("moe_h", k1.act, 1, D)
+    hq, hd, hs = _scratch("moe_down", k2.act, A, n_i)
+    out = np.empty(D, np.float32)
+    kernel(numba.get_num_threads(), out, x, h, mats, n_per, weights, xq, xd, xs, _f32("moe_gu", A * 2 * n_i),
+           _f32("moe_hb", A, n_i), hq, hd, hs, _f32("moe_ys", A, D), tuple(e.down.data for e in experts),
+           _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
+           np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+    return out
+
+
+def attention_kinds(w_qkv: QTensor, w_o: QTensor) -> tuple[Kind, Kind] | None:
+    """(qkv kind, o kind) when the fused attention block can run these weights, else None."""
+    k1, k2 = kind_of(w_qkv), kind_of(w_o)
+    if k1 is None or k2 is None or w_qkv.cols % 256 and k1.act.startswith("q8_k") or w_o.cols % 256 and k2.act.startswith("q8_k"):
+        return None
+    return k1, k2
+
+
+def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
+                    n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
+                    k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale, kinds: tuple[Kind, Kind]) -> np.ndarray:
+    """x + the attention block of one token at position `pos` (its k, v written to the caches).
+    x: (D,); cos, sin: (1, d/2); k_cache, v_cache: (S, K, d) → (D,)"""
+    k1, k2 = kinds
+    D = x.shape[0]
+    kernel = _specialise(_attention_template, f"{k1.name}_{k2.name}", QKV_QUANT=k1.quant, QKV_ROWS=k1.rows,
+                         O_QUANT=k2.quant, O_ROWS=k2.rows)
+    xq, xd, xs = _scratch("att_x", k1.act, 1, D)
+    aq, ad, as_ = _scratch("att_o", k2.act, 1, n_heads * head_dim)
+    out = np.empty(D, np.float32)
+    kernel(numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("att_qkv", w_qkv.rows),
+           n_heads, n_kv, cos, sin, k_cache, v_cache, pos, scale, _f32("att_att", 1, n_heads, head_dim), aq, ad, as_,
+           w_o.data, _f32("att_o", D), _variant(w_qkv), _variant(w_o), _f32("att_h", 1, D),
+           np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+    return out

@@ -1,0 +1,156 @@
+"""Row ranges of one token's matrix product, per weight kind, for kernels that split matrices into
+chunks themselves (`fused`).
+
+A kind is a weight type in one layout. For each it names the int8 (or f32) activation format, the
+quantiser writing it and `rows(out, r0, r1, w, xq, xd, xs, variant)`, which computes
+out[r0:r1] = W[r0:r1] @ x with the serial matrix kernel of that type on row slices, so every row gets
+the bits `kernels.matvec` gives it. Row ranges of the 8-row interleaved layout start and end on
+multiples of 8.
+
+    out: (R,) f32; w: the QTensor's storage; xq, xd, xs: (1, ...) activations from `quant`
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from numba import njit
+
+from ..qtensor import QTensor
+from . import intrinsics
+from .fmatmul import matmul_float_serial
+from .kmatmul import matmul_q6_k_serial, matmul_q45_k_serial
+from .q4kx8 import matmul_q4_k_x8_serial, quantize_q8_k_x8
+from .q4x8 import matmul_q4_0_x8_serial, quantize_q8_0_x8
+from .q8act import quantize_q8_0, quantize_q8_k
+from .qmatmul import matmul_q4_0_serial, matmul_q8_0_serial
+
+_F32_FMT, _F16_FMT, _BF16_FMT = intrinsics.FMT_F32, intrinsics.FMT_F16, intrinsics.FMT_BF16
+
+
+@njit(cache=True, nogil=True)
+def quant_q8_0(xq, xd, xs, x):
+    quantize_q8_0(xq, xd, xs, x, 0)
+
+
+@njit(cache=True, nogil=True)
+def quant_q8_0_pairs(xq, xd, xs, x):
+    quantize_q8_0(xq, xd, xs, x, 1)
+
+
+@njit(cache=True, nogil=True)
+def quant_q8_k(xq, xd, xs, x):
+    quantize_q8_k(xq, xd, xs, x)
+
+
+@njit(cache=True, nogil=True)
+def quant_q8_0_x8(xq, xd, xs, x):
+    quantize_q8_0_x8(xq, xd, xs, x)
+
+
+@njit(cache=True, nogil=True)
+def quant_q8_k_x8(xq, xd, xs, x):
+    quantize_q8_k_x8(xq, xd, xs, x)
+
+
+@njit(cache=True, nogil=True)
+def quant_f32(xq, xd, xs, x):
+    """Float weights take the f32 activations themselves."""
+    xq[:] = x
+
+
+@njit(cache=True, nogil=True)
+def rows_q8_0(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_q8_0_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_q4_0(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_q4_0_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_q4_0_x8(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_q4_0_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8:r1 // 8], xq, xd, xs, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_q4_k(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_q45_k_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, 144, 0, 16, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_q4_k_x8(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_q4_k_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8:r1 // 8], xq, xd, xs, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_q5_k(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_q45_k_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, 176, 16, 48, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_q6_k(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_q6_k_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_f32(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_float_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, _F32_FMT, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_f16(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_float_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, _F16_FMT, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_bf16(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_float_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, _BF16_FMT, variant)
+
+
+class Kind(NamedTuple):
+    name: str  # part of the compiled kernels' names
+    act: str  # activation format: q8_0, q8_0p, q8_0x8, q8_k, q8_kx8 or f32
+    quant: object  # njit (xq, xd, xs, x (1, C))
+    rows: object  # njit (out, r0, r1, w, xq, xd, xs, variant)
+    step: int  # row ranges start on multiples of this
+
+
+KINDS = {
+    (QT.Q8_0, 1): Kind("Q8_0", "q8_0", quant_q8_0, rows_q8_0, 1),
+    (QT.Q4_0, 1): Kind("Q4_0", "q8_0p", quant_q8_0_pairs, rows_q4_0, 1),
+    (QT.Q4_0, 8): Kind("Q4_0x8", "q8_0x8", quant_q8_0_x8, rows_q4_0_x8, 8),
+    (QT.Q4_K, 1): Kind("Q4_K", "q8_k", quant_q8_k, rows_q4_k, 1),
+    (QT.Q4_K, 8): Kind("Q4_Kx8", "q8_kx8", quant_q8_k_x8, rows_q4_k_x8, 8),
+    (QT.Q5_K, 1): Kind("Q5_K", "q8_k", quant_q8_k, rows_q5_k, 1),
+    (QT.Q6_K, 1): Kind("Q6_K", "q8_k", quant_q8_k, rows_q6_k, 1),
+    (QT.F32, 1): Kind("F32", "f32", quant_f32, rows_f32, 1),
+    (QT.F16, 1): Kind("F16", "f32", quant_f32, rows_f16, 1),
+    (QT.BF16, 1): Kind("BF16", "f32", quant_f32, rows_bf16, 1),
+}
+
+
+def kind_of(w: QTensor) -> Kind | None:
+    """The kind of a weight, None when no row kernel takes it."""
+    return KINDS.get((w.qtype, w.interleave))
+
+
+def activations(act: str, n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New (xq, xd, xs) buffers for `n` rows of `cols` activations in format `act`."""
+    if act == "f32":
+        return (np.empty((n, cols), np.float32),  # (n, C) the activations
+                np.empty((n, 1), np.float32), np.empty((n, 1), np.float32))  # unused
+    if act == "q8_kx8":
+        return (np.empty((n, cols), np.int8),  # (n, C) quants
+                np.empty((n, cols // 256), np.float32),  # (n, C/256) scales
+                np.empty((n, cols // 64), np.int32))  # (n, C/64) pairs of sub-block sums
+    if act == "q8_k":
+        return (np.empty((n, cols), np.int8),  # (n, C) quants
+                np.empty((n, cols // 256), np.float32),  # (n, C/256) scales
+                np.empty((n, cols // 16), np.int32))  # (n, C/16) sums
+    return (np.empty((n, cols), np.int8),  # (n, C) quants
+            np.empty((n, cols // 32), np.float32),  # (n, C/32) scales
+            np.empty((n, cols // 32), np.int32 if act == "q8_0x8" else np.float32))  # (n, C/32) sums

@@ -1,0 +1,71 @@
+"""The fused one-token kernels (kernels/fused.py) give the bits of the kernel-by-kernel path.
+
+Decode steps run each layer's attention block and expert block as one parallel region each; the
+path of separate kernels (used for several tokens at once) is itself checked against transformers
+in test_mixtral.py and against batching in test_batch.py. Here every decode logit of the fused path
+must equal that path's bit for bit, over weight types, layouts (stacked gate|up or separate), GQA
+groupings, experts per token and thread counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mixtral_factory import make_hf_mixtral
+
+from edgemoe.formats.gguf_export import export_mixtral_gguf
+from edgemoe.kernels import set_threads
+from edgemoe.loader import load_model
+
+CASES = [  # (dense type, expert type, heads, kv heads, top-k)
+    ("F32", "F32", 4, 2, 2),
+    ("Q8_0", "Q4_0", 4, 2, 2),  # interleaved Q4_0 experts, gate and up stacked
+    ("Q8_0", "Q8_0", 8, 1, 3),  # a group of 8 heads: two attention jobs per kv head
+    ("Q4_K", "Q4_K", 6, 2, 1),  # K-quants: gate and up separate
+    ("F16", "Q4_0", 4, 4, 2),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(map(str, c)))
+def model(request, tmp_path_factory):
+    dense, experts, heads, kv, top_k = request.param
+    _, cfg, tensors = make_hf_mixtral(hidden=256, intermediate=512, heads=heads, kv_heads=kv, experts=4,
+                                      top_k=top_k, vocab=96, seed=5, head_dim=64)
+    path = tmp_path_factory.mktemp("fused") / f"{dense}-{experts}.gguf"
+    export_mixtral_gguf(path, cfg, tensors, qtype=dense, expert_qtype=experts)
+    return load_model(str(path)).model
+
+
+def decode(m, fused: bool) -> np.ndarray:
+    m.fused = fused
+    cache = m.new_cache(48)
+    logits = [m.forward(np.asarray([3, 17, 4, 88, 9, 1, 50]), cache)[-1]]
+    tok = int(logits[0].argmax())
+    for _ in range(12):
+        logits.append(m.forward(np.asarray([tok]), cache)[-1])
+        tok = int(logits[-1].argmax())
+    m.fused = True
+    return np.stack(logits)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_decode_equals_separate_kernels(model, threads):
+    set_threads(threads)
+    try:
+        want = decode(model, False)
+        got = decode(model, True)
+    finally:
+        set_threads(2)
+    assert np.array_equal(got, want)
+
+
+def test_fused_path_is_taken(model, monkeypatch):
+    """The test above would pass trivially if decode steps never reached the fused kernels."""
+    from edgemoe.kernels import fused
+
+    calls = []
+    for name in ("attention_block", "moe_block"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    decode(model, True)
+    assert calls.count("attention_block") == calls.count("moe_block") > 0
