@@ -335,3 +335,31 @@ def test_bad_settings_and_missing_file(datafile, tmp_path):
         ExpertReader(datafile, fixed_buffers=8, max_buffers=4, buffer_bytes=4096)
     with pytest.raises(ModelFormatError):
         ExpertReader(tmp_path / "missing.bin", buffer_bytes=4096)
+
+
+def test_large_direct_reads_go_out_in_concurrent_pieces(datafile, monkeypatch):
+    """A long O_DIRECT read is split into aligned pieces read at once: same bytes, same truncation
+    and error reports, and the buffer goes back only after every piece has finished."""
+    import edgemoe.experts.io as io_mod
+
+    monkeypatch.setattr(io_mod, "PIECE_BYTES", 16384)
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off, *a: calls.append(off) or real(fd, bufs, off, *a))
+    rng = random.Random(5)
+    with ExpertReader(datafile, buffer_bytes=SIZE + 8192, fixed_buffers=2) as reader:
+        for i in range(20):
+            ranges = random_ranges(rng) + [(rng.randrange(0, SIZE - 60_000), 60_000)]
+            with reader.read(i, ranges).result(timeout=T) as buf:
+                assert buf.copy().tobytes() == expected(datafile, ranges)
+        assert reader.stats.direct_io and len(calls) > 20 * 4  # the 60 kB ranges took several requests each
+        with pytest.raises(ModelFormatError, match="truncated"):
+            reader.read("tail", [(SIZE - 50_000, 60_000)]).result(timeout=T)
+        assert reader.pool_free() == reader.stats.pool_buffers
+    bad = range(65536, 65536 + 16384)
+    gate = Gate(monkeypatch, fail=lambda fd, off: OSError(errno.EIO, "Input/output error") if off in bad else None)
+    gate.open()
+    with ExpertReader(datafile, buffer_bytes=SIZE + 8192, fixed_buffers=1) as reader:
+        with pytest.raises(ExpertIOError, match="Input/output error"):
+            reader.read("bad", [(0, 3 * 65536)]).result(timeout=T)
+        assert reader.pool_free() == 1 and reader.stats.errors == 1
