@@ -103,6 +103,12 @@ def _offsets(size: int, chunk: int, rng: random.Random):
         yield rng.randint(0, top) * ALIGN
 
 
+# Reads at once when measuring the disk's limit for a bound (edgemoe bench, tools/compare_llamacpp.py):
+# enough requests in flight that more do not read faster (a virtual disk here: 0.67 GB/s with one
+# 4 MB read at a time, 0.76 with two, 0.92 with eight).
+LIMIT_THREADS = 8
+
+
 def read_bandwidth(path: str, *, seconds: float = 1.0, threads: int = 4, chunk: int = 4 * 2**20,
                    direct: bool = True) -> float:
     """Bytes per second of `threads` concurrent random `chunk`-byte reads of `path` for about `seconds`."""

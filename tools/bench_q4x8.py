@@ -1,12 +1,12 @@
-"""Benchmark Q4_0 matvec / matmul: today's plain-layout kernel (`edgemoe.kernels.matvec`) against
-the 8-row interleaved layout (`edgemoe.kernels.q4x8`), per thread count.
+"""Benchmark Q4_0 (or Q4_K) matvec / matmul: the plain-layout kernel (`edgemoe.kernels.matvec`) against
+the 8-row interleaved layout (`edgemoe.kernels.q4x8`, `q4kx8`), per thread count.
 
-    python tools/bench_q4x8.py [--threads 1,2] [--repeat 9] [--dram-mb 600]
+    python tools/bench_q4x8.py [--type Q4_K] [--threads 1,2] [--repeat 9] [--dram-mb 600]
 
 "L3" runs one matrix over and over (it stays in the 32 MB L3); "DRAM" cycles through enough
 copies (64 for the small shapes, at least --dram-mb MB in all) that each is read from memory.
 Both layouts are timed alternately in the same loop (the machine is shared): medians of
---repeat runs; a DRAM run is one pass over all copies. Figures are weight GB/s (plain Q4_0
+--repeat runs; a DRAM run is one pass over all copies. Figures are weight GB/s (plain
 bytes; both layouts have the same size) and µs per matvec, with the call overhead included.
 """
 
@@ -40,6 +40,16 @@ def random_q4_0(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return blocks.reshape(rows, nb * 18)
 
 
+def random_weights(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of `qtype`: Q4_0 as above; Q4_K random bytes with small finite f16 d and dmin."""
+    if qtype == QT.Q4_0:
+        return random_q4_0(rows, cols, rng)
+    blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+    blocks[:, :, :4] = rng.uniform(1e-3, 1e-2, (rows, cols // 256, 2)).astype(np.float16).view(np.uint8).reshape(
+        rows, cols // 256, 4)
+    return blocks.reshape(rows, -1)
+
+
 def alternate(fns: dict, repeat: int) -> dict:
     """{name: (median, best) seconds} of `repeat` runs of each fn, run alternately after a warm-up.
 
@@ -59,6 +69,7 @@ def alternate(fns: dict, repeat: int) -> dict:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--type", default="Q4_0", choices=("Q4_0", "Q4_K"), help="weight type (default Q4_0)")
     p.add_argument("--threads", default="1,2", help="thread counts to test (default 1,2)")
     p.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median; >= 7)")
     p.add_argument("--dram-mb", type=int, default=600, help="least MB of copies for the DRAM runs")
@@ -68,14 +79,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def bench_matvec(rows: int, cols: int, threads: list[int], args, rng) -> None:
     """Print plain vs x8 matvec µs and GB/s, L3-resident and from DRAM, per thread count."""
-    raw = random_q4_0(rows, cols, rng)
-    plain = QTensor(raw, QT.Q4_0, rows, cols)
+    qt = QT[args.type]
+    raw = random_weights(qt, rows, cols, rng)
+    plain = QTensor(raw, qt, rows, cols)
     x8 = q4x8.interleave(plain)
     x = rng.standard_normal(cols, dtype=np.float32)
     o1, o2 = np.empty(rows, np.float32), np.empty(rows, np.float32)
     n_copies = 0 if args.no_dram else max(64, -(-args.dram_mb * 10**6 // raw.nbytes))
     copies = [  # (plain, x8) pairs in distinct memory
-        (QTensor(raw.copy(), QT.Q4_0, rows, cols), QTensor(x8.data.copy(), QT.Q4_0, rows, cols, interleave=8))
+        (QTensor(raw.copy(), qt, rows, cols), QTensor(x8.data.copy(), qt, rows, cols, interleave=8))
         for _ in range(n_copies)
     ]
 
@@ -105,7 +117,8 @@ def bench_matvec(rows: int, cols: int, threads: list[int], args, rng) -> None:
 
 def bench_matmul(rows: int, cols: int, n_tok: int, threads: list[int], args, rng) -> None:
     """Print plain vs x8 matmul GFLOP/s for `n_tok` tokens, per thread count."""
-    plain = QTensor(random_q4_0(rows, cols, rng), QT.Q4_0, rows, cols)
+    qt = QT[args.type]
+    plain = QTensor(random_weights(qt, rows, cols, rng), qt, rows, cols)
     x8 = q4x8.interleave(plain)
     x = rng.standard_normal((n_tok, cols), dtype=np.float32)
     o1, o2 = np.empty((n_tok, rows), np.float32), np.empty((n_tok, rows), np.float32)

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from edgemoe import kernels  # noqa: E402
-from edgemoe.doctor_disk import read_bandwidth  # noqa: E402
+from edgemoe.doctor_disk import LIMIT_THREADS, read_bandwidth  # noqa: E402
 from edgemoe.experts.setup import StreamOptions  # noqa: E402
 from edgemoe.generate import generate  # noqa: E402
 from edgemoe.loader import load_model  # noqa: E402
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     path = ensure_model(args)
     total, one, active = expert_bytes(path)
-    disk = statistics.median(read_bandwidth(path, seconds=2.0, threads=2) / 1e9 for _ in range(3))
+    disk = statistics.median(read_bandwidth(path, seconds=2.0, threads=LIMIT_THREADS) / 1e9 for _ in range(3))
     prompt = [int(x) for x in np.random.default_rng(0).integers(3, 200, args.prompt)]
     run_once(path, 1, True, prompt[:2], 2, args.queue_depth)  # compile kernels, warm the dense pages
     rows = []

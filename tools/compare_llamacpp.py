@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from edgemoe.doctor_disk import read_bandwidth
+    from edgemoe.doctor_disk import LIMIT_THREADS, read_bandwidth
     from edgemoe.membw import memory_read_gbs
 
     limit = args.memory_limit_mb * 2**20 if args.memory_limit_mb else None
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     vocab = load_model(args.model).args.vocab_size
     ids = [1] + [int(t) for t in np.random.default_rng(0).integers(3, vocab, args.prompt - 1)]
     mem_gbs = memory_read_gbs()
-    disk_gbs = read_bandwidth(args.model, seconds=2.0, threads=2) / 1e9 if args.cache_mb is not None else None
+    disk_gbs = read_bandwidth(args.model, seconds=2.0, threads=LIMIT_THREADS) / 1e9 if args.cache_mb is not None else None
     ours, theirs = [], []
     for r in range(args.repeat):
         for engine in (("edgemoe", "llama") if r % 2 == 0 else ("llama", "edgemoe")):

@@ -3,8 +3,10 @@
     python tools/profile_decode.py MODEL.gguf [--context 128] [--tokens 64] [--threads 2]
 
 Runs a prompt of --context tokens, then times --tokens decode steps, wrapping every `linear` call (by weight
-type, layout and shape) and every kernel in `edgemoe.kernels.ops` with a timer. What is left of the step's
-wall time is Python/NumPy work between kernels. Per-call timers add ~1 µs each; the total is measured too.
+type, layout and shape), every kernel in `edgemoe.kernels.ops` and the fused attention and expert blocks
+(`edgemoe.kernels.fused`, one call per layer each) with a timer. What is left of the step's wall time is
+Python/NumPy work between kernels. Per-call timers add ~1 µs each; the total is measured too.
+--separate turns the fused blocks off, to see the kernel-by-kernel split of the same step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import edgemoe.kernels.fused as fused  # noqa: E402
 import edgemoe.models.base as base  # noqa: E402
 import edgemoe.models.mixtral as mixtral  # noqa: E402
 from edgemoe.kernels import ops, set_threads  # noqa: E402
@@ -52,6 +55,17 @@ def instrument(seconds: dict, calls: dict) -> None:
             return y
 
         setattr(ops, name, timed)
+    for name in ("attention_block", "moe_block"):
+        fn = getattr(fused, name)
+
+        def timed_block(*a, _fn=fn, _key=f"fused {name}"):
+            t0 = time.perf_counter()
+            y = _fn(*a)
+            seconds[_key] += time.perf_counter() - t0
+            calls[_key] += 1
+            return y
+
+        setattr(fused, name, timed_block)
 
 
 def main() -> int:
@@ -60,6 +74,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=128, help="prompt tokens before decoding (default 128)")
     p.add_argument("--tokens", type=int, default=64, help="decode steps timed (default 64)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--separate", action="store_true", help="run each kernel separately (no fused blocks)")
     args = p.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # piped into head: stop quietly
     set_threads(args.threads)
@@ -67,6 +82,7 @@ def main() -> int:
     calls: dict = defaultdict(int)
     instrument(seconds, calls)
     m = load_model(args.model).model
+    m.fused = not args.separate
     vocab = m.args.vocab_size
     cache = m.new_cache(args.context + args.tokens + 1)
     logits = m.forward(np.arange(args.context) % (vocab - 1) + 1, cache)

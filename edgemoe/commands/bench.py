@@ -72,10 +72,10 @@ def main(args) -> int:
     bar.update()
     disk_gbs = None
     if stream is not None:
-        from ..doctor_disk import read_bandwidth
+        from ..doctor_disk import LIMIT_THREADS, read_bandwidth
 
         bar.set_postfix_str("disk bandwidth")
-        disk_gbs = read_bandwidth(args.model, seconds=2.0, threads=2, direct=stream.direct_io) / 1e9
+        disk_gbs = read_bandwidth(args.model, seconds=2.0, threads=LIMIT_THREADS, direct=stream.direct_io) / 1e9
     bar.update()
     bar.set_postfix_str("load + warm-up")
     loaded = load_model(args.model, stream)

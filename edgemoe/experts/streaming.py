@@ -1,7 +1,7 @@
 """Experts streamed from the file on demand into a budgeted RAM cache, with next-layer prefetch.
 
-Only the engine thread touches the cache, so a blob handed to the kernels is never evicted under them;
-reader threads only fill I/O buffers. Prefetched buffers wait in `_pending` until the engine asks for
+Only the engine thread touches the cache, and the memory of an evicted blob is reused only once no view
+of it is left, so the experts of one step stay valid together; reader threads only fill I/O buffers. Prefetched buffers wait in `_pending` until the engine asks for
 that expert (used in time, or late if the read is still running) or until the next prediction for the
 same layer replaces them (wasted).
 """
@@ -117,9 +117,7 @@ class StreamingExperts:
         """From now on keep Q4_0/Q4_K matrices (rows divisible by 8) in the 8-row interleaved layout."""
         self._x8 = True
 
-    @property
-    def stable_views(self) -> bool:
-        return False  # a get() may evict the blob of the one before
+    stable_views = True  # an evicted blob's memory is reused only once no view of it is left (cache.py)
 
     @property
     def wants_hints(self) -> bool:

@@ -22,6 +22,7 @@ from .fmatmul import matmul_float, matmul_float_serial
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
 from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
+from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
 from .q8act import quantize_q8_0, quantize_q8_k
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
@@ -204,7 +205,7 @@ def _check(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
 
 
 def _storage_shape(w: QTensor) -> tuple[int, int]:
-    """The (rows, row bytes) of plain storage; (rows / 8, 8 * row bytes) of 8-row interleaved Q4_0/Q4_K."""
+    """The (rows, row bytes) of plain storage; (rows / 8, 8 * row bytes) of 8-row interleaved Q4_0/Q4_K/Q8_0."""
     n = _row_bytes(w.qtype, w.cols)
     if w.interleave == 1:
         return (w.rows, n)
@@ -306,10 +307,11 @@ _KERNELS = {
 }
 
 
-# 8-row interleaved Q4_0 (kernels/q4x8.py) and Q4_K (kernels/q4kx8.py), chosen by QTensor.interleave == 8.
+# 8-row interleaved Q4_0 (kernels/q4x8.py), Q4_K (q4kx8.py) and Q8_0 (q8x8.py), chosen by QTensor.interleave == 8.
 _KERNELS_X8 = {
     QT.Q4_0: ("q8_0x8", _q8_0_x8, (matmul_q4_0_x8, matmul_q4_0_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
     QT.Q4_K: ("q8_kx8", _q8_k_x8, (matmul_q4_k_x8, matmul_q4_k_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.Q8_0: ("q8_0", _q8_0, (matmul_q8_0_x8, matmul_q8_0_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, m)),
 }
 
 

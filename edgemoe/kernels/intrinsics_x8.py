@@ -235,3 +235,90 @@ def prefetch_x8(typingctx, w, off):
         return context.get_dummy_value()
 
     return types.void(w, off), codegen
+
+
+# ---- Q8_0x8: 8 rows of signed int8 weights, 32-byte chunks of 4 weights per row (see `q8x8`) ----
+
+
+def _q8_chunk_dots(context, builder, variant: int, warr, w, wo, xarr, x, xos):
+    """For each activation offset in `xos`: <8 x i32>, lane r = sum of row r's 32 int8 weights times
+    x[xo : xo + 32], over the 8 chunks at flat offset `wo` (chunk j: 4 weights of each row, which meet
+    x[xo + 4j : xo + 4j + 4]). AVX2: |w| times x with w's sign (vpsignb), vpmaddubsw (pairs <= 2 * 128 *
+    127, no saturation), vpmaddwd to 32 bits per chunk; generic: exact widened products."""
+    sums = [None] * len(xos)
+    ones = ir.Constant(_V16I16, [1] * 16)
+    for j in range(8):
+        wo_j = builder.add(wo, ir.Constant(wo.type, 32 * j))
+        v = builder.load(_ptr(context, builder, warr, w, types.intp, wo_j, _V32I8), align=1)
+        if variant:
+            zero = ir.Constant(_V32I8, None)
+            absw = builder.select(builder.icmp_signed("<", v, zero), builder.sub(zero, v), v)
+        for k, xo in enumerate(xos):
+            o = builder.add(xo, ir.Constant(xo.type, 4 * j))
+            x4 = builder.load(_ptr(context, builder, xarr, x, types.intp, o, _I32), align=1)
+            xb = builder.bitcast(_splat(builder, x4, _V8I32), _V32I8)  # vpbroadcastd
+            if variant:
+                sx = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [xb, v])
+                p16 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [absw, sx])
+                p = _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [p16, ones])
+            else:
+                v32 = ir.VectorType(_I32, 32)
+                prod = builder.mul(builder.sext(v, v32), builder.sext(xb, v32))
+                v16 = ir.VectorType(_I32, 16)
+                pairs = builder.add(builder.shuffle_vector(prod, prod, ir.Constant(v16, list(range(0, 32, 2)))),
+                                    builder.shuffle_vector(prod, prod, ir.Constant(v16, list(range(1, 32, 2)))))
+                p = builder.add(builder.shuffle_vector(pairs, pairs, ir.Constant(_V8I32, list(range(0, 16, 2)))),
+                                builder.shuffle_vector(pairs, pairs, ir.Constant(_V8I32, list(range(1, 16, 2)))))
+            sums[k] = p if sums[k] is None else builder.add(sums[k], p)
+    return sums
+
+
+@intrinsic
+def dot_q8x8(typingctx, marker, w, wo, x, xo):
+    """Row sums (i32x8) of a Q8_0x8 block's int8 weights (w[wo : wo + 256]) times x[xo : xo + 32]."""
+    if not _dots_ok(marker, w, wo, x, xo):
+        return None
+    variant = _variant(marker)
+
+    def codegen(context, builder, sig, args):
+        _, w_v, wo_v, x_v, xo_v = args
+        wo_v = context.cast(builder, wo_v, sig.args[2], types.intp)
+        xo_v = context.cast(builder, xo_v, sig.args[4], types.intp)
+        return _q8_chunk_dots(context, builder, variant, sig.args[1], w_v, wo_v, sig.args[3], x_v, [xo_v])[0]
+
+    return i32x8(marker, w, wo, x, xo), codegen
+
+
+@intrinsic
+def dot_q8x8_4(typingctx, marker, w, wo, x, xo, stride):
+    """`dot_q8x8` for 4 tokens, activations at xo + k * stride (k < 4), sharing the weight loads."""
+    if not (_dots_ok(marker, w, wo, x, xo) and isinstance(stride, types.Integer)):
+        return None
+    variant = _variant(marker)
+
+    def codegen(context, builder, sig, args):
+        _, w_v, wo_v, x_v, xo_v, st = args
+        wo_v = context.cast(builder, wo_v, sig.args[2], types.intp)
+        xo_v = context.cast(builder, xo_v, sig.args[4], types.intp)
+        st = context.cast(builder, st, sig.args[5], types.intp)
+        xos = [xo_v]
+        for _ in range(3):
+            xos.append(builder.add(xos[-1], st))
+        dots = _q8_chunk_dots(context, builder, variant, sig.args[1], w_v, wo_v, sig.args[3], x_v, xos)
+        return context.make_tuple(builder, sig.return_type, dots)
+
+    return types.UniTuple(i32x8, 4)(marker, w, wo, x, xo, stride), codegen
+
+
+@intrinsic
+def fma_d8(typingctx, acc, isum, dw, xd):
+    """`acc + float(isum) * (dw * xd)` lane-wise (xd a scalar): one rounding per block, as ggml."""
+    if not (acc == f32x8 and isum == i32x8 and dw == f32x8 and isinstance(xd, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_v, isum_v, dw_v, d = args
+        d = _splat(builder, context.cast(builder, d, sig.args[3], types.float32), _V8F32)
+        return _call(builder, "llvm.fma.v8f32", _V8F32, [builder.sitofp(isum_v, _V8F32), builder.fmul(dw_v, d), acc_v])
+
+    return f32x8(acc, isum, dw, xd), codegen

@@ -86,8 +86,8 @@ def unpack_q4_0_x8(data: np.ndarray) -> np.ndarray:
 
 def x8_eligible(qtype, rows: int) -> bool:
     """Whether a plain matrix of this type and row count can take the 8-row interleaved layout
-    (Q4_0 here, Q4_K in `q4kx8`)."""
-    return qtype in (QT.Q4_0, QT.Q4_K) and rows % 8 == 0
+    (Q4_0 here, Q4_K in `q4kx8`, Q8_0 in `q8x8`)."""
+    return qtype in (QT.Q4_0, QT.Q4_K, QT.Q8_0) and rows % 8 == 0
 
 
 def repack_x8(qtype, data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -96,6 +96,10 @@ def repack_x8(qtype, data: np.ndarray, out: np.ndarray | None = None) -> np.ndar
         from .q4kx8 import repack_q4_k_x8
 
         return repack_q4_k_x8(data, out)
+    if qtype == QT.Q8_0:
+        from .q8x8 import repack_q8_0_x8
+
+        return repack_q8_0_x8(data, out)
     return repack_q4_0_x8(data, out)
 
 
@@ -105,11 +109,15 @@ def unpack_x8(qtype, data: np.ndarray) -> np.ndarray:
         from .q4kx8 import unpack_q4_k_x8
 
         return unpack_q4_k_x8(data)
+    if qtype == QT.Q8_0:
+        from .q8x8 import unpack_q8_0_x8
+
+        return unpack_q8_0_x8(data)
     return unpack_q4_0_x8(data)
 
 
 def interleave_if_eligible(w: QTensor) -> QTensor:
-    """`w` in the x8 layout when it is plain Q4_0 or Q4_K with rows divisible by 8, else `w` itself."""
+    """`w` in the x8 layout when it is plain Q4_0, Q4_K or Q8_0 with rows divisible by 8, else `w` itself."""
     return interleave(w) if w.interleave == 1 and x8_eligible(w.qtype, w.rows) else w
 
 
@@ -119,9 +127,9 @@ def x8_rows(w: QTensor, r0: int, n: int) -> QTensor:
 
 
 def interleave(w: QTensor) -> QTensor:
-    """A plain Q4_0 or Q4_K QTensor in the x8 layout (`interleave` 8)."""
+    """A plain Q4_0, Q4_K or Q8_0 QTensor in the x8 layout (`interleave` 8)."""
     if not x8_eligible(w.qtype, w.rows) or w.interleave != 1:
-        raise UnsupportedError(f"only plain Q4_0/Q4_K weights with rows divisible by 8 can be interleaved "
+        raise UnsupportedError(f"only plain Q4_0/Q4_K/Q8_0 weights with rows divisible by 8 can be interleaved "
                                f"(got {w.qtype.name}, {w.rows} rows, interleave {w.interleave})")
     return QTensor(repack_x8(w.qtype, w.data), w.qtype, w.rows, w.cols, interleave=8)
 

@@ -24,6 +24,7 @@ from .fmatmul import matmul_float_serial
 from .kmatmul import matmul_q6_k_serial, matmul_q45_k_serial
 from .q4kx8 import matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8_serial, quantize_q8_0_x8
+from .q8x8 import matmul_q8_0_x8_serial
 from .q8act import quantize_q8_0, quantize_q8_k
 from .qmatmul import matmul_q4_0_serial, matmul_q8_0_serial
 
@@ -64,6 +65,11 @@ def quant_f32(xq, xd, xs, x):
 @njit(cache=True, nogil=True)
 def rows_q8_0(out, r0, r1, w, xq, xd, xs, variant):
     matmul_q8_0_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, variant)
+
+
+@njit(cache=True, nogil=True)
+def rows_q8_0_x8(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_q8_0_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8:r1 // 8], xq, xd, variant)
 
 
 @njit(cache=True, nogil=True)
@@ -121,6 +127,7 @@ class Kind(NamedTuple):
 
 KINDS = {
     (QT.Q8_0, 1): Kind("Q8_0", "q8_0", quant_q8_0, rows_q8_0, 1),
+    (QT.Q8_0, 8): Kind("Q8_0x8", "q8_0", quant_q8_0, rows_q8_0_x8, 8),
     (QT.Q4_0, 1): Kind("Q4_0", "q8_0p", quant_q8_0_pairs, rows_q4_0, 1),
     (QT.Q4_0, 8): Kind("Q4_0x8", "q8_0x8", quant_q8_0_x8, rows_q4_0_x8, 8),
     (QT.Q4_K, 1): Kind("Q4_K", "q8_k", quant_q8_k, rows_q4_k, 1),

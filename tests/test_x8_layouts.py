@@ -1,5 +1,5 @@
-"""The 8-row interleaved Q4_K layout (edgemoe.kernels.q4kx8): the layout round trip and its byte map,
-and the activation sums it needs. Its products are checked against gguf-py's dequantised weights, for
+"""The 8-row interleaved Q4_K and Q8_0 layouts (edgemoe.kernels.q4kx8, q8x8): the layout round trips and
+byte maps, and the activation sums Q4_Kx8 needs. Its products are checked against gguf-py's dequantised weights, for
 every batch size, thread count and variant, in test_kernel_rows.py; models with it against the plain
 path in test_fused.py and test_batch.py.
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 from weight_factory import make_weight
 
 from edgemoe.errors import UnsupportedError
-from edgemoe.kernels import q4kx8, q4x8
+from edgemoe.kernels import q4kx8, q4x8, q8x8
 from edgemoe.kernels.q8act import quantize_q8_k
 from edgemoe.qtensor import QTensor
 
@@ -55,3 +55,18 @@ def test_activation_pair_sums():
     sums = xq.astype(np.int32).reshape(3, 16, 32).sum(axis=2)  # (T, sub-blocks)
     np.testing.assert_array_equal((xm << 16) >> 16, sums[:, 0::2])  # low halves, sign-extended
     np.testing.assert_array_equal(xm >> 16, sums[:, 1::2])
+
+
+@pytest.mark.parametrize("rows,cols", [(8, 32), (16, 96), (64, 1024)])
+def test_q8_0_layout_round_trip(rows, cols):
+    raw = quantize(np.random.default_rng(rows).standard_normal((rows, cols), dtype=np.float32), QT.Q8_0)
+    packed = q8x8.repack_q8_0_x8(raw)
+    assert packed.shape == (rows // 8, cols // 32 * 272)
+    np.testing.assert_array_equal(q8x8.unpack_q8_0_x8(packed), raw)
+    if cols >= 64:  # the documented byte order: scales of rows 0..7, then chunk j = bytes 4j..4j+3 of each row
+        blocks = raw.reshape(rows, cols // 32, 34)
+        block1 = packed[0, 272:544]
+        np.testing.assert_array_equal(block1[:16], blocks[:8, 1, :2].reshape(16))
+        np.testing.assert_array_equal(block1[16 + 32 * 6 + 4 * 3:][:4], blocks[3, 1, 2 + 24:2 + 28])
+    with pytest.raises(UnsupportedError):
+        q8x8.repack_q8_0_x8(raw[:4])
