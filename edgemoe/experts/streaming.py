@@ -78,21 +78,19 @@ def _x8_offsets(ext: ExpertExtent) -> dict[str, int] | None:
     return {"gate": 0, "up": n, "down": 2 * n}
 
 
-def _interleave_into(ext: ExpertExtent, src: np.ndarray, dst: np.ndarray) -> None:
-    """Write an expert's bytes `src` (as read) into `dst` (as large) with its Q4_0/Q4_K parts in the 8-row
-    interleaved layout, at the offsets `_x8_offsets` gives (else where they were)."""
+def _interleave_into(ext: ExpertExtent, src, dst: np.ndarray) -> None:
+    """Write an expert's parts from `src` (its Buffer as read) into `dst` (as large), Q4_0/Q4_K/Q8_0
+    parts in the 8-row interleaved layout, at the offsets `_x8_offsets` gives (else where they were)."""
     offsets = _x8_offsets(ext)
-    if offsets is None:
-        dst[:] = src
     for name, part in ext.parts.items():
         rb = row_bytes(part.qtype, part.cols)
         n = part.rows * rb
         at = part.offset if offsets is None else offsets[name]
+        data = src.view(part.offset, n)  # zero-copy: a part lies inside one read range
         if _x8_eligible(part):
-            repack_x8(part.qtype, src[part.offset:part.offset + n].reshape(part.rows, rb),
-                           dst[at:at + n].reshape(part.rows // 8, 8 * rb))
-        elif offsets is not None:
-            dst[at:at + n] = src[part.offset:part.offset + n]
+            repack_x8(part.qtype, data.reshape(part.rows, rb), dst[at:at + n].reshape(part.rows // 8, 8 * rb))
+        else:
+            dst[at:at + n] = data
 
 
 class StreamingExperts:
@@ -181,17 +179,14 @@ class StreamingExperts:
                     handle = self._read(key, DEMAND)
             buf = handle.result()
             try:
-                data = buf.view(0, ext.nbytes)
-                if self._x8:  # repacked straight into the cache
-                    blob = self.cache.put_with(key, ext.nbytes, lambda dst: _interleave_into(ext, data, dst))
-                else:
-                    blob = self.cache.put(key, data)
+                if self._x8:  # repacked straight into the cache, each part from its own read range
+                    fill = lambda dst: _interleave_into(ext, buf, dst)  # noqa: E731
+                else:  # the bytes as they are: one copy, whatever the ranges
+                    fill = lambda dst: buf.copy(out=dst)  # noqa: E731
+                blob = self.cache.put_with(key, ext.nbytes, fill)
                 if blob is None:  # larger than the cache, or its tier is full of pinned experts
                     self._spill = np.empty(ext.nbytes, np.uint8)
-                    if self._x8:
-                        _interleave_into(ext, data, self._spill)
-                    else:
-                        self._spill[:] = data
+                    fill(self._spill)
                     blob = self._spill
             finally:
                 buf.release()
