@@ -142,5 +142,5 @@ def test_argument_checks():
     with pytest.raises(UnsupportedError):
         q4x8.interleave(w)
     with pytest.raises(UnsupportedError):
-        dispatch.matmul(np.empty((1, 16), np.float32), QTensor(raw, QT.Q8_0, 16, 64, interleave=8),
-                        np.ones((1, 64), np.float32))
+        dispatch.matmul(np.empty((1, 16), np.float32), QTensor(np.zeros((16, 256), np.uint8), QT.F32, 16, 64,
+                                                               interleave=8), np.ones((1, 64), np.float32))

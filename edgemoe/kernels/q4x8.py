@@ -49,24 +49,24 @@ def repack_q4_0_x8(data: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
         )
     if out is None:
         out = np.empty((rows // 8, rb * 8), np.uint8)  # (G, B * 144)
-    _REPACK[0 if data.nbytes >= 1 << 20 else 1](out.view(np.uint16), np.ascontiguousarray(data).view(np.uint16))
+    _REPACK[0 if data.nbytes >= 1 << 20 else 1](out.view(np.uint32), out.view(np.uint16),
+                                                np.ascontiguousarray(data).view(np.uint16))
     return out
 
 
-def _repack(out, data):
-    """out (G, B * 72) <- data (8G, B * 9), both as uint16 (blocks are 2-byte aligned): the x8 layout
-    described in the module docstring."""
-    n_grp, nb = out.shape[0], data.shape[1] // 9
+def _repack(out32, out16, data):
+    """out (G, B * 144 bytes) <- data (8G, B * 9) as uint16 (blocks are 2-byte aligned), through uint32
+    and uint16 views of out: the x8 layout described in the module docstring, written block by block."""
+    n_grp, nb = out16.shape[0], data.shape[1] // 9
     for g in prange(n_grp):
-        dst = out[g]
-        for r in range(8):
-            src = data[8 * g + r]
-            for b in range(nb):
-                s, o = b * 9, b * 72
-                dst[o + r] = src[s]  # the f16 scale
-                for j in range(4):  # 4 quant bytes = 2 uint16 per chunk
-                    dst[o + 8 + 16 * j + 2 * r] = src[s + 1 + 2 * j]
-                    dst[o + 9 + 16 * j + 2 * r] = src[s + 2 + 2 * j]
+        for b in range(nb):
+            s = b * 9
+            for r in range(8):
+                out16[g, b * 72 + r] = data[8 * g + r, s]  # the f16 scales
+            for j in range(4):  # chunk j: 4 quant bytes (two uint16 of the row) per row
+                for r in range(8):
+                    row = data[8 * g + r]
+                    out32[g, b * 36 + 4 + 8 * j + r] = np.uint32(row[s + 1 + 2 * j]) | (np.uint32(row[s + 2 + 2 * j]) << np.uint32(16))
 
 
 _REPACK = twins(_repack)  # (parallel over row groups, serial)
