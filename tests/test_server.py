@@ -215,7 +215,7 @@ def test_disconnect_cancels_a_whole_reply_request(server):
 
 
 def test_full_queue_answers_429(server):
-    body = {"prompt": [1, 7, 8], "max_tokens": 100, "stream": True}
+    body = {"prompt": [1, 7, 8], "max_tokens": CTX - 8, "stream": True}  # long replies keep the queue full
     with client(server) as c:
         with contextlib.ExitStack() as streams:  # leaving it closes every stream: the server cancels them
             for _ in range(MAX_BATCH + MAX_QUEUE):
