@@ -1,7 +1,7 @@
-"""Benchmark Q4_0 (or Q4_K) matvec / matmul: the plain-layout kernel (`edgemoe.kernels.matvec`) against
-the 8-row interleaved layout (`edgemoe.kernels.q4x8`, `q4kx8`), per thread count.
+"""Benchmark Q4_0, Q4_K or Q8_0 matvec / matmul: the plain-layout kernel (`edgemoe.kernels.matvec`) against
+the 8-row interleaved layout (`edgemoe.kernels.q4x8`, `q4kx8`, `q8x8`), per thread count.
 
-    python tools/bench_q4x8.py [--type Q4_K] [--threads 1,2] [--repeat 9] [--dram-mb 600]
+    python tools/bench_q4x8.py [--type Q4_K|Q8_0] [--threads 1,2] [--repeat 9] [--dram-mb 600]
 
 "L3" runs one matrix over and over (it stays in the 32 MB L3); "DRAM" cycles through enough
 copies (64 for the small shapes, at least --dram-mb MB in all) that each is read from memory.
@@ -41,9 +41,14 @@ def random_q4_0(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def random_weights(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random blocks of `qtype`: Q4_0 as above; Q4_K random bytes with small finite f16 d and dmin."""
+    """Random blocks of `qtype`: Q4_0 as above; Q4_K and Q8_0 random bytes with small finite f16 scales."""
     if qtype == QT.Q4_0:
         return random_q4_0(rows, cols, rng)
+    if qtype == QT.Q8_0:
+        blocks = rng.integers(0, 256, (rows, cols // 32, 34), dtype=np.uint8)
+        blocks[:, :, :2] = rng.uniform(1e-3, 1e-2, (rows, cols // 32)).astype(np.float16).view(np.uint8).reshape(
+            rows, cols // 32, 2)
+        return blocks.reshape(rows, -1)
     blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
     blocks[:, :, :4] = rng.uniform(1e-3, 1e-2, (rows, cols // 256, 2)).astype(np.float16).view(np.uint8).reshape(
         rows, cols // 256, 4)
@@ -69,7 +74,7 @@ def alternate(fns: dict, repeat: int) -> dict:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--type", default="Q4_0", choices=("Q4_0", "Q4_K"), help="weight type (default Q4_0)")
+    p.add_argument("--type", default="Q4_0", choices=("Q4_0", "Q4_K", "Q8_0"), help="weight type (default Q4_0)")
     p.add_argument("--threads", default="1,2", help="thread counts to test (default 1,2)")
     p.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median; >= 7)")
     p.add_argument("--dram-mb", type=int, default=600, help="least MB of copies for the DRAM runs")
