@@ -31,41 +31,29 @@ from edgemoe.loader import load_model  # noqa: E402
 OPS = ("attention", "silu_mul", "swiglu_halves", "rmsnorm", "rope_inplace", "route_topk")
 
 
-def instrument(seconds: dict, calls: dict) -> None:
-    """Replace base.linear and the ops kernels by timed wrappers that add into seconds/calls."""
-    linear = base.linear
+def timed(fn, key, seconds: dict, calls: dict):
+    """`fn` adding its wall time and one call to seconds[key] / calls[key] (key may be a function of the args)."""
 
-    def timed_linear(x, w):
+    def wrapper(*a):
         t0 = time.perf_counter()
-        y = linear(x, w)
-        key = f"matrix {w.qtype.name}{' x8' if w.interleave == 8 else ''} {w.rows}x{w.cols}"
-        seconds[key] += time.perf_counter() - t0
-        calls[key] += 1
+        y = fn(*a)
+        k = key(*a) if callable(key) else key
+        seconds[k] += time.perf_counter() - t0
+        calls[k] += 1
         return y
 
-    base.linear = mixtral.linear = timed_linear
+    return wrapper
+
+
+def instrument(seconds: dict, calls: dict) -> None:
+    """Replace base.linear, the ops kernels and the fused blocks by timed wrappers that add into seconds/calls."""
+    linear = timed(base.linear, lambda x, w: f"matrix {w.qtype.name}{' x8' if w.interleave == 8 else ''} {w.rows}x{w.cols}",
+                   seconds, calls)
+    base.linear = mixtral.linear = linear
     for name in OPS:
-        fn = getattr(ops, name)
-
-        def timed(*a, _fn=fn, _key=name):
-            t0 = time.perf_counter()
-            y = _fn(*a)
-            seconds[_key] += time.perf_counter() - t0
-            calls[_key] += 1
-            return y
-
-        setattr(ops, name, timed)
+        setattr(ops, name, timed(getattr(ops, name), name, seconds, calls))
     for name in ("attention_block", "moe_block"):
-        fn = getattr(fused, name)
-
-        def timed_block(*a, _fn=fn, _key=f"fused {name}"):
-            t0 = time.perf_counter()
-            y = _fn(*a)
-            seconds[_key] += time.perf_counter() - t0
-            calls[_key] += 1
-            return y
-
-        setattr(fused, name, timed_block)
+        setattr(fused, name, timed(getattr(fused, name), f"fused {name}", seconds, calls))
 
 
 def main() -> int:

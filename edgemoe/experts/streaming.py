@@ -1,9 +1,9 @@
 """Experts streamed from the file on demand into a budgeted RAM cache, with next-layer prefetch.
 
 Only the engine thread touches the cache, and the memory of an evicted blob is reused only once no view
-of it is left, so the experts of one step stay valid together; reader threads only fill I/O buffers. Prefetched buffers wait in `_pending` until the engine asks for
-that expert (used in time, or late if the read is still running) or until the next prediction for the
-same layer replaces them (wasted).
+of it is left, so the experts of one step stay valid together; reader threads only fill I/O buffers.
+Prefetched buffers wait in `_pending` until the engine asks for that expert (used in time, or late if the
+read is still running) or until the next prediction for the same layer replaces them (wasted).
 """
 
 from __future__ import annotations

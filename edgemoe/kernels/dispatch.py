@@ -22,8 +22,8 @@ from .fmatmul import matmul_float, matmul_float_serial
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
 from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
-from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
 from .q8act import quantize_q8_0, quantize_q8_k
+from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
 VARIANTS = ("generic", "avx2", "vnni")

@@ -191,17 +191,23 @@ def _f32(role: str, *shape):
     return b
 
 
+def _kinds(first: QTensor, second: QTensor) -> tuple[Kind, Kind] | None:
+    """The kinds of the block's two matrix stages, None if a row kernel cannot take one (K-quant
+    activations need whole 256-column super-blocks)."""
+    kinds = kind_of(first), kind_of(second)
+    for k, w in zip(kinds, (first, second)):
+        if k is None or w.cols % 256 and k.act.startswith("q8_k"):
+            return None
+    return kinds
+
+
 def _variant(w: QTensor):
     return dispatch.variant_marker(w.qtype)
 
 
 def moe_kinds(gate_up: QTensor | None, gate: QTensor, down: QTensor) -> tuple[Kind, Kind] | None:
     """(gate/up kind, down kind) of an expert when the fused expert block can run it, else None."""
-    first = gate_up if gate_up is not None else gate
-    k1, k2 = kind_of(first), kind_of(down)
-    if k1 is None or k2 is None or first.cols % 256 and k1.act.startswith("q8_k") or down.cols % 256 and k2.act.startswith("q8_k"):
-        return None
-    return k1, k2
+    return _kinds(gate_up if gate_up is not None else gate, down)
 
 
 def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, kinds: tuple[Kind, Kind]) -> np.ndarray:
@@ -232,10 +238,7 @@ def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, 
 
 def attention_kinds(w_qkv: QTensor, w_o: QTensor) -> tuple[Kind, Kind] | None:
     """(qkv kind, o kind) when the fused attention block can run these weights, else None."""
-    k1, k2 = kind_of(w_qkv), kind_of(w_o)
-    if k1 is None or k2 is None or w_qkv.cols % 256 and k1.act.startswith("q8_k") or w_o.cols % 256 and k2.act.startswith("q8_k"):
-        return None
-    return k1, k2
+    return _kinds(w_qkv, w_o)
 
 
 def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,

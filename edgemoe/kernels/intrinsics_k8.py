@@ -22,7 +22,22 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .intrinsics import _F32, _I8, _I16, _I32, _V8F32, _V8I32, _V16I16, _V32I8, _call, _is_bytes, _is_flat, _ptr, _splat, f32x8, i32x8
+from .intrinsics import (
+    _I8,
+    _I16,
+    _I32,
+    _V8F32,
+    _V8I32,
+    _V16I16,
+    _V32I8,
+    _call,
+    _is_bytes,
+    _is_flat,
+    _ptr,
+    _splat,
+    f32x8,
+    i32x8,
+)
 from .intrinsics_x8 import _is_marker, _variant
 
 _I64 = ir.IntType(64)
@@ -156,7 +171,8 @@ def mins_k8(typingctx, marker, m0, m1, m2, m3, m4, m5, m6, m7, xm, off):
         for p in range(4):
             a = builder.bitcast(words[2 * p], _V8I8)
             b = builder.bitcast(words[2 * p + 1], _V8I8)
-            inter = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 16), [i // 2 + 8 * (i % 2) for i in range(16)]))
+            order = [i // 2 + 8 * (i % 2) for i in range(16)]  # a0 b0 a1 b1 ...
+            inter = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 16), order))
             mins16 = builder.zext(inter, _V16I16)  # lane 2r: m_2p of row r, lane 2r + 1: m_2p+1
             o = builder.add(off_v, ir.Constant(off_v.type, p))
             pair = builder.load(_ptr(context, builder, sig.args[9], args[9], types.intp, o, _I32), align=4)
@@ -197,5 +213,3 @@ def load_i64(typingctx, arr, off):
 
     return types.int64(arr, off), codegen
 
-
-_ = (_F32, _I16)  # shared names kept importable from here

@@ -125,42 +125,47 @@ def _dots_ok(marker, w, wo, x, xo) -> bool:
     return _is_marker(marker) and _is_bytes(w) and _is_bytes(x) and ints
 
 
-@intrinsic
-def dot_x8(typingctx, marker, w, wo, x, xo):
-    """Row sums (i32x8) of a block's unsigned nibbles (quants at w[wo : wo + 128]) times the
-    int8 activations x[xo : xo + 32]."""
-    if not _dots_ok(marker, w, wo, x, xo):
-        return None
-    variant = _variant(marker)
+def _dot_intrinsics(block_dots, what: str):
+    """(one-token, four-token) intrinsics over `block_dots(context, builder, variant, warr, w, wo, xarr, x,
+    xos)`, which returns one <8 x i32> of row sums per activation offset in `xos`."""
 
-    def codegen(context, builder, sig, args):
-        _, w_v, wo_v, x_v, xo_v = args
-        wo_v = context.cast(builder, wo_v, sig.args[2], types.intp)
-        xo_v = context.cast(builder, xo_v, sig.args[4], types.intp)
-        return _block_dots(context, builder, variant, sig.args[1], w_v, wo_v, sig.args[3], x_v, [xo_v])[0]
+    def dot(typingctx, marker, w, wo, x, xo):
+        if not _dots_ok(marker, w, wo, x, xo):
+            return None
+        variant = _variant(marker)
 
-    return i32x8(marker, w, wo, x, xo), codegen
+        def codegen(context, builder, sig, args):
+            _, w_v, wo_v, x_v, xo_v = args
+            wo_v = context.cast(builder, wo_v, sig.args[2], types.intp)
+            xo_v = context.cast(builder, xo_v, sig.args[4], types.intp)
+            return block_dots(context, builder, variant, sig.args[1], w_v, wo_v, sig.args[3], x_v, [xo_v])[0]
+
+        return i32x8(marker, w, wo, x, xo), codegen
+
+    def dot_4(typingctx, marker, w, wo, x, xo, stride):
+        if not (_dots_ok(marker, w, wo, x, xo) and isinstance(stride, types.Integer)):
+            return None
+        variant = _variant(marker)
+
+        def codegen(context, builder, sig, args):
+            _, w_v, wo_v, x_v, xo_v, st = args
+            wo_v = context.cast(builder, wo_v, sig.args[2], types.intp)
+            xo_v = context.cast(builder, xo_v, sig.args[4], types.intp)
+            st = context.cast(builder, st, sig.args[5], types.intp)
+            xos = [xo_v]
+            for _ in range(3):
+                xos.append(builder.add(xos[-1], st))
+            dots = block_dots(context, builder, variant, sig.args[1], w_v, wo_v, sig.args[3], x_v, xos)
+            return context.make_tuple(builder, sig.return_type, dots)
+
+        return types.UniTuple(i32x8, 4)(marker, w, wo, x, xo, stride), codegen
+
+    dot.__doc__ = f"Row sums (i32x8) of {what}."
+    dot_4.__doc__ = "The same for 4 tokens, activations at xo + k * stride (k < 4), sharing the weight loads."
+    return intrinsic(dot), intrinsic(dot_4)
 
 
-@intrinsic
-def dot_x8_4(typingctx, marker, w, wo, x, xo, stride):
-    """`dot_x8` for 4 tokens, activations at xo + k * stride (k < 4), sharing the nibble unpack."""
-    if not (_dots_ok(marker, w, wo, x, xo) and isinstance(stride, types.Integer)):
-        return None
-    variant = _variant(marker)
-
-    def codegen(context, builder, sig, args):
-        _, w_v, wo_v, x_v, xo_v, st = args
-        wo_v = context.cast(builder, wo_v, sig.args[2], types.intp)
-        xo_v = context.cast(builder, xo_v, sig.args[4], types.intp)
-        st = context.cast(builder, st, sig.args[5], types.intp)
-        xos = [xo_v]
-        for _ in range(3):
-            xos.append(builder.add(xos[-1], st))
-        dots = _block_dots(context, builder, variant, sig.args[1], w_v, wo_v, sig.args[3], x_v, xos)
-        return context.make_tuple(builder, sig.return_type, dots)
-
-    return types.UniTuple(i32x8, 4)(marker, w, wo, x, xo, stride), codegen
+dot_x8, dot_x8_4 = _dot_intrinsics(_block_dots, "a Q4_0x8 block's nibbles (w[wo : wo + 128]) times x[xo : xo + 32]")
 
 
 @intrinsic
@@ -273,41 +278,7 @@ def _q8_chunk_dots(context, builder, variant: int, warr, w, wo, xarr, x, xos):
     return sums
 
 
-@intrinsic
-def dot_q8x8(typingctx, marker, w, wo, x, xo):
-    """Row sums (i32x8) of a Q8_0x8 block's int8 weights (w[wo : wo + 256]) times x[xo : xo + 32]."""
-    if not _dots_ok(marker, w, wo, x, xo):
-        return None
-    variant = _variant(marker)
-
-    def codegen(context, builder, sig, args):
-        _, w_v, wo_v, x_v, xo_v = args
-        wo_v = context.cast(builder, wo_v, sig.args[2], types.intp)
-        xo_v = context.cast(builder, xo_v, sig.args[4], types.intp)
-        return _q8_chunk_dots(context, builder, variant, sig.args[1], w_v, wo_v, sig.args[3], x_v, [xo_v])[0]
-
-    return i32x8(marker, w, wo, x, xo), codegen
-
-
-@intrinsic
-def dot_q8x8_4(typingctx, marker, w, wo, x, xo, stride):
-    """`dot_q8x8` for 4 tokens, activations at xo + k * stride (k < 4), sharing the weight loads."""
-    if not (_dots_ok(marker, w, wo, x, xo) and isinstance(stride, types.Integer)):
-        return None
-    variant = _variant(marker)
-
-    def codegen(context, builder, sig, args):
-        _, w_v, wo_v, x_v, xo_v, st = args
-        wo_v = context.cast(builder, wo_v, sig.args[2], types.intp)
-        xo_v = context.cast(builder, xo_v, sig.args[4], types.intp)
-        st = context.cast(builder, st, sig.args[5], types.intp)
-        xos = [xo_v]
-        for _ in range(3):
-            xos.append(builder.add(xos[-1], st))
-        dots = _q8_chunk_dots(context, builder, variant, sig.args[1], w_v, wo_v, sig.args[3], x_v, xos)
-        return context.make_tuple(builder, sig.return_type, dots)
-
-    return types.UniTuple(i32x8, 4)(marker, w, wo, x, xo, stride), codegen
+dot_q8x8, dot_q8x8_4 = _dot_intrinsics(_q8_chunk_dots, "a Q8_0x8 block's int8 weights (w[wo : wo + 256]) times x[xo : xo + 32]")
 
 
 @intrinsic

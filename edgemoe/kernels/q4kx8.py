@@ -30,6 +30,7 @@ from .intrinsics import get
 from .intrinsics_k8 import BLOCK_BYTES, QS_OFFSET, dot_k8, dot_k8_4, fma_k8, load_i64, mins_k8
 from .intrinsics_x8 import prefetch_x8, scales_x8, store_x8
 from .ops import twins
+from .q4x8 import repack_kernel, x8_output
 from .q8act import quantize_q8_k
 from .vecops import iadd, zero_f32x8
 
@@ -62,19 +63,10 @@ _REPACK = twins(_repack)  # (parallel over row groups, serial)
 def repack_q4_k_x8(data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Plain Q4_K rows (R, S * 144) uint8 -> x8 layout (R / 8, S * 1152) uint8, into `out` (a new
     array when None; it must not overlap `data`)."""
-    rows, rb = data.shape
-    if data.dtype != np.uint8 or rb % _PLAIN or rows % 8:
-        from ..errors import UnsupportedError
-
-        raise UnsupportedError(
-            f"cannot interleave Q4_K storage {data.shape} {data.dtype}: need uint8 rows of 144-byte "
-            "super-blocks and a row count divisible by 8; keep this weight in the plain layout"
-        )
-    if out is None:
-        out = np.empty((rows // 8, rb * 8), np.uint8)  # (G, S * 1152)
+    out = x8_output(data, out, _PLAIN, "Q4_K")  # (G, S * 1152)
     data = np.ascontiguousarray(data)
-    _REPACK[0 if data.nbytes >= 1 << 20 else 1](out.view(np.uint32), out.view(np.uint16), out,
-                                                data.view(np.uint32), data.view(np.uint16), data)
+    repack_kernel(_REPACK, data)(out.view(np.uint32), out.view(np.uint16), out, data.view(np.uint32),
+                                 data.view(np.uint16), data)
     return out
 
 
@@ -131,6 +123,13 @@ def _scales_mins(w, o):
     return s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, n4, n5, n6, n7
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_block(w, o):
+    """Prefetch the 1152-byte block at w[o:] (one hint per 48 bytes, as `prefetch_x8` does for 144)."""
+    for k in range(0, BLOCK_BYTES, 144):
+        prefetch_x8(w, o + k)
+
+
 def _matmul_q4_k_x8(out, w, xq, xd, xm, variant):
     """out (T, R) = x @ W.T for x8-layout Q4_K weights w (G, S * 1152) and activations from
     `quantize_q8_k_x8`; 4 tokens per pass over a group's super-blocks, then single tokens."""
@@ -143,8 +142,7 @@ def _matmul_q4_k_x8(out, w, xq, xd, xm, variant):
             a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
             for s in range(n_sb):
                 o = go + s * BLOCK_BYTES
-                for k in range(0, BLOCK_BYTES, 144):
-                    prefetch_x8(w, o + 2048 + k)
+                _prefetch_block(w, o + 2048)
                 s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, n4, n5, n6, n7 = _scales_mins(w, o)
                 xo = t * cols + s * 256
                 qo = o + QS_OFFSET
@@ -174,8 +172,7 @@ def _matmul_q4_k_x8(out, w, xq, xd, xm, variant):
             a0 = zero_f32x8()
             for s in range(n_sb):
                 o = go + s * BLOCK_BYTES
-                for k in range(0, BLOCK_BYTES, 144):
-                    prefetch_x8(w, o + 2048 + k)
+                _prefetch_block(w, o + 2048)
                 s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, n4, n5, n6, n7 = _scales_mins(w, o)
                 xo = t * cols + s * 256
                 qo = o + QS_OFFSET

@@ -38,19 +38,28 @@ _Q4_0_BYTES = 18  # plain Q4_0 block: f16 scale + 16 quant bytes
 # ---- layout ---------------------------------------------------------------------------------
 
 
+def x8_output(data: np.ndarray, out: np.ndarray | None, block: int, name: str) -> np.ndarray:
+    """Check plain rows `data` (R, n * block) of type `name` for repacking; `out`, or a new (R / 8,
+    8 * row bytes) array, to repack them into."""
+    rows, rb = data.shape
+    if data.dtype != np.uint8 or rb % block or rows % 8:
+        raise UnsupportedError(
+            f"cannot interleave {name} storage {data.shape} {data.dtype}: need uint8 rows of {block}-byte "
+            "blocks and a row count divisible by 8; keep this weight in the plain layout"
+        )
+    return np.empty((rows // 8, rb * 8), np.uint8) if out is None else out
+
+
+def repack_kernel(pair, data: np.ndarray):
+    """The parallel twin of a repack kernel for data of 1 MB or more, else the serial one."""
+    return pair[0 if data.nbytes >= 1 << 20 else 1]
+
+
 def repack_q4_0_x8(data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Plain Q4_0 rows (R, B * 18) uint8 -> x8 layout (R / 8, B * 144) uint8, into `out` (a new array
     when None; it must not overlap `data`)."""
-    rows, rb = data.shape
-    if data.dtype != np.uint8 or rb % _Q4_0_BYTES or rows % 8:
-        raise UnsupportedError(
-            f"cannot interleave Q4_0 storage {data.shape} {data.dtype}: need uint8 rows of 18-byte "
-            "blocks and a row count divisible by 8; keep this weight in the plain layout"
-        )
-    if out is None:
-        out = np.empty((rows // 8, rb * 8), np.uint8)  # (G, B * 144)
-    _REPACK[0 if data.nbytes >= 1 << 20 else 1](out.view(np.uint32), out.view(np.uint16),
-                                                np.ascontiguousarray(data).view(np.uint16))
+    out = x8_output(data, out, _Q4_0_BYTES, "Q4_0")  # (G, B * 144)
+    repack_kernel(_REPACK, data)(out.view(np.uint32), out.view(np.uint16), np.ascontiguousarray(data).view(np.uint16))
     return out
 
 
@@ -66,7 +75,8 @@ def _repack(out32, out16, data):
             for j in range(4):  # chunk j: 4 quant bytes (two uint16 of the row) per row
                 for r in range(8):
                     row = data[8 * g + r]
-                    out32[g, b * 36 + 4 + 8 * j + r] = np.uint32(row[s + 1 + 2 * j]) | (np.uint32(row[s + 2 + 2 * j]) << np.uint32(16))
+                    out32[g, b * 36 + 4 + 8 * j + r] = np.uint32(row[s + 1 + 2 * j]) | (
+                        np.uint32(row[s + 2 + 2 * j]) << np.uint32(16))
 
 
 _REPACK = twins(_repack)  # (parallel over row groups, serial)

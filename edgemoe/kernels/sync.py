@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .intrinsics import _I32, _call, _is_flat, _ptr
+from .intrinsics import _call, _is_flat, _ptr
 
 SYNC_SLOTS = 16  # int64 per phase: two counters on their own cache lines
 _I64 = ir.IntType(64)
