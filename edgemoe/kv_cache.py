@@ -12,8 +12,9 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int):
         self.n_ctx = n_ctx
-        self.k = np.zeros((n_layers, n_ctx, n_kv_heads, head_dim), dtype=np.float32)  # (L, S, K, d)
-        self.v = np.zeros((n_layers, n_ctx, n_kv_heads, head_dim), dtype=np.float32)  # (L, S, K, d)
+        # head-major: a head's positions follow each other, so attention reads them as one stream
+        self.k = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype=np.float32)  # (L, K, S, d)
+        self.v = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype=np.float32)  # (L, K, S, d)
         self.length = 0  # positions filled
 
     @property

@@ -10,16 +10,16 @@ from edgemoe.kernels import ops
 
 
 def reference(q, k_cache, v_cache, pos0, scale):
-    """Causal GQA softmax(q k^T * scale) v in float64.  q: (T, H, d); caches: (S, K, d) → (T, H, d)"""
+    """Causal GQA softmax(q k^T * scale) v in float64.  q: (T, H, d); caches: (K, S, d) → (T, H, d)"""
     T, H, d = q.shape
-    group = H // k_cache.shape[1]
+    group = H // k_cache.shape[0]
     out = np.empty((T, H, d))
     for t in range(T):
         n = pos0 + t + 1
         for h in range(H):
-            s = k_cache[:n, h // group].astype(np.float64) @ q[t, h].astype(np.float64) * scale
+            s = k_cache[h // group, :n].astype(np.float64) @ q[t, h].astype(np.float64) * scale
             p = np.exp(s - s.max())
-            out[t, h] = p / p.sum() @ v_cache[:n, h // group].astype(np.float64)
+            out[t, h] = p / p.sum() @ v_cache[h // group, :n].astype(np.float64)
     return out
 
 
@@ -32,8 +32,8 @@ SHAPES = [(4, 4, 64), (4, 2, 128), (6, 2, 80), (8, 2, 128), (16, 2, 64), (8, 1, 
 def test_matches_reference_and_chunking(H, K, d, parallel):
     rng = np.random.default_rng(H * 100 + K * 10 + d)
     S, pos0, T = 64, 37, 5
-    k_cache = rng.standard_normal((S, K, d)).astype(np.float32)
-    v_cache = rng.standard_normal((S, K, d)).astype(np.float32)
+    k_cache = rng.standard_normal((K, S, d)).astype(np.float32)
+    v_cache = rng.standard_normal((K, S, d)).astype(np.float32)
     q = rng.standard_normal((T, H, d)).astype(np.float32)
     scale = np.float32(1 / np.sqrt(d))
     kernel = ops.ATTENTION[1 - parallel]

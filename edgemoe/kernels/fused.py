@@ -91,7 +91,7 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
 def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, n_heads, n_kv, cos, sin, k_cache,
                         v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk):
     """out (D,) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))) of one token at position `pos`,
-    whose k and v are written into k_cache[pos], v_cache[pos] (S, K, d).
+    whose k and v are written into k_cache[:, pos], v_cache[:, pos] (K, S, d).
 
     Scratch: hbuf (1, D) f32; xq, xd, xs: (1, ...) activations of hbuf; qkv ((H + 2K) d,) f32;
     att (1, H, d) f32; aq, ad, as_: (1, ...) activations of att; obuf (D,) f32.
@@ -125,8 +125,8 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
             ROPE_SERIAL(k, cos, sin)
             for j in range(n_kv):
                 for i in range(d):
-                    k_cache[pos, j, i] = k[0, j, i]
-                    v_cache[pos, j, i] = v[0, j, i]
+                    k_cache[j, pos, i] = k[0, j, i]
+                    v_cache[j, pos, i] = v[0, j, i]
             finish(sync, 1)
         wait_done(sync, 1, 1)
         c = claim(sync, 2, n3, back)
@@ -245,7 +245,7 @@ def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTenso
                     n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
                     k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale, kinds: tuple[Kind, Kind]) -> np.ndarray:
     """x + the attention block of one token at position `pos` (its k, v written to the caches).
-    x: (D,); cos, sin: (1, d/2); k_cache, v_cache: (S, K, d) → (D,)"""
+    x: (D,); cos, sin: (1, d/2); k_cache, v_cache: (K, S, d) → (D,)"""
     k1, k2 = kinds
     D = x.shape[0]
     kernel = _specialise(_attention_template, f"{k1.name}_{k2.name}", QKV_QUANT=k1.quant, QKV_ROWS=k1.rows,

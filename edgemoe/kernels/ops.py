@@ -88,14 +88,15 @@ def attention_jobs(T, H, K):
 def _attention(out, q, k_cache, v_cache, pos0, scale):
     """Causal GQA attention of T new queries at positions pos0..pos0+T-1 over the cache.
 
-    out: (T, H, d); q: (T, H, d); k_cache, v_cache: (S, K, d) with S >= pos0 + T filled.
+    out: (T, H, d); q: (T, H, d); k_cache, v_cache: (K, S, d) with S >= pos0 + T filled (a head's positions
+    one after another, so reading them is one sequential stream).
     A job is one token and up to 4 query heads sharing a key/value head, so each cache row is read
     once from memory for all of them (then from L1/L2). Each (token, head) is still computed alone
     in a fixed order (q.k as 8-lane partial sums, p.V accumulated over positions in order), so its
     result does not depend on T or on the grouping: a prompt in chunks gives the same values.
     """
     T, H, _ = q.shape
-    for job in prange(attention_jobs(T, H, k_cache.shape[1])):
+    for job in prange(attention_jobs(T, H, k_cache.shape[0])):
         attention_job(out, q, k_cache, v_cache, pos0, scale, job)
 
 
@@ -103,7 +104,7 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
 def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
     """Job number `job` of `_attention`: token t, query heads h0 .. h0 + ng - 1."""
     T, H, d = q.shape
-    K = k_cache.shape[1]
+    K, S = k_cache.shape[0], k_cache.shape[1]
     group = H // K
     per_job = min(group, 4)
     subs = (group + per_job - 1) // per_job  # jobs per (token, kv head)
@@ -117,7 +118,7 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
     scores = np.empty((ng, n_max), dtype=np.float32)
     ms = np.full(ng, -np.inf, dtype=np.float32)
     for s in range(n):
-        ko = (s * K + kv) * d  # flat offset of k_cache[s, kv]
+        ko = (kv * S + s) * d  # flat offset of k_cache[kv, s]
         for j in range(ng):
             qo = (t * H + h0 + j) * d  # flat offset of q[t, h0 + j]
             a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
@@ -133,7 +134,7 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
                 i += 8
             acc = hsum(fadd(fadd(a0, a1), fadd(a2, a3)))
             for i in range(d8, d):
-                acc += q[t, h0 + j, i] * k_cache[s, kv, i]
+                acc += q[t, h0 + j, i] * k_cache[kv, s, i]
             acc *= scale
             scores[j, s] = acc
             ms[j] = max(ms[j], acc)
@@ -164,7 +165,7 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
             a4, a5, a6, a7 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
             for s in range(n):
                 p = splat_f32x8(scores[j, s] * inv)
-                vo = (s * K + kv) * d + i0
+                vo = (kv * S + s) * d + i0
                 a0, a1 = ffma(p, load_f32x8(v_cache, vo), a0), ffma(p, load_f32x8(v_cache, vo + 8), a1)
                 a2, a3 = ffma(p, load_f32x8(v_cache, vo + 16), a2), ffma(p, load_f32x8(v_cache, vo + 24), a3)
                 a4, a5 = ffma(p, load_f32x8(v_cache, vo + 32), a4), ffma(p, load_f32x8(v_cache, vo + 40), a5)
@@ -183,7 +184,7 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
         for i in range(i0, d):
             acc = np.float32(0.0)
             for s in range(n):
-                acc += (scores[j, s] * inv) * v_cache[s, kv, i]
+                acc += (scores[j, s] * inv) * v_cache[kv, s, i]
             out[t, h0 + j, i] = acc
 
 
@@ -256,7 +257,7 @@ def rope_inplace(x, cos, sin):
 
 
 def attention(out, q, k_cache, v_cache, pos0, scale):
-    """out, q: (T, H, d); k_cache, v_cache: (S, K, d)"""
+    """out, q: (T, H, d); k_cache, v_cache: (K, S, d)"""
     pick(ATTENTION, q.size * (pos0 + q.shape[0]) * 2)(out, q, k_cache, v_cache, pos0, scale)
 
 

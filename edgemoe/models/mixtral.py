@@ -156,8 +156,8 @@ class Model:
         out = np.empty_like(q)  # (T, H, d)
         for r0, n, cache in seqs:
             p = cache.length
-            cache.k[i, p:p + n] = k[r0:r0 + n]
-            cache.v[i, p:p + n] = v[r0:r0 + n]
+            cache.k[i, :, p:p + n] = k[r0:r0 + n].transpose(1, 0, 2)  # (K, n, d)
+            cache.v[i, :, p:p + n] = v[r0:r0 + n].transpose(1, 0, 2)
             ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], p, self.scale)
         return linear(out.reshape(T, -1), layer.o_proj)  # (T, D)
 
