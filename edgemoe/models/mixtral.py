@@ -113,7 +113,10 @@ class Model:
                 if own_dense and not w.data.flags.owndata:
                     w = QTensor(np.array(w.data), w.qtype, w.rows, w.cols, w.interleave)
                 return w
-            return np.array(w) if own_dense else w
+            if own_dense:
+                w = np.array(w)
+                w.flags.writeable = False  # like the memory map it replaces: one Numba type for both
+            return w
 
         for layer in self.weights.layers:
             q, k, v = layer.q_proj, layer.k_proj, layer.v_proj
