@@ -168,27 +168,25 @@ def _specialise(template, tag: str, **bound):
 _local = threading.local()
 
 
-def _scratch(role: str, act: str, n: int, cols: int):
-    """Activation buffers for one role of the fused kernels, reused across calls on this thread."""
+def _buffer(key, make):
+    """A buffer of this thread reused across calls: `make()` the first time `key` is asked for."""
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
-    key = (role, act, n, cols)
     b = bufs.get(key)
     if b is None:
-        b = bufs[key] = activations(act, n, cols)
+        b = bufs[key] = make()
     return b
+
+
+def _scratch(role: str, act: str, n: int, cols: int):
+    """(xq, xd, xs) activation buffers of one role: `n` rows of `cols` activations in format `act`."""
+    return _buffer((role, act, n, cols), lambda: activations(act, n, cols))
 
 
 def _f32(role: str, *shape):
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
-    key = (role, "f32buf") + shape
-    b = bufs.get(key)
-    if b is None:
-        b = bufs[key] = np.empty(shape, np.float32)
-    return b
+    """A float32 scratch array of one role."""
+    return _buffer((role, "f32") + shape, lambda: np.empty(shape, np.float32))
 
 
 def _kinds(first: QTensor, second: QTensor) -> tuple[Kind, Kind] | None:
