@@ -42,9 +42,9 @@ class ExpertStore(Protocol):
     n_experts: int
 
     wants_hints: bool  # True when `hint` does something (predictions cost a router pass)
-    stable_views: bool  # True when experts got one after another stay valid together (no eviction)
 
-    def get(self, layer: int, expert: int) -> Expert: ...
+    def get(self, layer: int, expert: int) -> Expert:
+        """Layer `layer`'s expert; the experts got for one step stay valid together."""
 
     def request(self, layer: int, experts) -> None:
         """All of `experts` of `layer` are needed in this step (get() follows for each)."""
@@ -56,7 +56,7 @@ class ExpertStore(Protocol):
         """Stop background work and free buffers."""
 
     def repack_x8(self) -> None:
-        """Keep Q4_0/Q4_K matrices in the 8-row interleaved layout (kernels/q4x8.py), now and as they arrive."""
+        """Keep Q4_0/Q4_K/Q8_0 matrices in the 8-row interleaved layouts (kernels/q4x8.py), now and as they arrive."""
 
 
 class ResidentExperts:
@@ -68,10 +68,9 @@ class ResidentExperts:
         self.n_experts = len(experts[0]) if experts else 0
 
     wants_hints = False
-    stable_views = True
 
     def repack_x8(self) -> None:
-        """Copy every Q4_0 and Q4_K matrix (rows divisible by 8) into the 8-row interleaved layout, gate and up of
+        """Copy every Q4_0, Q4_K and Q8_0 matrix (rows divisible by 8) into the 8-row interleaved layout, gate and up of
         an expert stacked into one matrix."""
         self._experts = [[_x8_expert(e) for e in layer] for layer in self._experts]
 

@@ -109,13 +109,11 @@ class StreamingExperts:
         self._demanded: dict[tuple[int, int], ReadHandle] = {}  # issued by request(), consumed by get()
         self._pending: dict[tuple[int, int], ReadHandle] = {}  # prefetches not yet demanded
         self._spill: np.ndarray | None = None  # holds an expert the cache could not take, until the next get
-        self._x8 = False  # Q4_0/Q4_K parts are repacked into the 8-row interleaved layout as they arrive
+        self._x8 = False  # Q4_0/Q4_K/Q8_0 parts are repacked into the 8-row interleaved layout as they arrive
 
     def repack_x8(self) -> None:
-        """From now on keep Q4_0/Q4_K matrices (rows divisible by 8) in the 8-row interleaved layout."""
+        """From now on keep Q4_0/Q4_K/Q8_0 matrices (rows divisible by 8) in the 8-row interleaved layout."""
         self._x8 = True
-
-    stable_views = True  # an evicted blob's memory is reused only once no view of it is left (cache.py)
 
     @property
     def wants_hints(self) -> bool:

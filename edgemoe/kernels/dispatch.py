@@ -22,7 +22,7 @@ from .fmatmul import matmul_float, matmul_float_serial
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
 from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
-from .q8act import quantize_q8_0, quantize_q8_k
+from .q8act import activations, quantize_q8_0, quantize_q8_k
 from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
@@ -141,31 +141,7 @@ def _scratch(kind: str, n_tok: int, cols: int):
         return views
     bufs = cache.get((kind, cols))
     if bufs is None or bufs[0].shape[0] < n_tok:
-        cap = max(n_tok, 1)
-        if kind == "q8_0x8":
-            bufs = (
-                np.empty((cap, cols), np.int8),  # (T, C) quants
-                np.empty((cap, cols // 32), np.float32),  # (T, C/32) scales
-                np.empty((cap, cols // 32), np.int32),  # (T, C/32) 8 * sum of quants
-            )
-        elif kind == "q8_kx8":
-            bufs = (
-                np.empty((cap, cols), np.int8),  # (T, C) quants
-                np.empty((cap, cols // 256), np.float32),  # (T, C/256) scales
-                np.empty((cap, cols // 64), np.int32),  # (T, C/64) pairs of sub-block sums
-            )
-        elif kind != "q8_k":
-            bufs = (
-                np.empty((cap, cols), np.int8),  # (T, C) quants
-                np.empty((cap, cols // 32), np.float32),  # (T, C/32) scales
-                np.empty((cap, cols // 32), np.float32),  # (T, C/32) scale * sum
-            )
-        else:
-            bufs = (
-                np.empty((cap, cols), np.int8),  # (T, C) quants
-                np.empty((cap, cols // 256), np.float32),  # (T, C/256) scales
-                np.empty((cap, cols // 16), np.int32),  # (T, C/16) sums
-            )
+        bufs = activations(kind, max(n_tok, 1), cols)
         for key in [k for k in cache if k[:2] == (kind, cols)]:
             del cache[key]  # views of the old buffers
         cache[(kind, cols)] = bufs

@@ -28,7 +28,8 @@ from numba import njit, prange
 from ..qtensor import QTensor
 from . import dispatch
 from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs
-from .rows import Kind, activations, kind_of
+from .q8act import activations
+from .rows import Kind, kind_of
 from .sync import SYNC_SLOTS, claim, finish, wait_done
 
 CHUNK_ROWS = 128  # matrix rows per chunk (a multiple of 8): ~35-70 KB of weights, a few µs of work

@@ -166,3 +166,23 @@ def quantize_q8_k(xq, xd, xb, x):
                 xb[t, b * 16 + 2 * k] = sum_half(q, 0)
                 xb[t, b * 16 + 2 * k + 1] = sum_half(q, 1)
             xd[t, b] = np.float32(1.0) / iscale
+
+
+def activations(act: str, n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New (xq, xd, xs) buffers for `n` rows of `cols` activations in format `act`: q8_0 / q8_0p (Q8_0 /
+    Q4_0 weights), q8_0x8 (Q4_0x8: xs = 8 * the block sums, int32), q8_k (K types), q8_kx8 (Q4_Kx8:
+    pairs of 32-column sums) or f32 (float weights take the activations themselves)."""
+    if act == "f32":
+        return (np.empty((n, cols), np.float32),  # (n, C) the activations
+                np.empty((n, 1), np.float32), np.empty((n, 1), np.float32))  # unused
+    if act == "q8_kx8":
+        return (np.empty((n, cols), np.int8),  # (n, C) quants
+                np.empty((n, cols // 256), np.float32),  # (n, C/256) scales
+                np.empty((n, cols // 64), np.int32))  # (n, C/64) pairs of sub-block sums
+    if act == "q8_k":
+        return (np.empty((n, cols), np.int8),  # (n, C) quants
+                np.empty((n, cols // 256), np.float32),  # (n, C/256) scales
+                np.empty((n, cols // 16), np.int32))  # (n, C/16) sums
+    return (np.empty((n, cols), np.int8),  # (n, C) quants
+            np.empty((n, cols // 32), np.float32),  # (n, C/32) scales
+            np.empty((n, cols // 32), np.int32 if act == "q8_0x8" else np.float32))  # (n, C/32) sums

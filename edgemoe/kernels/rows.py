@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import njit
 
@@ -143,21 +142,3 @@ KINDS = {
 def kind_of(w: QTensor) -> Kind | None:
     """The kind of a weight, None when no row kernel takes it."""
     return KINDS.get((w.qtype, w.interleave))
-
-
-def activations(act: str, n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """New (xq, xd, xs) buffers for `n` rows of `cols` activations in format `act`."""
-    if act == "f32":
-        return (np.empty((n, cols), np.float32),  # (n, C) the activations
-                np.empty((n, 1), np.float32), np.empty((n, 1), np.float32))  # unused
-    if act == "q8_kx8":
-        return (np.empty((n, cols), np.int8),  # (n, C) quants
-                np.empty((n, cols // 256), np.float32),  # (n, C/256) scales
-                np.empty((n, cols // 64), np.int32))  # (n, C/64) pairs of sub-block sums
-    if act == "q8_k":
-        return (np.empty((n, cols), np.int8),  # (n, C) quants
-                np.empty((n, cols // 256), np.float32),  # (n, C/256) scales
-                np.empty((n, cols // 16), np.int32))  # (n, C/16) sums
-    return (np.empty((n, cols), np.int8),  # (n, C) quants
-            np.empty((n, cols // 32), np.float32),  # (n, C/32) scales
-            np.empty((n, cols // 32), np.int32 if act == "q8_0x8" else np.float32))  # (n, C/32) sums

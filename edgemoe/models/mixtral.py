@@ -99,8 +99,8 @@ class Model:
         """Lay the weights out for the kernels, once after loading.
 
         - q, k and v of a layer go into one matrix where they share a type (one kernel call for three);
-        - Q4_0 and Q4_K matrices go into the 8-row interleaved layouts (kernels/q4x8.py, q4kx8.py; 1.5-2.4x
-          faster per core);
+        - Q4_0, Q4_K and Q8_0 matrices go into the 8-row interleaved layouts (kernels/q4x8.py, q4kx8.py,
+          q8x8.py; 1.2-2.0x faster per core);
         - with `own_dense`, every other dense tensor a step reads is copied out of the memory-mapped file:
           when experts stream inside a memory limit the kernel reclaims clean file pages first, and a
           mapped norm or attention matrix would be faulted back in from the disk once per token;
@@ -182,7 +182,7 @@ class Model:
             nxt = layers[i + 1]
             self.experts.hint(i + 1, np.unique(self.route(rms_norm(x, nxt.post_attention_layernorm,
                                                                    self.args.rms_norm_eps), nxt)[0]))
-        if self.fused and x.shape[0] == 1 and self.experts.stable_views:
+        if self.fused and x.shape[0] == 1:
             order = np.argsort(ids[0], kind="stable")  # summed in increasing expert id, as switch_glu
             self.experts.request(i, ids[0, order])
             chosen = [self.experts.get(i, int(e)) for e in ids[0, order]]
