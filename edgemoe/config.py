@@ -160,6 +160,8 @@ class DispatchConfig:
 @dataclass(frozen=True)
 class ComputeConfig:
     dispatch: DispatchConfig = section(DispatchConfig)
+    repack: bool = setting(True, boolean(), "Q4_0/Q4_K/Q8_0 weights in the 8-row interleaved layouts (memory-mapped "
+                           "experts only when they fit in half of the machine's memory)")
 
 
 @dataclass(frozen=True)
@@ -175,11 +177,14 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    enabled: bool = setting(False, boolean())
-    draft_model: str = setting("self", text('"self" or a model path'),
-                               "self = the target model using only cached experts (no I/O)")
-    max_tokens: int = setting(4, integer("an integer from 1 to 16", 1, 16), "draft tokens per step")
-    rejection_threshold: float = setting(0.15, FRACTION, "stop drafting when routing diverges beyond this")
+    proposer: str = setting("off", choice("off", "auto", "draft", "self", "lookup"),
+                            "off | auto (the proposers that pay) | draft (a small model) | self (the model on the "
+                            "experts in RAM) | lookup (n-grams of prompt and output)")
+    draft_model: str | None = setting(None, optional(text('"default" or a model path'), "null"),
+                                      "draft model for `draft` and `auto`: a GGUF/HF path with the target's "
+                                      "tokenizer, or default (the embedded model's draft)")
+    max_tokens: int = setting(4, integer("an integer from 1 to 16", 1, 16), "most draft tokens per step")
+    rejection_threshold: float = setting(0.15, FRACTION, "a draft stops once its divergence exceeds this")
 
 
 @dataclass(frozen=True)

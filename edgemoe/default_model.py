@@ -33,6 +33,7 @@ CONFIG = {
     "eos_token_id": 2,
 }
 SHIPPED = "default-moe.gguf"  # in edgemoe/data/
+DRAFT = "draft-moe.gguf"  # its speculative-decoding draft, same tokenizer
 VERSION = 2  # bump when CONFIG or the vocabulary changes, so old cached files are not reused
 
 WORDS = """the of and to in a is that for it as was with be by on not he this are or his from at which but have an
@@ -108,6 +109,25 @@ def shipped_model_path() -> str | None:
         return os.fspath(res)
     # A zipped install: the engine memory-maps the file, so copy it out once.
     path = os.path.join(cache_dir(), SHIPPED)
+    if not os.path.exists(path):
+        os.makedirs(cache_dir(), exist_ok=True)
+        with res.open("rb") as src, open(f"{path}.{os.getpid()}.tmp", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    return path
+
+
+def draft_model_path() -> str:
+    """Path of the shipped draft model of the default model (speculative decoding, `--draft-model default`)."""
+    from .errors import UsageError
+
+    res = resources.files("edgemoe").joinpath("data", DRAFT)
+    if not res.is_file():
+        raise UsageError("this installation carries no draft model (edgemoe/data/draft-moe.gguf); reinstall "
+                         "edgemoe or pass --draft-model PATH")
+    if isinstance(res, os.PathLike):
+        return os.fspath(res)
+    path = os.path.join(cache_dir(), DRAFT)
     if not os.path.exists(path):
         os.makedirs(cache_dir(), exist_ok=True)
         with res.open("rb") as src, open(f"{path}.{os.getpid()}.tmp", "wb") as dst:

@@ -173,6 +173,20 @@ def estimate(sizes: dict, available: int, mem_bw: float, disk_bw: float | None) 
             "decode_tok_s_in_ram": mem_bw / (sizes["dense_bytes_per_token"] + active)}
 
 
+def layout_check(model, cfg) -> Check:
+    """Which weight layout the kernels run, and why (the same rule `run` and `serve` apply)."""
+    from .engine.session import machine_memory
+
+    if not cfg.compute.repack:
+        why = "compute.repack is false"
+    else:
+        experts = getattr(model.experts, "nbytes", 0)
+        why = (f"memory-mapped experts ({experts / 2**20:.0f} MB) {'fit' if 2 * experts <= machine_memory() else 'exceed'}"
+               f" half of this machine's {machine_memory() / 2**30:.1f} GB; streamed experts are always repacked")
+    return Check("weight layout", None, f"{model.layout} ({why}; decided from the model, config and machine, "
+                 "never the free memory)")
+
+
 def model_checks(path: str, cfg, seconds: float) -> tuple[list[Check], dict]:
     from . import doctor_disk
     from .errors import EdgeMoEError
@@ -186,7 +200,7 @@ def model_checks(path: str, cfg, seconds: float) -> tuple[list[Check], dict]:
                                             seconds=seconds)
     out += [Check(*r) for r in rows]
     try:
-        loaded = load_model(path)
+        loaded = load_model(path, repack=cfg.compute.repack)
     except EdgeMoEError as e:
         out.append(Check("model loads", False, str(e), "see the message", True))
         return out, figures
@@ -195,6 +209,7 @@ def model_checks(path: str, cfg, seconds: float) -> tuple[list[Check], dict]:
     out.append(Check("model loads", True, f"{loaded.format}, {a.num_hidden_layers} layers, {a.num_local_experts} "
                      f"experts (top-{a.num_experts_per_tok}), dense {sizes['dense_bytes'] / 2**20:.0f} MB, "
                      f"experts {sizes['expert_bytes'] / 2**20:.0f} MB"))
+    out.append(layout_check(loaded.model, cfg))
     mem_bw = memory_bandwidth()
     available = psutil.virtual_memory().available
     est = estimate(sizes, available, mem_bw, figures.get("disk_read_bytes_per_s"))

@@ -28,21 +28,27 @@ class LoadedModel:
     format: str  # "gguf" | "safetensors"
 
 
-def load_model(path: str, stream=None, prepare: bool = True) -> LoadedModel:
+def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = True, repack_rule=None) -> LoadedModel:
     """Open a GGUF file or an HF checkpoint directory; raise a ModelFormatError/UnsupportedError otherwise.
 
     stream: `edgemoe.experts.setup.StreamOptions` to read experts from disk into a budgeted cache (GGUF only);
     None keeps every expert addressable through the memory map.
     prepare: lay the weights out for the kernels (Model.prepare); False keeps zero-copy views of the file
     (for tools that read the weights back). Dense tensors are copied out of the memory map when experts
-    stream and three times their size is free; memory-mapped experts are repacked when their copy fits in
-    half the free memory (else they run on the plain-layout Q4_0 kernel, whose results differ in rounding).
+    stream and three times their size is free (a copy changes no result).
+    repack: Q4_0/Q4_K/Q8_0 weights take the 8-row interleaved layouts (config compute.repack); streamed
+    experts are repacked as they arrive, memory-mapped ones when `repack_rule(expert bytes)` says so
+    (default: engine.session.repack_experts, from the machine's total memory): the layouts round
+    differently, so the choice depends on the model, the config and the machine, never the free memory.
     """
     loaded = _load(path, stream)
     if prepare:
         model = loaded.model
         own_dense = stream is not None and 3 * model.dense_nbytes() <= _free_memory()
-        model.prepare(own_dense, stream is not None or 2 * model.experts.nbytes <= _free_memory())
+        if repack_rule is None:
+            from .engine.session import repack_experts as repack_rule
+        experts = repack and (stream is not None or repack_rule(model.experts.nbytes))
+        model.prepare(own_dense, experts, repack_dense=repack)
     return loaded
 
 

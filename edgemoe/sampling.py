@@ -126,6 +126,38 @@ class Sampler:
             ids, vals = self._min_p(ids, vals)
         return self._dist(ids, vals)
 
+    def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution `sample` draws from: candidate ids (n,) int64 and probabilities (n,) float64
+        summing to 1. Greedy: the argmax with probability 1. Speculative verification compares the
+        target's and the draft's distributions through it, so both pass the same sampling chain."""
+        w = self._logits  # (V,) f32
+        np.copyto(w, logits, casting="same_kind")
+        self._apply_penalties(w, history)
+        p = self.params
+        if p.temperature == 0.0:
+            return np.array([int(np.argmax(w))], np.int64), np.ones(1)
+        ids, vals, is_sorted = self._top_k(w)
+        if p.top_p < 1.0:
+            ids, vals = self._top_p(ids, vals, is_sorted)
+        if self._log_min_p is not None:
+            ids, vals = self._min_p(ids, vals)
+        ids = np.array(ids, np.int64)
+        if len(ids) == 1:
+            return ids, np.ones(1)
+        scaled = vals.astype(np.float32) / np.float32(p.temperature)  # (n,)
+        e = np.exp(scaled - np.float32(_finite_max(scaled))).astype(np.float64)  # (n,)
+        return ids, e / e.sum()
+
+    def draw(self, ids: np.ndarray, probs: np.ndarray) -> int:
+        """One id from a distribution (ids (n,), probs (n,) summing to ~1) with this sampler's RNG."""
+        cum = np.cumsum(probs)  # (n,)
+        i = int(np.searchsorted(cum, self._rng.random() * cum[-1], side="right"))
+        return int(ids[min(i, len(ids) - 1)])
+
+    def uniform(self) -> float:
+        """A uniform draw in [0, 1) from this sampler's RNG (speculative acceptance tests)."""
+        return float(self._rng.random())
+
     # --- chain stages; each takes and returns candidates `ids` (n,) int64, `vals` (n,) f32 ---
 
     def _apply_penalties(self, w: np.ndarray, history: Sequence[int]) -> None:

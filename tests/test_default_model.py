@@ -17,9 +17,9 @@ from reference_runs import dequantised_reference, engine_greedy, hf_greedy
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from edgemoe.default_model import default_model_path, shipped_model_path
-from edgemoe.generate import generate
+from edgemoe.engine.core import generate
 from edgemoe.loader import load_model
-from edgemoe.sampling import Sampler, SamplingParams
+from edgemoe.sampling import SamplingParams
 from edgemoe.tokenizer import load_tokenizer
 
 WORDS = set("""
@@ -112,8 +112,7 @@ def test_sample_is_shakespeare_like_text(path):
     loaded = load_model(path)
     tok = loaded.tokenizer
     params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=7)
-    sampler = Sampler(params, loaded.model.args.vocab_size)
-    ids = generate(loaded.model, tok.encode(PROMPT), 200, sampler, n_ctx=512).token_ids
+    ids = generate(loaded.model, tok.encode(PROMPT), 200, params, eos=False).tokens
     text = tok.decode(ids)
     assert len(ids) == 200
     assert all(c.isprintable() or c in "\n\t" for c in text), repr(text)

@@ -69,3 +69,33 @@ def test_fused_path_is_taken(model, monkeypatch):
         monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     decode(model, True)
     assert calls.count("attention_block") == calls.count("moe_block") > 0
+
+
+def steps_of_rows(m, fused: bool) -> np.ndarray:
+    """Two sequences stepped together with several tokens each (prompt chunks, then a verification-sized
+    step): every logit row of both."""
+    m.fused = fused
+    a, b = m.new_cache(48), m.new_cache(48)
+    out = [m.forward_batch([(np.asarray([3, 17, 4, 88, 9, 1, 50]), a), (np.asarray([5, 6, 7]), b)], rows=[7, 3]),
+           m.forward_batch([(np.asarray([11, 12, 13, 14, 15]), a), (np.asarray([2]), b)], rows=[5, 1]),
+           m.forward_batch([(np.asarray([20, 21]), a)], rows=[2])]
+    m.fused = True
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_rows_equal_separate_kernels(model, threads, monkeypatch):
+    """The expert block of several tokens in one region (kernels/fused.moe_rows_block) gives every row the
+    bits of the separate kernels, and is the path taken."""
+    from edgemoe.kernels import fused
+
+    set_threads(threads)
+    try:
+        want = steps_of_rows(model, False)
+        calls = []
+        real = fused.moe_rows_block
+        monkeypatch.setattr(fused, "moe_rows_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+        got = steps_of_rows(model, True)
+    finally:
+        set_threads(2)
+    assert calls and np.array_equal(got, want)

@@ -7,11 +7,14 @@ import threading
 import numpy as np
 import pytest
 
+from edgemoe.engine.core import EngineCore
+from edgemoe.engine.request import Request as Job
+from edgemoe.engine.stops import StopMatcher
 from edgemoe.sampling import SamplingParams
-from edgemoe.server.engine import Engine, Job
+from edgemoe.server.engine import Engine
+from edgemoe.server.metrics import Metrics
 from edgemoe.server.scheduler import QueueFull, Scheduler, ShuttingDown, UnknownClass
 from edgemoe.server.schemas import RequestError, chat_prompt, parse_request
-from edgemoe.server.stops import StopMatcher
 
 
 class Req:
@@ -147,23 +150,29 @@ class CountingModel:
         def __init__(self, n_ctx):
             self.n_ctx, self.length = n_ctx, 0
 
+        def truncate(self, length):
+            self.length = min(self.length, length)
+
     def new_cache(self, n_ctx):
         return self.Cache(n_ctx)
 
-    def forward(self, ids, cache):
+    def forward(self, ids, cache, rows=1):
         assert cache.length + len(ids) <= cache.n_ctx
         cache.length += len(ids)
-        logits = np.zeros((1, self.args.vocab_size), np.float32)  # (1, V)
-        logits[0, (int(ids[-1]) + 1) % self.args.vocab_size] = 5.0
+        logits = np.zeros((rows, self.args.vocab_size), np.float32)  # (rows, V)
+        for j, t in enumerate(ids[len(ids) - rows:]):
+            logits[j, (int(t) + 1) % self.args.vocab_size] = 5.0
         return logits
 
-    def forward_batch(self, batch):
-        return np.concatenate([self.forward(ids, cache) for ids, cache in batch])  # (B, V)
+    def forward_batch(self, batch, rows=None):
+        rows = rows or [1] * len(batch)
+        return np.concatenate([self.forward(ids, cache, r) for (ids, cache), r in zip(batch, rows)])  # (R, V)
 
 
 def run_jobs(jobs: list[Job], eos: set[int] = frozenset()) -> None:
-    engine = Engine(CountingModel(), None, Scheduler({"default": 1}, max_batch=2, max_queue=10))
-    engine.eos_ids = set(eos)  # no tokenizer: ids only, no text
+    engine = Engine(EngineCore(CountingModel(), None, metrics=Metrics()),
+                    Scheduler({"default": 1}, max_batch=2, max_queue=10))
+    engine.core.eos_ids = set(eos)  # no tokenizer: ids only, no text
     done = threading.Semaphore(0)
     for job in jobs:
         inner = job.emit
@@ -190,16 +199,17 @@ def test_engine_steps_every_job_until_length_or_eos():
 
 
 class FailingModel(CountingModel):
-    def forward(self, ids, cache):
+    def forward(self, ids, cache, rows=1):
         if int(ids[-1]) == 9:
             raise RuntimeError("expert read failed")
-        return super().forward(ids, cache)
+        return super().forward(ids, cache, rows)
 
 
 def test_a_failing_request_ends_alone():
     greedy = SamplingParams(temperature=0)
     bad, good = [], []
-    engine = Engine(FailingModel(), None, Scheduler({"default": 1}, max_batch=2, max_queue=10))
+    engine = Engine(EngineCore(FailingModel(), None, metrics=Metrics()),
+                    Scheduler({"default": 1}, max_batch=2, max_queue=10))
     done = threading.Semaphore(0)
 
     def collect(into):

@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from edgemoe import kernels  # noqa: E402
 from edgemoe.doctor_disk import LIMIT_THREADS, read_bandwidth  # noqa: E402
+from edgemoe.engine.core import generate  # noqa: E402
 from edgemoe.experts.setup import StreamOptions  # noqa: E402
-from edgemoe.generate import generate  # noqa: E402
 from edgemoe.loader import load_model  # noqa: E402
-from edgemoe.sampling import Sampler, SamplingParams  # noqa: E402
+from edgemoe.sampling import SamplingParams  # noqa: E402
 
 
 def ensure_model(args) -> str:
@@ -56,13 +56,12 @@ def expert_bytes(path: str) -> tuple[int, int, int]:
 
 def run_once(path: str, budget_mb: float, prefetch: bool, prompt: list[int], n: int, queue_depth: int) -> dict:
     loaded = load_model(path, StreamOptions.from_budget(budget_mb, prefetch=prefetch, queue_depth=queue_depth))
-    sampler = Sampler(SamplingParams(temperature=0.0), loaded.args.vocab_size)
-    gen = generate(loaded.model, prompt, n, sampler, n_ctx=len(prompt) + n + 1)
+    gen = generate(loaded.model, prompt, n, SamplingParams(temperature=0.0), eos=False)
     st = loaded.model.experts.stats()
     loaded.model.experts.close()
     return {"decode_tok_s": gen.decode_tok_s, "prefill_tok_s": gen.prefill_tok_s, "hit_rate": st["cache"]["hit_rate"],
             "bytes_read": st["io"]["bytes_read"], "read_gb_s": st["io"]["gbps"], "p50_ms": st["io"]["p50_ms"],
-            "p99_ms": st["io"]["p99_ms"], "tokens": len(prompt) + gen.decode_steps,
+            "p99_ms": st["io"]["p99_ms"], "tokens": len(prompt) + len(gen.tokens) - 1,
             "prefetch_used": st["prefetch"]["used_in_time"], "prefetch_issued": st["prefetch"]["issued"]}
 
 

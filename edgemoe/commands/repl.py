@@ -110,6 +110,11 @@ class Session:
                 return None
             print(f"{h['tokens_per_second']:.2f} tok/s, {h['tokens_generated']} tokens generated, "
                   f"{h['running']} running, {h['queue_length']} waiting, requests {h['requests']}", file=self.out)
+            spec, eng = h.get("speculative") or {}, h.get("engine") or {}
+            if eng.get("speculative", "off") != "off":
+                print(f"speculative {eng['speculative']}: {spec.get('accepted_tokens', 0)}/"
+                      f"{spec.get('draft_tokens', 0)} draft tokens accepted "
+                      f"({spec.get('acceptance_rate', 0.0):.0%})", file=self.out)
         elif word == "/set" and len(rest) == 2 and rest[0] in SETTINGS:
             try:
                 self.settings[rest[0]] = SETTINGS[rest[0]](rest[1])

@@ -19,19 +19,14 @@ log = logging.getLogger("edgemoe.server")
 
 
 def setup_arg_parser(p) -> None:
-    p.add_argument("-m", "--model", help="GGUF file or HF checkpoint directory (default: config's inference.model, "
-                                         "else the embedded model)")
+    from ..engine.session import add_session_arguments
+
     p.add_argument("--socket", metavar="PATH", help="UNIX socket (default: $RUNTIME_DIRECTORY/edgemoe.sock, else "
                                                      "the config's server.socket)")
     p.add_argument("--tcp", metavar="127.0.0.1:PORT", help="also listen on loopback TCP")
-    p.add_argument("--cache-mb", type=float, default=None,
-                   help="stream experts from the file into a RAM cache of this many MB (default: memory-map all)")
-    p.add_argument("--stream", action="store_true", help="stream experts with the config's cache tiers")
-    p.add_argument("--no-prefetch", action="store_true", help="with streaming: do not prefetch predicted experts")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: min(model's, 4096))")
     p.add_argument("--grace", type=float, default=10.0,
                    help="on SIGTERM, seconds running requests may finish before they are cancelled (default 10)")
+    add_session_arguments(p)
     add_config_arguments(p)
 
 
@@ -96,37 +91,22 @@ def bind_tcp(addr: str) -> socket.socket:
 def main(args) -> int:
     import uvicorn
 
-    from .. import kernels
-    from ..loader import load_model
+    from ..engine.session import Session
     from ..server import sdnotify
     from ..server.app import Service, build_app
     from ..server.engine import Engine
     from ..server.metrics import Metrics
     from ..server.scheduler import Scheduler
-    from .run import apply_dispatch
 
     logging.basicConfig(level=logging.INFO, format="edgemoe: %(message)s", stream=sys.stderr)
     cfg = config_from_args(args)
-    apply_dispatch(cfg)
-    threads = args.threads or cfg.threads
-    if threads is not None:
-        kernels.set_threads(threads)
-    model_path = args.model or cfg.inference.model
-    if model_path is None:
-        from ..default_model import default_model_path
-
-        model_path = default_model_path()
-    stream = None
-    if args.cache_mb is not None or args.stream:
-        from ..experts.setup import StreamOptions
-
-        stream = StreamOptions.from_config(cfg, args.cache_mb, prefetch=not args.no_prefetch)
 
     # Bind before loading so a busy socket fails fast; systemd socket activation hands us fd 3.
     fds = sdnotify.listen_fds()
     sockets: list[socket.socket] = []
     unix_path = None  # set once we own the file, so a failure never removes another server's socket
     tcp = args.tcp or cfg.server.tcp
+    session = engine = None
     try:
         if fds:
             sockets.append(socket.socket(fileno=fds[0]))
@@ -136,23 +116,28 @@ def main(args) -> int:
         if tcp:
             sockets.append(bind_tcp(tcp))
         where = "socket activation (fd 3)" if fds else unix_path
-        sdnotify.notify(f"STATUS=loading {model_path}")
-        loaded = load_model(model_path, stream)
-        n_ctx = args.ctx or cfg.context_length or min(loaded.args.max_position_embeddings, 4096)
-        if n_ctx < 2:
-            raise UsageError(f"--ctx must be at least 2, got {n_ctx}")
+        sdnotify.notify(f"STATUS=loading {args.model or cfg.inference.model or 'the embedded model'}")
+        session = Session(args, cfg)
         sdnotify.notify("STATUS=compiling kernels")
-        _warm_up(loaded.model)
+        session.warm_up()
         b = cfg.batching
-        engine = Engine(loaded.model, loaded.tokenizer, Scheduler(dict(b.admission), b.max_batch, b.max_queue),
-                        Metrics(), prefill_chunk=b.prefill_chunk)
-        service = Service(engine, loaded.tokenizer, os.path.basename(model_path.rstrip("/")), n_ctx,
-                          cfg.sampling.params())
+        engine = Engine(session.core(Metrics()), Scheduler(dict(b.admission), b.max_batch, b.max_queue),
+                        bind_thread=session.bind_thread)
+
+        def info() -> dict:
+            return {"threads": engine.threads, "layout": session.layout(),
+                    "streaming": session.stream is not None, "speculative": engine.core.proposer_name,
+                    **{k: v for k, v in session.stream_figures().items() if k == "thermal"}}
+
+        service = Service(engine, session.tokenizer, os.path.basename(session.model_path.rstrip("/")),
+                          session.n_ctx, cfg.sampling.params(), info)
         engine.start()
         config = uvicorn.Config(build_app(service), lifespan="off", http="h11", log_level="warning",
                                 access_log=False, timeout_graceful_shutdown=args.grace + 5)
         server = _make_server(config, engine, args.grace)
-        log.info("serving %s on %s (context %d, batch %d)", service.model_name, where, n_ctx, b.max_batch)
+        log.info("serving %s on %s (context %d, batch %d, %s, speculative %s)", service.model_name, where,
+                 session.n_ctx, b.max_batch, "streaming experts" if session.stream is not None else
+                 "memory-mapped experts", engine.core.proposer_name)
         asyncio.run(_serve(server, sockets, engine))
     finally:
         for s in sockets:
@@ -160,19 +145,12 @@ def main(args) -> int:
         if unix_path is not None:  # systemd's socket unit owns an activated socket's file
             with contextlib.suppress(OSError):
                 os.unlink(unix_path)
-    engine.join(args.grace + 5)
-    loaded.model.experts.close()
+        if engine is not None:
+            engine.join(args.grace + 5)
+        if session is not None:
+            session.close()
     log.info("stopped")
     return 0
-
-
-def _warm_up(model) -> None:
-    """Compile (or load from Numba's cache) every kernel before READY, so the first request is not slow."""
-    import numpy as np
-
-    cache = model.new_cache(3)
-    model.forward(np.zeros(2, dtype=np.int64), cache)  # matrix kernels (prompts, batched steps)
-    model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
 
 
 async def _serve(server, sockets, engine) -> None:

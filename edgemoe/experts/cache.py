@@ -207,6 +207,12 @@ class ExpertCache:
                 self._maybe_promote(e)
             return e.arr
 
+    def peek(self, key: Key) -> np.ndarray | None:
+        """The cached blob or None, with no counter, usage or policy change (self-drafting reads)."""
+        with self._lock:
+            e = self._entries.get(key)
+            return None if e is None else e.arr
+
     def contains(self, key: Key) -> bool:
         """Whether `key` is resident (no counters change)."""
         return key in self._entries

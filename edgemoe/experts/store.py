@@ -58,6 +58,13 @@ class ExpertStore(Protocol):
     def repack_x8(self) -> None:
         """Keep Q4_0/Q4_K/Q8_0 matrices in the 8-row interleaved layouts (kernels/q4x8.py), now and as they arrive."""
 
+    def resident(self, layer: int) -> np.ndarray:
+        """(E,) bool: which experts of `layer` are in RAM now (no counters change)."""
+
+    def in_ram(self) -> ExpertStore:
+        """A view of this store for self-drafting: `get` of a resident expert, with no read, no hint and no
+        cache counters or policy change; `request` does nothing."""
+
 
 class ResidentExperts:
     """Every expert already addressable in memory (zero-copy views of a memory-mapped file)."""
@@ -82,6 +89,12 @@ class ResidentExperts:
 
     def hint(self, layer: int, experts) -> None:
         pass
+
+    def resident(self, layer: int) -> np.ndarray:
+        return np.ones(self.n_experts, dtype=bool)
+
+    def in_ram(self) -> ResidentExperts:
+        return self
 
     def close(self) -> None:
         pass

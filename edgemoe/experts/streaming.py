@@ -190,6 +190,12 @@ class StreamingExperts:
                 buf.release()
         return self._expert(ext, blob)
 
+    def resident(self, layer: int) -> np.ndarray:
+        return np.fromiter((self.cache.contains((layer, e)) for e in range(self.n_experts)), bool, self.n_experts)
+
+    def in_ram(self) -> _InRam:
+        return _InRam(self)
+
     def _expert(self, ext: ExpertExtent, blob: np.ndarray) -> Expert:
         offsets = _x8_offsets(ext) if self._x8 else None
         mats = {p: self._view(blob, part.offset if offsets is None else offsets[p], part)
@@ -217,3 +223,24 @@ class StreamingExperts:
         self._pending.clear()
         self._demanded.clear()
         self.reader.close()
+
+
+class _InRam:
+    """StreamingExperts as a self-draft sees it: only what is cached, touched without counting."""
+
+    wants_hints = False
+
+    def __init__(self, store: StreamingExperts):
+        self._store = store
+
+    def request(self, layer: int, experts) -> None:
+        pass
+
+    def hint(self, layer: int, experts) -> None:
+        pass
+
+    def get(self, layer: int, expert: int) -> Expert:
+        blob = self._store.cache.peek((layer, expert))
+        if blob is None:
+            raise KeyError(f"expert {expert} of layer {layer} left the cache during a draft pass")
+        return self._store._expert(self._store.extents[layer][expert], blob)

@@ -89,6 +89,70 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
             c = claim(sync, 2, n3, back)
 
 
+def _moe_rows_template(n_threads, out, resid, h, mats, n_per, slot_w, slot_tok, exp_start, exp_slots, tok_start,
+                       xq, xd, xs, gu, hbuf, hq, hd, hs, ys, downs, gu_variant, down_variant, sync, chunk):
+    """The expert block of T tokens at once: out (T, D) = resid + per token t, the sum over its slots s (in
+    order) of slot_w[s] * down_u(silu(gate_u h_t) * up_u h_t), where u is the slot's expert.
+
+    mats: the U distinct experts' gate|up matrices, `n_per` per expert (as `_moe_template`); downs: their
+    down matrices. Slots 0..S-1 are grouped by token (token t owns tok_start[t]..tok_start[t+1]-1, in the
+    order its outputs are summed); slot_tok (S,) its token; exp_slots[exp_start[u]:exp_start[u+1]] the
+    slots of expert u. Each weight chunk is read once and applied to every slot of its expert.
+    Scratch: xq, xd, xs: (T, ...) activations of h; gu (S * 2I,) f32; hbuf (S, I) f32; hq, hd, hs: (S, ...)
+    activations of hbuf; ys (S, D) f32; sync: (3 * SYNC_SLOTS,) int64 zeros.
+    """
+    T, D = out.shape
+    S = slot_w.shape[0]
+    U = len(downs)
+    n_i = hbuf.shape[1]
+    r1 = 2 * n_i // n_per  # rows per matrix of `mats`
+    per_mat = (r1 + chunk - 1) // chunk
+    n1 = len(mats) * per_mat
+    n3 = (D + chunk - 1) // chunk
+    for t in range(T):
+        GU_QUANT(xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], h[t:t + 1])
+    for it in prange(n_threads):
+        back = it % 2 == 1  # odd iterations take chunks from the back
+        c = claim(sync, 0, n1, back)
+        while c >= 0:  # gate and up rows, for every slot of the chunk's expert
+            m = c // per_mat
+            u = m // n_per
+            at = (m % n_per) * r1
+            lo = (c % per_mat) * chunk
+            hi = min(lo + chunk, r1)
+            for j in range(exp_start[u], exp_start[u + 1]):
+                s = exp_slots[j]
+                t = slot_tok[s]
+                GU_ROWS(gu[s * 2 * n_i + at:s * 2 * n_i + at + r1], lo, hi, mats[m], xq[t:t + 1], xd[t:t + 1],
+                        xs[t:t + 1], gu_variant)
+            finish(sync, 0)
+            c = claim(sync, 0, n1, back)
+        wait_done(sync, 0, n1)
+        s = claim(sync, 1, S, back)
+        while s >= 0:  # SwiGLU and the down projection's activations, per slot
+            SWIGLU_SERIAL(hbuf[s:s + 1], gu, s * 2 * n_i, gu, s * 2 * n_i + n_i, 2 * n_i)
+            DOWN_QUANT(hq[s:s + 1], hd[s:s + 1], hs[s:s + 1], hbuf[s:s + 1])
+            finish(sync, 1)
+            s = claim(sync, 1, S, back)
+        wait_done(sync, 1, S)
+        c = claim(sync, 2, n3, back)
+        while c >= 0:  # down rows of every slot, then each token's sum in order plus the residual
+            lo = c * chunk
+            hi = min(lo + chunk, D)
+            for u in range(U):
+                for j in range(exp_start[u], exp_start[u + 1]):
+                    s = exp_slots[j]
+                    DOWN_ROWS(ys[s], lo, hi, downs[u], hq[s:s + 1], hd[s:s + 1], hs[s:s + 1], down_variant)
+            for t in range(T):
+                for r in range(lo, hi):
+                    acc = np.float32(0.0)
+                    for s in range(tok_start[t], tok_start[t + 1]):
+                        acc += slot_w[s] * ys[s, r]
+                    out[t, r] = resid[t, r] + acc
+            finish(sync, 2)
+            c = claim(sync, 2, n3, back)
+
+
 def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, n_heads, n_kv, cos, sin, k_cache,
                         v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk):
     """out (D,) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))) of one token at position `pos`,
@@ -147,6 +211,80 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
             O_ROWS(obuf, lo, hi, w_o, aq, ad, as_, o_variant)
             for r in range(lo, hi):
                 out[r] = x[r] + obuf[r]
+            finish(sync, 4)
+            c = claim(sync, 4, n5, back)
+
+
+def _attention_rows_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, q, k, v, cos, sin, k_cache,
+                             v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk):
+    """The attention block of T consecutive tokens of one sequence, at positions pos..pos+T-1:
+    out (T, D) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x))))), their k and v written into the caches.
+    Each weight chunk is read once for all T tokens; every row gets the bits of the separate kernels.
+
+    Scratch: hbuf (T, D) f32; xq, xd, xs: (T, ...) activations of hbuf; qkv (T, (H + 2K) d) f32;
+    q (T, H, d), k, v (T, K, d) f32; att (T, H, d) f32; aq, ad, as_: (T, ...) activations of att;
+    obuf (T, D) f32. cos, sin: (T, d/2); sync: (5 * SYNC_SLOTS,) int64 zeros.
+    """
+    T, D = x.shape
+    n_heads, d = q.shape[1], q.shape[2]
+    n_kv = k.shape[1]
+    hq = n_heads * d
+    hk = n_kv * d
+    r_qkv = hq + 2 * hk
+    n1 = (r_qkv + chunk - 1) // chunk
+    n3 = attention_jobs(T, n_heads, n_kv)
+    n5 = (D + chunk - 1) // chunk
+    RMSNORM_SERIAL(hbuf, x, norm_w, eps)
+    for t in range(T):
+        QKV_QUANT(xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], hbuf[t:t + 1])
+    for it in prange(n_threads):
+        back = it % 2 == 1  # odd iterations take chunks from the back
+        c = claim(sync, 0, n1, back)
+        while c >= 0:  # q, k, v rows of every token
+            lo = c * chunk
+            for t in range(T):
+                QKV_ROWS(qkv[t], lo, min(lo + chunk, r_qkv), w_qkv, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1],
+                         qkv_variant)
+            finish(sync, 0)
+            c = claim(sync, 0, n1, back)
+        wait_done(sync, 0, n1)
+        if claim(sync, 1, 1, back) == 0:  # split q/k/v, RoPE, then the new positions into the cache
+            for t in range(T):
+                for h in range(n_heads):
+                    for i in range(d):
+                        q[t, h, i] = qkv[t, h * d + i]
+                for j in range(n_kv):
+                    for i in range(d):
+                        k[t, j, i] = qkv[t, hq + j * d + i]
+                        v[t, j, i] = qkv[t, hq + hk + j * d + i]
+            ROPE_SERIAL(q, cos, sin)
+            ROPE_SERIAL(k, cos, sin)
+            for t in range(T):
+                for j in range(n_kv):
+                    for i in range(d):
+                        k_cache[j, pos + t, i] = k[t, j, i]
+                        v_cache[j, pos + t, i] = v[t, j, i]
+            finish(sync, 1)
+        wait_done(sync, 1, 1)
+        c = claim(sync, 2, n3, back)
+        while c >= 0:
+            attention_job(att, q, k_cache, v_cache, pos, scale, c)
+            finish(sync, 2)
+            c = claim(sync, 2, n3, back)
+        wait_done(sync, 2, n3)
+        if claim(sync, 3, 1, back) == 0:
+            for t in range(T):
+                O_QUANT(aq[t:t + 1], ad[t:t + 1], as_[t:t + 1], att[t].reshape(1, hq))
+            finish(sync, 3)
+        wait_done(sync, 3, 1)
+        c = claim(sync, 4, n5, back)
+        while c >= 0:  # o_proj rows of every token plus the residual
+            lo = c * chunk
+            hi = min(lo + chunk, D)
+            for t in range(T):
+                O_ROWS(obuf[t], lo, hi, w_o, aq[t:t + 1], ad[t:t + 1], as_[t:t + 1], o_variant)
+                for r in range(lo, hi):
+                    out[t, r] = x[t, r] + obuf[t, r]
             finish(sync, 4)
             c = claim(sync, 4, n5, back)
 
@@ -235,6 +373,39 @@ def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, 
     return out
 
 
+def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarray, slot_tok: np.ndarray,
+                   slot_exp: np.ndarray, tok_start: np.ndarray, kinds: tuple[Kind, Kind]) -> np.ndarray:
+    """x + each token's weighted sum of its experts applied to h, for T tokens in one parallel region; every
+    row gets the bits `moe_block` gives it alone.   x, h: (T, D) → (T, D)
+
+    experts: the U distinct Expert tuples (same types and shapes); slots grouped by token as tok_start (T+1,)
+    says, each with its weight slot_w (S,) f32, token slot_tok (S,) and expert index slot_exp (S,) into
+    `experts`; kinds: from `moe_kinds` on the first expert.
+    """
+    k1, k2 = kinds
+    e0 = experts[0]
+    T, D = x.shape
+    S = slot_w.shape[0]
+    n_i = e0.down.cols
+    if e0.gate_up is not None:
+        mats, n_per = tuple(e.gate_up.data for e in experts), 1
+    else:
+        mats, n_per = tuple(m for e in experts for m in (e.gate.data, e.up.data)), 2
+    exp_slots = np.argsort(slot_exp, kind="stable")  # (S,) slots of expert 0, then 1, ...
+    exp_start = np.searchsorted(slot_exp[exp_slots], np.arange(len(experts) + 1))  # (U + 1,)
+    kernel = _specialise(_moe_rows_template, f"{k1.name}_{k2.name}", GU_QUANT=k1.quant, GU_ROWS=k1.rows,
+                         DOWN_QUANT=k2.quant, DOWN_ROWS=k2.rows)
+    xq, xd, xs = _scratch("moe_rows_h", k1.act, T, D)
+    hq, hd, hs = _scratch("moe_rows_down", k2.act, S, n_i)
+    out = np.empty((T, D), np.float32)
+    kernel(numba.get_num_threads(), out, x, h, mats, n_per, slot_w, slot_tok, exp_start, exp_slots, tok_start,
+           xq, xd, xs, _f32("moe_rows_gu", S * 2 * n_i), _f32("moe_rows_hb", S, n_i), hq, hd, hs,
+           _f32("moe_rows_ys", S, D), tuple(e.down.data for e in experts),
+           _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
+           np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+    return out
+
+
 def attention_kinds(w_qkv: QTensor, w_o: QTensor) -> tuple[Kind, Kind] | None:
     """(qkv kind, o kind) when the fused attention block can run these weights, else None."""
     return _kinds(w_qkv, w_o)
@@ -255,5 +426,27 @@ def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTenso
     kernel(numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("att_qkv", w_qkv.rows),
            n_heads, n_kv, cos, sin, k_cache, v_cache, pos, scale, _f32("att_att", 1, n_heads, head_dim), aq, ad, as_,
            w_o.data, _f32("att_o", D), _variant(w_qkv), _variant(w_o), _f32("att_h", 1, D),
+           np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+    return out
+
+
+def attention_rows_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
+                         n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
+                         k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale,
+                         kinds: tuple[Kind, Kind]) -> np.ndarray:
+    """x + the attention block of T consecutive tokens of one sequence at positions pos.. (their k, v written
+    to the caches), in one parallel region.   x: (T, D); cos, sin: (T, d/2); k_cache, v_cache: (K, S, d)
+    → (T, D)"""
+    k1, k2 = kinds
+    T, D = x.shape
+    kernel = _specialise(_attention_rows_template, f"{k1.name}_{k2.name}", QKV_QUANT=k1.quant, QKV_ROWS=k1.rows,
+                         O_QUANT=k2.quant, O_ROWS=k2.rows)
+    xq, xd, xs = _scratch("attr_x", k1.act, T, D)
+    aq, ad, as_ = _scratch("attr_o", k2.act, T, n_heads * head_dim)
+    out = np.empty((T, D), np.float32)
+    kernel(numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("attr_qkv", T, w_qkv.rows),
+           _f32("attr_q", T, n_heads, head_dim), _f32("attr_k", T, n_kv, head_dim), _f32("attr_v", T, n_kv, head_dim),
+           cos, sin, k_cache, v_cache, pos, scale, _f32("attr_att", T, n_heads, head_dim), aq, ad, as_, w_o.data,
+           _f32("attr_obuf", T, D), _variant(w_qkv), _variant(w_o), _f32("attr_h", T, D),
            np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
     return out

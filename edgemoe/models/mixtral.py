@@ -56,6 +56,20 @@ class ModelArgs:
         return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
 
 
+FUSED_ROWS = 32  # steps of up to this many tokens run their blocks as one parallel region each (beyond, the
+# batched matrix kernels reuse each weight block over more rows and win)
+
+
+@dataclass(frozen=True)
+class DraftRouting:
+    """How a self-draft pass cuts the target model down (engine/proposers.py): each router picks its top
+    `experts_per_tok` among the experts already in RAM (renormalised), layers in `skip_layers` are left
+    out, and nothing is read from disk or hinted for prefetching."""
+
+    experts_per_tok: int = 1
+    skip_layers: frozenset = frozenset()
+
+
 @dataclass
 class Layer:
     input_layernorm: np.ndarray  # (D,)
@@ -86,6 +100,7 @@ class Model:
         self.embed_rows = embed_rows  # ids (T,) → (T, D) float32, dequantising only those rows
         self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
         self.fused = True  # one-token steps run each layer's blocks as single kernels (kernels/fused.py)
+        self.layout = "plain dense, plain experts"  # set by prepare
 
     def dense_nbytes(self) -> int:
         """Bytes of the dense tensors a forward pass reads (all but the embedding, of which a step reads rows)."""
@@ -95,7 +110,7 @@ class Model:
         return sum(t.nbytes for layer in w.layers for t in (getattr(layer, n) for n in names) if t is not None) + \
             w.norm.nbytes + w.lm_head.nbytes
 
-    def prepare(self, own_dense: bool, repack_experts: bool) -> None:
+    def prepare(self, own_dense: bool, repack_experts: bool, repack_dense: bool = True) -> None:
         """Lay the weights out for the kernels, once after loading.
 
         - q, k and v of a layer go into one matrix where they share a type (one kernel call for three);
@@ -106,10 +121,15 @@ class Model:
           mapped norm or attention matrix would be faulted back in from the disk once per token;
         - with `repack_experts`, the experts take the interleaved layout too (a resident store copies them
           now, a streaming store repacks each as it arrives).
+        `repack_dense` False keeps the dense matrices in the plain layout.
         """
+        self.layout = ("interleaved" if repack_dense else "plain") + " dense, " + \
+            ("interleaved" if repack_experts else "plain") + " experts"
+
         def laid_out(w):
             if isinstance(w, QTensor):
-                w = interleave_if_eligible(w)
+                if repack_dense:
+                    w = interleave_if_eligible(w)
                 if own_dense and not w.data.flags.owndata:
                     w = QTensor(np.array(w.data), w.qtype, w.rows, w.cols, w.interleave)
                 return w
@@ -173,23 +193,74 @@ class Model:
         ops.route_topk(ids, w, logits)
         return ids, w
 
-    def moe(self, h: np.ndarray, x: np.ndarray, layer: Layer, i: int) -> np.ndarray:
-        """x plus layer i's experts applied to h, its normalised input.  x, h: (T, D) → (T, D)"""
-        ids, w = self.route(h, layer)
+    def draft_route(self, x: np.ndarray, layer: Layer, i: int, draft: DraftRouting,
+                    skipped: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Routing restricted to the experts in RAM: top `draft.experts_per_tok` of them, renormalised; None
+        when no expert of the layer is in RAM. Adds to `skipped` (T,) the routing weight of the experts the
+        full router would have used that are not in RAM.   x: (T, D) → ids (T, A'), weights (T, A')"""
+        logits = linear(x, layer.gate)  # (T, E)
+        resident = self.experts.resident(i)  # (E,) bool
+        A = self.args.num_experts_per_tok
+        ids, w = np.empty((x.shape[0], A), np.int64), np.empty((x.shape[0], A), np.float32)
+        ops.route_topk(ids, w, logits)
+        skipped += np.where(resident[ids], 0.0, w).sum(axis=1)  # mass of the full routing left out
+        n = min(draft.experts_per_tok, int(resident.sum()))
+        if n == 0:
+            return None
+        masked = np.where(resident[None], logits, -np.inf).astype(np.float32)  # (T, E)
+        ids, w = np.empty((x.shape[0], n), np.int64), np.empty((x.shape[0], n), np.float32)
+        ops.route_topk(ids, w, masked)
+        return ids, w
+
+    def moe(self, h: np.ndarray, x: np.ndarray, layer: Layer, i: int, draft=None) -> np.ndarray:
+        """x plus layer i's experts applied to h, its normalised input.  x, h: (T, D) → (T, D)
+
+        draft: (DraftRouting, skipped (T,)) for a self-draft pass, else None."""
+        experts = self.experts
+        if draft is not None:
+            routed = self.draft_route(h, layer, i, *draft)
+            if routed is None:
+                return x
+            ids, w = routed
+            experts = experts.in_ram()
+        else:
+            ids, w = self.route(h, layer)
         layers = self.weights.layers
-        if self.experts.wants_hints and i + 1 < len(layers):
+        if draft is None and experts.wants_hints and i + 1 < len(layers):
             # Layer i+1's router on the current hidden state predicts its experts (~70 % right on real models).
             nxt = layers[i + 1]
             self.experts.hint(i + 1, np.unique(self.route(rms_norm(x, nxt.post_attention_layernorm,
                                                                    self.args.rms_norm_eps), nxt)[0]))
         if self.fused and x.shape[0] == 1:
             order = np.argsort(ids[0], kind="stable")  # summed in increasing expert id, as switch_glu
-            self.experts.request(i, ids[0, order])
-            chosen = [self.experts.get(i, int(e)) for e in ids[0, order]]
+            experts.request(i, ids[0, order])
+            chosen = [experts.get(i, int(e)) for e in ids[0, order]]
             kinds = fused.moe_kinds(chosen[0].gate_up, chosen[0].gate, chosen[0].down)
             if kinds is not None:
                 return fused.moe_block(x[0], h[0], chosen, np.ascontiguousarray(w[0, order]), kinds)[None]
-        return x + switch_glu(h, ids, w, self.experts, i)
+        if self.fused and x.shape[0] <= FUSED_ROWS:
+            fused_out = self._moe_rows(x, h, ids, w, experts, i)
+            if fused_out is not None:
+                return fused_out
+        return x + switch_glu(h, ids, w, experts, i)
+
+    def _moe_rows(self, x, h, ids, w, experts, i):
+        """The fused expert block for a few tokens (verification passes, batched decode steps); None when the
+        experts' kinds cannot run fused.   x, h: (T, D); ids, w: (T, A) → (T, D)"""
+        T, A = ids.shape
+        order = np.argsort(ids, axis=1, kind="stable")  # (T, A): each token sums in increasing expert id
+        sorted_ids = np.take_along_axis(ids, order, 1).reshape(-1)  # (S,)
+        uniq, slot_exp = np.unique(sorted_ids, return_inverse=True)
+        experts.request(i, uniq)  # a streaming store queues every missing read before the first compute
+        chosen = [experts.get(i, int(e)) for e in uniq]
+        kinds = fused.moe_kinds(chosen[0].gate_up, chosen[0].gate, chosen[0].down)
+        if kinds is None:
+            return None
+        slot_w = np.ascontiguousarray(np.take_along_axis(w, order, 1).reshape(-1))  # (S,)
+        slot_tok = np.repeat(np.arange(T, dtype=np.int64), A)  # (S,)
+        tok_start = np.arange(T + 1, dtype=np.int64) * A  # (T + 1,)
+        return fused.moe_rows_block(np.ascontiguousarray(x), np.ascontiguousarray(h), chosen, slot_w, slot_tok,
+                                    slot_exp.astype(np.int64).reshape(-1), tok_start, kinds)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` (T,) at the next positions of `cache`; logits (T, V), or (1, V) of the last token."""
@@ -197,20 +268,28 @@ class Model:
         x = self._hidden(ids, [(0, ids.shape[0], cache)])  # (T, D)
         return self._logits(x if all_logits else x[-1:])
 
-    def forward_batch(self, batch: list[tuple[np.ndarray, KVCache]]) -> np.ndarray:
+    def forward_batch(self, batch: list[tuple[np.ndarray, KVCache]], rows: list[int] | None = None,
+                      draft: DraftRouting | None = None, skipped: np.ndarray | None = None) -> np.ndarray:
         """One pass for several sequences: each (ids (T_j,), its cache) runs at its cache's next positions.
 
         Every token goes through the same per-row arithmetic as in `forward`, so a sequence's logits do
         not depend on what else is in the batch; experts are fetched and applied once for all rows.
-        Returns the last-token logits of each sequence, (len(batch), V).
+        Returns the logits of the last rows[j] tokens of each sequence j (default 1), stacked in batch
+        order: (sum(rows), V). A speculative step verifies its drafted tokens from those rows.
+        draft: run as a self-draft (DraftRouting); `skipped` (T,) then receives, per token, the largest
+        routing weight any layer had to leave out because its experts were not in RAM.
         """
         ids = [np.asarray(t, dtype=np.int64) for t, _ in batch]
         starts = np.cumsum([0] + [t.shape[0] for t in ids])
         seqs = [(int(starts[j]), t.shape[0], c) for j, (t, (_, c)) in enumerate(zip(ids, batch))]
-        x = self._hidden(np.concatenate(ids), seqs)  # (T, D)
-        return self._logits(x[starts[1:] - 1])
+        x = self._hidden(np.concatenate(ids), seqs, draft, skipped)  # (T, D)
+        if rows is None:
+            return self._logits(x[starts[1:] - 1])
+        pick = np.concatenate([np.arange(starts[j + 1] - r, starts[j + 1]) for j, r in enumerate(rows)])
+        return self._logits(x[pick])
 
-    def _hidden(self, ids: np.ndarray, seqs: list[tuple[int, int, KVCache]]) -> np.ndarray:
+    def _hidden(self, ids: np.ndarray, seqs: list[tuple[int, int, KVCache]], draft: DraftRouting | None = None,
+                skipped: np.ndarray | None = None) -> np.ndarray:
         """The last layer's output for `ids` (T,), whose rows r0..r0+n-1 continue each (r0, n, cache)."""
         a = self.args
         for _, n, cache in seqs:
@@ -223,17 +302,28 @@ class Model:
         sin = np.empty_like(cos)
         ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
         x = self.embed_rows(ids)  # (T, D)
-        one = T == 1 and self.fused
+        one = len(seqs) == 1 and T <= FUSED_ROWS and self.fused  # one sequence: its attention block fused
         for i, layer in enumerate(self.weights.layers):
+            if draft is not None and i in draft.skip_layers:
+                continue
             kinds = one and layer.qkv_proj is not None and fused.attention_kinds(layer.qkv_proj, layer.o_proj)
             if kinds:
                 cache = seqs[0][2]
-                x = fused.attention_block(x[0], layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj, layer.o_proj,
-                                          a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin,
-                                          cache.k[i], cache.v[i], cache.length, self.scale, kinds)[None]
+                block = fused.attention_block if T == 1 else fused.attention_rows_block
+                x = block(x[0] if T == 1 else x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj, layer.o_proj,
+                          a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin, cache.k[i], cache.v[i],
+                          cache.length, self.scale, kinds)
+                x = x[None] if T == 1 else x
             else:
                 x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin)
-            x = self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i)
+            if draft is not None:
+                layer_skip = np.zeros(T)  # (T,)
+                x = self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i,
+                             (draft, layer_skip))
+                if skipped is not None:
+                    np.maximum(skipped, layer_skip, out=skipped)
+            else:
+                x = self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i)
         for _, n, cache in seqs:  # only now: a failed pass leaves every cache as it was
             cache.length += n
         return x

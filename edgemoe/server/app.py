@@ -17,9 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..engine.request import Request as Job
 from ..errors import EdgeMoEError
 from ..sampling import SamplingParams
-from .engine import Engine, Job
+from .engine import Engine
 from .metrics import prometheus
 from .scheduler import QueueFull, ShuttingDown, UnknownClass
 from .schemas import CompletionRequest, RequestError, chat_prompt, parse_request
@@ -38,12 +39,13 @@ class Service:
     model_name: str
     n_ctx: int
     defaults: SamplingParams  # the config's `sampling` section
+    info: object = dict  # () → dict: how the engine runs (threads, layout, streaming, thermal, speculation)
 
     def make_job(self, req: CompletionRequest, emit) -> Job:
         """Tokenize and check a validated request against the context; RequestError names the field."""
         field = "messages" if req.chat else "prompt"
         if isinstance(req.prompt, list):
-            vocab = self.engine.model.args.vocab_size
+            vocab = self.engine.core.model.args.vocab_size
             bad = [t for t in req.prompt if t >= vocab]
             if bad:
                 raise RequestError(f"'prompt' token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt")
@@ -157,10 +159,11 @@ def build_app(service: Service) -> Starlette:
     async def health(request: Request) -> Response:
         ok = engine.is_alive()
         return JSONResponse({"status": "ok" if ok else "engine stopped", "model": service.model_name,
-                             "n_ctx": service.n_ctx, **engine.metrics.snapshot()}, status_code=200 if ok else 503)
+                             "n_ctx": service.n_ctx, "engine": service.info(), **engine.metrics.snapshot()},
+                            status_code=200 if ok else 503)
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(prometheus(engine.metrics.snapshot(), _cache_figures(engine.model)),
+        return PlainTextResponse(prometheus(engine.metrics.snapshot(), _cache_figures(engine.core.model)),
                                  media_type="text/plain; version=0.0.4")
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),

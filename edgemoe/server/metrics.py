@@ -22,6 +22,8 @@ class Metrics:
         self.queue_length = 0
         self.running = 0
         self.steps = 0
+        self.draft_tokens = 0  # speculative tokens verified
+        self.accepted_tokens = 0  # of which the target kept
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tok/s
 
     def step(self, n_tokens: int, decode_s: float, queue_length: int, running: int) -> None:
@@ -40,6 +42,11 @@ class Metrics:
         with self._lock:
             self.prompt_tokens += n_tokens
             self.prefill_seconds += seconds
+
+    def speculative(self, drafted: int, accepted: int) -> None:
+        with self._lock:
+            self.draft_tokens += drafted
+            self.accepted_tokens += accepted
 
     def request_done(self, outcome: str) -> None:
         with self._lock:
@@ -61,7 +68,10 @@ class Metrics:
             snap = {"tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
                     "prefill_seconds": round(self.prefill_seconds, 4), "decode_seconds": round(self.decode_seconds, 4),
                     "requests": dict(self.requests), "queue_length": self.queue_length,
-                    "running": self.running, "steps": self.steps}
+                    "running": self.running, "steps": self.steps,
+                    "speculative": {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+                                    "acceptance_rate": round(self.accepted_tokens / self.draft_tokens, 4)
+                                    if self.draft_tokens else 0.0}}
         snap["tokens_per_second"] = round(self.tokens_per_second(), 3)
         snap["uptime_seconds"] = round(time.time() - self.started, 1)
         return snap
@@ -87,6 +97,11 @@ def prometheus(snap: dict, cache: dict | None) -> str:
     metric("requests_total", "counter", "Finished requests by outcome.",
            [(f'{{outcome="{k}"}}', v) for k, v in sorted(snap["requests"].items())])
     metric("engine_steps_total", "counter", "Engine steps run.", [("", snap["steps"])])
+    spec = snap["speculative"]
+    metric("speculative_draft_tokens_total", "counter", "Draft tokens verified by the target model.",
+           [("", spec["draft_tokens"])])
+    metric("speculative_accepted_tokens_total", "counter", "Draft tokens the target model accepted.",
+           [("", spec["accepted_tokens"])])
     if cache:
         metric("expert_cache_hit_rate", "gauge", "Expert cache hit rate.", [("", cache["hit_rate"])])
         metric("expert_cache_hits_total", "counter", "Expert cache hits.", [("", cache["hits"])])

@@ -1,0 +1,294 @@
+"""The one request lifecycle: admit → steps → end, for `run`, `bench`, the REPL and the server alike.
+
+A step, for the requests given (the scheduler's running batch, or the one request of `run`):
+  1. every request with logits samples its next token (or, after a rejected draft, draws it from the
+     corrected distribution) and sends it; stop strings, end-of-sequence and the length limit end it;
+  2. the speculation gate chooses a proposer and k for each request still running, the proposers draft;
+  3. ONE forward pass carries every request's sampled token with its drafts, and chunks of new prompts
+     (at most `prefill_chunk` prompt tokens); each expert is read and applied once for all rows;
+  4. drafts are verified against the pass's logits (engine/accept.py) and accepted tokens sent; the KV
+     caches (target and draft) forget rejected positions.
+Rows get the same bits whatever else is in the pass (Model.forward_batch), so greedy output is the same
+with or without speculation, alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..sampling import Sampler, top_logprobs
+from .accept import verify_token
+from .gate import Gate, SpecState
+from .proposers import Draft, timed_propose
+from .request import Request
+
+log = logging.getLogger("edgemoe.engine")
+
+
+class EngineCore:
+    """Runs requests' steps on the calling thread; every event goes out through the request's `emit`."""
+
+    def __init__(self, model, tokenizer, *, prefill_chunk: int = 256, gate: Gate | None = None, metrics=None,
+                 on_end: Callable[[Request], None] = lambda req: None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
+        self.gate = gate  # None: no speculation
+        self.metrics = metrics
+        self.on_end = on_end  # called once a request has ended (the server frees its batch slot)
+        self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
+
+    @property
+    def proposer_name(self) -> str:
+        if self.gate is None:
+            return "off"
+        names = [p.name for p in self.gate.proposers]
+        return names[0] if len(names) == 1 else "auto(" + ",".join(names) + ")"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def admit(self, req: Request) -> None:
+        """Create the request's KV cache, sampler and detokeniser (and its proposers' state)."""
+        req.cache = self.model.new_cache(len(req.prompt_ids) + req.max_tokens)
+        req.sampler = Sampler(req.params, self.model.args.vocab_size)
+        if self.tokenizer is not None:
+            from ..tokenizer import StreamDecoder
+
+            req.decoder = StreamDecoder(self.tokenizer)
+        req.history = list(req.prompt_ids)
+        if self.gate is not None:
+            req.spec = SpecState()
+            for p in self.gate.proposers:
+                p.start(req)
+
+    def end(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        self._release(req)
+        if self.metrics is not None:
+            self.metrics.request_done("cancelled" if reason == "cancelled" else "ok")
+        req.emit({"type": "done", "finish_reason": reason, "prompt_tokens": len(req.prompt_ids),
+                  "completion_tokens": len(req.tokens)})
+
+    def fail(self, req: Request, message: str) -> None:
+        req.finish_reason = "error"
+        self._release(req)
+        if self.metrics is not None:
+            self.metrics.request_done("error")
+        req.emit({"type": "error", "message": message, "status": 500})
+
+    def _release(self, req: Request) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req.spec is not None:
+            for p in self.gate.proposers:
+                p.release(req)
+        req.cache = req.logits = req.residual = None  # the KV cache is the big allocation; drop it now
+        self.on_end(req)
+
+    def guarded(self, fn, req: Request, *args):
+        """fn(req, *args); a failure (a bug, a bad expert read) ends that request, never the caller."""
+        try:
+            return fn(req, *args)
+        except Exception as e:  # noqa: BLE001 - reported to the client and the log
+            log.exception("request %d failed", req.id)
+            self.fail(req, f"{type(e).__name__}: {e}")
+            return None
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, reqs: list[Request], n_waiting: int = 0, n_running: int | None = None) -> None:
+        t0 = time.perf_counter()
+        batch: list[tuple[Request, np.ndarray, Draft | None]] = []
+        budget = self.prefill_chunk
+        decoding: list[Request] = []
+        prefilling: list[Request] = []
+        n_prompt = 0
+        for req in reqs:
+            if req.done:
+                continue
+            if req.logits is not None:
+                tok = self.guarded(self._sample, req)
+                if tok is not None and not req.done:
+                    decoding.append(req)
+            elif req.prefilled < len(req.prompt_ids) and budget > 0:
+                chunk = req.prompt_ids[req.prefilled:req.prefilled + budget]
+                budget -= len(chunk)
+                n_prompt += len(chunk)
+                prefilling.append(req)
+                batch.append((req, np.asarray(chunk, dtype=np.int64), None))
+        drafts = self._draft(decoding, len(decoding) + n_prompt) if decoding and self.gate is not None else {}
+        for req in decoding:
+            d = drafts.get(req.id)
+            ids = [req.history[-1]] + (d.tokens if d is not None else [])
+            batch.append((req, np.asarray(ids, dtype=np.int64), d))
+        if batch:
+            rows = sum(ids.shape[0] for _, ids, _ in batch)
+            tf = time.perf_counter()
+            self._forward(batch)
+            if self.gate is not None:
+                self.gate.costs.record(rows, time.perf_counter() - tf)
+        dt = time.perf_counter() - t0
+        for req in prefilling:
+            req.prefill_s += dt
+        for req in decoding:
+            req.decode_s += dt
+        if self.metrics is not None:
+            share = n_prompt / max(1, n_prompt + self._emitted)  # the step's time, split by tokens
+            if n_prompt:
+                self.metrics.prefill(n_prompt, dt * share)
+            self.metrics.step(self._emitted, dt * (1 - share), n_waiting,
+                              n_running if n_running is not None else len(reqs))
+        self._emitted = 0
+
+    _emitted = 0  # tokens sent in the current step (sampled + accepted drafts)
+
+    def _draft(self, decoding: list[Request], base_rows: int) -> dict[int, Draft]:
+        """Each decoding request's drafts for this step, by request id."""
+        groups: dict[str, tuple[object, list[Request], list[int]]] = {}
+        for req in decoding:
+            remaining = req.max_tokens - len(req.tokens)
+            proposer, k = self.gate.choose(req.spec, base_rows, remaining)
+            if proposer is None or k == 0:
+                continue
+            base_rows += k
+            g = groups.setdefault(proposer.name, (proposer, [], []))
+            g[1].append(req)
+            g[2].append(k)
+        out: dict[int, Draft] = {}
+        for name, (proposer, reqs, ks) in groups.items():
+            try:
+                drafts, seconds = timed_propose(proposer, reqs, ks)
+            except Exception:  # noqa: BLE001 - speculation is an optimisation: decode plainly instead
+                log.exception("the %s proposer failed; these requests decode without drafts this step", name)
+                for req in reqs:
+                    proposer.rollback(req)
+                continue
+            self.gate.record_draft(name, max(ks), seconds)
+            for req, d in zip(reqs, drafts):
+                if d.tokens:
+                    d.proposer = proposer
+                    out[req.id] = d
+                else:  # nothing proposed (no lookup match, an unsure draft): plain decoding
+                    proposer.rollback(req)
+        return out
+
+    def _forward(self, batch: list[tuple[Request, np.ndarray, Draft | None]]) -> None:
+        """One pass for the whole batch; if it fails, each request alone, so only the failing ones end."""
+        rows = [ids.shape[0] if d is not None else 1 for _, ids, d in batch]
+        try:
+            logits = self.model.forward_batch([(ids, req.cache) for req, ids, _ in batch], rows=rows)  # (R, V)
+        except Exception as e:  # noqa: BLE001 - reported to the client and the log
+            if len(batch) == 1:
+                log.exception("request %d failed", batch[0][0].id)
+                self.fail(batch[0][0], f"{type(e).__name__}: {e}")
+                return
+            log.warning("a batched step failed; running its %d requests one by one", len(batch))
+            for item, n in zip(batch, rows):
+                self.guarded(self._forward_one, item[0], item[1], item[2], n)
+            return
+        at = 0
+        for (req, ids, d), n in zip(batch, rows):
+            self.guarded(self._took, req, ids, logits[at:at + n], d)
+            at += n
+
+    def _forward_one(self, req: Request, ids: np.ndarray, d: Draft | None, n: int) -> None:
+        self._took(req, ids, self.model.forward_batch([(ids, req.cache)], rows=[n]), d)
+
+    def _took(self, req: Request, ids: np.ndarray, logits: np.ndarray, d: Draft | None) -> None:
+        """`ids` went through the model; `logits` (n, V) predict what follows each of its last n tokens."""
+        if req.prefilled < len(req.prompt_ids):
+            req.prefilled += ids.shape[0]
+            if req.prefilled < len(req.prompt_ids):
+                return  # more prompt to go: these logits predict a prompt token
+            req.logits = logits[-1]
+            return
+        req.passes += 1
+        if d is None:
+            req.logits = logits[0]
+            return
+        accepted = 0
+        for i, tok in enumerate(d.tokens):
+            ok, corrected = verify_token(req.sampler, logits[i], req.history, tok, d.q[i] if d.q else None)
+            if not ok:
+                req.logits, req.residual = logits[i], corrected
+                break
+            accepted += 1
+            self._commit(req, tok, logits[i])
+            if req.done:
+                break
+        else:
+            req.logits = logits[len(d.tokens)]
+        req.drafted += len(d.tokens)
+        req.accepted += accepted
+        if self.metrics is not None:
+            self.metrics.speculative(len(d.tokens), accepted)
+        if req.done:
+            return
+        req.spec.record(d.proposer.name, len(d.tokens), accepted)
+        req.cache.truncate(len(req.history))
+        d.proposer.rollback(req)
+
+    def _sample(self, req: Request) -> int | None:
+        """Draw the next token from the request's logits (or its corrected distribution) and commit it."""
+        logits = req.logits  # (V,)
+        if req.residual is not None:
+            tok = req.sampler.draw(*req.residual)
+            req.residual = None
+        else:
+            tok = req.sampler.sample(logits, req.history)
+        req.logits = None
+        self._commit(req, tok, logits)
+        return tok
+
+    def _commit(self, req: Request, tok: int, logits: np.ndarray) -> None:
+        """`tok` is the request's next token (`logits` (V,) the target's prediction for it): send it, maybe end."""
+        top, chosen_lp = None, None
+        if req.logprobs:
+            top = top_logprobs(logits, req.logprobs)
+            x = logits.astype(np.float64)  # (V,)
+            m = x.max()
+            chosen_lp = float(x[tok] - m - math.log(np.exp(x - m).sum()))
+        req.history.append(tok)
+        req.tokens.append(tok)
+        self._emitted += 1
+        piece = req.decoder.push(tok) if req.decoder is not None else ""
+        text = req.stopper.push(piece)
+        reason = "stop" if req.stopper.stopped or tok in self.eos_ids else None
+        if reason is None and len(req.tokens) >= req.max_tokens:
+            reason = "length"
+        if reason is not None and not req.stopper.stopped:
+            if req.decoder is not None:
+                text += req.stopper.push(req.decoder.flush())
+            text += req.stopper.flush()
+            if req.stopper.stopped:
+                reason = "stop"
+        req.emit({"type": "token", "id": tok, "text": text, "logprob": chosen_lp, "top": top})
+        if reason is not None:
+            self.end(req, reason)
+
+
+def run_to_end(core: EngineCore, req: Request) -> Request:
+    """Admit `req` and step it alone until it ends (`run`, `bench`, the REPL's local mode)."""
+    core.admit(req)
+    while not req.done:
+        if req.cancelled:
+            core.end(req, "cancelled")
+            break
+        core.step([req])
+    return req
+
+
+def generate(model, prompt_ids: list[int], max_tokens: int, params, *, tokenizer=None, gate: Gate | None = None,
+             eos: bool = True) -> Request:
+    """One request through a fresh core: a tool's or a test's shortcut to the same lifecycle as `run`.
+    eos=False ignores end-of-sequence tokens (always `max_tokens` tokens)."""
+    core = EngineCore(model, tokenizer, gate=gate)
+    if not eos:
+        core.eos_ids = set()
+    return run_to_end(core, Request(prompt_ids, max_tokens, params))

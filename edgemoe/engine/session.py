@@ -1,0 +1,266 @@
+"""One session for every command: the model and how it runs, built once from the config and the flags.
+
+`run`, `bench`, `serve` and the REPL's local chat all open a Session, so they agree on: which model
+(flag → config's inference.model → the embedded default), whether experts stream (--cache-mb, --stream, or a
+config file/--set: its cache tiers), the kernel layout (decided from the model and the config, never the
+free memory), the kernel variants (compute.dispatch), the thread count (set on the thread that runs the
+model: Numba's count is per thread), the context length (--ctx → context_length → min(model's, 4096)),
+the SSD thermal governor, speculative decoding, and the warm-up that compiles the kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+from .core import EngineCore
+from .gate import Gate
+
+log = logging.getLogger("edgemoe.engine")
+
+SPEC_CHOICES = ("off", "auto", "draft", "self", "lookup")
+# Self-drafting: top-1 routing among the experts in RAM over every layer (measured on the default model:
+# cheaper than the target and still close to it).
+SELF_EXPERTS_PER_TOK = 1
+
+
+def add_session_arguments(p, *, stream: bool = True, spec: bool = True) -> None:
+    """The flags every model-running command shares."""
+    p.add_argument("-m", "--model", help="GGUF file or HF checkpoint directory (default: the config's "
+                                         "inference.model, else the embedded model)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: config, else all cores)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length (default: config's context_length, else min(model's, 4096))")
+    if stream:
+        p.add_argument("--cache-mb", type=float, default=None,
+                       help="stream experts from the file into a RAM cache of this many MB (default: memory-map "
+                            "all, or the config's cache tiers when --config/--set is given)")
+        p.add_argument("--stream", action="store_true", help="stream experts with the config's cache tiers")
+        p.add_argument("--no-prefetch", action="store_true", help="with streaming: do not prefetch predicted experts")
+    if spec:
+        p.add_argument("--spec", choices=SPEC_CHOICES, default=None,
+                       help="speculative decoding proposer (default: the config's speculative.proposer, off)")
+        p.add_argument("--draft-model", metavar="PATH",
+                       help="draft model for --spec draft/auto: a GGUF/HF path with the same tokenizer, or "
+                            "'default' (the embedded model's draft)")
+        p.add_argument("--draft-max", type=int, default=None, metavar="K",
+                       help="most draft tokens per step, 1-16 (default: the config's speculative.max_tokens, 4)")
+
+
+@dataclass
+class SpecOptions:
+    proposer: str = "off"
+    draft_model: str | None = None
+    k_max: int = 4
+    threshold: float = 0.15
+
+    @classmethod
+    def from_args(cls, args, cfg) -> SpecOptions:
+        s = cfg.speculative
+        proposer = getattr(args, "spec", None) or s.proposer
+        k = getattr(args, "draft_max", None) or s.max_tokens
+        if not 1 <= k <= 16:
+            raise UsageError(f"--draft-max must be from 1 to 16, got {k}")
+        draft = getattr(args, "draft_model", None) or s.draft_model
+        if proposer == "draft" and draft is None:
+            raise UsageError("--spec draft needs a draft model: --draft-model PATH (or 'default' for the "
+                             "embedded model's draft), or speculative.draft_model in the config")
+        return cls(proposer, draft, k, s.rejection_threshold)
+
+
+def machine_memory() -> int:
+    """The machine's total RAM, or the memory cgroup's limit when lower (a fixed figure, unlike free memory)."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    limit = _cgroup_limit()
+    return min(total, limit) if limit is not None else total
+
+
+def repack_experts(expert_bytes: int) -> bool:
+    """Whether memory-mapped experts are copied into the interleaved layouts: when they fit in half of the
+    machine's memory (machine_memory) — never the momentary free memory, so the same model gives the same
+    bits every start."""
+    return 2 * expert_bytes <= machine_memory()
+
+
+def _cgroup_limit() -> int | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for _, controllers, rel in lines:
+        for path in ((f"/sys/fs/cgroup/memory{rel}/memory.limit_in_bytes",) if controllers == "memory" else
+                     (f"/sys/fs/cgroup{rel}/memory.max",) if controllers == "" else ()):
+            try:
+                with open(path) as f:
+                    value = f.read().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 1 << 60:
+                return int(value)
+    return None
+
+
+class Session:
+    """A loaded model with everything that decides how it runs; `core()` makes the engine that steps it."""
+
+    def __init__(self, args, cfg):
+        from ..commands.run import apply_dispatch
+        from ..loader import load_model
+
+        self.cfg = cfg
+        apply_dispatch(cfg)
+        self.threads = getattr(args, "threads", None) or cfg.threads
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        self.bind_thread()
+        self.model_path = getattr(args, "model", None) or cfg.inference.model
+        if self.model_path is None:
+            from ..default_model import default_model_path
+
+            self.model_path = default_model_path()
+        self.stream = None
+        wants_stream = getattr(args, "cache_mb", None) is not None or getattr(args, "stream", False) or \
+            getattr(args, "config", None) or getattr(args, "overrides", None)
+        if wants_stream:
+            from ..experts.setup import StreamOptions
+
+            self.stream = StreamOptions.from_config(cfg, getattr(args, "cache_mb", None),
+                                                    prefetch=not getattr(args, "no_prefetch", False))
+        self.spec = SpecOptions.from_args(args, cfg)
+        self.loaded = load_model(self.model_path, self.stream, repack=cfg.compute.repack, repack_rule=repack_experts)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.n_ctx = getattr(args, "ctx", None) or cfg.context_length or \
+            min(self.loaded.args.max_position_embeddings, 4096)
+        if self.n_ctx < 2:
+            raise UsageError(f"--ctx must be at least 2, got {self.n_ctx}")
+        self.draft = None
+        self.proposers = self._proposers()
+        self.governor = None
+        if self.stream is not None:
+            from ..thermal import HWMON_ROOT, ThermalGovernor
+
+            self.governor = ThermalGovernor.from_config(self.model.experts.reader, cfg, self.model_path,
+                                                        hwmon_root=os.environ.get("EDGEMOE_HWMON_ROOT", HWMON_ROOT))
+            if self.governor.sensor is not None:  # no sensor (VMs, most SD cards): nothing to govern
+                self.governor.start()
+
+    # ------------------------------------------------------------------ set-up
+
+    def bind_thread(self) -> None:
+        """Apply the thread count on the calling thread (Numba's count is per thread): call it on the
+        thread that runs the model."""
+        if self.threads is not None:
+            from .. import kernels
+
+            kernels.set_threads(self.threads)
+
+    def _proposers(self) -> list:
+        from ..models.mixtral import DraftRouting
+        from .proposers import DraftModelProposer, LookupProposer, SelfProposer
+
+        name, out = self.spec.proposer, []
+        if name == "off":
+            return out
+        if name in ("draft", "auto") and self.spec.draft_model is not None:
+            self.draft = self._load_draft(self.spec.draft_model)
+            out.append(DraftModelProposer(self.draft.model, self.spec.threshold))
+        if name in ("self", "auto"):
+            out.append(SelfProposer(self.model, self.spec.threshold, DraftRouting(SELF_EXPERTS_PER_TOK)))
+        if name in ("lookup", "auto"):
+            out.append(LookupProposer())
+        return out
+
+    def _load_draft(self, path: str):
+        from ..loader import load_model
+        from .tokenizers import first_difference
+
+        if path == "default":
+            from ..default_model import draft_model_path
+
+            path = draft_model_path()
+        draft = load_model(path, None, repack=self.cfg.compute.repack, repack_rule=repack_experts)
+        diff = first_difference(self.tokenizer, draft.tokenizer)
+        if diff is not None:
+            raise UsageError(f"the draft model {path} does not share the target's tokenizer: {diff}; use a draft "
+                             "from the same model family (the same tokenizer file)")
+        if draft.args.vocab_size != self.loaded.args.vocab_size:
+            raise UsageError(f"the draft model {path} has {draft.args.vocab_size} logits, the target "
+                             f"{self.loaded.args.vocab_size}; use a draft with the target's vocabulary")
+        return draft
+
+    def core(self, metrics=None, on_end=lambda req: None) -> EngineCore:
+        gate = Gate(self.proposers, self.spec.k_max) if self.proposers else None
+        core = EngineCore(self.model, self.tokenizer, prefill_chunk=self.cfg.batching.prefill_chunk, gate=gate,
+                          metrics=metrics, on_end=on_end)
+        self._seed_costs(core)
+        return core
+
+    def warm_up(self) -> None:
+        """Compile (or load from Numba's cache) every kernel a request will use, before the first one."""
+        for model in [self.model] + ([self.draft.model] if self.draft is not None else []):
+            cache = model.new_cache(3)
+            model.forward(np.zeros(2, dtype=np.int64), cache)  # matrix kernels (prompts, batched steps)
+            model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
+        if any(p.name == "self" for p in self.proposers):
+            from ..models.mixtral import DraftRouting
+
+            cache = self.model.new_cache(3)
+            self.model.forward(np.zeros(1, dtype=np.int64), cache)
+            self.model.forward_batch([(np.zeros(1, dtype=np.int64), cache)], draft=DraftRouting(SELF_EXPERTS_PER_TOK),
+                                     skipped=np.zeros(1))
+
+    def _seed_costs(self, core: EngineCore) -> None:
+        """Time passes of 1..k+1 rows on a scratch cache, so the gate starts from this machine's costs
+        (it keeps measuring the real passes as it runs)."""
+        if core.gate is None:
+            return
+        import time
+
+        k = self.spec.k_max
+        cache = self.model.new_cache(4 * (k + 1) + 8)
+        self.model.forward(np.zeros(4, dtype=np.int64), cache)
+        base = cache.length
+        for rows in sorted({1, 2, 3, 5, 9, 17} & set(range(1, k + 2)) | {k + 1}):
+            times = []
+            for _ in range(3):
+                cache.length = base
+                t0 = time.perf_counter()
+                self.model.forward_batch([(np.zeros(rows, dtype=np.int64), cache)], rows=[rows])
+                times.append(time.perf_counter() - t0)
+            core.gate.costs.record(rows, sorted(times)[1])
+
+    # ------------------------------------------------------------------ reporting and teardown
+
+    @property
+    def threads_used(self) -> int:
+        """Numba's thread count on the calling thread."""
+        import numba
+
+        return numba.get_num_threads()
+
+    def layout(self) -> str:
+        """Which layout the weights took, as words (doctor, run --json)."""
+        return getattr(self.model, "layout", "plain")
+
+    def stream_figures(self) -> dict:
+        from ..commands.run import stream_figures
+
+        figures = stream_figures(self.model.experts)
+        if self.governor is not None:
+            figures["thermal"] = self.governor.status() | {"running": self.governor.sensor is not None}
+        return figures
+
+    def close(self) -> None:
+        if self.governor is not None:
+            self.governor.stop()
+        self.model.experts.close()
+        if self.draft is not None:
+            self.draft.model.experts.close()
