@@ -368,3 +368,46 @@ def test_socket_activation_uses_fd_3(tiny, tmp_path):
         assert proc.wait(timeout=60) == 0
         listener.close()
     assert os.path.exists(path)  # the socket unit, not the service, owns the file
+
+
+def test_serve_from_config_like_the_systemd_unit(tiny, tmp_path):
+    """`edgemoe serve --config FILE` alone, as systemd/edgemoe.service starts it: the experts stream through the
+    config's cache tiers, the SSD thermal governor runs (on a fake drive sensor), `threads` is applied on the
+    engine thread and `context_length` is the context; replies equal plain greedy decoding."""
+    import yaml
+
+    hw = tmp_path / "hwmon" / "hwmon0"
+    hw.mkdir(parents=True)
+    (hw / "name").write_text("nvme\n")
+    (hw / "temp1_input").write_text("41000\n")
+    sock = tmp_path / "unit.sock"
+    cfg = tmp_path / "edgemoe.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "inference": {"model": tiny[0]}, "threads": 1, "context_length": 200, "server": {"socket": str(sock)},
+        "cache": {"tiers": [{"name": "hot", "capacity": 1, "policy": "lru"}]}}))
+    log = open(tmp_path / "unit.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "--config", str(cfg)], stderr=log,
+                            env={**os.environ, "EDGEMOE_HWMON_ROOT": str(tmp_path / "hwmon")})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, open(tmp_path / "unit.log").read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                with client(str(sock)) as c:
+                    if c.get("/health").status_code == 200:
+                        break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        with client(str(sock)) as c:
+            r = c.post("/v1/completions", json={"prompt": [1, 5, 9, 44], "max_tokens": 12, "temperature": 0})
+            health = c.get("/health").json()
+            metrics = c.get("/metrics").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert r.json()["choices"][0]["token_ids"] == engine_greedy(tiny[0], [1, 5, 9, 44], 12)
+    eng = health["engine"]
+    assert eng["streaming"] and "edgemoe_expert_bytes_read_total" in metrics
+    assert eng["threads"] == 1 and health["n_ctx"] == 200
+    assert eng["thermal"]["running"] and eng["thermal"]["temperature"] == 41.0
