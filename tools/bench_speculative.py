@@ -47,7 +47,8 @@ def synthetic(args) -> str:
     return path
 
 
-def expert_mb(path: str) -> float:
+def expert_mb(path: str) -> tuple[float, int]:
+    """(MB of experts, vocabulary size)"""
     from edgemoe.experts.setup import StreamOptions
     from edgemoe.loader import load_model
 
@@ -55,7 +56,7 @@ def expert_mb(path: str) -> float:
     ex = loaded.model.experts
     total = sum(e.nbytes for layer in ex.extents for e in layer)
     ex.close()
-    return total / 2**20
+    return total / 2**20, loaded.args.vocab_size
 
 
 def session(model: str, spec: str, draft: str | None, k: int, threads: int, cache_mb: float | None) -> Session:
@@ -73,6 +74,9 @@ def session(model: str, spec: str, draft: str | None, k: int, threads: int, cach
 def decode(s: Session, core, prompts: list[list[int]], n: int) -> dict:
     """Greedy decode of every prompt: tokens/s over all of them, acceptance, tokens per pass, the tokens."""
     reqs = [run_to_end(core, Request(p, n, GREEDY)) for p in prompts]
+    failed = [r for r in reqs if r.finish_reason == "error"]
+    if failed:
+        raise SystemExit(f"a request failed (see the log above); {len(failed)} of {len(reqs)}")
     tokens = sum(len(r.tokens) - 1 for r in reqs)
     seconds = sum(r.decode_s for r in reqs)
     drafted, accepted = sum(r.drafted for r in reqs), sum(r.accepted for r in reqs)
@@ -126,15 +130,16 @@ def main(argv=None) -> int:
     for which in args.models.split(","):
         if which == "default":
             model, draft = default_model_path(), draft_model_path()
+            total, _ = expert_mb(model)
             tok = load_tokenizer(model)
             prompts = [tok.encode(t) for t in PROMPTS]
             proposers = ["off", "lookup", "self", "draft", "auto"]
         else:
             model, draft = synthetic(args), None
+            total, vocab = expert_mb(model)
             rng = np.random.default_rng(0)
-            prompts = [[1] + rng.integers(3, 30000, 24).tolist() for _ in range(len(PROMPTS))]
+            prompts = [[1] + rng.integers(3, vocab, 24).tolist() for _ in range(len(PROMPTS))]
             proposers = ["off", "lookup", "self", "auto"]
-        total = expert_mb(model)
         for budget in args.budgets.split(","):
             cache_mb = None if budget == "none" else total * float(budget) / 100
             label = "in RAM" if cache_mb is None else f"streamed {budget} %"

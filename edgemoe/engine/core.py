@@ -131,13 +131,15 @@ class EngineCore:
             rows = sum(ids.shape[0] for _, ids, _ in batch)
             tf = time.perf_counter()
             self._forward(batch)
-            if self.gate is not None:
+            if self.gate is not None and not prefilling:  # decode rows only: prompt chunks are another regime
                 self.gate.costs.record(rows, time.perf_counter() - tf)
         dt = time.perf_counter() - t0
         for req in prefilling:
             req.prefill_s += dt
         for req in decoding:
             req.decode_s += dt
+        if self.gate is not None and decoding:
+            self.gate.step_done(self._emitted, dt)
         if self.metrics is not None:
             share = n_prompt / max(1, n_prompt + self._emitted)  # the step's time, split by tokens
             if n_prompt:
@@ -169,13 +171,15 @@ class EngineCore:
                 for req in reqs:
                     proposer.rollback(req)
                 continue
-            self.gate.record_draft(name, max(ks), seconds)
+            self.gate.record_draft(name, proposer.rounds, seconds)
             for req, d in zip(reqs, drafts):
                 if d.tokens:
                     d.proposer = proposer
                     out[req.id] = d
-                else:  # nothing proposed (no lookup match, an unsure draft): plain decoding
-                    proposer.rollback(req)
+                    continue
+                if proposer.rounds:  # a model ran and was unsure at once: a rejected trial for the gate
+                    self.gate.record(req.spec, name, 0, 0)
+                proposer.rollback(req)  # nothing proposed: plain decoding
         return out
 
     def _forward(self, batch: list[tuple[Request, np.ndarray, Draft | None]]) -> None:
@@ -230,7 +234,7 @@ class EngineCore:
             self.metrics.speculative(len(d.tokens), accepted)
         if req.done:
             return
-        req.spec.record(d.proposer.name, len(d.tokens), accepted)
+        self.gate.record(req.spec, d.proposer.name, len(d.tokens), accepted)
         req.cache.truncate(len(req.history))
         d.proposer.rollback(req)
 

@@ -38,6 +38,7 @@ class LookupProposer:
     """Prompt-lookup drafting; a match shorter than `min_match` tokens proposes nothing."""
 
     name = "lookup"
+    rounds = 0  # model passes of the last `propose` (none)
 
     def __init__(self, min_match: int = 2):
         self.min_match = min_match
@@ -78,6 +79,7 @@ class _ModelProposer:
 
     def __init__(self, threshold: float):
         self.threshold = threshold
+        self.rounds = 0  # model passes of the last `propose`
 
     def _prepare(self, reqs: list) -> list:
         """Per request: (cache, its first tokens to feed, draft sampler)."""
@@ -94,6 +96,7 @@ class _ModelProposer:
 
     def propose(self, reqs: list, ks: list[int]) -> list[Draft]:
         drafts = [Draft() for _ in reqs]
+        self.rounds = 0
         live = [j for j, k in enumerate(ks) if k > 0]
         if not live:
             return drafts
@@ -103,6 +106,7 @@ class _ModelProposer:
         saved = [p[0].length for p in prepared]
         try:
             while live:
+                self.rounds += 1
                 skipped = np.zeros(sum(len(feed[j]) for j in live))
                 logits = self._pass([(np.asarray(feed[j], np.int64), info[j][0]) for j in live], skipped)  # (n, V)
                 ends = np.cumsum([len(feed[j]) for j in live]) - 1

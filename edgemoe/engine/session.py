@@ -224,6 +224,8 @@ class Session:
             return
         import time
 
+        from ..sampling import SamplingParams
+
         k = self.spec.k_max
         cache = self.model.new_cache(4 * (k + 1) + 8)
         self.model.forward(np.zeros(4, dtype=np.int64), cache)
@@ -236,6 +238,28 @@ class Session:
                 self.model.forward_batch([(np.zeros(rows, dtype=np.int64), cache)], rows=[rows])
                 times.append(time.perf_counter() - t0)
             core.gate.costs.record(rows, sorted(times)[1])
+        from .request import Request
+
+        for p in self.proposers:  # one drafting round each, on a scratch request
+            if p.name == "lookup":
+                continue
+            req = Request([1, 2, 3, 4], 8, SamplingParams(temperature=0.0))
+            core.admit(req)
+            prompt = np.asarray(req.prompt_ids)
+            self.model.forward(prompt, req.cache)
+            if p.name == "draft":
+                p.model.forward(prompt, req.spec.draft_cache)
+            req.history.append(5)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                p.propose([req], [1])
+                times.append(time.perf_counter() - t0)
+                req.cache.truncate(4)
+                if p.name == "draft":
+                    req.spec.draft_cache.truncate(4)
+            core.gate.record_draft(p.name, 1, sorted(times)[1])
+            core._release(req)
 
     # ------------------------------------------------------------------ reporting and teardown
 

@@ -296,6 +296,10 @@ class Model:
             cache.reserve(n)
         if len({id(c) for *_, c in seqs}) != len(seqs):
             raise ValueError("forward_batch: a cache appears twice in one batch")
+        want = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
+        for *_, c in seqs:  # the kernels write into the cache unchecked: it must be this model's
+            if (c.k.shape[0], c.k.shape[1], c.k.shape[3]) != want:
+                raise ValueError(f"forward_batch: a KV cache of shape {c.k.shape} is not this model's {want}")
         positions = np.concatenate([np.arange(c.length, c.length + n) for _, n, c in seqs])  # (T,)
         T = ids.shape[0]
         cos = np.empty((T, a.head_dim // 2), dtype=np.float32)  # (T, d/2)
