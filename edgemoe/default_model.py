@@ -100,15 +100,15 @@ def random_tensors(cfg: dict, vocab: int, seed: int = 0) -> dict[str, np.ndarray
     return t
 
 
-def shipped_model_path() -> str | None:
-    """Path of the trained model shipped in the package, or None when the package lacks it."""
-    res = resources.files("edgemoe").joinpath("data", SHIPPED)
+def _packaged(name: str) -> str | None:
+    """Path of edgemoe/data/`name` as a file (copied out of a zipped install once), None when absent."""
+    res = resources.files("edgemoe").joinpath("data", name)
     if not res.is_file():
         return None
     if isinstance(res, os.PathLike):
         return os.fspath(res)
     # A zipped install: the engine memory-maps the file, so copy it out once.
-    path = os.path.join(cache_dir(), SHIPPED)
+    path = os.path.join(cache_dir(), name)
     if not os.path.exists(path):
         os.makedirs(cache_dir(), exist_ok=True)
         with res.open("rb") as src, open(f"{path}.{os.getpid()}.tmp", "wb") as dst:
@@ -117,22 +117,19 @@ def shipped_model_path() -> str | None:
     return path
 
 
+def shipped_model_path() -> str | None:
+    """Path of the trained model shipped in the package, or None when the package lacks it."""
+    return _packaged(SHIPPED)
+
+
 def draft_model_path() -> str:
     """Path of the shipped draft model of the default model (speculative decoding, `--draft-model default`)."""
-    from .errors import UsageError
+    path = _packaged(DRAFT)
+    if path is None:
+        from .errors import UsageError
 
-    res = resources.files("edgemoe").joinpath("data", DRAFT)
-    if not res.is_file():
         raise UsageError("this installation carries no draft model (edgemoe/data/draft-moe.gguf); reinstall "
                          "edgemoe or pass --draft-model PATH")
-    if isinstance(res, os.PathLike):
-        return os.fspath(res)
-    path = os.path.join(cache_dir(), DRAFT)
-    if not os.path.exists(path):
-        os.makedirs(cache_dir(), exist_ok=True)
-        with res.open("rb") as src, open(f"{path}.{os.getpid()}.tmp", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(f"{path}.{os.getpid()}.tmp", path)
     return path
 
 

@@ -175,7 +175,7 @@ def estimate(sizes: dict, available: int, mem_bw: float, disk_bw: float | None) 
 
 def layout_check(model, cfg) -> Check:
     """Which weight layout the kernels run, and why (the same rule `run` and `serve` apply)."""
-    from .engine.session import machine_memory
+    from .memory import machine_memory
 
     if not cfg.compute.repack:
         why = "compute.repack is false"

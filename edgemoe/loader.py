@@ -13,6 +13,7 @@ from .experts.store import Expert, ResidentExperts
 from .formats import names
 from .formats.gguf import expert_slices, is_gguf, open_gguf, scalar_metadata, tensor_index, to_qtensor
 from .formats.safetensors import SafetensorsIndex, is_checkpoint_dir, read_config
+from .memory import free_memory
 from .models.mixtral import Layer, Model, ModelArgs, Weights
 from .qtensor import QTensor
 
@@ -44,40 +45,12 @@ def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = T
     loaded = _load(path, stream)
     if prepare:
         model = loaded.model
-        own_dense = stream is not None and 3 * model.dense_nbytes() <= _free_memory()
+        own_dense = stream is not None and 3 * model.dense_nbytes() <= free_memory()
         if repack_rule is None:
             from .engine.session import repack_experts as repack_rule
         experts = repack and (stream is not None or repack_rule(model.experts.nbytes))
         model.prepare(own_dense, experts, repack_dense=repack)
     return loaded
-
-
-def _free_memory() -> int:
-    """Bytes this process may still allocate: free RAM, or less under its memory cgroup's limit (where file
-    pages in the page cache count as free: the kernel drops them to make room)."""
-    import psutil
-
-    free = psutil.virtual_memory().available
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return free
-    for _, controllers, rel in lines:
-        if controllers == "memory":  # cgroup v1
-            d, limit, usage = f"/sys/fs/cgroup/memory{rel}", "memory.limit_in_bytes", "memory.usage_in_bytes"
-        elif controllers == "":  # cgroup v2
-            d, limit, usage = f"/sys/fs/cgroup{rel}", "memory.max", "memory.current"
-        else:
-            continue
-        try:
-            with open(f"{d}/{limit}") as f, open(f"{d}/{usage}") as g, open(f"{d}/memory.stat") as h:
-                stat = dict(line.split() for line in h)
-                files = int(stat.get("active_file", 0)) + int(stat.get("inactive_file", 0))
-                free = min(free, int(f.read()) - int(g.read()) + files)
-        except (OSError, ValueError):  # not mounted there, or "max"
-            continue
-    return max(free, 0)
 
 
 def _load(path: str, stream) -> LoadedModel:

@@ -94,12 +94,14 @@ def _proposer(kind: str, target, models):
         return LookupProposer(min_match=1)
     if kind == "self":
         return SelfProposer(target, 1.0, DraftRouting(1))
+    if kind == "self-strict":  # stops a branch (part-way through its pass) once 10 % of routing was not in RAM
+        return SelfProposer(target, 0.1, DraftRouting(1))
     draft = target if kind == "draft-same" else load_model(models["draft"]).model
     return DraftModelProposer(draft, 1.0)
 
 
 @pytest.mark.parametrize("where", ["resident", "streamed-25%"])
-@pytest.mark.parametrize("kind", ["lookup", "self", "draft-other", "draft-same"])
+@pytest.mark.parametrize("kind", ["lookup", "self", "self-strict", "draft-other", "draft-same"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_greedy_tokens_identical_with_every_proposer(models, shape, kind, where):
     """Every step drafts k = 4 tokens (gate not adaptive), so drafts are verified, accepted and rejected."""
@@ -116,7 +118,7 @@ def test_greedy_tokens_identical_with_every_proposer(models, shape, kind, where)
             drafted, accepted = drafted + req.drafted, accepted + req.accepted
     finally:
         target.experts.close()
-    assert drafted > 0
+    assert drafted > 0 or kind == "self-strict"
     if kind == "draft-same":
         assert accepted == drafted  # the target drafting for itself is always right
     if kind == "draft-other":

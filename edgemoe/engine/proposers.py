@@ -109,6 +109,8 @@ class _ModelProposer:
                 self.rounds += 1
                 skipped = np.zeros(sum(len(feed[j]) for j in live))
                 logits = self._pass([(np.asarray(feed[j], np.int64), info[j][0]) for j in live], skipped)  # (n, V)
+                if logits is None:  # every branch diverged part-way through the pass
+                    break
                 ends = np.cumsum([len(feed[j]) for j in live]) - 1
                 still = []
                 for row, j in enumerate(live):
@@ -182,7 +184,7 @@ class SelfProposer(_ModelProposer):
         return [(r.cache, r.history[r.cache.length:], r.spec.draft_sampler) for r in reqs]
 
     def _pass(self, batch: list, skipped: np.ndarray) -> np.ndarray:
-        return self.model.forward_batch(batch, draft=self.routing, skipped=skipped)
+        return self.model.forward_batch(batch, draft=self.routing, skipped=skipped, stop_above=self.threshold)
 
     def _divergence(self, logits, token, q, skipped) -> float:
         return skipped

@@ -72,39 +72,13 @@ class SpecOptions:
         return cls(proposer, draft, k, s.rejection_threshold)
 
 
-def machine_memory() -> int:
-    """The machine's total RAM, or the memory cgroup's limit when lower (a fixed figure, unlike free memory)."""
-    import psutil
-
-    total = psutil.virtual_memory().total
-    limit = _cgroup_limit()
-    return min(total, limit) if limit is not None else total
-
-
 def repack_experts(expert_bytes: int) -> bool:
     """Whether memory-mapped experts are copied into the interleaved layouts: when they fit in half of the
-    machine's memory (machine_memory) — never the momentary free memory, so the same model gives the same
-    bits every start."""
+    machine's memory (memory.machine_memory) — never the momentary free memory, so the same model gives the
+    same bits every start."""
+    from ..memory import machine_memory
+
     return 2 * expert_bytes <= machine_memory()
-
-
-def _cgroup_limit() -> int | None:
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
-    for _, controllers, rel in lines:
-        for path in ((f"/sys/fs/cgroup/memory{rel}/memory.limit_in_bytes",) if controllers == "memory" else
-                     (f"/sys/fs/cgroup{rel}/memory.max",) if controllers == "" else ()):
-            try:
-                with open(path) as f:
-                    value = f.read().strip()
-            except OSError:
-                continue
-            if value.isdigit() and int(value) < 1 << 60:
-                return int(value)
-    return None
 
 
 class Session:

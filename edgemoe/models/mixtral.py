@@ -269,7 +269,8 @@ class Model:
         return self._logits(x if all_logits else x[-1:])
 
     def forward_batch(self, batch: list[tuple[np.ndarray, KVCache]], rows: list[int] | None = None,
-                      draft: DraftRouting | None = None, skipped: np.ndarray | None = None) -> np.ndarray:
+                      draft: DraftRouting | None = None, skipped: np.ndarray | None = None,
+                      stop_above: float | None = None) -> np.ndarray | None:
         """One pass for several sequences: each (ids (T_j,), its cache) runs at its cache's next positions.
 
         Every token goes through the same per-row arithmetic as in `forward`, so a sequence's logits do
@@ -277,19 +278,23 @@ class Model:
         Returns the logits of the last rows[j] tokens of each sequence j (default 1), stacked in batch
         order: (sum(rows), V). A speculative step verifies its drafted tokens from those rows.
         draft: run as a self-draft (DraftRouting); `skipped` (T,) then receives, per token, the largest
-        routing weight any layer had to leave out because its experts were not in RAM.
+        routing weight any layer had to leave out because its experts were not in RAM, and once every token
+        has left out more than `stop_above` the pass stops early and returns None (the caches' lengths are
+        then unchanged; positions it wrote are overwritten by the next pass).
         """
         ids = [np.asarray(t, dtype=np.int64) for t, _ in batch]
         starts = np.cumsum([0] + [t.shape[0] for t in ids])
         seqs = [(int(starts[j]), t.shape[0], c) for j, (t, (_, c)) in enumerate(zip(ids, batch))]
-        x = self._hidden(np.concatenate(ids), seqs, draft, skipped)  # (T, D)
+        x = self._hidden(np.concatenate(ids), seqs, draft, skipped, stop_above)  # (T, D)
+        if x is None:
+            return None
         if rows is None:
             return self._logits(x[starts[1:] - 1])
         pick = np.concatenate([np.arange(starts[j + 1] - r, starts[j + 1]) for j, r in enumerate(rows)])
         return self._logits(x[pick])
 
     def _hidden(self, ids: np.ndarray, seqs: list[tuple[int, int, KVCache]], draft: DraftRouting | None = None,
-                skipped: np.ndarray | None = None) -> np.ndarray:
+                skipped: np.ndarray | None = None, stop_above: float | None = None) -> np.ndarray | None:
         """The last layer's output for `ids` (T,), whose rows r0..r0+n-1 continue each (r0, n, cache)."""
         a = self.args
         for _, n, cache in seqs:
@@ -326,6 +331,8 @@ class Model:
                              (draft, layer_skip))
                 if skipped is not None:
                     np.maximum(skipped, layer_skip, out=skipped)
+                    if stop_above is not None and skipped.min() > stop_above:
+                        return None  # every token's draft already diverged: the rest would be wasted
             else:
                 x = self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i)
         for _, n, cache in seqs:  # only now: a failed pass leaves every cache as it was
