@@ -126,3 +126,28 @@ def test_sample_is_shakespeare_like_text(path):
     # 4 training steps, 19 for the shipped model).
     distinct = {w for w in words if w in WORDS and len(w) >= 4}
     assert len(distinct) >= 12, f"only {len(distinct)} distinct common words of 4+ letters:\n{text}"
+
+
+def test_shipped_draft_matches_transformers_and_shares_the_tokenizer(path):
+    """The default model's draft (speculative decoding): the same tokenizer, and logits that match
+    transformers' on gguf-py's dequantisation of it within int8-activation rounding (about 1 % of the logit
+    scale; its greedy tokens can part at near-ties, so every position's argmax is compared only where the
+    reference's top two are further apart than the tolerance)."""
+    import numpy as np
+    from reference_runs import engine_logits, hf_logits
+
+    from edgemoe.default_model import draft_model_path
+    from edgemoe.engine.tokenizers import first_difference
+
+    draft = draft_model_path()
+    assert first_difference(load_tokenizer(path), load_tokenizer(draft)) is None
+    cfg = hf_config(draft)
+    ref = dequantised_reference(MixtralForCausalLM(MixtralConfig(**cfg)), cfg, draft)
+    ids = load_tokenizer(draft).encode(PROMPT + ", through yonder window breaks?\nIt is the east, and Juliet")
+    want, got = hf_logits(ref, ids), engine_logits(draft, ids)  # (T, V)
+    tol = 0.03 * np.abs(want).max()
+    assert np.abs(want - got).max() <= tol
+    top2 = np.sort(want, axis=1)[:, -2:]  # (T, 2)
+    clear = top2[:, 1] - top2[:, 0] > 2 * tol
+    assert clear.sum() >= len(ids) // 3
+    assert (want.argmax(1) == got.argmax(1))[clear].all()
