@@ -200,16 +200,18 @@ class Model:
         full router would have used that are not in RAM.   x: (T, D) → ids (T, A'), weights (T, A')"""
         logits = linear(x, layer.gate)  # (T, E)
         resident = self.experts.resident(i)  # (E,) bool
-        A = self.args.num_experts_per_tok
-        ids, w = np.empty((x.shape[0], A), np.int64), np.empty((x.shape[0], A), np.float32)
-        ops.route_topk(ids, w, logits)
-        skipped += np.where(resident[ids], 0.0, w).sum(axis=1)  # mass of the full routing left out
+        T = x.shape[0]
+        if not resident.all():
+            A = self.args.num_experts_per_tok
+            ids, w = np.empty((T, A), np.int64), np.empty((T, A), np.float32)
+            ops.route_topk(ids, w, logits)
+            skipped += np.where(resident[ids], 0.0, w).sum(axis=1)  # mass of the full routing left out
+            logits = np.where(resident[None], logits, -np.inf).astype(np.float32)  # (T, E)
         n = min(draft.experts_per_tok, int(resident.sum()))
         if n == 0:
             return None
-        masked = np.where(resident[None], logits, -np.inf).astype(np.float32)  # (T, E)
-        ids, w = np.empty((x.shape[0], n), np.int64), np.empty((x.shape[0], n), np.float32)
-        ops.route_topk(ids, w, masked)
+        ids, w = np.empty((T, n), np.int64), np.empty((T, n), np.float32)
+        ops.route_topk(ids, w, logits)
         return ids, w
 
     def moe(self, h: np.ndarray, x: np.ndarray, layer: Layer, i: int, draft=None) -> np.ndarray:
