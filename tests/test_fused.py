@@ -29,7 +29,7 @@ CASES = [  # (dense type, expert type, heads, kv heads, top-k)
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(map(str, c)))
 def model(request, tmp_path_factory):
     dense, experts, heads, kv, top_k = request.param
-    _, cfg, tensors = make_hf_mixtral(hidden=256, intermediate=512, heads=heads, kv_heads=kv, experts=4,
+    _, cfg, tensors = make_hf_mixtral(hidden=256, intermediate=512, heads=heads, kv_heads=kv, experts=6,
                                       top_k=top_k, vocab=96, seed=5, head_dim=64)
     path = tmp_path_factory.mktemp("fused") / f"{dense}-{experts}.gguf"
     export_mixtral_gguf(path, cfg, tensors, qtype=dense, expert_qtype=experts)

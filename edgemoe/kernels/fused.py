@@ -89,15 +89,18 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
             c = claim(sync, 2, n3, back)
 
 
-def _moe_rows_template(n_threads, out, resid, h, mats, n_per, slot_w, slot_tok, exp_start, exp_slots, tok_start,
-                       xq, xd, xs, gu, hbuf, hq, hd, hs, ys, downs, gu_variant, down_variant, sync, chunk):
-    """The expert block of T tokens at once: out (T, D) = resid + per token t, the sum over its slots s (in
-    order) of slot_w[s] * down_u(silu(gate_u h_t) * up_u h_t), where u is the slot's expert.
+def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w, slot_tok, exp_start, exp_slots,
+                       tok_start, xq, xd, xs, gu, hbuf, hq, hd, hs, ys, downs, gu_variant, down_variant, sync, chunk):
+    """One group of experts of the expert block of T tokens: acc (T, D) += per token t, the sum over its slots
+    s of this group (in order) of slot_w[s] * down_u(silu(gate_u h_t) * up_u h_t), u the slot's expert; with
+    `last`, out (T, D) = resid + acc instead. Groups in increasing expert id keep every token's sum in order.
 
-    mats: the U distinct experts' gate|up matrices, `n_per` per expert (as `_moe_template`); downs: their
-    down matrices. Slots 0..S-1 are grouped by token (token t owns tok_start[t]..tok_start[t+1]-1, in the
-    order its outputs are summed); slot_tok (S,) its token; exp_slots[exp_start[u]:exp_start[u+1]] the
-    slots of expert u. Each weight chunk is read once and applied to every slot of its expert.
+    mats: the group's experts' gate|up matrices, `n_per` per expert (as `_moe_template`); downs: their
+    down matrices (a group always has MOE_GROUP experts, padded with ones no slot uses, so one compiled
+    kernel serves every count). Slots 0..S-1 are grouped by token (token t owns
+    tok_start[t]..tok_start[t+1]-1, in the order its outputs are summed); slot_tok (S,) its token;
+    exp_slots[exp_start[u]:exp_start[u+1]] the slots of expert u. Each weight chunk is read once and applied
+    to every slot of its expert.
     Scratch: xq, xd, xs: (T, ...) activations of h; gu (S * 2I,) f32; hbuf (S, I) f32; hq, hd, hs: (S, ...)
     activations of hbuf; ys (S, D) f32; sync: (3 * SYNC_SLOTS,) int64 zeros.
     """
@@ -145,10 +148,13 @@ def _moe_rows_template(n_threads, out, resid, h, mats, n_per, slot_w, slot_tok, 
                     DOWN_ROWS(ys[s], lo, hi, downs[u], hq[s:s + 1], hd[s:s + 1], hs[s:s + 1], down_variant)
             for t in range(T):
                 for r in range(lo, hi):
-                    acc = np.float32(0.0)
+                    a = acc[t, r]
                     for s in range(tok_start[t], tok_start[t + 1]):
-                        acc += slot_w[s] * ys[s, r]
-                    out[t, r] = resid[t, r] + acc
+                        a += slot_w[s] * ys[s, r]
+                    if last:
+                        out[t, r] = resid[t, r] + a
+                    else:
+                        acc[t, r] = a
             finish(sync, 2)
             c = claim(sync, 2, n3, back)
 
@@ -373,36 +379,51 @@ def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, 
     return out
 
 
+MOE_GROUP = 4  # experts per call of the several-token expert block
+
+
 def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarray, slot_tok: np.ndarray,
                    slot_exp: np.ndarray, tok_start: np.ndarray, kinds: tuple[Kind, Kind]) -> np.ndarray:
-    """x + each token's weighted sum of its experts applied to h, for T tokens in one parallel region; every
-    row gets the bits `moe_block` gives it alone.   x, h: (T, D) → (T, D)
+    """x + each token's weighted sum of its experts applied to h, for T tokens; every row gets the bits
+    `moe_block` gives it alone.   x, h: (T, D) → (T, D)
 
-    experts: the U distinct Expert tuples (same types and shapes); slots grouped by token as tok_start (T+1,)
-    says, each with its weight slot_w (S,) f32, token slot_tok (S,) and expert index slot_exp (S,) into
-    `experts`; kinds: from `moe_kinds` on the first expert.
+    experts: the U distinct Expert tuples in increasing expert id (same types and shapes); slots grouped by
+    token as tok_start (T+1,) says, each with its weight slot_w (S,) f32, token slot_tok (S,) and expert
+    index slot_exp (S,) into `experts`; kinds: from `moe_kinds` on the first expert. The experts run in
+    groups of MOE_GROUP, one parallel region each.
     """
     k1, k2 = kinds
     e0 = experts[0]
     T, D = x.shape
-    S = slot_w.shape[0]
     n_i = e0.down.cols
-    if e0.gate_up is not None:
-        mats, n_per = tuple(e.gate_up.data for e in experts), 1
-    else:
-        mats, n_per = tuple(m for e in experts for m in (e.gate.data, e.up.data)), 2
-    exp_slots = np.argsort(slot_exp, kind="stable")  # (S,) slots of expert 0, then 1, ...
-    exp_start = np.searchsorted(slot_exp[exp_slots], np.arange(len(experts) + 1))  # (U + 1,)
     kernel = _specialise(_moe_rows_template, f"{k1.name}_{k2.name}", GU_QUANT=k1.quant, GU_ROWS=k1.rows,
                          DOWN_QUANT=k2.quant, DOWN_ROWS=k2.rows)
-    xq, xd, xs = _scratch("moe_rows_h", k1.act, T, D)
-    hq, hd, hs = _scratch("moe_rows_down", k2.act, S, n_i)
     out = np.empty((T, D), np.float32)
-    kernel(numba.get_num_threads(), out, x, h, mats, n_per, slot_w, slot_tok, exp_start, exp_slots, tok_start,
-           xq, xd, xs, _f32("moe_rows_gu", S * 2 * n_i), _f32("moe_rows_hb", S, n_i), hq, hd, hs,
-           _f32("moe_rows_ys", S, D), tuple(e.down.data for e in experts),
-           _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
-           np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+    acc = np.zeros((T, D), np.float32)
+    U = len(experts)
+    for g0 in range(0, U, MOE_GROUP):
+        group = experts[g0:g0 + MOE_GROUP]
+        group = group + [group[0]] * (MOE_GROUP - len(group))  # padding: experts without slots
+        mine = (slot_exp >= g0) & (slot_exp < g0 + MOE_GROUP)  # (S,) this group's slots, still token-major
+        g_exp = slot_exp[mine] - g0
+        g_w = np.ascontiguousarray(slot_w[mine])
+        g_tok = slot_tok[mine]
+        S = g_w.shape[0]
+        g_start = np.zeros(T + 1, np.int64)
+        np.cumsum(np.bincount(g_tok, minlength=T), out=g_start[1:])
+        exp_slots = np.argsort(g_exp, kind="stable")  # (S,) slots of expert 0, then 1, ...
+        exp_start = np.searchsorted(g_exp[exp_slots], np.arange(MOE_GROUP + 1))  # (G + 1,)
+        if e0.gate_up is not None:
+            mats, n_per = tuple(e.gate_up.data for e in group), 1
+        else:
+            mats, n_per = tuple(m for e in group for m in (e.gate.data, e.up.data)), 2
+        xq, xd, xs = _scratch("moe_rows_h", k1.act, T, D)
+        hq, hd, hs = _scratch("moe_rows_down", k2.act, S, n_i)
+        kernel(numba.get_num_threads(), out, acc, g0 + MOE_GROUP >= U, x, h, mats, n_per, g_w, g_tok, exp_start,
+               exp_slots, g_start, xq, xd, xs, _f32("moe_rows_gu", S * 2 * n_i), _f32("moe_rows_hb", S, n_i), hq,
+               hd, hs, _f32("moe_rows_ys", S, D), tuple(e.down.data for e in group),
+               _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
+               np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
     return out
 
 
