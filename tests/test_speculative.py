@@ -268,3 +268,29 @@ def test_served_greedy_identical_with_speculation(models, tmp_path):
     assert health["engine"]["streaming"] and health["engine"]["speculative"].startswith("auto")
     assert "edgemoe_speculative_draft_tokens_total" in metrics
     assert "edgemoe_speculative_accepted_tokens_total" in metrics
+
+
+def test_gate_keeps_the_faster_arm_and_retries_a_loser_ever_less():
+    """The gate's arms on made-up step timings: a proposer slower than plain decoding runs on a shrinking share
+    of the steps; once it is faster it is found again and kept."""
+    from edgemoe.engine.gate import WINDOW
+
+    class Proposer:
+        name = "lookup"  # free to draft: it could pay at high acceptance
+
+    g = Gate([Proposer()], 4)
+    for rows in range(1, 18):
+        g.costs.record(rows, 1e-3 * (1 + 0.1 * (rows - 1)))
+    active: list[int] = []
+
+    def run(windows, tok_s):
+        for _ in range(windows * WINDOW):
+            active.append(g.active)
+            g.step_done(1, 1.0 / tok_s[g.active])
+
+    run(100, {0: 100.0, 1: 80.0})  # the proposer loses
+    late = active[-60 * WINDOW:]
+    assert 0 < late.count(1) <= 0.1 * len(late)
+    start = len(active)
+    run(100, {0: 100.0, 1: 150.0})  # now it wins
+    assert active[start:][-40 * WINDOW:].count(1) >= 0.9 * 40 * WINDOW

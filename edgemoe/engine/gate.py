@@ -4,8 +4,8 @@ Two levels, both measured while the engine runs:
 - **Arms.** Plain decoding and each proposer are arms; one is active for a window of `WINDOW` decoding
   steps, and the window's tokens per second of wall time (everything included: drafting, the verification
   rows, the expert reads a draft token's routing caused and the cache entries it evicted) is its arm's
-  score. The best-scoring arm is kept; another arm is tried again after 1, 2, 4, ... up to `BACKOFF_MAX`
-  windows while it keeps losing, so a changed context (a repeat starting, the cache warming up) is noticed
+  score. The best-scoring arm is kept (a proposer only when it beats plain decoding by `MARGIN`); another arm
+  is tried again after 1, 2, 4, ... up to `BACKOFF_MAX` windows while it keeps losing, so a changed context (a repeat starting, the cache warming up) is noticed
   and a losing proposer costs a small, shrinking share of the steps.
 - **k.** While a proposer is active, each request drafts the k that maximises expected tokens per second:
   with per-token acceptance a, a pass verifying k drafts yields E(k) = (1 - a^(k+1)) / (1 - a) tokens, at
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 EMA = 0.2  # weight of a new measurement
 WINDOW = 16  # decoding steps an arm stays active before it is scored
 BACKOFF_MAX = 32  # windows a losing arm waits at most before its next trial
+MARGIN = 0.03  # how much faster than plain decoding a proposer's windows must be for it to stay on
 PRIOR_ACCEPT = {"lookup": 0.6, "draft": 0.6, "self": 0.6}
 PRIOR_ROUND = {"lookup": 0.0, "draft": 0.5, "self": 1.0}  # a drafting round before it is measured, in 1-row passes
 OPTIMISTIC_ACCEPT = 0.9  # an arm is tried only if it would beat plain decoding at this acceptance
@@ -134,15 +135,16 @@ class Gate:
         self.active = self._next_arm()
 
     def _next_arm(self) -> int:
-        if self.active != 0 and self.score[self.active] < self.score.get(0, 0.0):
-            # the proposer just scored lost to plain decoding: it waits twice as long as last time
-            self.wait[self.active] = min(BACKOFF_MAX, 2 * self.wait.get(self.active, 1))
-            self.due[self.active] = self.windows + self.wait[self.active]
         candidates = [0] + [a for a in range(1, len(self.arms)) if self.could_pay(self.arms[a])]
         untried = [a for a in candidates if a not in self.score]
         if untried:
             return untried[0]
-        best = max(candidates, key=lambda a: self.score[a])
+        # A proposer must beat plain decoding by MARGIN to be kept: a window's score is noisy, and a proposer
+        # that only ties costs its drafting whenever it is wrong.
+        best = max(candidates, key=lambda a: self.score[a] / (1.0 if a == 0 else 1.0 + MARGIN))
+        if self.active != best:  # the arm just scored lost: it waits twice as long as last time
+            self.wait[self.active] = min(BACKOFF_MAX, 2 * self.wait.get(self.active, 1))
+            self.due[self.active] = self.windows + self.wait[self.active]
         for a in candidates:
             if a != best and self.windows >= self.due.get(a, 0):
                 return a
