@@ -4,9 +4,10 @@ Two levels, both measured while the engine runs:
 - **Arms.** Plain decoding and each proposer are arms; one is active for a window of `WINDOW` decoding
   steps, and the window's tokens per second of wall time (everything included: drafting, the verification
   rows, the expert reads a draft token's routing caused and the cache entries it evicted) is its arm's
-  score. The best-scoring arm is kept (a proposer only when it beats plain decoding by `MARGIN`); another arm
-  is tried again after 1, 2, 4, ... up to `BACKOFF_MAX` windows while it keeps losing, so a changed context (a repeat starting, the cache warming up) is noticed
-  and a losing proposer costs a small, shrinking share of the steps.
+  score. The best-scoring arm is kept (a proposer only when it beats plain decoding by `MARGIN`); an arm
+  that lost its trial (plain decoding too) is tried again after 2, 4, ... up to `BACKOFF_MAX` windows, so a
+  changed context (a repeat starting, the cache warming up) is noticed and a losing proposer costs a small,
+  shrinking share of the steps.
 - **k.** While a proposer is active, each request drafts the k that maximises expected tokens per second:
   with per-token acceptance a, a pass verifying k drafts yields E(k) = (1 - a^(k+1)) / (1 - a) tokens, at
   the cost of k drafting rounds plus k more rows in the step's pass (pass time by rows, measured; seeded at
