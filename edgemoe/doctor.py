@@ -175,13 +175,14 @@ def estimate(sizes: dict, available: int, mem_bw: float, disk_bw: float | None) 
 
 def layout_check(model, cfg) -> Check:
     """Which weight layout the kernels run, and why (the same rule `run` and `serve` apply)."""
+    from .loader import repack_resident
     from .memory import machine_memory
 
     if not cfg.compute.repack:
         why = "compute.repack is false"
     else:
         experts = getattr(model.experts, "nbytes", 0)
-        why = (f"memory-mapped experts ({experts / 2**20:.0f} MB) {'fit' if 2 * experts <= machine_memory() else 'exceed'}"
+        why = (f"memory-mapped experts ({experts / 2**20:.0f} MB) {'fit' if repack_resident(experts) else 'exceed'}"
                f" half of this machine's {machine_memory() / 2**30:.1f} GB; streamed experts are always repacked")
     return Check("weight layout", None, f"{model.layout} ({why}; decided from the model, config and machine, "
                  "never the free memory)")

@@ -13,7 +13,7 @@ from .experts.store import Expert, ResidentExperts
 from .formats import names
 from .formats.gguf import expert_slices, is_gguf, open_gguf, scalar_metadata, tensor_index, to_qtensor
 from .formats.safetensors import SafetensorsIndex, is_checkpoint_dir, read_config
-from .memory import free_memory
+from .memory import free_memory, machine_memory
 from .models.mixtral import Layer, Model, ModelArgs, Weights
 from .qtensor import QTensor
 
@@ -29,7 +29,7 @@ class LoadedModel:
     format: str  # "gguf" | "safetensors"
 
 
-def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = True, repack_rule=None) -> LoadedModel:
+def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = True) -> LoadedModel:
     """Open a GGUF file or an HF checkpoint directory; raise a ModelFormatError/UnsupportedError otherwise.
 
     stream: `edgemoe.experts.setup.StreamOptions` to read experts from disk into a budgeted cache (GGUF only);
@@ -38,19 +38,23 @@ def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = T
     (for tools that read the weights back). Dense tensors are copied out of the memory map when experts
     stream and three times their size is free (a copy changes no result).
     repack: Q4_0/Q4_K/Q8_0 weights take the 8-row interleaved layouts (config compute.repack); streamed
-    experts are repacked as they arrive, memory-mapped ones when `repack_rule(expert bytes)` says so
-    (default: engine.session.repack_experts, from the machine's total memory): the layouts round
-    differently, so the choice depends on the model, the config and the machine, never the free memory.
+    experts are repacked as they arrive, memory-mapped ones when their copy fits in half of the machine's
+    memory (memory.machine_memory): the layouts round differently, so the choice depends on the model, the
+    config and the machine, never the free memory.
     """
     loaded = _load(path, stream)
     if prepare:
         model = loaded.model
         own_dense = stream is not None and 3 * model.dense_nbytes() <= free_memory()
-        if repack_rule is None:
-            from .engine.session import repack_experts as repack_rule
-        experts = repack and (stream is not None or repack_rule(model.experts.nbytes))
+        experts = repack and (stream is not None or repack_resident(model.experts.nbytes))
         model.prepare(own_dense, experts, repack_dense=repack)
     return loaded
+
+
+def repack_resident(expert_bytes: int) -> bool:
+    """Whether memory-mapped experts are copied into the interleaved layouts: when they fit in half of the
+    machine's memory (a fixed figure, unlike the free memory)."""
+    return 2 * expert_bytes <= machine_memory()
 
 
 def _load(path: str, stream) -> LoadedModel:

@@ -109,43 +109,31 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """Return the next token id. `logits` (V,) is not modified; `history` = tokens so far."""
-        if logits.shape != (self.vocab_size,):
-            raise ValueError(f"logits shape {logits.shape} != ({self.vocab_size},)")
-        w = self._logits  # (V,) f32
-        np.copyto(w, logits, casting="same_kind")
-        self._apply_penalties(w, history)
-
-        p = self.params
-        if p.temperature == 0.0:
+        w = self._penalised(logits, history)
+        if self.params.temperature == 0.0:
             return int(np.argmax(w))  # first maximum = lowest id on ties
-
-        ids, vals, is_sorted = self._top_k(w)
-        if p.top_p < 1.0:
-            ids, vals = self._top_p(ids, vals, is_sorted)
-        if self._log_min_p is not None:
-            ids, vals = self._min_p(ids, vals)
-        return self._dist(ids, vals)
+        ids, vals = self._candidates(w)
+        if len(ids) == 1:
+            return int(ids[0])
+        e = self._weights(vals)  # (n,) f32, unnormalised
+        cum = np.cumsum(e, dtype=np.float64, out=self._cum[:len(e)])  # (n,) f64
+        # First token whose running mass exceeds u * total (llama.cpp uses >=; '>' never picks
+        # a zero-probability token when u == 0).
+        i = int(np.searchsorted(cum, self._rng.random() * cum[-1], side="right"))
+        return int(ids[min(i, len(ids) - 1)])
 
     def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The distribution `sample` draws from: candidate ids (n,) int64 and probabilities (n,) float64
         summing to 1. Greedy: the argmax with probability 1. Speculative verification compares the
         target's and the draft's distributions through it, so both pass the same sampling chain."""
-        w = self._logits  # (V,) f32
-        np.copyto(w, logits, casting="same_kind")
-        self._apply_penalties(w, history)
-        p = self.params
-        if p.temperature == 0.0:
+        w = self._penalised(logits, history)
+        if self.params.temperature == 0.0:
             return np.array([int(np.argmax(w))], np.int64), np.ones(1)
-        ids, vals, is_sorted = self._top_k(w)
-        if p.top_p < 1.0:
-            ids, vals = self._top_p(ids, vals, is_sorted)
-        if self._log_min_p is not None:
-            ids, vals = self._min_p(ids, vals)
+        ids, vals = self._candidates(w)
         ids = np.array(ids, np.int64)
         if len(ids) == 1:
             return ids, np.ones(1)
-        scaled = vals.astype(np.float32) / np.float32(p.temperature)  # (n,)
-        e = np.exp(scaled - np.float32(_finite_max(scaled))).astype(np.float64)  # (n,)
+        e = self._weights(vals).astype(np.float64)  # (n,)
         return ids, e / e.sum()
 
     def draw(self, ids: np.ndarray, probs: np.ndarray) -> int:
@@ -157,6 +145,29 @@ class Sampler:
     def uniform(self) -> float:
         """A uniform draw in [0, 1) from this sampler's RNG (speculative acceptance tests)."""
         return float(self._rng.random())
+
+    def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """A (V,) float32 copy of `logits` with the repeat penalty applied."""
+        if logits.shape != (self.vocab_size,):
+            raise ValueError(f"logits shape {logits.shape} != ({self.vocab_size},)")
+        w = self._logits  # (V,) f32
+        np.copyto(w, logits, casting="same_kind")
+        self._apply_penalties(w, history)
+        return w
+
+    def _candidates(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """top-k → top-p → min-p on penalised logits w (V,): candidate ids (n,) and logits (n,)."""
+        ids, vals, is_sorted = self._top_k(w)
+        if self.params.top_p < 1.0:
+            ids, vals = self._top_p(ids, vals, is_sorted)
+        if self._log_min_p is not None:
+            ids, vals = self._min_p(ids, vals)
+        return ids, vals
+
+    def _weights(self, vals: np.ndarray) -> np.ndarray:
+        """exp((vals - max) / temperature) as llama.cpp's dist computes it: (n,) float32, unnormalised."""
+        scaled = np.divide(vals, np.float32(self.params.temperature), out=self._exp[:len(vals)])  # (n,)
+        return self._exp_shifted(scaled, _finite_max(scaled), scaled)
 
     # --- chain stages; each takes and returns candidates `ids` (n,) int64, `vals` (n,) f32 ---
 
@@ -234,18 +245,6 @@ class Sampler:
         if mask.all():
             return ids, vals
         return ids[mask], vals[mask]
-
-    def _dist(self, ids: np.ndarray, vals: np.ndarray) -> int:
-        n = len(ids)
-        if n == 1:
-            return int(ids[0])
-        scaled = np.divide(vals, np.float32(self.params.temperature), out=self._exp[:n])  # (n,)
-        e = self._exp_shifted(scaled, _finite_max(scaled), scaled)  # (n,) f32, unnormalised
-        cum = np.cumsum(e, dtype=np.float64, out=self._cum[:n])  # (n,) f64
-        # First token whose running mass exceeds u * total (llama.cpp uses >=; '>' never picks
-        # a zero-probability token when u == 0).
-        i = int(np.searchsorted(cum, self._rng.random() * cum[-1], side="right"))
-        return int(ids[min(i, n - 1)])
 
     @staticmethod
     def _exp_shifted(vals: np.ndarray, vmax: float, out: np.ndarray) -> np.ndarray:

@@ -373,7 +373,8 @@ def test_socket_activation_uses_fd_3(tiny, tmp_path):
 def test_serve_from_config_like_the_systemd_unit(tiny, tmp_path):
     """`edgemoe serve --config FILE` alone, as systemd/edgemoe.service starts it: the experts stream through the
     config's cache tiers, the SSD thermal governor runs (on a fake drive sensor), `threads` is applied on the
-    engine thread and `context_length` is the context; replies equal plain greedy decoding."""
+    engine thread, `context_length` is the context and `speculative` picks the proposer; replies equal plain
+    greedy decoding."""
     import yaml
 
     hw = tmp_path / "hwmon" / "hwmon0"
@@ -384,7 +385,8 @@ def test_serve_from_config_like_the_systemd_unit(tiny, tmp_path):
     cfg = tmp_path / "edgemoe.yaml"
     cfg.write_text(yaml.safe_dump({
         "inference": {"model": tiny[0]}, "threads": 1, "context_length": 200, "server": {"socket": str(sock)},
-        "cache": {"tiers": [{"name": "hot", "capacity": 1, "policy": "lru"}]}}))
+        "cache": {"tiers": [{"name": "hot", "capacity": 1, "policy": "lru"}]},
+        "speculative": {"proposer": "lookup", "max_tokens": 3}}))
     log = open(tmp_path / "unit.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "--config", str(cfg)], stderr=log,
                             env={**os.environ, "EDGEMOE_HWMON_ROOT": str(tmp_path / "hwmon")})
@@ -411,3 +413,4 @@ def test_serve_from_config_like_the_systemd_unit(tiny, tmp_path):
     assert eng["streaming"] and "edgemoe_expert_bytes_read_total" in metrics
     assert eng["threads"] == 1 and health["n_ctx"] == 200
     assert eng["thermal"]["running"] and eng["thermal"]["temperature"] == 41.0
+    assert eng["speculative"] == "lookup"

@@ -129,29 +129,3 @@ def main(args) -> int:
                   f"O_DIRECT {'on' if c['direct_io'] else 'off'}), prefetch {pf['used_in_time']}/{pf['issued']} "
                   "used in time", file=sys.stderr)
     return 0
-
-
-def stream_figures(experts) -> dict:
-    """The `cache`, `io` and `prefetch` figures of a streaming store ({} for memory-mapped experts)."""
-    if not hasattr(experts, "stats"):
-        return {}
-    st = experts.stats()
-    c, io = st["cache"], st["io"]
-    return {
-        "cache": {"hit_rate": round(c["hit_rate"], 4), "hits": c["hits"], "misses": c["misses"],
-                  "evictions": c["evictions"], "bytes_read": io["bytes_read"], "direct_io": io["direct_io"],
-                  "resident_bytes": experts.cache.resident_bytes},
-        "io": {"read_gb_s": round(io["gbps"], 3), "latency_ms_p50": round(io["p50_ms"], 3),
-               "latency_ms_p99": round(io["p99_ms"], 3), "reads": io["reads"], "merged_reads": io["merged_reads"],
-               "degraded_reads": io["degraded_reads"]},
-        "prefetch": st["prefetch"],
-    }
-
-
-def apply_dispatch(cfg) -> None:
-    """Force the kernel variants that `compute.dispatch` names (auto leaves the CPU's best)."""
-    from ..kernels import dispatch
-
-    for qtype, variant in vars(cfg.compute.dispatch).items():
-        if variant not in (None, "auto"):
-            dispatch.force_variant(variant, qtype)

@@ -24,7 +24,7 @@ import numpy as np
 from ..sampling import Sampler, top_logprobs
 from .accept import verify_token
 from .gate import Gate, SpecState
-from .proposers import Draft, timed_propose
+from .proposers import Draft
 from .request import Request
 
 log = logging.getLogger("edgemoe.engine")
@@ -42,6 +42,7 @@ class EngineCore:
         self.metrics = metrics
         self.on_end = on_end  # called once a request has ended (the server frees its batch slot)
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
+        self._emitted = 0  # tokens sent in the current step (sampled + accepted drafts)
 
     @property
     def proposer_name(self) -> str:
@@ -68,7 +69,7 @@ class EngineCore:
 
     def end(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
-        self._release(req)
+        self.release(req)
         if self.metrics is not None:
             self.metrics.request_done("cancelled" if reason == "cancelled" else "ok")
         req.emit({"type": "done", "finish_reason": reason, "prompt_tokens": len(req.prompt_ids),
@@ -76,12 +77,13 @@ class EngineCore:
 
     def fail(self, req: Request, message: str) -> None:
         req.finish_reason = "error"
-        self._release(req)
+        self.release(req)
         if self.metrics is not None:
             self.metrics.request_done("error")
         req.emit({"type": "error", "message": message, "status": 500})
 
-    def _release(self, req: Request) -> None:
+    def release(self, req: Request) -> None:
+        """Free the request's state (KV caches, its proposers' state) without sending an event."""
         if req.done:
             return
         req.done = True
@@ -148,38 +150,38 @@ class EngineCore:
                               n_running if n_running is not None else len(reqs))
         self._emitted = 0
 
-    _emitted = 0  # tokens sent in the current step (sampled + accepted drafts)
-
     def _draft(self, decoding: list[Request], base_rows: int) -> dict[int, Draft]:
-        """Each decoding request's drafts for this step, by request id."""
-        groups: dict[str, tuple[object, list[Request], list[int]]] = {}
+        """Each decoding request's drafts for this step from the gate's active proposer, by request id."""
+        proposer = self.gate.active_proposer
+        if proposer is None:
+            return {}
+        reqs, ks = [], []
         for req in decoding:
-            remaining = req.max_tokens - len(req.tokens)
-            proposer, k = self.gate.choose(req.spec, base_rows, remaining)
-            if proposer is None or k == 0:
-                continue
-            base_rows += k
-            g = groups.setdefault(proposer.name, (proposer, [], []))
-            g[1].append(req)
-            g[2].append(k)
+            k = self.gate.choose(req.spec, base_rows, req.max_tokens - len(req.tokens))
+            if k > 0:
+                base_rows += k
+                reqs.append(req)
+                ks.append(k)
+        if not reqs:
+            return {}
+        t0 = time.perf_counter()
+        try:
+            drafts = proposer.propose(reqs, ks)
+        except Exception:  # noqa: BLE001 - speculation is an optimisation: decode plainly instead
+            log.exception("the %s proposer failed; these requests decode without drafts this step", proposer.name)
+            for req in reqs:
+                proposer.rollback(req)
+            return {}
+        self.gate.record_draft(proposer.name, proposer.rounds, time.perf_counter() - t0)
         out: dict[int, Draft] = {}
-        for name, (proposer, reqs, ks) in groups.items():
-            try:
-                drafts, seconds = timed_propose(proposer, reqs, ks)
-            except Exception:  # noqa: BLE001 - speculation is an optimisation: decode plainly instead
-                log.exception("the %s proposer failed; these requests decode without drafts this step", name)
-                for req in reqs:
-                    proposer.rollback(req)
+        for req, d in zip(reqs, drafts):
+            if d.tokens:
+                d.proposer = proposer
+                out[req.id] = d
                 continue
-            self.gate.record_draft(name, proposer.rounds, seconds)
-            for req, d in zip(reqs, drafts):
-                if d.tokens:
-                    d.proposer = proposer
-                    out[req.id] = d
-                    continue
-                if proposer.rounds:  # a model ran and was unsure at once: a rejected trial for the gate
-                    self.gate.record(req.spec, name, 0, 0)
-                proposer.rollback(req)  # nothing proposed: plain decoding
+            if proposer.rounds:  # a model ran and was unsure at once: a rejected trial for the gate
+                self.gate.record(req.spec, proposer.name, 0, 0)
+            proposer.rollback(req)  # nothing proposed: plain decoding
         return out
 
     def _forward(self, batch: list[tuple[Request, np.ndarray, Draft | None]]) -> None:
@@ -218,7 +220,7 @@ class EngineCore:
             return
         accepted = 0
         for i, tok in enumerate(d.tokens):
-            ok, corrected = verify_token(req.sampler, logits[i], req.history, tok, d.q[i] if d.q else None)
+            ok, corrected = verify_token(req.sampler, logits[i], req.history, tok, d.q[i])
             if not ok:
                 req.logits, req.residual = logits[i], corrected
                 break

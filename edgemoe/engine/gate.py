@@ -23,7 +23,7 @@ EMA = 0.2  # weight of a new measurement
 WINDOW = 16  # decoding steps an arm stays active before it is scored
 BACKOFF_MAX = 32  # windows a losing arm waits at most before its next trial
 MARGIN = 0.03  # how much faster than plain decoding a proposer's windows must be for it to stay on
-PRIOR_ACCEPT = {"lookup": 0.6, "draft": 0.6, "self": 0.6}
+PRIOR_ACCEPT = 0.6  # acceptance assumed before a proposer's first verification
 PRIOR_ROUND = {"lookup": 0.0, "draft": 0.5, "self": 1.0}  # a drafting round before it is measured, in 1-row passes
 OPTIMISTIC_ACCEPT = 0.9  # an arm is tried only if it would beat plain decoding at this acceptance
 K_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
@@ -107,8 +107,8 @@ class Gate:
 
     def record(self, st: SpecState, name: str, drafted: int, accepted: int) -> None:
         """A verification (or a branch stopped before its first token) of `name`'s drafts for one request."""
-        _update(st.accept, name, self.accept.get(name, PRIOR_ACCEPT.get(name, 0.5)), drafted, accepted)
-        _update(self.accept, name, PRIOR_ACCEPT.get(name, 0.5), drafted, accepted)
+        _update(st.accept, name, self.accept.get(name, PRIOR_ACCEPT), drafted, accepted)
+        _update(self.accept, name, PRIOR_ACCEPT, drafted, accepted)
 
     def record_draft(self, name: str, rounds: int, seconds: float) -> None:
         if rounds <= 0:
@@ -169,18 +169,16 @@ class Gate:
         d = self.draft_round.get(name)
         return d if d is not None else PRIOR_ROUND.get(name, 1.0) * self.costs(1)
 
-    def choose(self, st: SpecState, base_rows: int, remaining: int):
-        """(proposer, k) for a request whose step already carries `base_rows` rows (its own token included)
-        and that may still emit `remaining` tokens after this step's sampled one; (None, 0): no drafting."""
-        proposer = self.arms[self.active]
+    def choose(self, st: SpecState, base_rows: int, remaining: int) -> int:
+        """k for the active proposer and a request whose step already carries `base_rows` rows (its own token
+        included) and that may still emit `remaining` tokens after this step's sampled one; 0: no drafting."""
+        proposer = self.active_proposer
         k_cap = min(self.k_max, remaining)
         if proposer is None or k_cap <= 0:
-            return None, 0
+            return 0
         if not self.adaptive:
-            return proposer, k_cap
-        a = st.accept.get(proposer.name)
-        if a is None:
-            a = self.accept.get(proposer.name, PRIOR_ACCEPT.get(proposer.name, 0.5))
+            return k_cap
+        a = st.accept.get(proposer.name, self.accept.get(proposer.name, PRIOR_ACCEPT))
         before = self.costs(base_rows - 1) if base_rows > 1 else 0.0
         d = self.round_cost(proposer.name)
         best_k, best_rate = 1, 0.0  # an active proposer drafts at least one token: its arm is being measured
@@ -190,4 +188,4 @@ class Gate:
             rate = expected_tokens(a, k) / max(self.costs(base_rows + k) - before + k * d, 1e-9)
             if rate > best_rate:
                 best_k, best_rate = k, rate
-        return proposer, best_k
+        return best_k

@@ -15,7 +15,6 @@ request's sampling chain (None for lookup: a deterministic proposer, q = one-hot
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +46,8 @@ class LookupProposer:
         pass
 
     def propose(self, reqs: list, ks: list[int]) -> list[Draft]:
-        return [Draft(lookup(req.history, k, self.min_match)) for req, k in zip(reqs, ks)]
+        drafts = [lookup(req.history, k, self.min_match) for req, k in zip(reqs, ks)]
+        return [Draft(toks, [None] * len(toks)) for toks in drafts]
 
     def rollback(self, req) -> None:
         pass
@@ -198,9 +198,3 @@ class SelfProposer(_ModelProposer):
 
     def release(self, req) -> None:
         pass
-
-
-def timed_propose(proposer, reqs: list, ks: list[int]) -> tuple[list[Draft], float]:
-    t0 = time.perf_counter()
-    drafts = proposer.propose(reqs, ks)
-    return drafts, time.perf_counter() - t0

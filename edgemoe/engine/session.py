@@ -10,17 +10,17 @@ the SSD thermal governor, speculative decoding, and the warm-up that compiles th
 
 from __future__ import annotations
 
-import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UsageError
+from ..sampling import SamplingParams
 from .core import EngineCore
 from .gate import Gate
-
-log = logging.getLogger("edgemoe.engine")
+from .request import Request
 
 SPEC_CHOICES = ("off", "auto", "draft", "self", "lookup")
 # Self-drafting: top-1 routing among the experts in RAM over every layer (measured on the default model:
@@ -28,27 +28,25 @@ SPEC_CHOICES = ("off", "auto", "draft", "self", "lookup")
 SELF_EXPERTS_PER_TOK = 1
 
 
-def add_session_arguments(p, *, stream: bool = True, spec: bool = True) -> None:
+def add_session_arguments(p) -> None:
     """The flags every model-running command shares."""
     p.add_argument("-m", "--model", help="GGUF file or HF checkpoint directory (default: the config's "
                                          "inference.model, else the embedded model)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: config, else all cores)")
     p.add_argument("--ctx", type=int, default=None,
                    help="context length (default: config's context_length, else min(model's, 4096))")
-    if stream:
-        p.add_argument("--cache-mb", type=float, default=None,
-                       help="stream experts from the file into a RAM cache of this many MB (default: memory-map "
-                            "all, or the config's cache tiers when --config/--set is given)")
-        p.add_argument("--stream", action="store_true", help="stream experts with the config's cache tiers")
-        p.add_argument("--no-prefetch", action="store_true", help="with streaming: do not prefetch predicted experts")
-    if spec:
-        p.add_argument("--spec", choices=SPEC_CHOICES, default=None,
-                       help="speculative decoding proposer (default: the config's speculative.proposer, off)")
-        p.add_argument("--draft-model", metavar="PATH",
-                       help="draft model for --spec draft/auto: a GGUF/HF path with the same tokenizer, or "
-                            "'default' (the embedded model's draft)")
-        p.add_argument("--draft-max", type=int, default=None, metavar="K",
-                       help="most draft tokens per step, 1-16 (default: the config's speculative.max_tokens, 4)")
+    p.add_argument("--cache-mb", type=float, default=None,
+                   help="stream experts from the file into a RAM cache of this many MB (default: memory-map "
+                        "all, or the config's cache tiers when --config/--set is given)")
+    p.add_argument("--stream", action="store_true", help="stream experts with the config's cache tiers")
+    p.add_argument("--no-prefetch", action="store_true", help="with streaming: do not prefetch predicted experts")
+    p.add_argument("--spec", choices=SPEC_CHOICES, default=None,
+                   help="speculative decoding proposer (default: the config's speculative.proposer, off)")
+    p.add_argument("--draft-model", metavar="PATH",
+                   help="draft model for --spec draft/auto: a GGUF/HF path with the same tokenizer, or "
+                        "'default' (the embedded model's draft)")
+    p.add_argument("--draft-max", type=int, default=None, metavar="K",
+                   help="most draft tokens per step, 1-16 (default: the config's speculative.max_tokens, 4)")
 
 
 @dataclass
@@ -72,20 +70,10 @@ class SpecOptions:
         return cls(proposer, draft, k, s.rejection_threshold)
 
 
-def repack_experts(expert_bytes: int) -> bool:
-    """Whether memory-mapped experts are copied into the interleaved layouts: when they fit in half of the
-    machine's memory (memory.machine_memory) — never the momentary free memory, so the same model gives the
-    same bits every start."""
-    from ..memory import machine_memory
-
-    return 2 * expert_bytes <= machine_memory()
-
-
 class Session:
     """A loaded model with everything that decides how it runs; `core()` makes the engine that steps it."""
 
     def __init__(self, args, cfg):
-        from ..commands.run import apply_dispatch
         from ..loader import load_model
 
         self.cfg = cfg
@@ -108,7 +96,7 @@ class Session:
             self.stream = StreamOptions.from_config(cfg, getattr(args, "cache_mb", None),
                                                     prefetch=not getattr(args, "no_prefetch", False))
         self.spec = SpecOptions.from_args(args, cfg)
-        self.loaded = load_model(self.model_path, self.stream, repack=cfg.compute.repack, repack_rule=repack_experts)
+        self.loaded = load_model(self.model_path, self.stream, repack=cfg.compute.repack)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.n_ctx = getattr(args, "ctx", None) or cfg.context_length or \
@@ -160,7 +148,7 @@ class Session:
             from ..default_model import draft_model_path
 
             path = draft_model_path()
-        draft = load_model(path, None, repack=self.cfg.compute.repack, repack_rule=repack_experts)
+        draft = load_model(path, None, repack=self.cfg.compute.repack)
         diff = first_difference(self.tokenizer, draft.tokenizer)
         if diff is not None:
             raise UsageError(f"the draft model {path} does not share the target's tokenizer: {diff}; use a draft "
@@ -178,33 +166,23 @@ class Session:
         return core
 
     def warm_up(self) -> None:
-        """Compile (or load from Numba's cache) every kernel a request will use, before the first one."""
+        """Compile (or load from Numba's cache) the kernels a request will use, before the first one (a
+        self-draft's kernels compile when `core()` times a drafting round)."""
         for model in [self.model] + ([self.draft.model] if self.draft is not None else []):
             cache = model.new_cache(3)
             model.forward(np.zeros(2, dtype=np.int64), cache)  # matrix kernels (prompts, batched steps)
             model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
-        if any(p.name == "self" for p in self.proposers):
-            from ..models.mixtral import DraftRouting
-
-            cache = self.model.new_cache(3)
-            self.model.forward(np.zeros(1, dtype=np.int64), cache)
-            self.model.forward_batch([(np.zeros(1, dtype=np.int64), cache)], draft=DraftRouting(SELF_EXPERTS_PER_TOK),
-                                     skipped=np.zeros(1))
 
     def _seed_costs(self, core: EngineCore) -> None:
         """Time passes of 1..k+1 rows on a scratch cache, so the gate starts from this machine's costs
         (it keeps measuring the real passes as it runs)."""
         if core.gate is None:
             return
-        import time
-
-        from ..sampling import SamplingParams
-
         k = self.spec.k_max
         cache = self.model.new_cache(4 * (k + 1) + 8)
         self.model.forward(np.zeros(4, dtype=np.int64), cache)
         base = cache.length
-        for rows in sorted({1, 2, 3, 5, 9, 17} & set(range(1, k + 2)) | {k + 1}):
+        for rows in sorted({r for r in (1, 2, 3, 5, 9, 17) if r <= k + 1} | {k + 1}):
             times = []
             for _ in range(3):
                 cache.length = base
@@ -212,8 +190,6 @@ class Session:
                 self.model.forward_batch([(np.zeros(rows, dtype=np.int64), cache)], rows=[rows])
                 times.append(time.perf_counter() - t0)
             core.gate.costs.record(rows, sorted(times)[1])
-        from .request import Request
-
         for p in self.proposers:  # one drafting round each, on a scratch request
             if p.name == "lookup":
                 continue
@@ -233,7 +209,7 @@ class Session:
                 if p.name == "draft":
                     req.spec.draft_cache.truncate(4)
             core.gate.record_draft(p.name, 1, sorted(times)[1])
-            core._release(req)
+            core.release(req)
 
     # ------------------------------------------------------------------ reporting and teardown
 
@@ -249,8 +225,6 @@ class Session:
         return getattr(self.model, "layout", "plain")
 
     def stream_figures(self) -> dict:
-        from ..commands.run import stream_figures
-
         figures = stream_figures(self.model.experts)
         if self.governor is not None:
             figures["thermal"] = self.governor.status() | {"running": self.governor.sensor is not None}
@@ -262,3 +236,29 @@ class Session:
         self.model.experts.close()
         if self.draft is not None:
             self.draft.model.experts.close()
+
+
+def stream_figures(experts) -> dict:
+    """The `cache`, `io` and `prefetch` figures of a streaming store ({} for memory-mapped experts)."""
+    if not hasattr(experts, "stats"):
+        return {}
+    st = experts.stats()
+    c, io = st["cache"], st["io"]
+    return {
+        "cache": {"hit_rate": round(c["hit_rate"], 4), "hits": c["hits"], "misses": c["misses"],
+                  "evictions": c["evictions"], "bytes_read": io["bytes_read"], "direct_io": io["direct_io"],
+                  "resident_bytes": experts.cache.resident_bytes},
+        "io": {"read_gb_s": round(io["gbps"], 3), "latency_ms_p50": round(io["p50_ms"], 3),
+               "latency_ms_p99": round(io["p99_ms"], 3), "reads": io["reads"], "merged_reads": io["merged_reads"],
+               "degraded_reads": io["degraded_reads"]},
+        "prefetch": st["prefetch"],
+    }
+
+
+def apply_dispatch(cfg) -> None:
+    """Force the kernel variants that `compute.dispatch` names (auto leaves the CPU's best)."""
+    from ..kernels import dispatch
+
+    for qtype, variant in vars(cfg.compute.dispatch).items():
+        if variant not in (None, "auto"):
+            dispatch.force_variant(variant, qtype)
