@@ -49,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"edgemoe: error: internal error ({type(e).__name__}: {_short(e)}); run again with --debug for the "
+              "traceback and report it", file=sys.stderr)
+        return 1
+
+
+def _short(e: Exception, limit: int = 160) -> str:
+    s = " ".join(str(e).split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 if __name__ == "__main__":

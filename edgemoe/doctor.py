@@ -275,8 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", metavar="FILE", help="check against this configuration (default: built-in defaults)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--seconds", type=float, default=1.0, help="how long to measure disk bandwidth (default 1)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = p.parse_args(argv)
-    rows, figures = checks(args.model, args.config, args.seconds)
+    try:
+        rows, figures = checks(args.model, args.config, args.seconds)
+    except Exception as e:  # noqa: BLE001 - one line; the traceback only with --debug
+        if args.debug:
+            raise
+        from .errors import EdgeMoEError
+
+        known = isinstance(e, EdgeMoEError)
+        detail = str(e) if known else f"internal error ({type(e).__name__}: {str(e)[:160]}); run with --debug"
+        print(f"edgemoe-doctor: error: {detail}", file=sys.stderr)
+        return e.exit_code if known else 1
     failed = any(r.ok is False and r.hard for r in rows)
     if args.json:
         print(json.dumps({"ok": not failed, "checks": [asdict(r) for r in rows], "figures": figures}, indent=1))

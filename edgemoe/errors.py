@@ -21,3 +21,7 @@ class UsageError(EdgeMoEError):
 
 class ContextOverflowError(UsageError):
     """The prompt (plus generation) does not fit in the model's context."""
+
+
+class NumericalError(EdgeMoEError):
+    """The model computed NaN or infinite values: its weights are corrupt or out of range."""

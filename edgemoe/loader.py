@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,9 @@ from .formats.safetensors import SafetensorsIndex, is_checkpoint_dir, read_confi
 from .memory import free_memory, machine_memory
 from .models.mixtral import Layer, Model, ModelArgs, Weights
 from .qtensor import QTensor
+from .validate import check_config, check_gguf_tensors, check_regular_file, check_weights
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = "Mixtral-family MoE models: GGUF arch 'llama' with experts, or HF model_type 'mixtral'"
 
@@ -60,6 +64,7 @@ def repack_resident(expert_bytes: int) -> bool:
 def _load(path: str, stream) -> LoadedModel:
     if not os.path.exists(path):
         raise ModelFormatError(f"{path}: no such file or directory; pass a .gguf file or an HF checkpoint directory")
+    check_regular_file(path)
     if os.path.isdir(path):
         if not is_checkpoint_dir(path):
             raise ModelFormatError(f"{path}: directory has no config.json; pass an HF checkpoint directory or a .gguf file")
@@ -88,9 +93,15 @@ def _gguf_config(meta: dict, tensors: dict, path: str) -> dict:
     arch = meta.get("general.architecture")
     if arch is None:
         raise ModelFormatError(f"{path}: GGUF file has no general.architecture; it is not a model file")
+    if not isinstance(arch, str):
+        raise ModelFormatError(f"{path}: general.architecture is not a string; the file is corrupt")
     if arch != "llama" or not meta.get("llama.expert_count"):
-        kind = arch if arch != "llama" else "llama without experts (a dense model)"
+        kind = arch[:40] if arch != "llama" else "llama without experts (a dense model)"
         raise UnsupportedError(f"{path}: architecture {kind} is not supported; {SUPPORTED}")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise UnsupportedError(f"{path}: rope scaling {str(scaling)[:40]!r} is not supported; use a model without "
+                               "context extension")
     cfg: dict[str, Any] = {"model_type": "mixtral"}
     for key, hf in names.GGUF_KEY_TO_HF.items():
         if f"{arch}.{key}" in meta:
@@ -104,10 +115,7 @@ def _gguf_config(meta: dict, tensors: dict, path: str) -> dict:
     if not tensors:
         raise ModelFormatError(f"{path}: GGUF file has no tensors (a vocabulary-only file?); it can be used with "
                                "'edgemoe tokenize' but not to generate")
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "num_local_experts", "num_experts_per_tok") if k not in cfg]
-    if missing:
-        raise ModelFormatError(f"{path}: GGUF metadata lacks {', '.join(missing)}; convert the model again")
+    cfg = check_config(cfg, f"{path}: GGUF metadata")
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
     return cfg
 
@@ -118,7 +126,7 @@ def _need(tensors: dict, name: str, path: str):
     return tensors[name]
 
 
-def _gguf_experts(tensors: dict, args: ModelArgs, path: str) -> ResidentExperts:
+def _gguf_experts(tensors: dict, args: ModelArgs, path: str) -> list[list[Expert]]:
     layers = []
     for i in range(args.num_hidden_layers):
         merged = names.GGUF_EXPERTS["gate"].format(i=i)
@@ -129,7 +137,7 @@ def _gguf_experts(tensors: dict, args: ModelArgs, path: str) -> ResidentExperts:
                      for p, t in names.GGUF_EXPERT_SPLIT.items()}
         layers.append([Expert(parts["gate"][e], parts["up"][e], parts["down"][e])
                        for e in range(args.num_local_experts)])
-    return ResidentExperts(layers)
+    return layers
 
 
 def _unpermuted(w: QTensor, n_head: int) -> QTensor:
@@ -142,6 +150,7 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
     meta = scalar_metadata(reader)
     tensors = tensor_index(reader)
     args = ModelArgs.from_dict(_gguf_config(meta, tensors, path))
+    check_gguf_tensors(tensors, args, path, os.path.getsize(path))
     rope_dim = meta.get("llama.rope.dimension_count", args.head_dim)
     if rope_dim != args.head_dim:
         raise UnsupportedError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
@@ -166,35 +175,45 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
             gate=g("model.layers.{i}.mlp.gate.weight"),
         ))
     embed = get("token_embd.weight")
-    lm_head = get("output.weight") if "output.weight" in tensors else embed
-    weights = Weights(embed_tokens=embed, layers=layers, norm=get("output_norm.weight"), lm_head=lm_head)
-    _check_shapes(weights, args, path)
-    if stream is None:
-        experts = _gguf_experts(tensors, args, path)
+    if "output.weight" in tensors:
+        lm_head = get("output.weight")
     else:
-        from .experts.setup import streaming_store
-
-        experts = streaming_store(path, tensors, args.num_hidden_layers, args.num_local_experts, stream)
-    model = Model(args, weights, experts, dequant_rows(embed))
+        lm_head = embed
+        log.warning("%s: no output.weight; the output head is the token embedding (tied), as llama.cpp does", path)
+    weights = Weights(embed_tokens=embed, layers=layers, norm=get("output_norm.weight"), lm_head=lm_head)
+    resident = _gguf_experts(tensors, args, path) if stream is None else None
+    check_weights(weights, resident, args, path)
 
     tokenizer = None
     vocab_model = meta.get("tokenizer.ggml.model", "no_vocab")
     if vocab_model not in ("no_vocab", "none"):  # llama.cpp's markers for a model file without a vocabulary
         from .tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_gguf_reader(reader)
+        tokenizer = _vocabulary(lambda: Tokenizer.from_gguf_reader(reader), path)
+        if tokenizer.vocab_size != args.vocab_size:  # llama.cpp refuses this too
+            raise ModelFormatError(f"{path}: the vocabulary has {tokenizer.vocab_size} tokens but the embedding "
+                                   f"{args.vocab_size} rows; the file is inconsistent, convert it again")
+    if resident is not None:
+        experts = ResidentExperts(resident)
+    else:
+        from .experts.setup import streaming_store
+
+        experts = streaming_store(path, tensors, args.num_hidden_layers, args.num_local_experts, stream)
+    model = Model(args, weights, experts, dequant_rows(embed))
     return LoadedModel(args, model, tokenizer, path, "gguf")
 
 
-def _check_shapes(w: Weights, a: ModelArgs, path: str) -> None:
-    want = {"token embedding": (w.embed_tokens.shape, (a.vocab_size, a.hidden_size)),
-            "q_proj": (w.layers[0].q_proj.shape, (a.num_attention_heads * a.head_dim, a.hidden_size)),
-            "k_proj": (w.layers[0].k_proj.shape, (a.num_key_value_heads * a.head_dim, a.hidden_size)),
-            "router": (w.layers[0].gate.shape, (a.num_local_experts, a.hidden_size))}
-    for what, (got, exp) in want.items():
-        if tuple(got) != exp:
-            raise ModelFormatError(f"{path}: {what} has shape {tuple(got)} but the metadata implies {exp}; "
-                                   "the file is inconsistent, convert it again")
+def _vocabulary(build, path: str):
+    """A tokenizer from the file's own vocabulary; malformed vocabulary metadata is a format error."""
+    from .errors import EdgeMoEError
+
+    try:
+        return build()
+    except EdgeMoEError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+        raise ModelFormatError(f"{path}: the vocabulary is malformed ({type(e).__name__}: {str(e)[:80]}); "
+                               "convert the model again") from None
 
 
 # ----------------------------------------------------------------------------------------- safetensors
@@ -202,8 +221,13 @@ def _check_shapes(w: Weights, a: ModelArgs, path: str) -> None:
 def _load_hf(path: str) -> LoadedModel:
     cfg = read_config(path)
     if cfg.get("model_type") != "mixtral":
-        raise UnsupportedError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; {SUPPORTED}")
-    args = ModelArgs.from_dict(cfg)
+        raise UnsupportedError(f"{path}: model_type {str(cfg.get('model_type'))[:40]!r} is not supported; {SUPPORTED}")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(key) or {}
+        if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise UnsupportedError(f"{path}: {key} {str(rope)[:60]} is not supported; use a model without "
+                                   "context extension")
+    args = ModelArgs.from_dict(check_config(cfg, f"{path}/config.json"))
     idx = SafetensorsIndex(path)
 
     def need(name: str) -> str:
@@ -229,17 +253,19 @@ def _load_hf(path: str) -> LoadedModel:
         ))
         experts.append(_hf_layer_experts(idx, args, i, need))
     embed = idx.matrix(need("model.embed_tokens.weight"))
-    tied = args.tie_word_embeddings or "lm_head.weight" not in idx
-    lm_head = embed if tied else idx.matrix("lm_head.weight")
+    lm_head = embed if args.tie_word_embeddings else idx.matrix(need("lm_head.weight"))
     weights = Weights(embed_tokens=embed, layers=layers, norm=idx.vector(need("model.norm.weight")), lm_head=lm_head)
-    _check_shapes(weights, args, path)
+    check_weights(weights, experts, args, path)
     model = Model(args, weights, ResidentExperts(experts), dequant_rows(embed))
 
     tokenizer = None
     if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
         from .tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(path)
+        tokenizer = _vocabulary(lambda: load_tokenizer(path), path)
+        if tokenizer.vocab_size > args.vocab_size:
+            raise ModelFormatError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding "
+                                   f"{args.vocab_size} rows; the checkpoint is inconsistent")
     return LoadedModel(args, model, tokenizer, path, "safetensors")
 
 

@@ -81,6 +81,9 @@ def main(args) -> int:
     for r in range(args.repeat):
         bar.set_postfix_str(f"run {r + 1}/{args.repeat}")
         req = run_to_end(core, Request(prompt, args.n_predict, greedy))
+        if req.error is not None:
+            bar.close()
+            raise req.error
         runs.append((req.prefill_tok_s, req.decode_tok_s))
         if core.gate is not None:
             specs.append(req.speculative_figures(core.proposer_name, session.spec.k_max))

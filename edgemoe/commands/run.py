@@ -92,6 +92,9 @@ def main(args) -> int:
                 tops.append([{"id": i, "logprob": lp} for i, lp in ev["top"]])
 
         req = run_to_end(core, Request(ids, args.n_predict, params, logprobs=5 if args.json else 0, emit=emit))
+        if req.error is not None:
+            sys.stdout.write("\n")
+            raise req.error
         text = tok.decode(req.tokens) if tok is not None else ""
         streaming = session.stream_figures()
         spec = req.speculative_figures(core.proposer_name, session.spec.k_max) if core.gate is not None else None

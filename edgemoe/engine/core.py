@@ -21,8 +21,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import EdgeMoEError, NumericalError
 from ..sampling import Sampler, top_logprobs
 from .accept import verify_token
+from .filewatch import ModelFiles
 from .gate import Gate, SpecState
 from .proposers import Draft
 from .request import Request
@@ -43,6 +45,7 @@ class EngineCore:
         self.on_end = on_end  # called once a request has ended (the server frees its batch slot)
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self._emitted = 0  # tokens sent in the current step (sampled + accepted drafts)
+        self.files = ModelFiles.of(model, gate)  # memory-mapped model files: packs verified now, watched per step
 
     @property
     def proposer_name(self) -> str:
@@ -98,13 +101,26 @@ class EngineCore:
         try:
             return fn(req, *args)
         except Exception as e:  # noqa: BLE001 - reported to the client and the log
+            self._failed(req, e)
+        return None
+
+    def _failed(self, req: Request, e: Exception) -> None:
+        req.error = e
+        if isinstance(e, EdgeMoEError):  # a known cause: one line in the log, its message to the client
+            log.error("request %d failed: %s", req.id, e)
+            self.fail(req, str(e))
+        else:
             log.exception("request %d failed", req.id)
             self.fail(req, f"{type(e).__name__}: {e}")
-            return None
 
     # ------------------------------------------------------------------ the step
 
     def step(self, reqs: list[Request], n_waiting: int = 0, n_running: int | None = None) -> None:
+        if self.files.check() is not None:  # a mapped file shrank or was replaced: reading it could SIGBUS
+            for req in reqs:
+                if not req.done:
+                    self.fail(req, self.files.problem)
+            return
         t0 = time.perf_counter()
         batch: list[tuple[Request, np.ndarray, Draft | None]] = []
         budget = self.prefill_chunk
@@ -191,8 +207,7 @@ class EngineCore:
             logits = self.model.forward_batch([(ids, req.cache) for req, ids, _ in batch], rows=rows)  # (R, V)
         except Exception as e:  # noqa: BLE001 - reported to the client and the log
             if len(batch) == 1:
-                log.exception("request %d failed", batch[0][0].id)
-                self.fail(batch[0][0], f"{type(e).__name__}: {e}")
+                self._failed(batch[0][0], e)
                 return
             log.warning("a batched step failed; running its %d requests one by one", len(batch))
             for item, n in zip(batch, rows):
@@ -208,6 +223,9 @@ class EngineCore:
 
     def _took(self, req: Request, ids: np.ndarray, logits: np.ndarray, d: Draft | None) -> None:
         """`ids` went through the model; `logits` (n, V) predict what follows each of its last n tokens."""
+        if not np.isfinite(logits).all():
+            raise NumericalError(f"the model computed NaN or infinite logits at position {len(req.history)}: its "
+                                 "weights are corrupt or out of range; check the model file (edgemoe-doctor --model)")
         if req.prefilled < len(req.prompt_ids):
             req.prefilled += ids.shape[0]
             if req.prefilled < len(req.prompt_ids):

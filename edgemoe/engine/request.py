@@ -36,6 +36,7 @@ class Request:
         self.tokens: list[int] = []
         self.submitted = time.monotonic()
         self.finish_reason: str | None = None
+        self.error: Exception | None = None  # why the request failed (finish_reason "error")
         # Engine-owned state, created at admission (EngineCore.admit).
         self.cache = None
         self.sampler: Sampler | None = None

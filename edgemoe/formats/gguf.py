@@ -28,10 +28,10 @@ def open_gguf(path: str) -> GGUFReader:
         raise ModelFormatError(f"{path}: not a GGUF file (no 'GGUF' magic); pass a .gguf file or an HF checkpoint directory")
     try:
         return GGUFReader(path, "r")
-    except (ValueError, IndexError, OverflowError, KeyError, AssertionError) as e:
+    except (ValueError, IndexError, OverflowError, KeyError, AssertionError, TypeError, MemoryError) as e:
         size = os.path.getsize(path)
         raise ModelFormatError(
-            f"{path}: GGUF file is truncated or corrupt ({size} bytes; {e}); download or convert it again"
+            f"{path}: GGUF file is truncated or corrupt ({size} bytes; {str(e)[:80]}); download or convert it again"
         ) from None
 
 
@@ -41,7 +41,11 @@ def scalar_metadata(reader: GGUFReader) -> dict[str, Any]:
     for key, field in reader.fields.items():
         if not field.types or field.types[0] == GGUFValueType.ARRAY:
             continue
-        out[key] = field.contents()
+        try:
+            out[key] = field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise ModelFormatError(f"metadata key {key[:60]!r} is malformed ({type(e).__name__}); the file is "
+                                   "corrupt, download or convert it again") from None
     return out
 
 

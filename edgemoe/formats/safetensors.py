@@ -26,13 +26,25 @@ def is_checkpoint_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few kB
+
+
 def read_config(path: str) -> dict:
+    """config.json as a dict; anything else (not JSON, not UTF-8, not an object, absurdly large) is one error."""
     cfg_path = os.path.join(path, "config.json")
     try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{cfg_path}: unreadable config ({e}); restore the checkpoint's config.json") from None
+        with open(cfg_path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+        cfg = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, int digits
+        raise ModelFormatError(f"{cfg_path}: unreadable config ({type(e).__name__}: {str(e)[:80]}); restore the "
+                               "checkpoint's config.json") from None
+    if not isinstance(cfg, dict):
+        raise ModelFormatError(f"{cfg_path}: the top level is a {type(cfg).__name__}, not an object; restore the "
+                               "checkpoint's config.json")
+    return cfg
 
 
 class SafetensorsIndex:
@@ -80,18 +92,27 @@ class SafetensorsIndex:
         raw = self._maps[fn][lo:hi]
         return raw.view(np_dtype).reshape(shape), qtype
 
+    def _dims(self, name: str, n: int) -> None:
+        shape = self.entries[name][2]
+        if len(shape) != n:
+            raise ModelFormatError(f"tensor {name} has {len(shape)} dimensions {shape}, expected {n}; the checkpoint "
+                                   "is not a Mixtral model or is corrupt")
+
     def vector(self, name: str) -> np.ndarray:
         """A 1-D tensor (norm weights) as float32."""
+        self._dims(name, 1)
         a, qtype = self.array(name)
         if qtype == GGMLQuantizationType.BF16:
             return (a.astype(np.uint32) << 16).view(np.float32)
         return np.asarray(a, dtype=np.float32)
 
     def matrix(self, name: str) -> QTensor:
+        self._dims(name, 2)
         a, qtype = self.array(name)
         return QTensor.from_array(a, qtype, a.shape[0], a.shape[1])
 
     def matrices(self, name: str) -> list[QTensor]:
         """A 3-D tensor (E, out, in) → one zero-copy QTensor per leading index."""
+        self._dims(name, 3)
         a, qtype = self.array(name)
         return [QTensor.from_array(a[e], qtype, a.shape[1], a.shape[2]) for e in range(a.shape[0])]
