@@ -3,8 +3,11 @@
     cfg = load_config("edgemoe.yaml", {"ssd.queue_depth": 8, "cache.tiers[0].capacity": 2048})
 
 Every problem in the file (unknown keys, wrong types, impossible values) is collected with its key path
-and raised at once as one `ConfigError`. `configs/default.yaml` writes out every key with its default.
-Capacities are in MB = 2**20 bytes.
+and raised at once as one `ConfigError`. Every check `run` and `serve` make of the settings at start-up is
+made here too (the kernel variants with kernels=True, as `config check` and `config_from_args` ask), so
+`edgemoe config check` passing means they start; the model file and the socket's directory are looked at
+only then. The file is read by `config_yaml` (no aliases, no duplicate keys, bounded size).
+`configs/default.yaml` writes out every key with its default. Capacities are in MB = 2**20 bytes.
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from .config_checks import cross_check
 from .config_schema import (
     Problems,
     Rule,
     boolean,
     build,
     choice,
+    clip,
     entries,
+    file_path,
     integer,
     is_int,
     key_path,
@@ -36,6 +40,7 @@ from .config_schema import (
     text,
     to_plain,
 )
+from .config_yaml import Unreadable, load_file, load_text
 from .errors import EdgeMoEError
 
 MB = 2**20
@@ -44,6 +49,8 @@ QUANT_ALIASES = {"Q4K": "Q4_K", "Q5K": "Q5_K", "Q6K": "Q6_K"}  # the seed articl
 KERNEL_VARIANTS = ("generic", "avx2", "vnni")  # = edgemoe.kernels.dispatch.VARIANTS (a test keeps them equal)
 CACHE_POLICIES = ("temporal_lru", "lru", "lfu")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+SUN_PATH_MAX = 107  # bytes of a UNIX socket path: sockaddr_un.sun_path holds 108 with the terminating NUL
+MAX_SHOWN_PROBLEMS = 50  # a file of 10,000 bad keys gets 50 lines and a count, not 10,000 lines
 
 
 class ConfigError(EdgeMoEError):
@@ -55,7 +62,10 @@ class ConfigError(EdgeMoEError):
         if len(problems) == 1:
             msg = f"{source}: {problems[0]}"
         else:
-            msg = f"{source}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
+            shown = problems[:MAX_SHOWN_PROBLEMS]
+            more = len(problems) - len(shown)
+            msg = f"{source}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in shown)
+            msg += f"\n  … and {more} more" if more else ""
         super().__init__(msg)
 
 
@@ -63,13 +73,27 @@ class ConfigError(EdgeMoEError):
 
 def _tcp_ok(v: Any) -> bool:
     host, _, port = str(v).rpartition(":")
-    return isinstance(v, str) and host in LOOPBACK_HOSTS and port.isdigit() and 1 <= int(port) <= 65535
+    return (isinstance(v, str) and host in LOOPBACK_HOSTS and port.isascii() and port.isdigit() and len(port) <= 5
+            and 1 <= int(port) <= 65535)
 
 
 def _mode_ok(v: Any) -> bool:
     if isinstance(v, str):
-        return len(v) in (3, 4) and all(c in "01234567" for c in v)
-    return is_int(v) and 0 <= v <= 0o777  # YAML 1.1 reads an unquoted 0660 as octal already
+        if not (len(v) in (3, 4) and all(c in "01234567" for c in v)):
+            return False
+        v = int(v, 8)
+    # YAML 1.1 reads an unquoted 0660 as octal already. Anyone who may connect can run the model: owner
+    # read/write is needed to use it, and no bits for others (nor setuid/sticky bits, which mean nothing here).
+    return is_int(v) and 0 <= v <= 0o777 and v & 0o600 == 0o600 and v & 0o007 == 0
+
+
+def _mode_shown(v: Any) -> str:
+    return f"{v} (octal {v:04o})" if is_int(v) and v >= 0 else show(v)
+
+
+def _socket_ok(v: Any) -> bool:
+    return (isinstance(v, str) and v.strip() != "" and "\0" not in v and not v.endswith("/")
+            and len(os.fsencode(v)) <= SUN_PATH_MAX)
 
 
 def _weights_ok(v: Any) -> bool:
@@ -84,7 +108,9 @@ LAYERS = Rule("a list of layer indices (integers >= 0)",
               lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v), tuple)
 TCP = Rule('a loopback address "127.0.0.1:PORT" (the API has no authentication; use a proxy for remote access)',
            _tcp_ok)
-MODE = Rule('an octal file mode such as "0660" (quoted)', _mode_ok, lambda v: int(v, 8) if isinstance(v, str) else v)
+MODE = Rule('an octal file mode such as "0660" (quoted) with read/write for the owner and nothing for others (the '
+            'API has no authentication)', _mode_ok, lambda v: int(v, 8) if isinstance(v, str) else v, _mode_shown)
+SOCKET = Rule(f"a UNIX socket file path of at most {SUN_PATH_MAX} bytes (not a directory)", _socket_ok)
 WEIGHTS = Rule("a mapping of request class to a positive integer weight, e.g. {interactive: 3, batch: 1}",
                _weights_ok, lambda v: tuple(sorted(v.items())))  # order-free: a mapping
 FRACTION = number("a number in (0, 1]", lambda v: 0 < v <= 1)
@@ -94,7 +120,7 @@ FRACTION = number("a number in (0, 1]", lambda v: 0 < v <= 1)
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    model: str | None = setting(None, optional(text("a model path"), "null"),
+    model: str | None = setting(None, optional(file_path("a model path"), "null"),
                                 "GGUF file, expert pack or HF checkpoint directory (null: give it with -m)")
     quantization: str = setting("auto", QUANT, "expert quantization `edgemoe partition` writes; auto = keep the source's")
 
@@ -180,7 +206,7 @@ class SpeculativeConfig:
     proposer: str = setting("off", choice("off", "auto", "draft", "self", "lookup"),
                             "off | auto (the proposers that pay) | draft (a small model) | self (the model on the "
                             "experts in RAM) | lookup (n-grams of prompt and output)")
-    draft_model: str | None = setting(None, optional(text('"default" or a model path'), "null"),
+    draft_model: str | None = setting(None, optional(file_path('"default" or a model path'), "null"),
                                       "draft model for `draft` and `auto`: a GGUF/HF path with the target's "
                                       "tokenizer, or default (the embedded model's draft)")
     max_tokens: int = setting(4, integer("an integer from 1 to 16", 1, 16), "most draft tokens per step")
@@ -205,7 +231,7 @@ class MonitoringConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    socket: str = setting("/run/edgemoe/edgemoe.sock", text("a socket path"))
+    socket: str = setting("/run/edgemoe/edgemoe.sock", SOCKET)
     tcp: str | None = setting(None, optional(TCP, "null"), "also listen on loopback TCP, e.g. 127.0.0.1:8080")
     socket_mode: int = setting(0o660, MODE, dump=lambda m: f"{m:04o}")
 
@@ -241,7 +267,8 @@ class Config:
     monitoring: MonitoringConfig = section(MonitoringConfig)
     server: ServerConfig = section(ServerConfig)
     threads: int | None = setting(None, optional(POSITIVE), "compute threads (auto: all cores)")
-    context_length: int | None = setting(None, optional(POSITIVE), "tokens (auto: min(model's, 4096))")
+    context_length: int | None = setting(None, optional(integer("an integer >= 2", lo=2)),
+                                         "tokens (auto: min(model's, 4096))")
     sampling: SamplingConfig = section(SamplingConfig)
 
     def to_dict(self) -> dict:
@@ -252,41 +279,43 @@ class Config:
 # ------------------------------------------------------------------------------------------ loading
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, *,
-                ram_bytes: int | None = None) -> Config:
+                ram_bytes: int | None = None, origins: dict[str, str] | None = None, kernels: bool = False) -> Config:
     """The configuration in `path` (None: the defaults) with `overrides` ({"dotted.key[0].path": value}).
 
-    `ram_bytes` is the RAM the cache must fit in (default: this machine's, from psutil).
-    Raises ConfigError listing every problem found.
+    `ram_bytes` is the RAM the cache must fit in (default: this machine's, from psutil). `origins` names the
+    flag an override came from (default --set), for the messages. `kernels`: also refuse kernel variants
+    (compute.dispatch) this CPU cannot run, as `run` and `serve` do; off by default because it imports the
+    kernels when a variant is pinned, and `edgemoe doctor` reports it on its own row. Raises ConfigError
+    listing every problem.
     """
     source = os.fspath(path) if path is not None else "configuration"
     raw = _read(source) if path is not None else {}
     problems = Problems()
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"expected a mapping of settings at the top level, got {show(raw)}"])
-    overridden = set()
+    overridden: dict[str, str] = {}
     for key, value in (overrides or {}).items():
-        overridden.add(_apply(raw, key, value, problems))
+        overridden[_apply(raw, key, value, problems)] = (origins or {}).get(key, "--set")
     cfg = build(Config, raw, "", problems)
-    _cross_check(cfg, problems, ram_bytes)
+    cross_check(cfg, problems, ram_bytes, kernels)
     if problems:
-        lines = [line + (" (from --set)" if line.split(":", 1)[0] in overridden else "") for line in problems.lines]
+        lines = []
+        for line in problems.lines:
+            origin = overridden.get(line.split(":", 1)[0])
+            lines.append(line + (f" (from {origin})" if origin else ""))
         raise ConfigError(source, lines)
     return cfg
 
 
 def _read(path: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+        raw = load_file(path)
     except FileNotFoundError:
         raise ConfigError(path, ["no such file; pass an existing YAML file (see configs/default.yaml)"]) from None
     except OSError as e:
-        raise ConfigError(path, [f"cannot read it ({e.strerror})"]) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = getattr(e, "problem", None) or str(e)
-        raise ConfigError(path, [f"{where}not valid YAML ({what})"]) from None
+        raise ConfigError(path, [f"cannot read it ({e.strerror or e}); pass a readable YAML file"]) from None
+    except Unreadable as e:
+        raise ConfigError(path, [str(e)]) from None
     return {} if raw is None else raw
 
 
@@ -332,42 +361,6 @@ def _lookup(tree: Any, segs: list) -> Any:
     return tree
 
 
-def _cross_check(cfg: Config, problems: Problems, ram_bytes: int | None) -> None:
-    """Constraints between keys; skipped where one of the keys was already reported."""
-    r = cfg.routing
-    both = r.active_experts is not None and r.total_experts is not None
-    if both and not problems.near("routing") and r.active_experts > r.total_experts:
-        problems.add("routing.active_experts", f"{r.active_experts} active experts exceed total_experts {r.total_experts}")
-    if not problems.near("cache"):
-        _check_tiers(cfg.cache, problems, ram_bytes)
-    s = cfg.ssd
-    if not problems.near("ssd.max_buffers", "ssd.fixed_buffers") and s.max_buffers < s.fixed_buffers:
-        problems.add("ssd.max_buffers", f"{s.max_buffers} is below fixed_buffers {s.fixed_buffers}; raise it")
-    m = cfg.monitoring
-    if not problems.near("monitoring.hysteresis", "monitoring.nvme_thermal_limit") \
-            and m.hysteresis >= m.nvme_thermal_limit:
-        problems.add("monitoring.hysteresis", f"{m.hysteresis:g} °C must be below nvme_thermal_limit "
-                     f"{m.nvme_thermal_limit:g} °C")
-    if not problems.near("monitoring.io_pacing.min_queue_depth", "ssd.queue_depth") \
-            and m.io_pacing.min_queue_depth > s.queue_depth:
-        problems.add("monitoring.io_pacing.min_queue_depth",
-                     f"{m.io_pacing.min_queue_depth} exceeds ssd.queue_depth {s.queue_depth}")
-
-
-def _check_tiers(cache: CacheConfig, problems: Problems, ram_bytes: int | None) -> None:
-    names = [t.name for t in cache.tiers]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            problems.add(f"cache.tiers[{i}].name", f"duplicate tier name {show(name)}; names must be unique")
-    if ram_bytes is None:
-        import psutil
-
-        ram_bytes = psutil.virtual_memory().total
-    if cache.total_bytes > ram_bytes:
-        problems.add("cache.tiers", f"capacities add up to {cache.total_bytes // MB} MB, more than this machine's "
-                     f"RAM ({ram_bytes // MB} MB); lower them (leave room for the dense weights and the KV cache)")
-
-
 # -------------------------------------------------------------------------------------- CLI helpers
 
 def add_config_arguments(p) -> None:
@@ -384,19 +377,28 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            bad.append(f"--set {item}: expected KEY=VALUE, e.g. --set ssd.queue_depth=8")
+            bad.append(f"--set {clip(item)}: expected KEY=VALUE, e.g. --set ssd.queue_depth=8")
             continue
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
+            out[key.strip()] = load_text(value) if value.strip() else None
+        except Unreadable:
             out[key.strip()] = value  # not YAML: keep the text; the schema says whether a string is right
     if bad:
         raise ConfigError("command line", bad)
     return out
 
 
+# Flags of run/serve that stand for a config key: folded in before validation, so a flag can complete the
+# file (proposer: draft in the file, --draft-model on the command line) and the checks see what will run.
+FLAG_KEYS = {"spec": ("speculative.proposer", "--spec"), "draft_model": ("speculative.draft_model", "--draft-model")}
+
+
 def config_from_args(args, extra: dict[str, Any] | None = None) -> Config:
     """The Config of `--config` and `--set` (see add_config_arguments), plus `extra` overrides from other flags."""
     overrides = parse_overrides(getattr(args, "overrides", None) or [])
+    origins = {}
+    for attr, (key, flag) in FLAG_KEYS.items():
+        if getattr(args, attr, None) is not None:
+            overrides[key], origins[key] = getattr(args, attr), flag
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    return load_config(getattr(args, "config", None), overrides)
+    return load_config(getattr(args, "config", None), overrides, origins=origins, kernels=True)

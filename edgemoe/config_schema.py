@@ -22,10 +22,15 @@ class Rule:
 
     none_word = "null"
 
-    def __init__(self, what: str, test: Callable[[Any], bool], convert: Callable[[Any], Any] = lambda v: v):
+    def __init__(self, what: str, test: Callable[[Any], bool], convert: Callable[[Any], Any] = lambda v: v,
+                 shown: Callable[[Any], str] | None = None):
         self.what = what
         self.test = test
         self.convert = convert
+        self.shown = shown  # how a refused value is echoed (default: show)
+
+    def show(self, value: Any) -> str:
+        return self.shown(value) if self.shown else show(value)
 
     def check(self, value: Any) -> tuple[bool, Any]:
         try:
@@ -65,10 +70,15 @@ def text(what: str = "a non-empty string") -> Rule:
     return Rule(what, lambda v: isinstance(v, str) and v.strip() != "")
 
 
+def file_path(what: str) -> Rule:
+    """A non-empty path; a NUL byte would only fail later, inside open() or bind()."""
+    return Rule(what, lambda v: isinstance(v, str) and v.strip() != "" and "\0" not in v)
+
+
 def optional(rule: Rule, none_word: str = "auto") -> Rule:
     """`rule`, or null / `none_word` (stored as None, written back as `none_word`)."""
     out = Rule(f"{rule.what}, or {none_word}", lambda v: v is None or v == none_word or rule.test(v),
-               lambda v: None if v is None or v == none_word else rule.convert(v))
+               lambda v: None if v is None or v == none_word else rule.convert(v), rule.shown)
     out.none_word = none_word
     return out
 
@@ -93,12 +103,27 @@ def entries(cls: type, default: tuple, doc: str = "") -> Any:
     return dataclasses.field(default=default, metadata={"entries": cls, "doc": doc})
 
 
+SHOWN_CHARS = 80  # a value echoed in a message is cut here: a 2 GB value must not become a 2 GB error line
+
+
+def clip(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` on one line (control characters escaped) and at most `limit` characters, ending in … when cut."""
+    head = text[: limit + 1]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in head)
+    return head if len(text) <= limit and len(head) <= limit else head[: limit - 1] + "…"
+
+
 def show(v: Any) -> str:
-    """A value as the user wrote it, YAML-ish: "lots", 0, true, null, [1, 2]."""
+    """A value as the user wrote it, YAML-ish: "lots", 0, true, null, [1, 2]; clipped to SHOWN_CHARS."""
     try:
-        return json.dumps(v, default=str)
-    except ValueError:  # NaN, inf
-        return str(v)
+        text = json.dumps(v, default=str)
+    except ValueError:  # NaN, inf; an int past Python's 4300-digit str() limit
+        try:
+            text = str(v)
+        except ValueError:
+            text = f"a {type(v).__name__} too large to show"
+    return clip(text)
 
 
 def join(path: str, key: str | int) -> str:
@@ -136,9 +161,10 @@ def build(cls: type, raw: Any, path: str, problems: Problems) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            name = clip(str(key), 60)
+            near = difflib.get_close_matches(name, list(fields), n=1)
             hint = f" (did you mean {near[0]}?)" if near else f"; known keys: {', '.join(fields)}"
-            problems.add(join(path, str(key)), "unknown key" + hint)
+            problems.add(join(path, name), "unknown key" + hint)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         meta, p = f.metadata, join(path, name)
@@ -157,7 +183,7 @@ def build(cls: type, raw: Any, path: str, problems: Problems) -> Any:
             if ok:
                 kwargs[name] = converted
             else:
-                problems.add(p, f"expected {meta['rule'].what}, got {show(value)}")
+                problems.add(p, f"expected {meta['rule'].what}, got {meta['rule'].show(value)}")
                 if meta.get("required"):
                     kwargs[name] = None
     return cls(**kwargs)

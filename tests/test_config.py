@@ -47,7 +47,7 @@ def test_example_configs(name, cache_mb, active, total):
 def test_to_dict_round_trips(tmp_path):
     cfg = load_config(None, {"cache.tiers": [{"name": "only", "capacity": 512, "policy": "lfu"}],
                              "batching.admission": {"interactive": 3, "batch": 1}, "server.tcp": "127.0.0.1:8080",
-                             "sampling.seed": 7, "threads": 2, "ssd.buffer_size": 8192})
+                             "sampling.seed": 7, "threads": 1, "ssd.buffer_size": 8192})
     p = write(tmp_path, yaml.safe_dump(cfg.to_dict()))
     assert load_config(p) == cfg
     assert dict(cfg.batching.admission) == {"interactive": 3, "batch": 1}

@@ -1,4 +1,8 @@
-"""`edgemoe config check FILE` (prints ok, or every problem with exit code 2) and `edgemoe config show`."""
+"""`edgemoe config check FILE` (prints ok, or every problem with exit code 2) and `edgemoe config show`.
+
+`check` refuses whatever `run` and `serve` would refuse of the settings at start-up, on this machine (RAM,
+CPUs, kernel variants); only the model file and the socket's directory are left to them.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ def main(args) -> int:
     from ..config import config_from_args, load_config
 
     if args.config_command == "check":
-        load_config(args.file)  # raises ConfigError listing every problem; the CLI prints it, exit code 2
+        load_config(args.file, kernels=True)  # raises ConfigError listing every problem; the CLI prints it, exit 2
         print("ok")
         return 0
     cfg = config_from_args(args)
