@@ -116,10 +116,12 @@ class EngineCore:
     # ------------------------------------------------------------------ the step
 
     def step(self, reqs: list[Request], n_waiting: int = 0, n_running: int | None = None) -> None:
-        if self.files.check() is not None:  # a mapped file shrank or was replaced: reading it could SIGBUS
+        changed = self.files.check()
+        if changed is not None:  # a mapped file shrank or was replaced: reading it could SIGBUS
             for req in reqs:
                 if not req.done:
-                    self.fail(req, self.files.problem)
+                    req.error = changed
+                    self.fail(req, str(changed))
             return
         t0 = time.perf_counter()
         batch: list[tuple[Request, np.ndarray, Draft | None]] = []

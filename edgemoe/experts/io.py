@@ -8,6 +8,9 @@ are merged; a thermal governor can lower the queue depth and pace reads.
     gate = buf.view(part_offset, part_length)    # (part_length,) uint8, zero-copy
     buf.release()                                # back to the pool once every merged caller released
 
+A read that fails (EIO, a short read, a checksum mismatch) is tried again, up to `ATTEMPTS` times in all,
+before its callers get the error: a transient fault costs milliseconds, not requests.
+
 `preadv` releases the GIL, so plain threads overlap disk reads with compute.
 """
 
@@ -22,6 +25,7 @@ import time
 import warnings
 import zlib
 from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,6 +42,12 @@ PREFETCH = 1  # a prediction; yields to every demand read
 PIECE_BYTES = 2 << 20
 _PIECE_THREADS = 4  # per reader, shared by its workers
 
+# A failed read is tried this many times in all, waiting BACKOFF_S, then twice, four times as long in
+# between (5 + 10 + 20 = 35 ms): enough to ride out a transient fault (a controller reset, a bit flipped in
+# transit), short enough that a persistent one fails its requests quickly.
+ATTEMPTS = 4
+BACKOFF_S = 0.005
+
 _QUEUED, _RUNNING, _DONE = range(3)
 _NO_DIRECT_ERRNOS = (errno.EINVAL, errno.EOPNOTSUPP)
 
@@ -48,6 +58,15 @@ class ExpertIOError(EdgeMoEError):
 
 class ChecksumError(EdgeMoEError):
     """An expert's bytes do not match the crc32 recorded in the pack manifest."""
+
+
+@dataclass
+class IOStats(ReaderStats):
+    """ReaderStats plus what failed reads cost (`errors` counts the reads that failed every attempt)."""
+
+    retries: int = 0  # attempts repeated after a failed one (EIO, short read, checksum mismatch)
+    recovered_reads: int = 0  # reads that succeeded after at least one retry: a fault no caller saw
+    last_error: str = ""  # the message of the last read that failed every attempt
 
 
 class _Job:
@@ -87,6 +106,10 @@ class ReadHandle:
             raise ValueError(f"handle of {self.key!r} was released before its read completed")
         return self._buffer
 
+    def failed(self) -> bool:
+        """The read has ended in an error (every attempt failed, or it was cancelled)."""
+        return self._job.done.is_set() and self._job.error is not None
+
     def release(self) -> None:
         """Give up this caller's lease, whether or not the read has completed (idempotent)."""
         with self._reader._cond:  # the worker hands out leases under this lock when it marks the job done
@@ -106,6 +129,8 @@ class ExpertReader:
                    the pool grows to `max_buffers`, then reads degrade to buffered reads into ordinary
                    memory (`stats.degraded_reads`). A read larger than `buffer_bytes` gets a one-off buffer.
     verify:        check the crc32 passed as `checksum=` to `read()` (costs one pass over the bytes).
+    A failed read is tried ATTEMPTS times in all before its handles raise; `stats` (IOStats) counts the
+    retries, the reads they saved (`recovered_reads`) and the reads that failed anyway (`errors`).
     """
 
     def __init__(self, path, *, direct_io: bool = True, queue_depth: int = 4, fixed_buffers: int = 8,
@@ -117,7 +142,7 @@ class ExpertReader:
             )
         self.path = os.fspath(path)
         self.verify = verify
-        self.stats = ReaderStats(direct_io=False, queue_depth=queue_depth)
+        self.stats = IOStats(direct_io=False, queue_depth=queue_depth)
         try:
             self._fd_buffered = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -298,21 +323,34 @@ class ExpertReader:
                 job = self._next_job()
             if job is None:
                 return
-            t0 = time.perf_counter()
-            slot, layout, degraded = None, None, False
+            self._finish(job, *self._attempt(job))
+
+    def _attempt(self, job: _Job) -> tuple[Slot | None, Layout | None, float, bool]:
+        """Read and check `job`'s bytes, again after a failure (up to ATTEMPTS in all, backing off);
+        (slot, layout, seconds to data in RAM, degraded), or (None, None, seconds, False) with job.error set."""
+        t0 = time.perf_counter()
+        for attempt in itertools.count(1):
+            slot = None
             try:
                 slot, layout, degraded = self._fill(job)
                 elapsed = time.perf_counter() - t0
                 if self.verify and job.crc is not None:
                     self._check(job, slot, layout)
+                if attempt > 1:
+                    with self._cond:
+                        self.stats.recovered_reads += 1
+                return slot, layout, elapsed, degraded
             except Exception as e:  # every failure reaches the waiting callers; a worker never dies
                 if slot is not None and slot.pool is not None:
                     slot.pool.give_back(slot)
-                slot, elapsed = None, time.perf_counter() - t0
                 if not isinstance(e, EdgeMoEError):
                     e = ExpertIOError(f"reading {job.key!r} from {self.path} failed: {e!r}")
-                job.error = e
-            self._finish(job, slot, layout, elapsed, degraded)
+                if attempt == ATTEMPTS or self._closed:
+                    job.error = e if attempt == 1 else _after(e, attempt)
+                    return None, None, time.perf_counter() - t0, False
+                with self._cond:
+                    self.stats.retries += 1
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
     def _fill(self, job: _Job) -> tuple[Slot, Layout, bool]:
         """Read `job`'s ranges into a buffer: pool (O_DIRECT when available), one-off, or degraded."""
@@ -415,6 +453,7 @@ class ExpertReader:
             st.pool_buffers = self._pool.allocated
             if job.error is not None:
                 st.errors += 1
+                st.last_error = str(job.error)
             else:
                 st.reads += 1
                 st.bytes_requested += layout.requested
@@ -442,6 +481,16 @@ class ExpertReader:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _after(e: EdgeMoEError, attempts: int) -> EdgeMoEError:
+    """`e` (the last attempt's error), its message saying it was no transient fault."""
+    try:
+        out = type(e)(f"after {attempts} attempts: {e}")
+    except TypeError:  # a subclass with another constructor: its own message will do
+        return e
+    out.__cause__ = e
+    return out
 
 
 def _current(entry: tuple[int, int, _Job]) -> bool:

@@ -1,11 +1,14 @@
-"""Build a StreamingExperts store for a GGUF file (packed or not) from the run's settings."""
+"""Build a StreamingExperts store for a GGUF file (packed or not) from the run's settings.
+
+A pack's experts are checked against its manifest as they are read (`verify_checksums`, on unless the
+config turns it off); a pack whose manifest is missing streams unverified, after a one-line warning.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import ModelFormatError, UsageError
 from .buffers import ALIGN
 from .cache import ExpertCache, TierSpec
 from .extents import gguf_extents
@@ -26,7 +29,7 @@ class StreamOptions:
     fixed_buffers: int = 8
     max_buffers: int = 32
     buffer_bytes: int | None = None  # None: the largest expert
-    verify_checksums: bool = False
+    verify_checksums: bool = True  # a pack's experts against its manifest's CRC-32s (other files have none)
     prefetch: bool = True
 
     @classmethod
@@ -54,17 +57,39 @@ class StreamOptions:
         return cls(tiers=specs, **kw)
 
 
-def manifest_checksums(path: str) -> dict:
-    """(layer, expert) → crc32 hex from PACK.manifest.json beside a pack, or {} when there is none."""
-    from ..pack.manifest import manifest_path, read_manifest
+def manifest_checksums(path: str, extents: list[list]) -> dict:
+    """(layer, expert) → crc32 hex from the manifest beside a pack, checked against the pack's size and the
+    byte ranges the GGUF index gives (`extents`); {} when there is none (a pack without one gets a warning)."""
+    from ..pack.manifest import check_pack
 
-    if not os.path.exists(manifest_path(path)):
+    m = check_pack(path, checksums=False)
+    if m is None:
         return {}
-    return {(e["layer"], e["expert"]): e["checksum"] for e in read_manifest(path)["experts"] if e.get("checksum")}
+    n_layers, n_experts = len(extents), len(extents[0]) if extents else 0
+    out = {}
+    for x in m["experts"]:
+        key = (x["layer"], x["expert"])
+        if key[0] >= n_layers or key[1] >= n_experts:
+            raise ModelFormatError(f"{path}: its manifest lists expert {key[1]} of layer {key[0]}, but the model has "
+                                   f"{n_experts} experts in {n_layers} layers: the manifest belongs to another "
+                                   "pack; run 'edgemoe partition' again")
+        ranges = extents[key[0]][key[1]].ranges
+        if ranges != ((x["byte_offset"], x["byte_length"]),):
+            raise ModelFormatError(f"{path}: its manifest puts expert {key[1]} of layer {key[0]} at bytes "
+                                   f"{x['byte_offset']}+{x['byte_length']}, the file's tensors at {list(ranges)}: "
+                                   "the manifest belongs to another pack; run 'edgemoe partition' again")
+        out[key] = x["checksum"]
+    if len(out) != n_layers * n_experts:
+        missing = next((i, e) for i in range(n_layers) for e in range(n_experts) if (i, e) not in out)
+        raise ModelFormatError(f"{path}: its manifest has no entry for expert {missing[1]} of layer {missing[0]} "
+                               f"({len(out)} of {n_layers * n_experts} experts): the manifest belongs to another "
+                               "pack; run 'edgemoe partition' again")
+    return out
 
 
 def streaming_store(path: str, tensors: dict, n_layers: int, n_experts: int, opt: StreamOptions) -> StreamingExperts:
     extents = gguf_extents(tensors, n_layers, n_experts)
+    checksums = manifest_checksums(path, extents) if opt.verify_checksums else None
     largest = max(ext.nbytes + 2 * ALIGN * len(ext.ranges) for layer in extents for ext in layer)
     reader = ExpertReader(path, direct_io=opt.direct_io, queue_depth=opt.queue_depth,
                           fixed_buffers=opt.fixed_buffers, max_buffers=max(opt.max_buffers, opt.fixed_buffers),
@@ -72,5 +97,4 @@ def streaming_store(path: str, tensors: dict, n_layers: int, n_experts: int, opt
     blob = extents[0][0].nbytes
     same = all(ext.nbytes == blob for layer in extents for ext in layer)
     cache = ExpertCache(list(opt.tiers), pin_layers=opt.pin_layers, slot_bytes=blob if same else None)
-    return StreamingExperts(extents, reader, cache, prefetch=opt.prefetch,
-                            checksums=manifest_checksums(path) if opt.verify_checksums else None)
+    return StreamingExperts(extents, reader, cache, prefetch=opt.prefetch, checksums=checksums)

@@ -4,6 +4,9 @@ Only the engine thread touches the cache, and the memory of an evicted blob is r
 of it is left, so the experts of one step stay valid together; reader threads only fill I/O buffers.
 Prefetched buffers wait in `_pending` until the engine asks for that expert (used in time, or late if the
 read is still running) or until the next prediction for the same layer replaces them (wasted).
+
+A read that failed (after the reader's own retries) fails the pass that needed it, and nothing of it is kept:
+the store drops that pass's other demand reads and every failed prefetch, so the next pass reads afresh.
 """
 
 from __future__ import annotations
@@ -127,6 +130,10 @@ class StreamingExperts:
         """Queue demand reads for every listed expert not in RAM, so the disk works while the first computes."""
         for e in experts:
             key = (layer, int(e))
+            old = self._demanded.get(key)
+            if old is not None and old.failed():  # left by a pass that stopped before its get(): read afresh
+                del self._demanded[key]
+                old.release()
             if key in self._demanded or self.cache.contains(key):
                 continue
             if key in self._pending:
@@ -164,6 +171,11 @@ class StreamingExperts:
             handle = self._demanded.pop(key, None)
             if handle is None:
                 pre = self._pending.pop(key, None)
+                if pre is not None and pre.failed():  # a failed prediction fails nothing: demand it afresh
+                    pre.release()
+                    self.prefetch.wasted += 1
+                    self._backoff.record(False)
+                    pre = None
                 if pre is not None:
                     self._backoff.record(pre.done())
                     if pre.done():
@@ -175,7 +187,12 @@ class StreamingExperts:
                         pre.release()
                 else:
                     handle = self._read(key, DEMAND)
-            buf = handle.result()
+            try:
+                buf = handle.result()
+            except BaseException:
+                handle.release()
+                self._forget()
+                raise
             try:
                 if self._x8:  # repacked straight into the cache, each part from its own read range
                     fill = lambda dst: _interleave_into(ext, buf, dst)  # noqa: E731
@@ -189,6 +206,16 @@ class StreamingExperts:
             finally:
                 buf.release()
         return self._expert(ext, blob)
+
+    def _forget(self) -> None:
+        """A read failed and its pass is abandoned: drop the pass's other demand reads and every failed
+        prefetch, so no error outlives it (the next pass asks again and joins reads still running)."""
+        for h in self._demanded.values():
+            h.release()
+        self._demanded.clear()
+        for key in [k for k, h in self._pending.items() if h.failed()]:
+            self._pending.pop(key).release()
+            self.prefetch.wasted += 1
 
     def resident(self, layer: int) -> np.ndarray:
         return np.fromiter((self.cache.contains((layer, e)) for e in range(self.n_experts)), bool, self.n_experts)

@@ -9,13 +9,20 @@ An expert's range [byte_offset, byte_offset + byte_length) runs from the start o
 end of its down tensor; byte_offset is a multiple of `alignment`; alignment_padding counts the zero bytes
 inside the range (between gate, up and down); checksum is zlib.crc32 of the range as 8 hex digits.
 parts: {"gate" | "up" | "down": {offset (relative to byte_offset), length, rows, cols, quantization}}.
+
+`read_manifest` checks every entry's types and bounds, so a damaged manifest is one ModelFormatError naming
+the entry; `check_pack` is what the engine runs before it uses a pack's experts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import struct
 import zlib
+
+from gguf import GGUFValueType
 
 from ..errors import EdgeMoEError, ModelFormatError
 
@@ -27,6 +34,9 @@ KEY_SOURCE = "edgemoe.pack.source"  # GGUF metadata: where the weights came from
 PROJS = ("gate", "up", "down")
 PART_TENSOR = "blk.{i}.ffn_{proj}.{e}.weight"
 _READ_BYTES = 16 << 20
+_FIX = "run 'edgemoe partition' again"
+
+log = logging.getLogger("edgemoe.pack")
 
 
 def manifest_path(pack_path: str | os.PathLike) -> str:
@@ -36,21 +46,158 @@ def manifest_path(pack_path: str | os.PathLike) -> str:
 
 
 def read_manifest(pack_path: str | os.PathLike) -> dict:
-    """The manifest of the pack at `pack_path`; ModelFormatError if it is missing, unreadable or of a newer format."""
+    """The manifest of the pack at `pack_path`; ModelFormatError if it is missing, unreadable, of a newer format,
+    or has a malformed entry (wrong types, negative offsets, ranges past `pack_bytes`, missing keys, duplicates)."""
     path = manifest_path(pack_path)
     try:
-        with open(path) as f:
-            m = json.load(f)
+        with open(path, "rb") as f:
+            m = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ModelFormatError(f"{path}: no manifest beside the pack (an interrupted 'edgemoe partition'?); "
                                "run the partition again") from None
-    except (OSError, ValueError) as e:
-        raise ModelFormatError(f"{path}: unreadable manifest ({e}); run 'edgemoe partition' again") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8
+        raise ModelFormatError(f"{path}: unreadable manifest ({type(e).__name__}: {str(e)[:80]}); {_FIX}") from None
     if not isinstance(m, dict) or not isinstance(m.get("experts"), list):
-        raise ModelFormatError(f"{path}: not an edgemoe pack manifest; run 'edgemoe partition' again")
+        raise ModelFormatError(f"{path}: not an edgemoe pack manifest; {_FIX}")
     if m.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(f"{path}: pack format version {m.get('format_version')!r}, this edgemoe reads "
                                f"version {FORMAT_VERSION}; partition the model again")
+    problem = _int_problem(m, "pack_bytes", 0)
+    if problem is None and "alignment" in m:
+        problem = _int_problem(m, "alignment", 1)
+    if problem:
+        raise ModelFormatError(f"{path}: {problem}; {_FIX}")
+    seen: set[tuple[int, int]] = set()
+    for n, x in enumerate(m["experts"]):
+        problem = _entry_problem(x, m["pack_bytes"])
+        if problem is None and (x["layer"], x["expert"]) in seen:
+            problem = "a second entry for this expert"
+        if problem is not None:
+            raise ModelFormatError(f"{path}: experts[{n}]{_entry_name(x)}: {problem}; {_FIX}")
+        seen.add((x["layer"], x["expert"]))
+    return m
+
+
+def _entry_name(x) -> str:
+    if isinstance(x, dict) and all(_is_int(x.get(k)) for k in ("layer", "expert")):
+        return f" (layer {x['layer']}, expert {x['expert']})"
+    return ""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_problem(d: dict, key: str, low: int) -> str | None:
+    if key not in d:
+        return f"'{key}' is missing"
+    if not _is_int(d[key]) or d[key] < low:
+        return f"'{key}' must be an integer >= {low}, got {str(d[key])[:40]!r}"
+    return None
+
+
+def _entry_problem(x, pack_bytes: int) -> str | None:
+    """What is wrong with one `experts` entry, or None."""
+    if not isinstance(x, dict):
+        return f"an entry must be an object, got {type(x).__name__}"
+    for key, low in (("layer", 0), ("expert", 0), ("byte_offset", 0), ("byte_length", 1)):
+        problem = _int_problem(x, key, low)
+        if problem:
+            return problem
+    crc = x.get("checksum")
+    if not (isinstance(crc, str) and len(crc) == 8 and all(c in "0123456789abcdefABCDEF" for c in crc)):
+        return f"'checksum' must be 8 hex digits (crc32), got {str(crc)[:40]!r}"
+    start, length = x["byte_offset"], x["byte_length"]
+    if start + length > pack_bytes:
+        return f"bytes {start}+{length} end past the pack's {pack_bytes} bytes"
+    parts = x.get("parts")
+    if not isinstance(parts, dict):
+        return "'parts' must be an object with gate, up and down"
+    for proj in PROJS:
+        part = parts.get(proj)
+        if not isinstance(part, dict):
+            return f"'parts.{proj}' is missing or not an object"
+        for key, low in (("offset", 0), ("length", 1), ("rows", 1), ("cols", 1)):
+            problem = _int_problem(part, key, low)
+            if problem:
+                return f"parts.{proj}: {problem}"
+        if not isinstance(part.get("quantization"), str):
+            return f"parts.{proj}: 'quantization' must be a type name such as 'Q4_0'"
+        if part["offset"] + part["length"] > length:
+            return f"parts.{proj} ends at {part['offset'] + part['length']}, past the entry's {length} bytes"
+    return None
+
+
+def is_pack(path: str | os.PathLike) -> bool:
+    """Whether a GGUF file carries the pack's version key: its metadata is scanned, no tensor is indexed."""
+    try:
+        with open(path, "rb") as f:
+            magic, version, _, n_kv = struct.unpack("<4sIQQ", f.read(24))
+            if magic != b"GGUF" or version < 2:
+                return False
+            for _ in range(n_kv):
+                n = _u64(f)
+                if n > _MAX_KEY_BYTES:
+                    return False
+                key = f.read(n)
+                vtype = struct.unpack("<I", f.read(4))[0]
+                if key == KEY_VERSION.encode():
+                    return True
+                _skip_value(f, vtype)
+    except (OSError, struct.error, KeyError, ValueError, OverflowError, RecursionError):  # damaged: the loader says so
+        return False
+    return False
+
+
+_MAX_KEY_BYTES = 65535  # a metadata key is a short name; more is a damaged header
+# GGUF scalar value types → bytes
+_SCALAR_BYTES = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
+                 GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
+                 GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+
+
+def _u64(f) -> int:
+    return struct.unpack("<Q", f.read(8))[0]
+
+
+def _skip_value(f, vtype: int) -> None:
+    if vtype == GGUFValueType.STRING:
+        f.seek(_u64(f), os.SEEK_CUR)
+    elif vtype == GGUFValueType.ARRAY:
+        sub, n = struct.unpack("<IQ", f.read(12))
+        if sub in _SCALAR_BYTES:
+            f.seek(n * _SCALAR_BYTES[sub], os.SEEK_CUR)
+        else:
+            for _ in range(n):
+                _skip_value(f, sub)
+    else:
+        f.seek(_SCALAR_BYTES[vtype], os.SEEK_CUR)
+
+
+def check_pack(pack_path: str | os.PathLike, *, checksums: bool) -> dict | None:
+    """Before the engine uses a pack's experts: its manifest (None, with a one-line warning, when a pack has
+    none; None, silently, for a GGUF that is no pack), the file's size against it, and with `checksums` every
+    expert's CRC-32 (one read of the experts). ModelFormatError names the first problem."""
+    pack_path = os.fspath(pack_path)
+    if not os.path.exists(manifest_path(pack_path)):
+        if is_pack(pack_path):
+            log.warning("%s: an expert pack without its manifest %s; its experts' checksums cannot be verified "
+                        "(run 'edgemoe partition' again to write it)", pack_path, manifest_path(pack_path))
+        return None
+    m = read_manifest(pack_path)
+    size = os.path.getsize(pack_path)
+    if size != m["pack_bytes"]:
+        raise ModelFormatError(f"{pack_path} is {size} bytes but its manifest says {m['pack_bytes']}: the pack is "
+                               f"truncated or the manifest belongs to another pack; {_FIX}")
+    if checksums:
+        with open(pack_path, "rb") as f:
+            for x in m["experts"]:
+                crc = f"{_crc32(f, x['byte_offset'], x['byte_length']):08x}"
+                if crc != x["checksum"].lower():
+                    raise ModelFormatError(
+                        f"{pack_path}: expert (layer {x['layer']}, expert {x['expert']}) has checksum {crc}, its "
+                        f"manifest says {x['checksum']} (bytes {x['byte_offset']}+{x['byte_length']}): the pack is "
+                        f"corrupt; {_FIX} or re-download it")
     return m
 
 
@@ -95,7 +242,7 @@ def verify_pack(pack_path: str | os.PathLike) -> list[str]:
                       or [int(n) for n in t.shape] != [part["cols"], part["rows"]]):
                     problems.append(f"{where}: tensor {name} does not match the manifest's {proj} entry")
             crc = _crc32(f, start, length)
-            if f"{crc:08x}" != x["checksum"]:
+            if f"{crc:08x}" != x["checksum"].lower():
                 problems.append(f"{where}: checksum {crc:08x} != manifest {x['checksum']} (bytes {start}+{length})")
     return problems
 

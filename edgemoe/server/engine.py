@@ -50,7 +50,9 @@ class Engine:
         self._thread.start()
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        """The engine thread runs and can serve: False too once a memory-mapped model file changed on disk
+        (every request then fails; /health says 503 and the watchdog stops, so systemd restarts us)."""
+        return self._thread.is_alive() and self.core.files.check() is None
 
     def submit(self, req: Request) -> None:
         """Queue a request; raises scheduler.QueueFull / ShuttingDown / UnknownClass."""
