@@ -8,26 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine.request import Request as Job
 from ..errors import EdgeMoEError
 from ..sampling import SamplingParams
+from .body import decode_json, read_body
 from .engine import Engine
+from .guard import LastResort, internal_error, new_error_id
+from .limits import HttpLimits
 from .metrics import prometheus
+from .noise import Throttle
 from .scheduler import QueueFull, ShuttingDown, UnknownClass
 from .schemas import CompletionRequest, RequestError, chat_prompt, parse_request
 
 DEFAULT_MAX_TOKENS = 16  # completions, as OpenAI's API
 DEFAULT_CHAT_MAX_TOKENS = 512  # chat: this or the rest of the context, whichever is smaller
-MAX_BODY_BYTES = 8 << 20  # far beyond any context's worth of text
+
+log = logging.getLogger("edgemoe.server")
 
 
 @dataclass
@@ -40,6 +46,8 @@ class Service:
     n_ctx: int
     defaults: SamplingParams  # the config's `sampling` section
     info: object = dict  # () → dict: how the engine runs (threads, layout, streaming, thermal, speculation)
+    limits: HttpLimits = field(default_factory=HttpLimits)
+    noise: Throttle = field(default_factory=lambda: Throttle(log))  # client-caused events: one line each, no floods
 
     def make_job(self, req: CompletionRequest, emit) -> Job:
         """Tokenize and check a validated request against the context; RequestError names the field."""
@@ -79,21 +87,42 @@ def _pick(v, default):
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(RequestError(message, param, status).body(), status_code=status)
+    return _reply(RequestError(message, param, status))
 
 
-def build_app(service: Service) -> Starlette:
-    """The starlette application serving `service`."""
+def _reply(e: RequestError) -> JSONResponse:
+    # 408/413: the rest of the body is still on its way; closing is cheaper than reading it.
+    headers = {"connection": "close"} if e.status in (408, 413) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _engine_error(service: Service, job: Job, event: dict) -> RequestError:
+    """An engine failure as the client sees it: a 500's message may name the server's files, so it goes to the log
+    under an id and the client gets the id."""
+    status = event.get("status", 500)
+    if status != 500:
+        return RequestError(event["message"], None, status)
+    error_id = new_error_id()
+    log.error("%s: request %d failed: %s", error_id, job.id, event["message"])
+    return internal_error(error_id)
+
+
+def build_app(service: Service) -> LastResort:
+    """The ASGI application serving `service`: starlette's routes inside the last-resort exception handler."""
     engine = service.engine
+    noise = service.noise
 
     async def handle(request: Request, chat: bool) -> Response:
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return _error(413, f"the request body must be at most {MAX_BODY_BYTES} bytes")
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _error(400, f"malformed JSON body: {e}")
+            body = decode_json(await read_body(request, service.limits), service.limits)
+        except RequestError as e:
+            if e.status == 408:
+                noise.note("slow requests", "answered 408: a request body took over %g s", service.limits.read_timeout_s,
+                           burst=1)
+            return _reply(e)
+        except ClientDisconnect:
+            noise.note("client hang-ups", "a client hung up while sending its request")
+            return Response(status_code=499)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -108,7 +137,7 @@ def build_app(service: Service) -> Starlette:
             job = service.make_job(req, emit)
             engine.submit(job)
         except RequestError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return _reply(e)
         except UnknownClass as e:
             return _error(400, str(e), "priority")
         except ShuttingDown as e:
@@ -120,8 +149,9 @@ def build_app(service: Service) -> Starlette:
             return _error(400, str(e), "messages" if chat else "prompt")
         reply = Reply(service, chat, job)
         if req.stream:
-            return StreamingResponse(_sse(engine, job, queue, reply), media_type="text/event-stream",
+            return StreamingResponse(_sse(service, job, queue, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+
         async def watch() -> None:  # the client hanging up ends the request at the engine's next step
             while (await request.receive())["type"] != "http.disconnect":
                 pass
@@ -135,9 +165,10 @@ def build_app(service: Service) -> Starlette:
                 if event["type"] == "token":
                     reply.add(event)
                 elif event["type"] == "disconnected":
+                    noise.note("client hang-ups", "a client hung up waiting for its reply; request %d cancelled", job.id)
                     return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
                 elif event["type"] == "error":
-                    return _error(event.get("status", 500), event["message"])
+                    return _reply(_engine_error(service, job, event))
                 else:
                     return JSONResponse(reply.final(event))
         finally:
@@ -171,7 +202,7 @@ def build_app(service: Service) -> Starlette:
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
-    return Starlette(routes=routes)
+    return LastResort(lambda on_exception: Starlette(routes=routes, exception_handlers={Exception: on_exception}))
 
 
 def _cache_figures(model) -> dict | None:
@@ -247,9 +278,11 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(engine: Engine, job: Job, queue: asyncio.Queue, reply: Reply):
+async def _sse(service: Service, job: Job, queue: asyncio.Queue, reply: Reply):
     """Server-sent events: one chunk per token, a last chunk with finish_reason and usage, then [DONE]."""
+    engine = service.engine
     first = True
+    finished = False  # the reply ran to its end (else the client went away, or the server is stopping)
     try:
         while True:
             event = await queue.get()
@@ -257,10 +290,12 @@ async def _sse(engine: Engine, job: Job, queue: asyncio.Queue, reply: Reply):
                 yield _data(reply.chunk([event], first=first))
                 first = False
             elif event["type"] == "error":
-                yield _data(RequestError(event["message"], None, event.get("status", 500)).body())
+                finished = True
+                yield _data(_engine_error(service, job, event).body())
                 yield "data: [DONE]\n\n"
                 return
             else:
+                finished = True
                 last = reply.chunk([], finish_reason=event["finish_reason"])
                 last["usage"] = reply.usage(event)
                 yield _data(last)
@@ -268,4 +303,7 @@ async def _sse(engine: Engine, job: Job, queue: asyncio.Queue, reply: Reply):
                 return
     finally:
         if not job.done:  # the client went away (the stream was cancelled) or the server is stopping
+            if not finished:
+                service.noise.note("client hang-ups", "a client hung up during its streamed reply; request %d "
+                                   "cancelled", job.id)
             engine.cancel(job)

@@ -8,6 +8,11 @@ from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_STOPS = 8
+# The sampler divides float32 logits by the temperature (and by the repeat penalty): below 1e-4 the quotient
+# overflows float32 for large logits (1e-300 rounds to 0.0: a division by zero). Any temperature that small
+# already samples the argmax; 0 says so exactly. Above 1e4 every token is equally likely, whatever the model says.
+MIN_SCALE, MAX_SCALE = 1e-4, 1e4
+MAX_SEED = 2**64 - 1  # numpy's PCG64 seeds from 64 bits
 
 
 class RequestError(ValueError):
@@ -55,19 +60,30 @@ def _is_num(v: Any) -> bool:
 
 def _check(cond: bool, name: str, what: str, value: Any) -> None:
     if not cond:
-        raise RequestError(f"'{name}' must be {what}, got {value!r}", name)
+        raise RequestError(f"'{name}' must be {what}, got {_show(value)}", name)
+
+
+def _show(value: Any) -> str:
+    """The offending value for an error message, cut short: it may be megabytes long."""
+    return _cut(repr(value))
+
+
+def _cut(s: str, limit: int = 60) -> str:
+    return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 # field → (test, description)
 _NUMERIC = {
     "max_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (0 = greedy)"),
+    "temperature": (lambda v: _is_num(v) and (v == 0 or MIN_SCALE <= v <= MAX_SCALE),
+                    f"0 (greedy) or a number from {MIN_SCALE:g} to {MAX_SCALE:g}"),
     "top_p": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
     "min_p": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "repeat_penalty": (lambda v: _is_num(v) and v > 0, "a number > 0 (1 = off)"),
+    "repeat_penalty": (lambda v: _is_num(v) and MIN_SCALE <= v <= MAX_SCALE,
+                       f"a number from {MIN_SCALE:g} to {MAX_SCALE:g} (1 = off)"),
     "repeat_last_n": (lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
 }
 _COMMON = set(_NUMERIC) | {"model", "stop", "stream", "priority", "n", "user"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo"}
@@ -81,7 +97,8 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     allowed = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise RequestError(f"unknown field '{unknown[0]}'; accepted fields: {', '.join(sorted(allowed))}", unknown[0])
+        name = _cut(unknown[0])
+        raise RequestError(f"unknown field '{name}'; accepted fields: {', '.join(sorted(allowed))}", name)
     req = CompletionRequest(chat=chat)
     for name, (ok, what) in _NUMERIC.items():
         v = body.get(name)
@@ -89,7 +106,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
             _check(ok(v), name, what, v)
             setattr(req, name, v)
     if body.get("n", 1) != 1:
-        raise RequestError(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
+        raise RequestError(f"'n' must be 1 (one choice per request), got {_show(body['n'])}", "n")
     if body.get("echo", False) is not False:
         raise RequestError("'echo' is not supported; leave it out or false", "echo")
     for name in ("model", "priority", "user"):
@@ -147,7 +164,7 @@ def _messages(v: Any) -> list[dict]:
         _check(isinstance(m, dict), name, "an object with 'role' and 'content'", m)
         extra = sorted(set(m) - {"role", "content", "name"})
         if extra:
-            raise RequestError(f"unknown field '{name}.{extra[0]}'", f"{name}.{extra[0]}")
+            raise RequestError(f"unknown field '{name}.{_cut(extra[0])}'", f"{name}.{_cut(extra[0])}")
         role, content = m.get("role"), m.get("content")
         _check(isinstance(role, str) and role != "", f"{name}.role", "a non-empty string", role)
         _check(isinstance(content, str), f"{name}.content", "a string", content)
