@@ -150,7 +150,7 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
     meta = scalar_metadata(reader)
     tensors = tensor_index(reader)
     args = ModelArgs.from_dict(_gguf_config(meta, tensors, path))
-    check_gguf_tensors(tensors, args, path, os.path.getsize(path))
+    check_gguf_tensors(tensors, args, path, os.path.getsize(path), int(reader.data_offset), int(reader.alignment))
     rope_dim = meta.get("llama.rope.dimension_count", args.head_dim)
     if rope_dim != args.head_dim:
         raise UnsupportedError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
@@ -227,7 +227,16 @@ def _load_hf(path: str) -> LoadedModel:
         if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UnsupportedError(f"{path}: {key} {str(rope)[:60]} is not supported; use a model without "
                                    "context extension")
-    args = ModelArgs.from_dict(check_config(cfg, f"{path}/config.json"))
+    cfg = check_config(cfg, f"{path}/config.json")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedError(f"{path}: hidden_act {str(cfg['hidden_act'])[:40]!r} is not supported; Mixtral experts "
+                               "use silu")
+    window = cfg.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < cfg.get("max_position_embeddings", 0)):
+        raise UnsupportedError(f"{path}: sliding_window {str(window)[:40]} is not supported (attention over the whole "
+                               "context only); set it to null if the model was trained without one")
+    args = ModelArgs.from_dict(cfg)
     idx = SafetensorsIndex(path)
 
     def need(name: str) -> str:

@@ -145,10 +145,15 @@ def gguf_shapes(args) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_gguf_tensors(tensors: dict, args, path: str, file_size: int) -> None:
+def check_gguf_tensors(tensors: dict, args, path: str, file_size: int, data_start: int, alignment: int) -> None:
     """Every tensor of the file: known to the architecture, of a supported type, of the shape the metadata
-    implies, its bytes inside the file; every layer's tensors present, and none beyond the layer count."""
+    implies, its bytes inside the file; every layer's tensors present, and none beyond the layer count.
+
+    The tensors must also tile the data section as GGUF writers lay it out (each at an aligned offset, no
+    overlaps, no gap of an alignment or more): a corrupted type or shape that changes a tensor's size then
+    shows as an overlap or a hole instead of weights read as the wrong format."""
     want = gguf_shapes(args)
+    spans = []
     for name, t in tensors.items():
         m = _LAYER.match(name)
         if m and int(m.group(1)) >= args.num_hidden_layers:
@@ -171,13 +176,41 @@ def check_gguf_tensors(tensors: dict, args, path: str, file_size: int) -> None:
         if start < 0 or start + n_bytes > file_size or np.asarray(t.data).nbytes != n_bytes:
             raise ModelFormatError(f"{path}: tensor {name} ({n_bytes} bytes at offset {start}) extends past the end "
                                    f"of the file ({file_size} bytes); the file is truncated or corrupt")
+        if (start - data_start) % alignment:
+            raise ModelFormatError(f"{path}: tensor {name} starts at offset {start}, not aligned to {alignment} bytes; "
+                                   "the file is corrupt")
+        spans.append((start, start + n_bytes, name))
+    for name in _required(tensors, args):
+        if name not in tensors:
+            raise ModelFormatError(f"{path}: tensor {name} is missing; the file is incomplete or not a Mixtral model")
+    _check_tiling(sorted(spans), path, file_size, data_start, alignment)
+
+
+def _required(tensors: dict, args) -> list[str]:
+    out = ["token_embd.weight", "output_norm.weight"]
     for i in range(args.num_hidden_layers):
-        merged = [names.GGUF_EXPERTS[p].format(i=i) for p in ("gate", "up", "down")]
-        if not any(n in tensors for n in merged):
-            continue  # per-expert tensors: the loader asks for each by name
-        absent = [n for n in merged if n not in tensors]
-        if absent:
-            raise ModelFormatError(f"{path}: tensor {absent[0]} is missing; the file is incomplete")
+        out += [f"blk.{i}.{p}.weight" for p in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                                                 "ffn_gate_inp")]
+        if any(names.GGUF_EXPERTS[p].format(i=i) in tensors for p in ("gate", "up", "down")):
+            out += [names.GGUF_EXPERTS[p].format(i=i) for p in ("gate", "up", "down")]
+        else:
+            out += [names.GGUF_EXPERT_SPLIT[p].format(i=i, e=e) for e in range(args.num_local_experts)
+                    for p in ("gate", "up", "down")]
+    return out
+
+
+def _check_tiling(spans: list, path: str, file_size: int, data_start: int, alignment: int) -> None:
+    end, prev = data_start, "the tensor table"
+    for start, stop, name in spans:
+        if start < end:
+            raise ModelFormatError(f"{path}: tensor {name} overlaps {prev}; the file's tensor table is corrupt")
+        if start - end >= alignment:
+            raise ModelFormatError(f"{path}: {start - end} bytes between {prev} and tensor {name} belong to no tensor; "
+                                   "the file's tensor table is corrupt")
+        end, prev = stop, f"tensor {name}"
+    if file_size - end >= alignment:
+        raise ModelFormatError(f"{path}: {file_size - end} bytes after {prev} belong to no tensor; the file's tensor "
+                               "table is corrupt")
 
 
 # ------------------------------------------------------------------------------------------ any format

@@ -82,6 +82,16 @@ class GGUFImage:
     def tensor(self, name: str) -> TensorInfo:
         return next(t for t in self.tensors if t.name == name.encode())
 
+    def remove_tensor(self, name: str) -> None:
+        """Drop a tensor and its bytes, as a writer that never had it would lay the file out."""
+        t = self.tensor(name)
+        later = sorted((u for u in self.tensors if u.offset > t.offset), key=lambda u: u.offset)
+        end = later[0].offset if later else len(self.data)
+        del self.data[t.offset:end]
+        for u in later:
+            u.offset -= end - t.offset
+        self.tensors.remove(t)
+
     def write(self, path: str, truncate_at: int | None = None) -> None:
         out = bytearray(b"GGUF")
         out += struct.pack("<IQQ", self.version, len(self.tensors), len(self.kvs))

@@ -104,6 +104,13 @@ CASES = {  # id → (edit of the image, words the one-line error must contain)
     "rope scaling": (lambda im: im.set("llama.rope.scaling.type", STR, b"yarn"), "rope scaling"),
     "a foreign tensor": (lambda im: im.tensors.append(type(im.tensors[0])(b"rope_freqs.weight", [32], 0, 0)),
                          "rope_freqs.weight"),
+    "output head without its bytes": (_drop_tensor("output.weight"), "belong to no tensor"),
+    "a norm stored as F16 in F32 bytes": (lambda im: setattr(im.tensor("blk.0.ffn_norm.weight"), "ggml_type", 1),
+                                          "belong to no tensor"),
+    "two tensors at one offset": (lambda im: setattr(im.tensor("blk.1.attn_k.weight"), "offset",
+                                                     im.tensor("blk.1.attn_v.weight").offset), "tensor table is corrupt"),
+    "a misaligned tensor": (lambda im: setattr(im.tensor("blk.1.attn_k.weight"), "offset",
+                                               im.tensor("blk.1.attn_k.weight").offset + 2), "aligned"),
 }
 
 
@@ -163,7 +170,7 @@ def test_missing_output_head_ties_like_llama_cpp_and_says_so(tmp_path, capsys, c
     """llama.cpp uses the token embedding when a llama-architecture file has no output.weight; so does
     edgemoe, and it says so."""
     im = GGUFImage.read(draft_model_path())
-    _drop_tensor("output.weight")(im)
+    im.remove_tensor("output.weight")
     path = str(tmp_path / "tied.gguf")
     im.write(path)
     rc, err = run_cli(capsys, path)
