@@ -166,7 +166,7 @@ class SsdConfig:
     buffer_size: int | None = setting(None, optional(Rule("a positive multiple of 4096 (bytes)",
                                                           lambda v: is_int(v) and v > 0 and v % 4096 == 0)),
                                       "bytes per buffer (auto: the largest expert)")
-    verify_checksums: bool = setting(False, boolean(), "check each expert's CRC32 after reading")
+    verify_checksums: bool = setting(True, boolean(), "check each expert's CRC32 (pack manifest) after reading")
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from gguf import GGUFValueType
 
 from .errors import ModelFormatError, UnsupportedError, UsageError
 from .experts.store import Expert, ResidentExperts
@@ -89,7 +91,7 @@ def dequant_rows(w: QTensor):
 
 # ---------------------------------------------------------------------------------------------- GGUF
 
-def _gguf_config(meta: dict, tensors: dict, path: str) -> dict:
+def _gguf_config(meta: dict, tensors: dict, path: str, array_keys: set) -> dict:
     arch = meta.get("general.architecture")
     if arch is None:
         raise ModelFormatError(f"{path}: GGUF file has no general.architecture; it is not a model file")
@@ -103,6 +105,12 @@ def _gguf_config(meta: dict, tensors: dict, path: str) -> dict:
         raise UnsupportedError(f"{path}: rope scaling {str(scaling)[:40]!r} is not supported; use a model without "
                                "context extension")
     cfg: dict[str, Any] = {"model_type": "mixtral"}
+    arrays = [k for k in (*(f"{arch}.{k}" for k in (*names.GGUF_KEY_TO_HF, "rope.dimension_count",
+                                                    "rope.scaling.type")),
+                          "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id") if k in array_keys]
+    if arrays:
+        raise ModelFormatError(f"{path}: metadata {arrays[0]} is an array where a single value belongs; the file "
+                               "is corrupt")
     for key, hf in names.GGUF_KEY_TO_HF.items():
         if f"{arch}.{key}" in meta:
             cfg.setdefault(hf, meta[f"{arch}.{key}"])
@@ -149,7 +157,8 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
     reader = open_gguf(path)
     meta = scalar_metadata(reader)
     tensors = tensor_index(reader)
-    args = ModelArgs.from_dict(_gguf_config(meta, tensors, path))
+    array_keys = {k for k, f in reader.fields.items() if f.types and f.types[0] == GGUFValueType.ARRAY}
+    args = ModelArgs.from_dict(_gguf_config(meta, tensors, path, array_keys))
     check_gguf_tensors(tensors, args, path, os.path.getsize(path), int(reader.data_offset), int(reader.alignment))
     rope_dim = meta.get("llama.rope.dimension_count", args.head_dim)
     if rope_dim != args.head_dim:
@@ -227,6 +236,8 @@ def _load_hf(path: str) -> LoadedModel:
         if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UnsupportedError(f"{path}: {key} {str(rope)[:60]} is not supported; use a model without "
                                    "context extension")
+    if cfg.get("num_key_value_heads") is None:  # transformers would take MixtralConfig's default (8), not H
+        raise ModelFormatError(f"{path}/config.json lacks num_key_value_heads; restore the checkpoint's config.json")
     cfg = check_config(cfg, f"{path}/config.json")
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedError(f"{path}: hidden_act {str(cfg['hidden_act'])[:40]!r} is not supported; Mixtral experts "
@@ -238,6 +249,7 @@ def _load_hf(path: str) -> LoadedModel:
                                "context only); set it to null if the model was trained without one")
     args = ModelArgs.from_dict(cfg)
     idx = SafetensorsIndex(path)
+    _check_hf_names(idx, args, path)
 
     def need(name: str) -> str:
         if name not in idx:
@@ -276,6 +288,31 @@ def _load_hf(path: str) -> LoadedModel:
             raise ModelFormatError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding "
                                    f"{args.vocab_size} rows; the checkpoint is inconsistent")
     return LoadedModel(args, model, tokenizer, path, "safetensors")
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_hf_names(idx: SafetensorsIndex, args: ModelArgs, path: str) -> None:
+    """No tensor of a layer beyond num_hidden_layers, and none the model would leave unread."""
+    known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        known |= {p + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                  "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                                  "self_attn.o_proj.weight")}
+        known |= {old.format(i=i) for old in names.HF_ROUTER_ALIASES} | {new.format(i=i) for new in
+                                                                         names.HF_ROUTER_ALIASES.values()}
+        known |= {t.format(i=i) for t in names.HF_EXPERT_FUSED.values()}
+        known |= {t.format(i=i, e=e) for t in names.HF_EXPERT_SPLIT.values() for e in range(args.num_local_experts)}
+    for name in idx.keys():
+        m = _HF_LAYER.match(name)
+        if m and int(m.group(1)) >= args.num_hidden_layers:
+            raise ModelFormatError(f"{path}: tensor {name} belongs to layer {m.group(1)} but config.json says "
+                                   f"{args.num_hidden_layers} layers (num_hidden_layers); the checkpoint is inconsistent")
+        if name not in known and not name.endswith("rotary_emb.inv_freq"):
+            raise UnsupportedError(f"{path}: tensor {name[:80]} is not part of a Mixtral model; the checkpoint is for "
+                                   "another architecture or variant")
 
 
 def _hf_layer_experts(idx: SafetensorsIndex, args: ModelArgs, i: int, need) -> list[Expert]:

@@ -102,6 +102,8 @@ CASES = {  # id → (edit of the image, words the one-line error must contain)
     "an expert tensor missing": (_drop_tensor("blk.1.ffn_up_exps.weight"), "blk.1.ffn_up_exps.weight"),
     "an attention tensor missing": (_drop_tensor("blk.0.attn_k.weight"), "blk.0.attn_k.weight"),
     "rope scaling": (lambda im: im.set("llama.rope.scaling.type", STR, b"yarn"), "rope scaling"),
+    "rope freq_base an array": (lambda im: im.set("llama.rope.freq_base", T.ARRAY, (U32, [1, 2, 3])),
+                                "llama.rope.freq_base"),
     "a foreign tensor": (lambda im: im.tensors.append(type(im.tensors[0])(b"rope_freqs.weight", [32], 0, 0)),
                          "rope_freqs.weight"),
     "output head without its bytes": (_drop_tensor("output.weight"), "belong to no tensor"),
@@ -225,6 +227,10 @@ HF_CASES = {
     "rope_theta Infinity": (lambda raw: raw.replace(b'"rope_theta":', b'"rope_theta": Infinity, "x":'), "rope_theta"),
     "rope scaling yarn": (_cfg_edit(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
     "intermediate_size wrong": (_cfg_edit(intermediate_size=128), "shape"),
+    "num_hidden_layers 1 of 2": (_cfg_edit(num_hidden_layers=1), "num_hidden_layers"),
+    "num_key_value_heads missing": (lambda raw: json.dumps({k: v for k, v in json.loads(raw).items()
+                                                            if k != "num_key_value_heads"}).encode(),
+                                    "num_key_value_heads"),
     "tie without saying so": (_cfg_edit(tie_word_embeddings=False), None),  # lm_head present: must still run
 }
 

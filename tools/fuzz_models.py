@@ -49,22 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     end = time.monotonic() + 60 * args.minutes
     counts: dict[str, dict[str, int]] = {name: {} for name, *_ in targets}
     failures: list[str] = []
-    while time.monotonic() < end:
-        for name, base, tokens, ops_strategy, apply, out in targets:
-            @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-            @given(ops=ops_strategy)
-            def one(ops, name=name, base=base, tokens=tokens, apply=apply, out=out):
-                if time.monotonic() > end:
-                    return
-                m = apply(base, ops, out)
-                try:
-                    kind = judge(m, tokens)
-                except Exception as e:  # noqa: BLE001 - recorded and reported
-                    kind = "FAILURE"
-                    failures.append(f"{name} {ops}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
-                counts[name][kind] = counts[name].get(kind, 0) + 1
+    def campaign(name, base, tokens, ops_strategy, apply, out):
+        @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(ops=ops_strategy)
+        def one(ops):
+            if time.monotonic() > end:
+                return
+            m = apply(base, ops, out)
+            try:
+                kind = judge(m, tokens)
+            except Exception as e:  # noqa: BLE001 - recorded and reported
+                kind = "FAILURE"
+                failures.append(f"{name} {ops}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+            counts[name][kind] = counts[name].get(kind, 0) + 1
 
-            one()
+        one()
+
+    while time.monotonic() < end:
+        for target in targets:
+            campaign(*target)
     for name, c in counts.items():
         print(f"{name}: {sum(c.values())} mutants: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
     for f in failures:

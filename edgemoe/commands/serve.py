@@ -42,6 +42,10 @@ def setup_arg_parser(p) -> None:
 def socket_path(args, cfg) -> str:
     """--socket, else $RUNTIME_DIRECTORY/edgemoe.sock (systemd's RuntimeDirectory=), else server.socket."""
     if args.socket:
+        from ..config import SOCKET
+
+        if not SOCKET.check(args.socket)[0]:
+            raise UsageError(f"--socket {args.socket[:80]!r}: expected {SOCKET.what}")
         return args.socket
     runtime = os.environ.get("RUNTIME_DIRECTORY")
     if runtime:

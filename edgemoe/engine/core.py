@@ -36,7 +36,7 @@ class EngineCore:
     """Runs requests' steps on the calling thread; every event goes out through the request's `emit`."""
 
     def __init__(self, model, tokenizer, *, prefill_chunk: int = 256, gate: Gate | None = None, metrics=None,
-                 on_end: Callable[[Request], None] = lambda req: None):
+                 on_end: Callable[[Request], None] = lambda req: None, verify_packs: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
@@ -45,7 +45,8 @@ class EngineCore:
         self.on_end = on_end  # called once a request has ended (the server frees its batch slot)
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self._emitted = 0  # tokens sent in the current step (sampled + accepted drafts)
-        self.files = ModelFiles.of(model, gate)  # memory-mapped model files: packs verified now, watched per step
+        # memory-mapped model files: packs verified now (ssd.verify_checksums), watched before every step
+        self.files = ModelFiles.of(model, gate, verify_packs=verify_packs)
 
     @property
     def proposer_name(self) -> str:

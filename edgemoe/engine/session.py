@@ -161,7 +161,7 @@ class Session:
     def core(self, metrics=None, on_end=lambda req: None) -> EngineCore:
         gate = Gate(self.proposers, self.spec.k_max) if self.proposers else None
         core = EngineCore(self.model, self.tokenizer, prefill_chunk=self.cfg.batching.prefill_chunk, gate=gate,
-                          metrics=metrics, on_end=on_end)
+                          metrics=metrics, on_end=on_end, verify_packs=self.cfg.ssd.verify_checksums)
         self._seed_costs(core)
         return core
 
@@ -250,7 +250,8 @@ def stream_figures(experts) -> dict:
                   "resident_bytes": experts.cache.resident_bytes},
         "io": {"read_gb_s": round(io["gbps"], 3), "latency_ms_p50": round(io["p50_ms"], 3),
                "latency_ms_p99": round(io["p99_ms"], 3), "reads": io["reads"], "merged_reads": io["merged_reads"],
-               "degraded_reads": io["degraded_reads"]},
+               "degraded_reads": io["degraded_reads"], "retries": io.get("retries", 0),
+               "recovered_reads": io.get("recovered_reads", 0), "failed_reads": io.get("errors", 0)},
         "prefetch": st["prefetch"],
     }
 

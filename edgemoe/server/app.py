@@ -134,7 +134,7 @@ def build_app(service: Service) -> LastResort:
 
         try:
             req = parse_request(body, chat)
-            job = service.make_job(req, emit)
+            job = await asyncio.to_thread(service.make_job, req, emit)  # tokenizing 8 MB takes seconds: off the loop
             engine.submit(job)
         except RequestError as e:
             return _reply(e)
@@ -189,7 +189,9 @@ def build_app(service: Service) -> LastResort:
 
     async def health(request: Request) -> Response:
         ok = engine.is_alive()
-        return JSONResponse({"status": "ok" if ok else "engine stopped", "model": service.model_name,
+        changed = engine.core.files.error
+        status = "ok" if ok else "model file changed on disk; restart the service" if changed else "engine stopped"
+        return JSONResponse({"status": status, "model": service.model_name,
                              "n_ctx": service.n_ctx, "engine": service.info(), **engine.metrics.snapshot()},
                             status_code=200 if ok else 503)
 
@@ -210,8 +212,10 @@ def _cache_figures(model) -> dict | None:
     if experts is None or not hasattr(experts, "stats"):
         return None
     st = experts.stats()
+    io = st["io"]
     return {"hit_rate": st["cache"]["hit_rate"], "hits": st["cache"]["hits"], "misses": st["cache"]["misses"],
-            "bytes_read": st["io"]["bytes_read"]}
+            "bytes_read": io["bytes_read"], "read_retries": io.get("retries", 0),
+            "recovered_reads": io.get("recovered_reads", 0), "failed_reads": io.get("errors", 0)}
 
 
 class Reply:

@@ -107,4 +107,10 @@ def prometheus(snap: dict, cache: dict | None) -> str:
         metric("expert_cache_hits_total", "counter", "Expert cache hits.", [("", cache["hits"])])
         metric("expert_cache_misses_total", "counter", "Expert cache misses.", [("", cache["misses"])])
         metric("expert_bytes_read_total", "counter", "Bytes of experts read from disk.", [("", cache["bytes_read"])])
+        metric("expert_read_retries_total", "counter", "Expert reads tried again after an I/O error or short read.",
+               [("", cache["read_retries"])])
+        metric("expert_reads_recovered_total", "counter", "Expert reads that succeeded after a retry.",
+               [("", cache["recovered_reads"])])
+        metric("expert_reads_failed_total", "counter", "Expert reads that failed every attempt.",
+               [("", cache["failed_reads"])])
     return "\n".join(lines) + "\n"
