@@ -26,6 +26,8 @@ SHAPES = {  # GQA ratios, tied/untied, top-1/2/3 of 4–8 experts, hidden sizes 
     "mha-top1-tied": dict(hidden=96, heads=3, kv_heads=3, experts=4, top_k=1, tie=True),
     "gqa8-top3": dict(hidden=160, heads=8, kv_heads=1, experts=8, top_k=3, intermediate=64),
     "headdim-top2": dict(hidden=96, heads=2, kv_heads=1, experts=6, top_k=2, head_dim=32, layers=3),
+    "top10-of-16": dict(hidden=64, heads=4, kv_heads=2, experts=16, top_k=10, intermediate=32),  # beyond the
+    # one-token fused block's expert count: tokens run the grouped block
 }
 
 
@@ -114,3 +116,17 @@ def test_long_prompt_in_one_pass(tmp_path):
     m = load_model(str(d)).model
     ours = m.forward(np.asarray(ids), m.new_cache(160), all_logits=True)
     assert_close(ours, hf_logits(model, ids), 1e-4)
+
+
+def test_many_routed_experts_decode_quantised(tmp_path):
+    """Top-10 of 16 Q8_0 experts, one token at a time: past the one-token block's expert count, tokens run
+    the grouped expert block (compiled once whatever the count) and still match the reference."""
+    model, cfg, tensors = make_hf_mixtral(hidden=64, intermediate=64, heads=4, kv_heads=2, experts=16, top_k=10,
+                                          seed=3)
+    path = tmp_path / "top10.gguf"
+    export_mixtral_gguf(path, cfg, tensors, qtype="Q8_0", expert_qtype="Q8_0")
+    want = hf_logits(dequantised_reference(model, cfg, path), PROMPT)
+    m = load_model(str(path)).model
+    cache = m.new_cache(64)
+    stepwise = np.concatenate([m.forward(np.asarray([t]), cache) for t in PROMPT])
+    assert_close(stepwise, want, 3e-2)

@@ -60,6 +60,10 @@ FUSED_ROWS = 32  # steps of up to this many tokens run their blocks as one paral
 # batched matrix kernels reuse each weight block over more rows and win)
 
 
+FUSED_ONE_TOKEN_EXPERTS = 8  # the one-token expert block is compiled per expert count (a tuple of matrices each);
+# beyond this many routed experts a token runs the grouped block, whose compile does not grow with the count
+
+
 @dataclass(frozen=True)
 class DraftRouting:
     """How a self-draft pass cuts the target model down (engine/proposers.py): each router picks its top
@@ -233,7 +237,7 @@ class Model:
             nxt = layers[i + 1]
             self.experts.hint(i + 1, np.unique(self.route(rms_norm(x, nxt.post_attention_layernorm,
                                                                    self.args.rms_norm_eps), nxt)[0]))
-        if self.fused and x.shape[0] == 1:
+        if self.fused and x.shape[0] == 1 and ids.shape[1] <= FUSED_ONE_TOKEN_EXPERTS:
             order = np.argsort(ids[0], kind="stable")  # summed in increasing expert id, as switch_glu
             experts.request(i, ids[0, order])
             chosen = [experts.get(i, int(e)) for e in ids[0, order]]
