@@ -91,6 +91,18 @@ def dequant_rows(w: QTensor):
 
 # ---------------------------------------------------------------------------------------------- GGUF
 
+def checked_gguf(reader, path: str) -> tuple[dict, dict, dict]:
+    """(scalar metadata, tensor index, HF-named config) of an open GGUF file, every field and tensor checked
+    (validate.py): what the loader and `edgemoe partition` trust."""
+    meta = scalar_metadata(reader)
+    tensors = tensor_index(reader)
+    array_keys = {k for k, f in reader.fields.items() if f.types and f.types[0] == GGUFValueType.ARRAY}
+    cfg = _gguf_config(meta, tensors, path, array_keys)
+    check_gguf_tensors(tensors, ModelArgs.from_dict(cfg), path, os.path.getsize(path), int(reader.data_offset),
+                       int(reader.alignment))
+    return meta, tensors, cfg
+
+
 def _gguf_config(meta: dict, tensors: dict, path: str, array_keys: set) -> dict:
     arch = meta.get("general.architecture")
     if arch is None:
@@ -155,11 +167,8 @@ def _unpermuted(w: QTensor, n_head: int) -> QTensor:
 
 def _load_gguf(path: str, stream=None) -> LoadedModel:
     reader = open_gguf(path)
-    meta = scalar_metadata(reader)
-    tensors = tensor_index(reader)
-    array_keys = {k for k, f in reader.fields.items() if f.types and f.types[0] == GGUFValueType.ARRAY}
-    args = ModelArgs.from_dict(_gguf_config(meta, tensors, path, array_keys))
-    check_gguf_tensors(tensors, args, path, os.path.getsize(path), int(reader.data_offset), int(reader.alignment))
+    meta, tensors, cfg = checked_gguf(reader, path)
+    args = ModelArgs.from_dict(cfg)
     rope_dim = meta.get("llama.rope.dimension_count", args.head_dim)
     if rope_dim != args.head_dim:
         raise UnsupportedError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "

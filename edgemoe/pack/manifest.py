@@ -19,10 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import zlib
-
-from gguf import GGUFValueType
 
 from ..errors import EdgeMoEError, ModelFormatError
 
@@ -129,49 +126,13 @@ def _entry_problem(x, pack_bytes: int) -> str | None:
 
 
 def is_pack(path: str | os.PathLike) -> bool:
-    """Whether a GGUF file carries the pack's version key: its metadata is scanned, no tensor is indexed."""
+    """Whether a GGUF file carries the pack's version key (asked only when a manifest is missing)."""
+    from gguf import GGUFReader
+
     try:
-        with open(path, "rb") as f:
-            magic, version, _, n_kv = struct.unpack("<4sIQQ", f.read(24))
-            if magic != b"GGUF" or version < 2:
-                return False
-            for _ in range(n_kv):
-                n = _u64(f)
-                if n > _MAX_KEY_BYTES:
-                    return False
-                key = f.read(n)
-                vtype = struct.unpack("<I", f.read(4))[0]
-                if key == KEY_VERSION.encode():
-                    return True
-                _skip_value(f, vtype)
-    except (OSError, struct.error, KeyError, ValueError, OverflowError, RecursionError):  # damaged: the loader says so
-        return False
-    return False
-
-
-_MAX_KEY_BYTES = 65535  # a metadata key is a short name; more is a damaged header
-# GGUF scalar value types → bytes
-_SCALAR_BYTES = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-                 GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
-                 GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
-
-
-def _u64(f) -> int:
-    return struct.unpack("<Q", f.read(8))[0]
-
-
-def _skip_value(f, vtype: int) -> None:
-    if vtype == GGUFValueType.STRING:
-        f.seek(_u64(f), os.SEEK_CUR)
-    elif vtype == GGUFValueType.ARRAY:
-        sub, n = struct.unpack("<IQ", f.read(12))
-        if sub in _SCALAR_BYTES:
-            f.seek(n * _SCALAR_BYTES[sub], os.SEEK_CUR)
-        else:
-            for _ in range(n):
-                _skip_value(f, sub)
-    else:
-        f.seek(_SCALAR_BYTES[vtype], os.SEEK_CUR)
+        return KEY_VERSION in GGUFReader(os.fspath(path), "r").fields
+    except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError, AssertionError):
+        return False  # damaged: the loader says so
 
 
 def check_pack(pack_path: str | os.PathLike, *, checksums: bool) -> dict | None:

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from ..errors import ModelFormatError, UnsupportedError, UsageError
 from ..formats import names
-from ..formats.gguf import expert_slices, open_gguf, scalar_metadata, tensor_index, to_qtensor
+from ..formats.gguf import expert_slices, open_gguf, scalar_metadata, to_qtensor
 from ..formats.gguf_export import _FILE_TYPE, _add_metadata, _Hparams, _read_tokenizer, _storage_type
 from ..formats.safetensors import read_config
 from ..qtensor import QTensor
@@ -68,15 +68,13 @@ def plan_from_gguf(path: str, *, expert_type: GGMLQuantizationType | None = None
     """A pack of a Mixtral GGUF (experts merged `*_exps` or one tensor per expert); metadata and
     tokenizer copied verbatim. Dense matrices are re-encoded only when `dense_type` is given (norms and
     the router stay as they are), experts only when `expert_type` is."""
-    from ..loader import _gguf_config  # the loader's validation: arch llama with experts, shape keys
+    from ..loader import checked_gguf  # the loader's validation of every field and tensor
 
     reader = open_gguf(path)
-    meta = scalar_metadata(reader)
-    if int(meta.get("split.count", 1)) > 1:
+    if "split.count" in reader.fields and int(scalar_metadata(reader).get("split.count", 1)) > 1:
         raise UnsupportedError(f"{path}: one shard of a split GGUF; merge the shards first "
                                "(llama-gguf-split --merge) and partition the merged file")
-    tensors = tensor_index(reader)
-    cfg = _gguf_config(meta, tensors, path)
+    meta, tensors, cfg = checked_gguf(reader, path)
     n_layers, n_experts = cfg["num_hidden_layers"], cfg["num_local_experts"]
 
     writer = GGUFWriter(None, "llama")
