@@ -115,7 +115,7 @@ def apply_gguf(base_path: str, ops: list, out: str) -> Mutant:
                 t.name = op[2]
             else:
                 im.remove_tensor(t.name.decode(errors="replace")) if _decodable(t.name) else im.tensors.remove(t)
-                semantic = False
+                semantic &= t.name == b"output.weight"  # llama.cpp ties the head to the embedding (with a warning)
         elif kind == "tokens":
             _edit_tokens(im, op[1])
             semantic = False
@@ -198,8 +198,8 @@ def apply_hf(base_dir: str, ops: list, out: str) -> Mutant:
             unchanged = before == op[2] and type(before) is type(op[2])
             semantic &= unchanged or op[1] in SEMANTIC_KEYS or op[1] in ("torch_dtype", "unknown_key")
         elif op[0] == "drop":
-            semantic &= op[1] not in cfg or op[1] in ("torch_dtype", "unknown_key", "head_dim", "sliding_window",
-                                                      "rope_scaling", "hidden_act")
+            semantic &= op[1] not in cfg or op[1] in SEMANTIC_KEYS or op[1] in (
+                "torch_dtype", "unknown_key", "head_dim", "sliding_window", "rope_scaling", "hidden_act")
             cfg.pop(op[1], None)
         elif op[0] == "raw":
             raw_edit, semantic = op[1], False
@@ -261,26 +261,86 @@ def _edit_header(directory: str, how: str, k: int) -> None:
         f.write(out)
 
 
+# ------------------------------------------------------------------------------------------- pack manifests
+
+MANIFEST_VALUES = st.one_of(st.sampled_from([0, 1, -1, 4096, 2**40, 2**64, 7.5, True, None, "", "Q4_0", "zz",
+                                             "00000000", [], {}, "\udcff"]))
+ENTRY_KEYS = ["layer", "expert", "byte_offset", "byte_length", "checksum", "parts", "alignment_padding"]
+PART_KEYS = ["offset", "length", "rows", "cols", "quantization"]
+
+
+def manifest_ops():
+    op = st.one_of(
+        st.tuples(st.just("entry"), st.integers(0, 10**6), st.sampled_from(ENTRY_KEYS), MANIFEST_VALUES),
+        st.tuples(st.just("part"), st.integers(0, 10**6), st.sampled_from(["gate", "up", "down"]),
+                  st.sampled_from(PART_KEYS), MANIFEST_VALUES),
+        st.tuples(st.just("drop_entry"), st.integers(0, 10**6)),
+        st.tuples(st.just("dup_entry"), st.integers(0, 10**6)),
+        st.tuples(st.just("top"), st.sampled_from(["pack_bytes", "experts", "alignment", "format_version"]),
+                  MANIFEST_VALUES),
+        st.tuples(st.just("raw"), st.sampled_from(["truncate", "latin-1", "list", "empty"])),
+    )
+    return st.lists(op, min_size=1, max_size=3)
+
+
+def apply_manifest(pack: str, manifest: str, ops: list, out_manifest: str) -> Mutant:
+    """Writes a mutated copy of `manifest` to `out_manifest` (the pack's own manifest path in the caller's copy)."""
+    m = json.load(open(manifest))
+    raw = None
+    for op in ops:
+        entries = m.get("experts") if isinstance(m.get("experts"), list) else []
+        if op[0] in ("entry", "part", "drop_entry", "dup_entry") and entries:
+            x = entries[op[1] % len(entries)]
+            if op[0] == "entry" and isinstance(x, dict):
+                x[op[2]] = op[3]
+            elif op[0] == "part" and isinstance(x, dict) and isinstance(x.get("parts"), dict) \
+                    and isinstance(x["parts"].get(op[2]), dict):
+                x["parts"][op[2]][op[3]] = op[4]
+            elif op[0] == "drop_entry":
+                entries.remove(x)
+            elif op[0] == "dup_entry":
+                entries.append(json.loads(json.dumps(x)))
+        elif op[0] == "top":
+            m[op[1]] = op[2]
+        elif op[0] == "raw":
+            raw = op[1]
+    data = json.dumps(m).encode("utf-8", "surrogatepass")
+    if raw == "truncate":
+        data = data[: len(data) // 2]
+    elif raw == "latin-1":
+        data = data.replace(b"experts", b"exp\xe9rts", 1)
+    elif raw == "list":
+        data = b"[" + data + b"]"
+    elif raw == "empty":
+        data = b""
+    with open(out_manifest, "wb") as f:
+        f.write(data)
+    # A manifest edit never makes another valid model: the experts either verify or they do not.
+    return Mutant(pack, ops, semantic=False)
+
+
 # ----------------------------------------------------------------------------------------------- the judge
 
-def outcome(path: str) -> tuple[str, object]:
-    """("refused", message) | ("failed", message) | ("ran", tokens). Anything else raises: a bug."""
+def outcome(path: str, stream=None) -> tuple[str, object]:
+    """("refused", message) | ("failed", message) | ("ran", tokens). Anything else raises: a bug.
+    stream: StreamOptions to stream the experts (None: memory-mapped)."""
     from edgemoe.engine.core import generate
     from edgemoe.errors import EdgeMoEError
     from edgemoe.loader import load_model
     from edgemoe.sampling import SamplingParams
 
+    loaded = None
     try:
-        loaded = load_model(path)
-    except EdgeMoEError as e:
+        loaded = load_model(path, stream)
+        prompt = [t % loaded.args.vocab_size for t in PROMPT]
+        req = generate(loaded.model, prompt, N_TOKENS, SamplingParams(temperature=0.0), eos=False)
+    except EdgeMoEError as e:  # at load, or when the engine starts (a mapped pack's checksums)
         msg = str(e)
         assert "\n" not in msg and len(msg) < 600, msg
         return "refused", msg
-    try:
-        prompt = [t % loaded.args.vocab_size for t in PROMPT]
-        req = generate(loaded.model, prompt, N_TOKENS, SamplingParams(temperature=0.0), eos=False)
     finally:
-        loaded.model.experts.close()
+        if loaded is not None:
+            loaded.model.experts.close()
     if req.error is not None:
         if isinstance(req.error, EdgeMoEError):
             return "failed", str(req.error)
@@ -288,9 +348,9 @@ def outcome(path: str) -> tuple[str, object]:
     return "ran", req.tokens
 
 
-def judge(m: Mutant, base_tokens: list[int]) -> str:
+def judge(m: Mutant, base_tokens: list[int], stream=None) -> str:
     """The mutant's outcome; raises AssertionError for a silent run of a changed model."""
-    kind, detail = outcome(m.path)
+    kind, detail = outcome(m.path, stream)
     if kind == "ran" and detail != base_tokens and not m.semantic:
         raise AssertionError(f"a mutant ran silently with other tokens ({detail} != {base_tokens}): {m.ops}")
     return kind

@@ -93,3 +93,55 @@ def test_fuzz_hf_mutants(hf_base):
     one()
     print("HF mutants:", seen)
     assert seen.get("refused", 0) > 0
+
+
+@pytest.fixture(scope="module")
+def pack_base(tmp_path_factory):
+    import importlib.util
+    import shutil
+    import sys
+
+    from edgemoe.pack.manifest import manifest_path
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("synth_model", os.path.join(here, "..", "tools", "synth_model.py"))
+    synth = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = synth
+    spec.loader.exec_module(synth)
+    d = tmp_path_factory.mktemp("fuzz-pack")
+    path = str(d / "tiny.pack.gguf")
+    synth.synthesize(path, synth.scaled(synth.PRESETS["tiny"], 0.5), name="tiny", packed=True, progress=False)
+    original = str(d / "manifest.orig.json")
+    shutil.copy(manifest_path(path), original)
+    kind, tokens = outcome(path)
+    assert kind == "ran"
+    return path, original, manifest_path(path), tokens
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["mapped", "streamed"])
+def test_fuzz_pack_manifests(pack_base, streamed):
+    """A mutated manifest: refused with one line (or, streamed, a request failing cleanly on a checksum),
+    or the run's tokens are the pack's own."""
+    from model_fuzz import apply_manifest, manifest_ops
+
+    from edgemoe.experts.setup import StreamOptions
+
+    path, original, live, tokens = pack_base
+    stream = StreamOptions.from_budget(1.0) if streamed else None
+    seen = {}
+
+    @settings(FUZZ, max_examples=max(10, FUZZ.max_examples // 2))
+    @given(ops=manifest_ops())
+    def one(ops):
+        m = apply_manifest(path, original, ops, live)
+        kind = _bounded(lambda: judge(m, tokens, stream))
+        seen[kind] = seen.get(kind, 0) + 1
+
+    try:
+        one()
+    finally:
+        import shutil
+
+        shutil.copy(original, live)
+    print("manifest mutants:", seen)
+    assert seen.get("refused", 0) > 0

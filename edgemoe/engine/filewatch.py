@@ -161,8 +161,16 @@ def _note_mapping(a: np.ndarray, found: dict[str, int]) -> None:
 
 
 def _identity(path: str) -> tuple | None:
+    """The file and its pack manifest as they are now: a change to either is checked again."""
+    from ..pack.manifest import manifest_path
+
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    try:
+        ms = os.stat(manifest_path(path))
+        manifest = (ms.st_ino, ms.st_size, ms.st_mtime_ns)
+    except OSError:
+        manifest = None
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, manifest)
