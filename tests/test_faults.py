@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -30,6 +29,7 @@ from edgemoe.experts.io import ATTEMPTS, ExpertIOError, ExpertReader
 from edgemoe.experts.setup import StreamOptions
 from edgemoe.loader import load_model
 from edgemoe.pack.manifest import manifest_path, read_manifest
+from tools.serve_process import start
 
 HERE = Path(__file__).parent
 T = 60  # seconds: the longest any wait may take
@@ -89,23 +89,9 @@ class Faults:
 def serve(model: str, d: Path, *extra: str, env: dict | None = None):
     """`edgemoe serve` in a subprocess on a UNIX socket in `d`; returns (process, socket path)."""
     sock = str(d / "s.sock")
-    log = open(d / "server.log", "w+")  # a file, not a pipe: a chatty server never blocks
-    proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "-m", model, "--socket", sock, *extra],
-                            env={**os.environ, **(env or {})}, stderr=log, cwd=HERE.parent)
-    deadline = time.monotonic() + 120  # a cold Numba cache compiles the kernels first
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read()}")
-        try:
-            with client(sock) as c:
-                if c.get("/health").status_code == 200:
-                    return proc, sock
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not come up")
+    proc = start(["-m", model, "--socket", sock, *extra], sock, d / "server.log", env=env, cwd=HERE.parent,
+                 poll_s=0.05)
+    return proc, sock
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -62,37 +62,32 @@ def _bounded(fn):
         signal.signal(signal.SIGALRM, old)
 
 
-def test_fuzz_gguf_mutants(gguf_base):
-    base, tokens, d = gguf_base
-    image = GGUFImage.read(base)
+def _fuzz(what: str, ops, mutate, check, fuzz: settings = FUZZ) -> None:
+    """For each of `fuzz`'s examples of `ops`: `check(mutate(ops))` under the hang alarm, its outcome counted;
+    prints the counts and requires at least one mutant refused."""
     seen = {}
 
-    @FUZZ
-    @given(ops=gguf_ops(image))
+    @fuzz
+    @given(ops=ops)
     def one(ops):
-        m = apply_gguf(base, ops, str(d / "mutant.gguf"))
-        kind = _bounded(lambda: judge(m, tokens))
+        m = mutate(ops)
+        kind = _bounded(lambda: check(m))
         seen[kind] = seen.get(kind, 0) + 1
 
     one()
-    print("GGUF mutants:", seen)
+    print(f"{what} mutants:", seen)
     assert seen.get("refused", 0) > 0
+
+
+def test_fuzz_gguf_mutants(gguf_base):
+    base, tokens, d = gguf_base
+    _fuzz("GGUF", gguf_ops(GGUFImage.read(base)), lambda ops: apply_gguf(base, ops, str(d / "mutant.gguf")),
+          lambda m: judge(m, tokens))
 
 
 def test_fuzz_hf_mutants(hf_base):
     base, tokens, d = hf_base
-    seen = {}
-
-    @FUZZ
-    @given(ops=hf_ops())
-    def one(ops):
-        m = apply_hf(base, ops, str(d / "mutant"))
-        kind = _bounded(lambda: judge(m, tokens))
-        seen[kind] = seen.get(kind, 0) + 1
-
-    one()
-    print("HF mutants:", seen)
-    assert seen.get("refused", 0) > 0
+    _fuzz("HF", hf_ops(), lambda ops: apply_hf(base, ops, str(d / "mutant")), lambda m: judge(m, tokens))
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +123,10 @@ def test_fuzz_pack_manifests(pack_base, streamed):
 
     path, original, live, tokens = pack_base
     stream = StreamOptions.from_budget(1.0) if streamed else None
-    seen = {}
-
-    @settings(FUZZ, max_examples=max(10, FUZZ.max_examples // 2))
-    @given(ops=manifest_ops())
-    def one(ops):
-        m = apply_manifest(path, original, ops, live)
-        kind = _bounded(lambda: judge(m, tokens, stream))
-        seen[kind] = seen.get(kind, 0) + 1
-
     try:
-        one()
+        _fuzz("manifest", manifest_ops(), lambda ops: apply_manifest(path, original, ops, live),
+              lambda m: judge(m, tokens, stream), settings(FUZZ, max_examples=max(10, FUZZ.max_examples // 2)))
     finally:
         import shutil
 
         shutil.copy(original, live)
-    print("manifest mutants:", seen)
-    assert seen.get("refused", 0) > 0

@@ -20,6 +20,7 @@ from mixtral_factory import tiny_gguf_with_vocab
 from reference_runs import engine_greedy
 
 from edgemoe.cli import main
+from tools.serve_process import start
 
 CTX = 1024  # long enough that a whole reply takes well over the impatient client's 50 ms
 MAX_BATCH = 4
@@ -33,25 +34,10 @@ def tiny(tmp_path_factory):
 
 
 def start_server(model: str, sock: str, *extra: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "edgemoe", "serve", "-m", model, "--socket", sock, "--ctx", str(CTX),
-           "--set", f"batching.max_batch={MAX_BATCH}", "--set", f"batching.max_queue={MAX_QUEUE}",
-           "--set", "batching.admission={interactive: 3, batch: 1}", *extra]
-    log = open(sock + ".log", "w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=log, **popen)
-    deadline = time.monotonic() + 120  # a cold Numba cache compiles the kernels first
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read()}")
-        try:
-            with client(sock) as c:
-                if c.get("/health").status_code == 200:
-                    return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not come up")
+    args = ["-m", model, "--socket", sock, "--ctx", str(CTX),
+            "--set", f"batching.max_batch={MAX_BATCH}", "--set", f"batching.max_queue={MAX_QUEUE}",
+            "--set", "batching.admission={interactive: 3, batch: 1}", *extra]
+    return start(args, sock, sock + ".log", env=env, **popen)
 
 
 def free_port() -> int:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 from conftest import REPO
 from test_server import _wait_for, client
@@ -24,6 +23,7 @@ from test_systemd import UNITS, value
 from edgemoe.cli import main
 from edgemoe.server.limits import BACKLOG, MAX_BODY_BYTES, MAX_CONNECTIONS, NOFILE_RESERVE
 from edgemoe.server.noise import Throttle, loop_exception_handler
+from tools.serve_process import start
 
 READ_TIMEOUT = 2.0  # the server's --read-timeout: short, so slow clients are cut within the test's patience
 NOFILE = 64  # the server's open-file limit: it must lower its connection cap to fit (--max-connections 1000)
@@ -84,23 +84,11 @@ def _low_nofile() -> None:  # in the child, before exec: as a unit with a small 
 def server(tmp_path_factory):
     sock = str(tmp_path_factory.mktemp("abuse") / "edgemoe.sock")
     log_path = sock + ".log"
-    cmd = [sys.executable, "-c", BOOT, "serve", "--socket", sock, "--ctx", "1024", "--max-connections", "1000",
-           "--read-timeout", str(READ_TIMEOUT)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stderr=log, preexec_fn=_low_nofile)
-    srv = Server(sock, proc, log_path)
-
-    def up() -> bool:
-        assert proc.poll() is None, srv.log()
-        try:
-            with client(sock) as c:
-                return c.get("/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
+    args = ["--socket", sock, "--ctx", "1024", "--max-connections", "1000", "--read-timeout", str(READ_TIMEOUT)]
+    proc = start(args, sock, log_path, python_args=("-c", BOOT), cwd=REPO, poll_s=0.05,
+                 preexec_fn=_low_nofile)
     try:
-        _wait_for(up, "the server", timeout=120)  # a cold Numba cache compiles the kernels first
-        yield srv
+        yield Server(sock, proc, log_path)
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -1,0 +1,56 @@
+"""`edgemoe serve` in a subprocess, returned once its /health answers 200: the one way the tests and
+tools/soak.py start a real server.
+
+    from tools.serve_process import start     # the tests (pytest runs with the repo root on sys.path)
+    proc = start(["-m", model, "--socket", sock], sock, sock + ".log")
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import httpx
+
+TAIL = 3000  # characters of the server's log quoted when it does not come up
+PROBE_S = 10.0  # one /health request; a server still compiling its kernels may be slow to answer
+
+
+def start(args: Sequence[str], sock: str, log_path: str | os.PathLike, *, env: dict | None = None,
+          cwd: str | os.PathLike | None = None, timeout_s: float = 120.0, poll_s: float = 0.1,
+          python_args: Sequence[str] = ("-m", "edgemoe"), **popen) -> subprocess.Popen:
+    """`python -m edgemoe serve *args` (or `python *python_args serve *args`) with its stderr in `log_path`,
+    returned once GET /health on the UNIX socket `sock` answers 200. `env` is added to this process's
+    environment; `popen` goes to subprocess.Popen (pass_fds, preexec_fn, ...). Raises RuntimeError with the
+    log's tail if the server exits first or is not up within `timeout_s` (a cold Numba cache compiles the
+    kernels first); it is killed in the second case."""
+    with open(log_path, "w") as log:  # a file, not a pipe: a chatty server never blocks on a full pipe
+        proc = subprocess.Popen([sys.executable, *python_args, "serve", *args], stderr=log, cwd=cwd,
+                                env=None if env is None else {**os.environ, **env}, **popen)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {tail(log_path)}")
+        if healthy(sock):
+            return proc
+        time.sleep(poll_s)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"server did not come up in {timeout_s:.0f} s: {tail(log_path)}")
+
+
+def healthy(sock: str) -> bool:
+    """Whether GET /health on the UNIX socket `sock` answers 200 now."""
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://edgemoe", timeout=PROBE_S) as c:
+            return c.get("/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def tail(log_path: str | os.PathLike) -> str:
+    with open(log_path, errors="replace") as f:
+        return f.read()[-TAIL:]
