@@ -373,20 +373,9 @@ def test_serve_from_config_like_the_systemd_unit(tiny, tmp_path):
         "inference": {"model": tiny[0]}, "threads": 1, "context_length": 200, "server": {"socket": str(sock)},
         "cache": {"tiers": [{"name": "hot", "capacity": 1, "policy": "lru"}]},
         "speculative": {"proposer": "lookup", "max_tokens": 3}}))
-    log = open(tmp_path / "unit.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "--config", str(cfg)], stderr=log,
-                            env={**os.environ, "EDGEMOE_HWMON_ROOT": str(tmp_path / "hwmon")})
+    proc = start(["--config", str(cfg)], str(sock), tmp_path / "unit.log",
+                 env={"EDGEMOE_HWMON_ROOT": str(tmp_path / "hwmon")})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, open(tmp_path / "unit.log").read()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                with client(str(sock)) as c:
-                    if c.get("/health").status_code == 200:
-                        break
-            except httpx.TransportError:
-                time.sleep(0.1)
         with client(str(sock)) as c:
             r = c.post("/v1/completions", json={"prompt": [1, 5, 9, 44], "max_tokens": 12, "temperature": 0})
             health = c.get("/health").json()
