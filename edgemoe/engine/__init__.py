@@ -1,0 +1,1 @@
+"""The one engine: Session (what a command runs with), Request, EngineCore (the step), speculation."""
