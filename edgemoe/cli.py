@@ -10,24 +10,40 @@ from .errors import EdgeMoEError
 
 SUBCOMMANDS = {
     "run": "Generate text from a prompt without a server",
+    "chat": "Chat with a model interactively, in this process (no server)",
     "tokenize": "Print the token ids (and pieces) of a text",
     "partition": "Write an expert pack (aligned per-expert layout + manifest) from a GGUF or HF model",
     "config": "Check a configuration file or print the effective configuration",
     "bench": "Measure prefill and decode speed against the memory and disk bandwidth bound",
     "serve": "Serve OpenAI-style completions over a UNIX socket (continuous batching)",
     "repl": "Chat with a running server interactively",
+    "service": "Install the systemd units and the configuration of an appliance (edgemoe service install)",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgemoe", description="Mixture-of-Experts inference on the CPU")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"edgemoe {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
         importlib.import_module(f"edgemoe.commands.{name}").setup_arg_parser(p)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version; the source tree's `__version__` when it was never installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("edgemoe")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ only then. The file is read by `config_yaml` (no aliases, no duplicate keys, bou
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,6 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 QUANT_ALIASES = {"Q4K": "Q4_K", "Q5K": "Q5_K", "Q6K": "Q6_K"}  # the seed article's spelling
 KERNEL_VARIANTS = ("generic", "avx2", "vnni")  # = edgemoe.kernels.dispatch.VARIANTS (a test keeps them equal)
 CACHE_POLICIES = ("temporal_lru", "lru", "lfu")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 SUN_PATH_MAX = 107  # bytes of a UNIX socket path: sockaddr_un.sun_path holds 108 with the terminating NUL
 MAX_SHOWN_PROBLEMS = 50  # a file of 10,000 bad keys gets 50 lines and a count, not 10,000 lines
 
@@ -71,10 +71,27 @@ class ConfigError(EdgeMoEError):
 
 # ------------------------------------------------------------------------------------------ rules
 
-def _tcp_ok(v: Any) -> bool:
-    host, _, port = str(v).rpartition(":")
-    return (isinstance(v, str) and host in LOOPBACK_HOSTS and port.isascii() and port.isdigit() and len(port) <= 5
-            and 1 <= int(port) <= 65535)
+def split_tcp(v: Any) -> tuple[str, int] | None:
+    """"127.0.0.1:8080", "0.0.0.0:8080", "localhost:8080", "[::1]:8080" or "::1:8080" → (host, port); None for
+    anything else. The host is an IP address or localhost: a host name would need a DNS lookup at start."""
+    if not isinstance(v, str):
+        return None
+    host, _, port = v.rpartition(":")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (from split_tcp) is reachable from this machine only."""
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 def _mode_ok(v: Any) -> bool:
@@ -106,10 +123,10 @@ QUANT = choice("auto", *QUANT_TYPES, aliases=QUANT_ALIASES)
 VARIANT = choice("auto", *KERNEL_VARIANTS)
 LAYERS = Rule("a list of layer indices (integers >= 0)",
               lambda v: isinstance(v, list) and all(is_int(i) and i >= 0 for i in v), tuple)
-TCP = Rule('a loopback address "127.0.0.1:PORT" (the API has no authentication; use a proxy for remote access)',
-           _tcp_ok)
-MODE = Rule('an octal file mode such as "0660" (quoted) with read/write for the owner and nothing for others (the '
-            'API has no authentication)', _mode_ok, lambda v: int(v, 8) if isinstance(v, str) else v, _mode_shown)
+TCP = Rule('HOST:PORT with an IP address or localhost, such as "127.0.0.1:8080" or "[::1]:8080" (an address '
+           'other than loopback needs server.api_key_file)', lambda v: split_tcp(v) is not None)
+MODE = Rule('an octal file mode such as "0660" (quoted) with read/write for the owner and nothing for others (who '
+            'may connect may use the model)', _mode_ok, lambda v: int(v, 8) if isinstance(v, str) else v, _mode_shown)
 SOCKET = Rule(f"a UNIX socket file path of at most {SUN_PATH_MAX} bytes (not a directory)", _socket_ok)
 WEIGHTS = Rule("a mapping of request class to a positive integer weight, e.g. {interactive: 3, batch: 1}",
                _weights_ok, lambda v: tuple(sorted(v.items())))  # order-free: a mapping
@@ -231,9 +248,20 @@ class MonitoringConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    socket: str = setting("/run/edgemoe/edgemoe.sock", SOCKET)
-    tcp: str | None = setting(None, optional(TCP, "null"), "also listen on loopback TCP, e.g. 127.0.0.1:8080")
+    socket: str | None = setting(None, optional(SOCKET), "HTTP over this UNIX socket (auto: $RUNTIME_DIRECTORY/"
+                                 "edgemoe.sock under systemd, else $XDG_RUNTIME_DIR/edgemoe.sock, else "
+                                 "~/.cache/edgemoe/edgemoe.sock; no socket when only tcp is set)")
+    tcp: str | None = setting(None, optional(TCP, "null"), "listen on TCP, e.g. 127.0.0.1:8080")
+    api_key_file: str | None = setting(None, optional(file_path("a path to a file holding the API key"), "null"),
+                                       "clients must send Authorization: Bearer <the file's key>; needed for a tcp "
+                                       "address other than loopback")
     socket_mode: int = setting(0o660, MODE, dump=lambda m: f"{m:04o}")
+    prompt_cache_mb: int = setting(256, integer("MB as an integer >= 0 (0 = off)", lo=0),
+                                   "KV rows of recent sequences kept so a new prompt reuses its longest shared prefix")
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return self.prompt_cache_mb * MB
 
 
 @dataclass(frozen=True)
@@ -390,7 +418,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 # Flags of run/serve that stand for a config key: folded in before validation, so a flag can complete the
 # file (proposer: draft in the file, --draft-model on the command line) and the checks see what will run.
-FLAG_KEYS = {"spec": ("speculative.proposer", "--spec"), "draft_model": ("speculative.draft_model", "--draft-model")}
+FLAG_KEYS = {"spec": ("speculative.proposer", "--spec"), "draft_model": ("speculative.draft_model", "--draft-model"),
+             "api_key_file": ("server.api_key_file", "--api-key-file")}
 
 
 def config_from_args(args, extra: dict[str, Any] | None = None) -> Config:
@@ -402,3 +431,19 @@ def config_from_args(args, extra: dict[str, Any] | None = None) -> Config:
             overrides[key], origins[key] = getattr(args, attr), flag
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
     return load_config(getattr(args, "config", None), overrides, origins=origins, kernels=True)
+
+
+def check_model(cfg: Config, model_args, model: str, source: str | None = None) -> None:
+    """routing.total_experts / routing.active_experts, when set, against the loaded model (`model_args`: its
+    ModelArgs): they name the routing of the model the config was written for (experts per layer and per token
+    are fixed by its weights), so a config given another model fails at start instead of running with cache
+    budgets sized for the wrong experts. Raises ConfigError naming the key."""
+    r, name = cfg.routing, os.path.basename(model.rstrip("/"))
+    problems = []
+    for key, want, has, what in (("total_experts", r.total_experts, model_args.num_local_experts, "per layer"),
+                                 ("active_experts", r.active_experts, model_args.num_experts_per_tok, "per token")):
+        if want is not None and want != has:
+            problems.append(f"routing.{key}: {want}, but {name} has {has} experts {what}; write {has} or auto, or "
+                            "use the model this configuration was written for")
+    if problems:
+        raise ConfigError(source or "configuration", problems)

@@ -47,6 +47,14 @@ def cross_check(cfg: Config, problems: Problems, ram_bytes: int | None, kernels:
                      "lower it or write auto")
     if kernels and not problems.near("compute.dispatch"):
         _check_variants(cfg.compute.dispatch, problems)
+    sv = cfg.server
+    if sv.tcp is not None and sv.api_key_file is None and not problems.near("server.tcp", "server.api_key_file"):
+        from .config import is_loopback, split_tcp  # config imports this module
+
+        if not is_loopback(split_tcp(sv.tcp)[0]):
+            problems.add("server.tcp", f"{sv.tcp} is not a loopback address: anyone who reaches it could use the "
+                         "model; set server.api_key_file to a file holding an API key (not readable by others), "
+                         "or listen on 127.0.0.1")
 
 
 def _check_tiers(cache: CacheConfig, problems: Problems, ram_bytes: int | None) -> None:

@@ -21,6 +21,22 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one position's keys and values over every layer."""
+        L, K, _, d = self.k.shape
+        return 2 * L * K * d * self.k.itemsize
+
+    def load_prefix(self, k: np.ndarray, v: np.ndarray, n: int) -> None:
+        """Start from positions 0..n-1 of another cache of the same model (prompt-prefix reuse).
+        k, v: (L, K, >= n, d)"""
+        if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or v.shape != k.shape:
+            raise ValueError(f"a KV prefix of shape {k.shape} does not fit a cache of shape {self.k.shape}")
+        self.reserve(n - self.length)
+        self.k[:, :, :n] = k[:, :, :n]
+        self.v[:, :, :n] = v[:, :, :n]
+        self.length = n
+
     def reserve(self, n_new: int) -> None:
         if self.length + n_new > self.n_ctx:
             raise ContextOverflowError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,11 @@ class LoadedModel:
     tokenizer: Any  # edgemoe.tokenizer.Tokenizer, or None when the file carries no vocabulary
     path: str
     format: str  # "gguf" | "safetensors"
+    metadata: dict | None = None  # a GGUF file's scalar metadata (its chat template, ...); None for HF directories
 
 
-def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = True) -> LoadedModel:
+def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = True,
+               progress: Callable[[str], None] = lambda what: None) -> LoadedModel:
     """Open a GGUF file or an HF checkpoint directory; raise a ModelFormatError/UnsupportedError otherwise.
 
     stream: `edgemoe.experts.setup.StreamOptions` to read experts from disk into a budgeted cache (GGUF only);
@@ -47,12 +50,16 @@ def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = T
     experts are repacked as they arrive, memory-mapped ones when their copy fits in half of the machine's
     memory (memory.machine_memory): the layouts round differently, so the choice depends on the model, the
     config and the machine, never the free memory.
+    progress: called with the name of each phase as it starts (edgemoe.progress.Phases shows the slow ones).
     """
+    progress("reading the index and the vocabulary")
     loaded = _load(path, stream)
     if prepare:
         model = loaded.model
         own_dense = stream is not None and 3 * model.dense_nbytes() <= free_memory()
         experts = repack and (stream is not None or repack_resident(model.experts.nbytes))
+        progress(f"laying out the weights (repacking {model.experts.nbytes / 2**20:,.0f} MB of experts)"
+                 if experts and stream is None else "laying out the weights")
         model.prepare(own_dense, experts, repack_dense=repack)
     return loaded
 
@@ -218,7 +225,7 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
 
         experts = streaming_store(path, tensors, args.num_hidden_layers, args.num_local_experts, stream)
     model = Model(args, weights, experts, dequant_rows(embed))
-    return LoadedModel(args, model, tokenizer, path, "gguf")
+    return LoadedModel(args, model, tokenizer, path, "gguf", meta)
 
 
 def _vocabulary(build, path: str):

@@ -2,10 +2,13 @@
 
 The chain (llama.cpp `common/sampling.cpp` default order, minus DRY/typical/XTC/top-n-sigma):
 
-    penalties -> top-k -> top-p -> min-p -> temperature -> dist
+    logit bias -> penalties -> top-k -> top-p -> min-p -> temperature -> dist
 
+- logit bias: `logit_bias` (token id, bias) pairs added to those logits (OpenAI's `logit_bias`).
 - penalties: each distinct token among the last `repeat_last_n` of `history` has its logit divided
-  by `repeat_penalty` when positive, multiplied when <= 0 (CTRL, with llama.cpp's sign fix).
+  by `repeat_penalty` when positive, multiplied when <= 0 (CTRL, with llama.cpp's sign fix); then
+  OpenAI's presence and frequency penalties over the generated tokens only (`history[n_prompt:]`):
+  logit[j] -= presence_penalty * (c[j] > 0) + frequency_penalty * c[j], c[j] = j's count there.
 - top-k: keep the k highest logits (0 = off).
 - top-p: softmax over the survivors; keep the shortest prefix (by logit, descending) whose mass
   is >= top_p (1 = off).
@@ -14,7 +17,7 @@ The chain (llama.cpp `common/sampling.cpp` default order, minus DRY/typical/XTC/
   temperature 1, as in llama.cpp.
 - dist: draw from the softmax of the survivors with a seeded PCG64 generator.
 
-`temperature == 0` is greedy: the argmax of the (penalised) logits, lowest token id on ties.
+`temperature == 0` is greedy: the argmax of the (biased, penalised) logits, lowest token id on ties.
 llama.cpp also applies penalties before its temp<=0 "keep the max" step, so with the default
 repeat_penalty=1 greedy is exactly the argmax of the model's raw logits.
 
@@ -35,6 +38,8 @@ from edgemoe.errors import UsageError
 # llama.cpp does; at V=152k the partition costs ~0.3 ms, a full in-place sort ~1.4 ms more.
 _TOP_P_PROBE = 256
 _TOP_P_FULL_SORT_BELOW = 1024
+MAX_PENALTY = 2.0  # OpenAI's bound on presence_penalty and frequency_penalty
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on each logit_bias value
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # > 0; 1 = off
     repeat_last_n: int = 64  # how many recent tokens the penalty looks at; 0 = off, -1 = all
     seed: int | None = None  # None = a fresh random seed at every reset
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token generated so far; 0 = off
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the generated tokens; 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), each id at most once
 
     def validate(self) -> SamplingParams:
         """Raise UsageError naming the flag for an impossible value; return self when valid."""
@@ -73,6 +81,17 @@ class SamplingParams:
             )
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise UsageError(f"--seed must be an integer >= 0, got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (-MAX_PENALTY <= v <= MAX_PENALTY):
+                raise UsageError(f"{name} must be a number from {-MAX_PENALTY:g} to {MAX_PENALTY:g} (0 = off), got {v}")
+        ids = [t for t, _ in self.logit_bias]
+        if len(set(ids)) != len(ids) or not all(_is_int(t) and t >= 0 for t in ids):
+            raise UsageError(f"logit_bias must name distinct token ids >= 0, got {ids[:8]}")
+        for t, b in self.logit_bias:
+            if not (-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS):
+                raise UsageError(f"logit_bias for token {t} must be a number from {-MAX_LOGIT_BIAS:g} to "
+                                 f"{MAX_LOGIT_BIAS:g}, got {b}")
         return self
 
 
@@ -86,14 +105,23 @@ class Sampler:
     Holds the RNG and work buffers of size V. With top-k on (the default) a step allocates only
     O(k) arrays besides argpartition's (V,) int64 index; with top-k off, the surviving set.
     Not thread-safe: use one Sampler per sequence.
+
+    `n_prompt`: how many leading tokens of every `history` are the prompt; the presence and frequency
+    penalties count only the tokens after them (OpenAI's definition), the repeat penalty counts all.
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, n_prompt: int = 0) -> None:
         params.validate()
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
+        bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+        if bad:
+            raise UsageError(f"logit_bias names token {bad[0]}, outside the vocabulary (0..{vocab_size - 1})")
         self.params = params
         self.vocab_size = vocab_size
+        self.n_prompt = n_prompt
+        self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)  # (b,)
+        self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)  # (b,)
         self._logits = np.empty(vocab_size, dtype=np.float32)  # (V,) penalised copy
         self._scratch = np.empty(vocab_size, dtype=np.float32)  # (V,) logits sorted in place
         self._exp = np.empty(vocab_size, dtype=np.float32)  # (V,) exp(logit - max)
@@ -147,11 +175,14 @@ class Sampler:
         return float(self._rng.random())
 
     def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """A (V,) float32 copy of `logits` with the repeat penalty applied."""
+        """A (V,) float32 copy of `logits` with the logit bias and the penalties applied. `sample` and
+        `distribution` both start here, so speculative verification sees the same chain as sampling."""
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits shape {logits.shape} != ({self.vocab_size},)")
         w = self._logits  # (V,) f32
         np.copyto(w, logits, casting="same_kind")
+        if self._bias_ids.size:
+            w[self._bias_ids] += self._bias
         self._apply_penalties(w, history)
         return w
 
@@ -173,15 +204,25 @@ class Sampler:
 
     def _apply_penalties(self, w: np.ndarray, history: Sequence[int]) -> None:
         p = self.params
-        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or len(history) == 0:
-            return
-        recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n :]
-        toks = np.unique(np.asarray(recent, dtype=np.int64))  # (u,) each penalised once
+        if p.repeat_penalty != 1.0 and p.repeat_last_n != 0 and len(history) > 0:
+            recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n :]
+            toks = self._distinct(recent)  # (u,) each penalised once
+            v = w[toks]  # (u,)
+            rp = np.float32(p.repeat_penalty)
+            w[toks] = np.where(v <= 0, v * rp, v / rp)
+        generated = history[self.n_prompt :]
+        if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and len(generated) > 0:
+            # Costs a sort of the generated tokens per step, only when one of the two is on.
+            toks, counts = self._distinct(generated, counts=True)  # (u,), (u,)
+            w[toks] -= (counts * p.frequency_penalty + p.presence_penalty).astype(np.float32)
+
+    def _distinct(self, tokens: Sequence[int], counts: bool = False):
+        """The distinct ids of `tokens` (u,) int64 ascending (and their counts (u,) with counts=True)."""
+        out = np.unique(np.asarray(tokens, dtype=np.int64), return_counts=counts)
+        toks = out[0] if counts else out
         if toks[0] < 0 or toks[-1] >= self.vocab_size:
             raise ValueError(f"history holds token ids outside [0, {self.vocab_size})")
-        v = w[toks]  # (u,)
-        rp = np.float32(p.repeat_penalty)
-        w[toks] = np.where(v <= 0, v * rp, v / rp)
+        return out
 
     def _top_k(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
         k = self.params.top_k

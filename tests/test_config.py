@@ -86,7 +86,7 @@ bogus: 1
         'compute.dispatch.Q8_0: expected one of auto, generic, avx2, vnni, got "amx"',
         'batching.admission: expected a mapping of request class',
         'server.socket_mode: expected an octal file mode',
-        'server.tcp: expected a loopback address',
+        'server.tcp: 0.0.0.0:80 is not a loopback address',  # without server.api_key_file
     ]
     assert len(got) == len(want), got
     for w in want:

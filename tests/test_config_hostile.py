@@ -187,9 +187,12 @@ def test_socket_path():
 def test_tcp_address():
     for ok in ["127.0.0.1:8080", "localhost:1", "[::1]:65535", "::1:8080"]:
         assert load_config(None, {"server.tcp": ok}).server.tcp == ok
-    for bad in ["0.0.0.0:8080", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:000080", "127.0.0.1:８０", "127.0.0.1:",
+    for bad in ["127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:000080", "127.0.0.1:８０", "127.0.0.1:",
                 "127.0.0.1:8080 ", 8080, "example.com:80"]:
-        assert problems(None, {"server.tcp": bad})[0].startswith("server.tcp: expected a loopback address"), bad
+        assert problems(None, {"server.tcp": bad})[0].startswith("server.tcp: expected HOST:PORT"), bad
+    # Another address than loopback: only with a key file.
+    assert problems(None, {"server.tcp": "0.0.0.0:8080"})[0].startswith("server.tcp: 0.0.0.0:8080 is not a loopback")
+    assert load_config(None, {"server.tcp": "[::]:8080", "server.api_key_file": "/etc/edgemoe/key"}).server.tcp
 
 
 def test_paths_with_nul_are_refused():

@@ -215,7 +215,7 @@ def test_full_queue_answers_429(server):
 
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None),
-    ({"prompt": "x", "max_tokens": 4, "bogus": 1}, "bogus"),
+    ({"prompt": "x", "max_tokens": 4, "suffix": "y"}, "suffix"),  # unknown fields are ignored; this one is refused
     ({"prompt": "x", "max_tokens": "4"}, "max_tokens"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"),

@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 
+from edgemoe.commands.serve import default_socket
 from edgemoe.config import load_config
 
 UNITS = REPO / "systemd"
@@ -70,9 +71,11 @@ def test_security_exposure(tmp_path):
 def test_units_agree_with_the_default_config():
     cfg = load_config(REPO / "configs" / "default.yaml")
     service, socket = UNITS / "edgemoe.service", UNITS / "edgemoe.socket"
-    assert value(socket, "ListenStream") == cfg.server.socket
+    # server.socket auto: under the unit, serve's own socket (without socket activation) is the socket unit's path
+    runtime = "/run/" + value(service, "RuntimeDirectory")
+    assert cfg.server.socket is None and default_socket({"RUNTIME_DIRECTORY": runtime}) == value(socket, "ListenStream")
     assert int(value(socket, "SocketMode"), 8) == cfg.server.socket_mode
-    assert cfg.server.socket.startswith("/run/" + value(service, "RuntimeDirectory") + "/")
+    assert value(service, "Group") == value(socket, "SocketGroup")
     assert value(service, "ExecStart") == "/usr/local/bin/edgemoe serve --config /etc/edgemoe/edgemoe.yaml"
     m = re.fullmatch(r"(\d+)G", value(service, "MemoryMax"))
     assert m and int(m.group(1)) * 2**30 >= cfg.cache.total_bytes + 4 * 2**30  # + dense, KV, buffers, runtime

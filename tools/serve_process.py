@@ -23,8 +23,8 @@ def start(args: Sequence[str], sock: str, log_path: str | os.PathLike, *, env: d
           cwd: str | os.PathLike | None = None, timeout_s: float = 120.0, poll_s: float = 0.1,
           python_args: Sequence[str] = ("-m", "edgemoe"), **popen) -> subprocess.Popen:
     """`python -m edgemoe serve *args` (or `python *python_args serve *args`) with its stderr in `log_path`,
-    returned once GET /health on the UNIX socket `sock` answers 200. `env` is added to this process's
-    environment; `popen` goes to subprocess.Popen (pass_fds, preexec_fn, ...). Raises RuntimeError with the
+    returned once GET /health on the UNIX socket `sock` (or at "http://HOST:PORT") answers 200. `env` is added to
+    this process's environment; `popen` goes to subprocess.Popen (pass_fds, preexec_fn, ...). Raises RuntimeError with the
     log's tail if the server exits first or is not up within `timeout_s` (a cold Numba cache compiles the
     kernels first); it is killed in the second case."""
     with open(log_path, "w") as log:  # a file, not a pipe: a chatty server never blocks on a full pipe
@@ -43,9 +43,11 @@ def start(args: Sequence[str], sock: str, log_path: str | os.PathLike, *, env: d
 
 
 def healthy(sock: str) -> bool:
-    """Whether GET /health on the UNIX socket `sock` answers 200 now."""
+    """Whether GET /health on the UNIX socket `sock` (or at `sock` = "http://HOST:PORT") answers 200 now."""
+    url = sock.startswith("http://")
+    transport = None if url else httpx.HTTPTransport(uds=sock)
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://edgemoe", timeout=PROBE_S) as c:
+        with httpx.Client(transport=transport, base_url=sock if url else "http://edgemoe", timeout=PROBE_S) as c:
             return c.get("/health").status_code == 200
     except httpx.TransportError:
         return False

@@ -1,9 +1,15 @@
-"""`edgemoe repl`: chat with a running server; tokens stream as they come, Ctrl-C stops a reply."""
+"""`edgemoe repl`: chat with a running server; tokens stream as they come, Ctrl-C stops a reply.
+
+A server that goes away (killed, crashed, stopped) ends the repl with one line and exit code 1; a connection
+that broke while the server still answers drops the reply and returns to the prompt.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+
+from ..errors import EdgeMoEError
 
 HELP = """commands:
   /stats                 server figures (tokens/s, queue, batch)
@@ -16,6 +22,12 @@ Ctrl-C stops the reply being generated."""
 
 SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float,
             "seed": int, "max_tokens": int}
+
+
+class ServerGone(EdgeMoEError):
+    """The server stopped answering: nothing more can be said in this repl."""
+
+    exit_code = 1
 
 
 def setup_arg_parser(p) -> None:
@@ -32,8 +44,8 @@ def main(args) -> int:
                            if os.environ.get("RUNTIME_DIRECTORY") else DEFAULT_SOCKET)
     client = Client(socket=path, base_url=args.url)
     client.health()  # fail now, with the client's clear message, if nothing listens
-    _history()
-    session = Session(client, args.system)
+    use_history()
+    session = Session(client, args.system, where=args.url or path)
     print(f"connected to {args.url or path}; /help for commands", file=sys.stderr)
     while True:
         try:
@@ -53,7 +65,8 @@ def main(args) -> int:
         session.say(line)
 
 
-def _history() -> None:
+def use_history() -> None:
+    """Line editing (readline) with the history kept in ~/.edgemoe_history (`repl` and `chat`)."""
     try:
         import atexit
         import readline
@@ -78,9 +91,10 @@ def _save(readline, path: str) -> None:
 class Session:
     """The conversation and settings of one repl."""
 
-    def __init__(self, client, system: str | None = None, out=sys.stdout):
+    def __init__(self, client, system: str | None = None, out=sys.stdout, where: str = "the server"):
         self.client = client
         self.system = system
+        self.where = where  # the socket or URL, for messages
         self.settings: dict = {}
         self.out = out
         self.reset()
@@ -128,8 +142,6 @@ class Session:
 
     def say(self, text: str) -> str:
         """Send a user turn and stream the reply; Ctrl-C keeps what came so far and cancels the rest."""
-        from ..errors import EdgeMoEError
-
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         stream = self.client.stream_chat(self.messages, **self.settings)
@@ -142,6 +154,7 @@ class Session:
         except KeyboardInterrupt:
             self.out.write(" [stopped]")
         except EdgeMoEError as e:
+            self._check_alive(e, mid_reply=bool(parts))
             self.out.write(f"\nerror: {e}")
             if "context" in str(e):
                 self.out.write(" (/reset starts a new conversation)")
@@ -154,3 +167,19 @@ class Session:
         reply = "".join(parts)
         self.messages.append({"role": "assistant", "content": reply})
         return reply
+
+    def _check_alive(self, e: EdgeMoEError, mid_reply: bool) -> None:
+        """After a failed reply: ServerGone if the connection was lost and the server no longer answers."""
+        from ..client import ServerError
+
+        if isinstance(e, ServerError):  # the server answered (an error status): it is there
+            return
+        try:
+            self.client.health()
+        except EdgeMoEError:
+            self.out.write("\n")
+            self.out.flush()
+            cause = str(e).split(": ", 1)[-1]  # the client's "lost the server at PATH: <transport error>"
+            raise ServerGone(f"the server at {self.where} went away {'mid-reply' if mid_reply else 'before replying'}"
+                             f" ({cause}); start it again (edgemoe serve, or systemctl start edgemoe) and run "
+                             "edgemoe repl again") from None

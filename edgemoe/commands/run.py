@@ -1,4 +1,8 @@
-"""`edgemoe run`: generate from a prompt on the command line, streaming text, then the speed."""
+"""`edgemoe run`: generate from a prompt on the command line, streaming text, then the speed.
+
+The prompt: -p TEXT, -f FILE, --prompt-ids, or stdin (`-p -`, or piped input with none of them); with none
+of them on an interactive terminal, a built-in opening line (the README's first command shows the speed).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,19 @@ def setup_arg_parser(p) -> None:
     from ..engine.session import add_session_arguments
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("-p", "--prompt", help="prompt text")
+    src.add_argument("-p", "--prompt", help="prompt text; '-' reads it from stdin (so does piped input without "
+                                            "-p, -f or --prompt-ids)")
+    src.add_argument("-f", "--file", metavar="FILE", help="read the prompt from a UTF-8 text file")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    add_sampling_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_session_arguments(p)
+    add_config_arguments(p)
+
+
+def add_sampling_arguments(p) -> None:
+    """The sampling flags (`run`, `chat`); unset ones take the config's `sampling` section."""
     p.add_argument("--temp", type=float, default=None, help="temperature; 0 = greedy (default: config's, 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="keep the K most likely tokens; 0 = off (default 40)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.95)")
@@ -23,18 +37,64 @@ def setup_arg_parser(p) -> None:
                                                              "(default 0.05)")
     p.add_argument("--repeat-penalty", type=float, default=None, help="penalise the last 64 tokens; 1 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: config's, random)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    add_session_arguments(p)
-    add_config_arguments(p)
 
 
-def _prompt_ids(args, tokenizer) -> list[int]:
+DEFAULT_PROMPT = "Once upon a time"
+
+
+def wants_stdin(args, stdin=None) -> bool:
+    """Whether the prompt comes from stdin: `-p -`, or no prompt flag and stdin is not a terminal (a pipe, a
+    file), as `echo ... | ollama run` and `cat ... | mlx_lm.generate --prompt -` read it."""
+    stdin = sys.stdin if stdin is None else stdin
+    if args.prompt == "-":
+        return True
+    if args.prompt is not None or args.file is not None or args.prompt_ids is not None:
+        return False
+    return stdin is not None and not getattr(stdin, "closed", False) and not stdin.isatty()
+
+
+def read_prompt(data: bytes, where: str) -> str:
+    """A prompt's bytes as text: UTF-8, one trailing newline dropped (as llama.cpp's -f does: `echo` and
+    editors end the text with a newline that is not part of the prompt); a one-line UsageError otherwise."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                         "(iconv -t UTF-8) or give token ids with --prompt-ids") from None
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    if not text:
+        raise UsageError(f"{where} is empty; give the prompt text there, or with -p TEXT")
+    return text
+
+
+def read_prompt_file(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read the prompt file {path}: {e.strerror or e}; pass a readable text file "
+                         "with -f") from None
+    return read_prompt(data, f"the prompt file {path}")
+
+
+def _stdin_bytes() -> bytes:
+    buf = getattr(sys.stdin, "buffer", None)  # a text stream without bytes under it (a test's StringIO)
+    return buf.read() if buf is not None else sys.stdin.read().encode("utf-8")
+
+
+def _prompt_ids(args, tokenizer, text: str | None) -> list[int]:
+    """text: the prompt read from -f or stdin, else None (then -p, --prompt-ids or the default)."""
     if args.prompt_ids is not None:
         try:
             return [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x != ""]
         except ValueError:
             raise UsageError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    text = args.prompt if args.prompt is not None else "Once upon a time"
+    if text is None and args.prompt is None:
+        text = DEFAULT_PROMPT
+        print(f"(no prompt given: continuing {text!r}; pass -p TEXT, -f FILE or pipe text in)", file=sys.stderr)
+    elif text is None:
+        text = args.prompt
     if tokenizer is None:
         raise UsageError("this model file carries no vocabulary, so text cannot be tokenized; use --prompt-ids")
     return tokenizer.encode(text)
@@ -71,12 +131,16 @@ def main(args) -> int:
 
     if args.n_predict < 1:
         raise UsageError(f"-n must be at least 1, got {args.n_predict}")
+    text = read_prompt_file(args.file) if args.file is not None else None  # a bad file fails before the load
+    from_stdin = wants_stdin(args)
     cfg = config_from_args(args)
     params = sampling_params(args, cfg)
     session = Session(args, cfg)
     try:
         tok = session.tokenizer
-        ids = _prompt_ids(args, tok)
+        if from_stdin:  # after the load: a missing model is reported even when stdin never ends
+            text = read_prompt(_stdin_bytes(), "the prompt on stdin")
+        ids = _prompt_ids(args, tok, text)
         check_prompt(ids, args.n_predict, session.loaded.args.vocab_size, session.n_ctx)
         if session.stream is None:  # load the compiled kernels before the clock starts (streaming keeps its
             session.warm_up()  # I/O figures clean)

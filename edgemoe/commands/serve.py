@@ -1,13 +1,16 @@
-"""`edgemoe serve`: load the model once, then answer OpenAI-style requests over a UNIX socket (and loopback TCP)."""
+"""`edgemoe serve`: load the model once, then answer OpenAI-style requests over a UNIX socket and/or TCP.
+
+Where it listens: --socket / server.socket and --tcp / server.tcp, as many as are given; with neither, a UNIX
+socket in a place this user can write (`default_socket`). A TCP address other than loopback needs an API key
+(--api-key-file / server.api_key_file, or --api-key), checked by edgemoe/server/auth.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
-import re
 import signal
 import socket
 import stat
@@ -24,9 +27,19 @@ log = logging.getLogger("edgemoe.server")
 def setup_arg_parser(p) -> None:
     from ..engine.session import add_session_arguments
 
-    p.add_argument("--socket", metavar="PATH", help="UNIX socket (default: $RUNTIME_DIRECTORY/edgemoe.sock, else "
-                                                     "the config's server.socket)")
-    p.add_argument("--tcp", metavar="127.0.0.1:PORT", help="also listen on loopback TCP")
+    p.add_argument("--socket", metavar="PATH",
+                   help="UNIX socket (default: the config's server.socket; when neither it nor --tcp is given, "
+                        "$RUNTIME_DIRECTORY/edgemoe.sock under systemd, else $XDG_RUNTIME_DIR/edgemoe.sock, else "
+                        "~/.cache/edgemoe/edgemoe.sock)")
+    p.add_argument("--tcp", metavar="HOST:PORT",
+                   help="listen on TCP, e.g. 127.0.0.1:8080 (without --socket: TCP only); an address other than "
+                        "loopback, e.g. 0.0.0.0:8080, needs --api-key-file or --api-key")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="every request but GET /health must send 'Authorization: Bearer KEY' with the key in FILE "
+                        "(one line; the file must not be readable by other users); config: server.api_key_file")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="as --api-key-file, with the key itself (other local users can see it in the process "
+                        "list: prefer --api-key-file)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="on SIGTERM, seconds running requests may finish before they are cancelled (default 10)")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
@@ -39,22 +52,54 @@ def setup_arg_parser(p) -> None:
     add_config_arguments(p)
 
 
-def socket_path(args, cfg) -> str:
-    """--socket, else $RUNTIME_DIRECTORY/edgemoe.sock (systemd's RuntimeDirectory=), else server.socket."""
+def socket_path(args, cfg, tcp: str | None) -> str | None:
+    """--socket, else server.socket, else None when a TCP address is given, else `default_socket()`."""
     if args.socket:
         from ..config import SOCKET
 
         if not SOCKET.check(args.socket)[0]:
             raise UsageError(f"--socket {args.socket[:80]!r}: expected {SOCKET.what}")
         return args.socket
-    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if cfg.server.socket is not None:
+        return cfg.server.socket
+    return None if tcp else default_socket()
+
+
+def default_socket(env=os.environ, create: bool = True) -> str:
+    """$RUNTIME_DIRECTORY/edgemoe.sock (systemd's RuntimeDirectory=), else $XDG_RUNTIME_DIR/edgemoe.sock (the
+    login session's), else edgemoe.sock in $XDG_CACHE_HOME/edgemoe or ~/.cache/edgemoe, created 0700 when
+    `create` (a client looking for the server passes False)."""
+    runtime = env.get("RUNTIME_DIRECTORY")
     if runtime:
         return os.path.join(runtime.split(":")[0], "edgemoe.sock")
-    return cfg.server.socket
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg:
+        # effective_ids: what bind() will be allowed (plain access() asks for the real uid, without capabilities)
+        if os.path.isabs(xdg) and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK, effective_ids=True):
+            return os.path.join(xdg, "edgemoe.sock")
+        # e.g. after `su`, the variable names the other user's directory
+        log.warning("XDG_RUNTIME_DIR=%s is not a directory this user may write; using the per-user cache "
+                    "directory", xdg[:200])
+    cache = env.get("XDG_CACHE_HOME")
+    if not cache or not os.path.isabs(cache):
+        cache = os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(cache, "edgemoe")
+    try:
+        if create:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {directory} for the socket ({e.strerror}); set XDG_RUNTIME_DIR, or pass "
+                         "--socket PATH or --tcp 127.0.0.1:PORT") from None
+    return os.path.join(directory, "edgemoe.sock")
 
 
 def bind_unix(path: str, mode: int, backlog: int = BACKLOG) -> socket.socket:
     """A listening UNIX socket at `path`; a stale socket file is replaced, a live one refused."""
+    from ..config import SUN_PATH_MAX
+
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise UsageError(f"the socket path {path[:200]} is longer than a UNIX socket's {SUN_PATH_MAX} bytes; pass a "
+                         "shorter --socket")
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise UsageError(f"{path} exists and is not a socket; remove it or pass another --socket")
@@ -84,23 +129,41 @@ def bind_unix(path: str, mode: int, backlog: int = BACKLOG) -> socket.socket:
 
 
 def parse_tcp(addr: str) -> tuple[str, int]:
-    """"127.0.0.1:8080", "localhost:8080" or "[::1]:8080" → (host, port); UsageError for anything else."""
+    """"127.0.0.1:8080", "0.0.0.0:8080", "localhost:8080" or "[::1]:8080" → (host, port); UsageError for anything
+    else (config.split_tcp: the host is an IP address or localhost)."""
+    from ..config import split_tcp
+
     shown = repr(addr) if len(addr) <= 60 else repr(addr[:57] + "...")
-    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:]+|[0-9A-Fa-f:.]+):([0-9]{1,5})", addr.strip())
-    if m is None:
-        raise UsageError(f"--tcp (server.tcp) must be HOST:PORT on loopback, such as 127.0.0.1:8080 or [::1]:8080, "
-                         f"got {shown}")
-    host, port = m.group(1).strip("[]"), int(m.group(2))
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise UsageError(f"--tcp (server.tcp) must be a loopback address such as 127.0.0.1:8080 (the API has no "
-                         f"authentication), got {shown}")
-    if not 1 <= port <= 65535:
-        raise UsageError(f"--tcp (server.tcp) port must be from 1 to 65535, got {port}")
-    return host, port
+    host, _, port = addr.rpartition(":")
+    if host and port.isascii() and port.isdigit() and not 1 <= int(port) <= 65535:
+        raise UsageError(f"--tcp (server.tcp) port must be from 1 to 65535, got {int(port)}")
+    parsed = split_tcp(addr)
+    if parsed is None:
+        raise UsageError(f"--tcp (server.tcp) must be HOST:PORT with an IP address or localhost, such as "
+                         f"127.0.0.1:8080 (loopback) or 0.0.0.0:8080 (every interface, with an API key), got {shown}")
+    return parsed
+
+
+def api_key(args, cfg, tcp: str | None) -> str | None:
+    """The key clients must send: --api-key, else the file's (--api-key-file, folded into server.api_key_file).
+    A TCP address other than loopback without one is refused here, before anything is bound or loaded."""
+    from ..config import is_loopback
+    from ..server.auth import check_key, read_key_file
+
+    if args.api_key is not None and args.api_key_file is not None:
+        raise UsageError("pass --api-key or --api-key-file, not both")
+    key = None
+    if args.api_key is not None:
+        key = check_key(args.api_key, "--api-key")
+    elif cfg.server.api_key_file is not None:
+        source = "--api-key-file" if args.api_key_file is not None else "server.api_key_file"
+        key = read_key_file(cfg.server.api_key_file, source)
+    if tcp and key is None and not is_loopback(parse_tcp(tcp)[0]):
+        flag = "--tcp" if args.tcp else "server.tcp"
+        raise UsageError(f"{flag} {tcp} is not a loopback address: anyone who reaches it could use the model; "
+                         "add an API key clients must send: --api-key-file FILE (one line, chmod 600; "
+                         "server.api_key_file in a config) or --api-key KEY")
+    return key
 
 
 def bind_tcp(addr: str, backlog: int = BACKLOG) -> socket.socket:
@@ -135,6 +198,7 @@ def main(args) -> int:
     tcp = args.tcp or cfg.server.tcp
     if tcp:
         parse_tcp(tcp)  # a bad address fails before anything is bound or loaded
+    key = api_key(args, cfg, tcp)
     if args.max_connections < 1:
         raise UsageError(f"--max-connections must be at least 1, got {args.max_connections}")
     if not 0 < args.read_timeout < 3600:
@@ -151,13 +215,20 @@ def main(args) -> int:
         if fds:
             sockets.append(socket.socket(fileno=fds[0]))
         else:
-            sockets.append(bind_unix(socket_path(args, cfg), cfg.server.socket_mode, limits.backlog))
-            unix_path = socket_path(args, cfg)
+            path = socket_path(args, cfg, tcp)
+            if path is not None:
+                sockets.append(bind_unix(path, cfg.server.socket_mode, limits.backlog))
+                unix_path = path
         if tcp:
             sockets.append(bind_tcp(tcp, limits.backlog))
-        where = "socket activation (fd 3)" if fds else unix_path
-        sdnotify.notify(f"STATUS=loading {args.model or cfg.inference.model or 'the embedded model'}")
-        session = Session(args, cfg)
+        listeners = ["socket activation (fd 3)"] if fds else [unix_path] if unix_path is not None else []
+        where = " and ".join(listeners + ([f"http://{tcp}"] if tcp else []))
+        log.info("listening on %s%s", where, "; every request but GET /health needs the API key" if key else "")
+        model = args.model or cfg.inference.model or "the embedded model"
+        log.info("loading %s", model)  # one log line per phase: loading, warming up, serving
+        sdnotify.notify(f"STATUS=loading {model}")
+        session = Session(args, cfg, progress=False)
+        log.info("warming up: compiling the kernels (the first run after an install takes ~30 s)")
         sdnotify.notify("STATUS=compiling kernels")
         session.warm_up()
         b = cfg.batching
@@ -170,11 +241,13 @@ def main(args) -> int:
                     **{k: v for k, v in session.stream_figures().items() if k == "thermal"}}
 
         service = Service(engine, session.tokenizer, os.path.basename(session.model_path.rstrip("/")),
-                          session.n_ctx, cfg.sampling.params(), info, limits=limits, noise=noise)
+                          session.n_ctx, cfg.sampling.params(), info, limits=limits, noise=noise,
+                          chat_template=session.chat_template)
+        log.info("chat requests use %s (%s)", session.chat_template.label, session.chat_template.origin)
         engine.start()
         # limit_concurrency: uvicorn's own 503 once a request arrives, a second fence behind the protocol's cap
         # at accept time (+1: uvicorn counts the asking connection too).
-        config = uvicorn.Config(build_app(service), lifespan="off", http=guarded_h11(limits, noise),
+        config = uvicorn.Config(build_app(service, key), lifespan="off", http=guarded_h11(limits, noise),
                                 log_level="warning", access_log=False, timeout_graceful_shutdown=args.grace + 5,
                                 limit_concurrency=limits.max_connections + 1, backlog=limits.backlog,
                                 timeout_keep_alive=limits.keep_alive_s)

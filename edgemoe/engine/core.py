@@ -26,6 +26,7 @@ from ..sampling import Sampler, top_logprobs
 from .accept import verify_token
 from .filewatch import ModelFiles
 from .gate import Gate, SpecState
+from .prefix_cache import PrefixCache
 from .proposers import Draft
 from .request import Request
 
@@ -36,13 +37,15 @@ class EngineCore:
     """Runs requests' steps on the calling thread; every event goes out through the request's `emit`."""
 
     def __init__(self, model, tokenizer, *, prefill_chunk: int = 256, gate: Gate | None = None, metrics=None,
-                 on_end: Callable[[Request], None] = lambda req: None, verify_packs: bool = True):
+                 on_end: Callable[[Request], None] = lambda req: None, verify_packs: bool = True,
+                 prefix_cache: PrefixCache | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.gate = gate  # None: no speculation
         self.metrics = metrics
         self.on_end = on_end  # called once a request has ended (the server frees its batch slot)
+        self.prefix_cache = prefix_cache  # KV rows of recent sequences for prompt reuse; None: prefill every prompt
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self._emitted = 0  # tokens sent in the current step (sampled + accepted drafts)
         # memory-mapped model files: packs verified now (ssd.verify_checksums), watched before every step
@@ -60,12 +63,17 @@ class EngineCore:
     def admit(self, req: Request) -> None:
         """Create the request's KV cache, sampler and detokeniser (and its proposers' state)."""
         req.cache = self.model.new_cache(len(req.prompt_ids) + req.max_tokens)
-        req.sampler = Sampler(req.params, self.model.args.vocab_size)
+        req.sampler = Sampler(req.params, self.model.args.vocab_size, n_prompt=len(req.prompt_ids))
         if self.tokenizer is not None:
             from ..tokenizer import StreamDecoder
 
             req.decoder = StreamDecoder(self.tokenizer)
         req.history = list(req.prompt_ids)
+        if self.prefix_cache is not None:  # the shared prefix's rows are copied, the rest is prefilled
+            req.reused = req.prefilled = self.prefix_cache.fill(req.prompt_ids, req.cache)
+            self.prefix_cache.track(req.id, req.history, req.cache)
+            if self.metrics is not None and req.reused:
+                self.metrics.prompt_reused(req.reused)
         if self.gate is not None:
             req.spec = SpecState()
             for p in self.gate.proposers:
@@ -90,6 +98,8 @@ class EngineCore:
         """Free the request's state (KV caches, its proposers' state) without sending an event."""
         if req.done:
             return
+        if self.prefix_cache is not None:  # an ended request's rows are kept for the next prompts; a failed one's not
+            self.prefix_cache.release(req.id, keep=req.finish_reason not in (None, "error"))
         req.done = True
         if req.spec is not None:
             for p in self.gate.proposers:
@@ -286,7 +296,7 @@ class EngineCore:
         self._emitted += 1
         piece = req.decoder.push(tok) if req.decoder is not None else ""
         text = req.stopper.push(piece)
-        reason = "stop" if req.stopper.stopped or tok in self.eos_ids else None
+        reason = "stop" if req.stopper.stopped or tok in self.eos_ids or tok in req.stop_ids else None
         if reason is None and len(req.tokens) >= req.max_tokens:
             reason = "length"
         if reason is not None and not req.stopper.stopped:

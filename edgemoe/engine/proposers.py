@@ -149,7 +149,7 @@ class DraftModelProposer(_ModelProposer):
 
     def start(self, req) -> None:
         req.spec.draft_cache = self.model.new_cache(req.cache.n_ctx)
-        req.spec.draft_sampler = Sampler(req.params, self.model.args.vocab_size)
+        req.spec.draft_sampler = Sampler(req.params, self.model.args.vocab_size, n_prompt=len(req.prompt_ids))
 
     def _prepare(self, reqs: list) -> list:
         return [(r.spec.draft_cache, r.history[r.spec.draft_cache.length:], r.spec.draft_sampler) for r in reqs]
@@ -178,7 +178,7 @@ class SelfProposer(_ModelProposer):
         self.routing = routing
 
     def start(self, req) -> None:
-        req.spec.draft_sampler = Sampler(req.params, self.model.args.vocab_size)
+        req.spec.draft_sampler = Sampler(req.params, self.model.args.vocab_size, n_prompt=len(req.prompt_ids))
 
     def _prepare(self, reqs: list) -> list:
         return [(r.cache, r.history[r.cache.length:], r.spec.draft_sampler) for r in reqs]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class Request:
     """
 
     def __init__(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, *, stops: list[str] = (),
+                 stop_ids: Iterable[int] = (),
                  logprobs: int = 0, priority: str | None = None, emit: Callable[[dict], None] = lambda ev: None):
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
@@ -33,6 +34,7 @@ class Request:
         self.cancelled = False  # set by the client side or shutdown
         self.emit = emit
         self.stopper = StopMatcher(list(stops))
+        self.stop_ids = frozenset(stop_ids)  # tokens that end this request besides the vocabulary's eos (chat: end of turn)
         self.tokens: list[int] = []
         self.submitted = time.monotonic()
         self.finish_reason: str | None = None
@@ -46,6 +48,7 @@ class Request:
         self.residual: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs): draw the next token from
         # this instead of `logits` (the correction after a rejected draft token)
         self.prefilled = 0  # prompt tokens already in the cache
+        self.reused = 0  # of which copied from an earlier sequence's KV rows at admission (prefix cache)
         self.done = False
         self.spec = None  # engine.speculative.SpecState while speculation is on
         # Figures.
@@ -55,9 +58,14 @@ class Request:
         self.drafted = 0  # draft tokens verified
         self.accepted = 0  # of which the target agreed with
 
+    def sibling(self, params: SamplingParams, emit: Callable[[dict], None]) -> Request:
+        """A fresh request asking what this one asks, with other sampling `params` (the server's `n` choices)."""
+        return Request(self.prompt_ids, self.max_tokens, params, stops=self.stopper.stops, stop_ids=self.stop_ids,
+                       logprobs=self.logprobs, priority=self.priority, emit=emit)
+
     @property
     def prefill_tok_s(self) -> float:
-        return len(self.prompt_ids) / self.prefill_s if self.prefill_s > 0 else 0.0
+        return (len(self.prompt_ids) - self.reused) / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import check_model
 from ..errors import UsageError
 from ..sampling import SamplingParams
 from .core import EngineCore
 from .gate import Gate
+from .prefix_cache import PrefixCache
 from .request import Request
 
 SPEC_CHOICES = ("off", "auto", "draft", "self", "lookup")
@@ -32,8 +34,9 @@ def add_session_arguments(p) -> None:
     """The flags every model-running command shares."""
     p.add_argument("-m", "--model", help="GGUF file or HF checkpoint directory (default: the config's "
                                          "inference.model, else the embedded model)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: config, else all cores)")
-    p.add_argument("--ctx", type=int, default=None,
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="compute threads (default: config, else all cores)")
+    p.add_argument("-c", "--ctx", type=int, default=None,
                    help="context length (default: config's context_length, else min(model's, 4096))")
     p.add_argument("--cache-mb", type=float, default=None,
                    help="stream experts from the file into a RAM cache of this many MB (default: memory-map "
@@ -47,6 +50,9 @@ def add_session_arguments(p) -> None:
                         "'default' (the embedded model's draft)")
     p.add_argument("--draft-max", type=int, default=None, metavar="K",
                    help="most draft tokens per step, 1-16 (default: the config's speculative.max_tokens, 4)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template for chat requests, instead of the model's own (default: the GGUF's "
+                        "tokenizer.chat_template or the HF directory's, else a plain 'role: content' format)")
 
 
 @dataclass
@@ -73,10 +79,14 @@ class SpecOptions:
 class Session:
     """A loaded model with everything that decides how it runs; `core()` makes the engine that steps it."""
 
-    def __init__(self, args, cfg):
+    def __init__(self, args, cfg, *, progress: bool = True):
+        """progress: show slow loading and warm-up phases on stderr (edgemoe.progress); False for a caller that
+        reports them itself (serve's log, bench's bar)."""
         from ..loader import load_model
+        from ..progress import Phases
 
         self.cfg = cfg
+        self.progress = progress
         apply_dispatch(cfg)
         self.threads = getattr(args, "threads", None) or cfg.threads
         if self.threads is not None and self.threads < 1:
@@ -96,9 +106,21 @@ class Session:
             self.stream = StreamOptions.from_config(cfg, getattr(args, "cache_mb", None),
                                                     prefetch=not getattr(args, "no_prefetch", False))
         self.spec = SpecOptions.from_args(args, cfg)
-        self.loaded = load_model(self.model_path, self.stream, repack=cfg.compute.repack)
+        chat_file = getattr(args, "chat_template", None)
+        if chat_file is not None:  # a broken --chat-template fails before the model loads
+            from ..chat import check_template_file
+
+            check_template_file(chat_file)
+        with Phases(f"loading {os.path.basename(self.model_path.rstrip('/'))}", enabled=progress) as phase:
+            self.loaded = load_model(self.model_path, self.stream, repack=cfg.compute.repack, progress=phase)
+        check_model(cfg, self.loaded.args, self.model_path, getattr(args, "config", None))
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
+        from ..chat import load_chat_template
+
+        # run, serve and chat share it: render(messages) → prompt text, encode(messages) → ids, stop_ids
+        self.chat_template = load_chat_template(self.model_path, self.tokenizer, override=chat_file,
+                                                metadata=self.loaded.metadata)
         self.n_ctx = getattr(args, "ctx", None) or cfg.context_length or \
             min(self.loaded.args.max_position_embeddings, 4096)
         if self.n_ctx < 2:
@@ -158,20 +180,31 @@ class Session:
                              f"{self.loaded.args.vocab_size}; use a draft with the target's vocabulary")
         return draft
 
-    def core(self, metrics=None, on_end=lambda req: None) -> EngineCore:
+    def core(self, metrics=None, on_end=lambda req: None, prompt_cache: bool = True) -> EngineCore:
+        """The engine for this session; with `prompt_cache` (and server.prompt_cache_mb > 0) it keeps the KV rows of
+        ended requests for prompts that share their prefix (`bench` turns it off: it measures prefill)."""
         gate = Gate(self.proposers, self.spec.k_max) if self.proposers else None
+        budget = self.cfg.server.prompt_cache_bytes if prompt_cache else 0
         core = EngineCore(self.model, self.tokenizer, prefill_chunk=self.cfg.batching.prefill_chunk, gate=gate,
                           metrics=metrics, on_end=on_end, verify_packs=self.cfg.ssd.verify_checksums)
         self._seed_costs(core)
+        if budget > 0:  # after the scratch requests that time the proposers
+            core.prefix_cache = PrefixCache(budget)
         return core
 
     def warm_up(self) -> None:
         """Compile (or load from Numba's cache) the kernels a request will use, before the first one (a
         self-draft's kernels compile when `core()` times a drafting round)."""
-        for model in [self.model] + ([self.draft.model] if self.draft is not None else []):
-            cache = model.new_cache(3)
-            model.forward(np.zeros(2, dtype=np.int64), cache)  # matrix kernels (prompts, batched steps)
-            model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
+        from ..progress import Phases
+
+        models = [("", self.model)] + ([("the draft's ", self.draft.model)] if self.draft is not None else [])
+        with Phases("warming up", enabled=self.progress) as phase:
+            for whose, model in models:
+                cache = model.new_cache(3)
+                phase(f"{whose}prompt kernels (compiled on the first run after an install, ~30 s)")
+                model.forward(np.zeros(2, dtype=np.int64), cache)  # matrix kernels (prompts, batched steps)
+                phase(f"{whose}one-token kernels")
+                model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
 
     def _seed_costs(self, core: EngineCore) -> None:
         """Time passes of 1..k+1 rows on a scratch cache, so the gate starts from this machine's costs

@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import uuid
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -21,14 +20,19 @@ from starlette.routing import Route
 from ..engine.request import Request as Job
 from ..errors import EdgeMoEError
 from ..sampling import SamplingParams
+from .auth import ApiKeyAuth
 from .body import decode_json, read_body
+from .choices import choice_seed, make_jobs, submit_all
 from .engine import Engine
 from .guard import LastResort, internal_error, new_error_id
+from .http_errors import http_error
 from .limits import HttpLimits
 from .metrics import prometheus
 from .noise import Throttle
+from .reply import Reply
 from .scheduler import QueueFull, ShuttingDown, UnknownClass
-from .schemas import CompletionRequest, RequestError, chat_prompt, parse_request
+from .schemas import CompletionRequest, RequestError, parse_request
+from .tokens_api import detokenize, route, tokenize
 
 DEFAULT_MAX_TOKENS = 16  # completions, as OpenAI's API
 DEFAULT_CHAT_MAX_TOKENS = 512  # chat: this or the rest of the context, whichever is smaller
@@ -48,6 +52,13 @@ class Service:
     info: object = dict  # () → dict: how the engine runs (threads, layout, streaming, thermal, speculation)
     limits: HttpLimits = field(default_factory=HttpLimits)
     noise: Throttle = field(default_factory=lambda: Throttle(log))  # client-caused events: one line each, no floods
+    chat_template: object = None  # edgemoe.chat.ChatTemplate (Session.chat_template); None: the plain format
+
+    def __post_init__(self):
+        if self.chat_template is None:
+            from ..chat import ChatTemplate
+
+            self.chat_template = ChatTemplate.plain(self.tokenizer)
 
     def make_job(self, req: CompletionRequest, emit) -> Job:
         """Tokenize and check a validated request against the context; RequestError names the field."""
@@ -62,7 +73,7 @@ class Service:
             if self.tokenizer is None:
                 raise RequestError(f"this model carries no vocabulary; send '{field}' as a list of token ids",
                                    field)
-            ids = self.tokenizer.encode(chat_prompt(req.messages) if req.chat else req.prompt)
+            ids = self.chat_template.encode(req.messages) if req.chat else self.tokenizer.encode(req.prompt)
         if len(ids) >= self.n_ctx:
             raise RequestError(f"'{field}' is {len(ids)} tokens; the context holds {self.n_ctx} including the "
                                "reply; shorten it", field)
@@ -73,13 +84,22 @@ class Service:
         elif max_tokens > room:
             raise RequestError(f"'max_tokens' {max_tokens} + the prompt's {len(ids)} tokens exceed the context of "
                                f"{self.n_ctx}; ask for at most {room}", "max_tokens")
+        vocab = self.engine.core.model.args.vocab_size
+        bad = [t for t, _ in req.logit_bias if t >= vocab]
+        if bad:
+            raise RequestError(f"'logit_bias' names token {bad[0]}, outside the vocabulary (0..{vocab - 1})",
+                               f"logit_bias.{bad[0]}")
         d = self.defaults
         params = SamplingParams(
             temperature=_pick(req.temperature, d.temperature), top_k=_pick(req.top_k, d.top_k),
             top_p=_pick(req.top_p, d.top_p), min_p=_pick(req.min_p, d.min_p),
             repeat_penalty=_pick(req.repeat_penalty, d.repeat_penalty),
-            repeat_last_n=_pick(req.repeat_last_n, d.repeat_last_n), seed=_pick(req.seed, d.seed))
-        return Job(ids, max_tokens, params, stops=req.stop, logprobs=req.logprobs, priority=req.priority, emit=emit)
+            repeat_last_n=_pick(req.repeat_last_n, d.repeat_last_n),
+            seed=choice_seed(_pick(req.seed, d.seed), req.choice),
+            presence_penalty=_pick(req.presence_penalty, d.presence_penalty),
+            frequency_penalty=_pick(req.frequency_penalty, d.frequency_penalty), logit_bias=req.logit_bias)
+        return Job(ids, max_tokens, params, stops=req.stop, stop_ids=self.chat_template.stop_ids if req.chat else (),
+                   logprobs=req.logprobs, priority=req.priority, emit=emit)
 
 
 def _pick(v, default):
@@ -107,8 +127,9 @@ def _engine_error(service: Service, job: Job, event: dict) -> RequestError:
     return internal_error(error_id)
 
 
-def build_app(service: Service) -> LastResort:
-    """The ASGI application serving `service`: starlette's routes inside the last-resort exception handler."""
+def build_app(service: Service, api_key: str | None = None):
+    """The ASGI application serving `service`: starlette's routes inside the last-resort exception handler;
+    with `api_key`, behind the middleware that answers 401 to requests without it (edgemoe/server/auth.py)."""
     engine = service.engine
     noise = service.noise
 
@@ -124,18 +145,22 @@ def build_app(service: Service) -> LastResort:
             noise.note("client hang-ups", "a client hung up while sending its request")
             return Response(status_code=499)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()  # (choice index, event)
 
-        def emit(event: dict) -> None:  # engine thread → event loop
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the loop is gone (shutdown)
-                pass
+        def emit_for(index: int):
+            def emit(event: dict) -> None:  # engine thread → event loop
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+                except RuntimeError:  # the loop is gone (shutdown)
+                    pass
+
+            return emit
 
         try:
             req = parse_request(body, chat)
-            job = await asyncio.to_thread(service.make_job, req, emit)  # tokenizing 8 MB takes seconds: off the loop
-            engine.submit(job)
+            # one job per choice; tokenizing 8 MB takes seconds: off the loop
+            jobs, prompt_tokens, echoes = await asyncio.to_thread(make_jobs, service, req, emit_for)
+            submit_all(engine, jobs)
         except RequestError as e:
             return _reply(e)
         except UnknownClass as e:
@@ -147,34 +172,39 @@ def build_app(service: Service) -> LastResort:
             return _error(429, str(e))
         except EdgeMoEError as e:  # e.g. text the tokenizer refuses
             return _error(400, str(e), "messages" if chat else "prompt")
-        reply = Reply(service, chat, job)
+        reply = Reply(service.model_name, service.tokenizer, chat, len(jobs),
+                      top_logprobs=req.top_logprobs if req.logprobs else None, echoes=echoes if req.echo else None,
+                      include_usage=req.stream and req.include_usage)
+        reply.prompt_tokens = prompt_tokens
         if req.stream:
-            return StreamingResponse(_sse(service, job, queue, reply), media_type="text/event-stream",
+            return StreamingResponse(_sse(service, jobs, queue, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
 
         async def watch() -> None:  # the client hanging up ends the request at the engine's next step
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            engine.cancel(job)
-            queue.put_nowait({"type": "disconnected"})
+            for job in jobs:
+                engine.cancel(job)
+            queue.put_nowait((None, {"type": "disconnected"}))
 
         watcher = asyncio.create_task(watch())
         try:
             while True:
-                event = await queue.get()
-                if event["type"] == "token":
-                    reply.add(event)
-                elif event["type"] == "disconnected":
-                    noise.note("client hang-ups", "a client hung up waiting for its reply; request %d cancelled", job.id)
+                index, event = await queue.get()
+                if event["type"] == "disconnected":
+                    noise.note("client hang-ups", "a client hung up waiting for its reply; request %d cancelled",
+                               jobs[0].id)
                     return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
-                elif event["type"] == "error":
-                    return _reply(_engine_error(service, job, event))
-                else:
-                    return JSONResponse(reply.final(event))
+                if event["type"] == "error":
+                    return _reply(_engine_error(service, jobs[index], event))
+                reply.add(index, event)
+                if reply.finished:
+                    return JSONResponse(reply.final())
         finally:
             watcher.cancel()
-            if not job.done:
-                engine.cancel(job)
+            for job in jobs:  # the client left, or one choice failed: the others end too
+                if not job.done:
+                    engine.cancel(job)
 
     async def completions(request: Request) -> Response:
         return await handle(request, chat=False)
@@ -182,10 +212,20 @@ def build_app(service: Service) -> LastResort:
     async def chat_completions(request: Request) -> Response:
         return await handle(request, chat=True)
 
+    def model_card() -> dict:
+        return {"id": service.model_name, "object": "model", "created": int(engine.metrics.started),
+                "owned_by": "edgemoe", "context_length": service.n_ctx,
+                "chat_template": service.chat_template.origin}  # "model" | "file" | "plain"
+
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": service.model_name, "object": "model", "created": int(engine.metrics.started),
-             "owned_by": "edgemoe", "context_length": service.n_ctx}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: Request) -> Response:  # the client's models.retrieve(id)
+        model_id = request.path_params["model_id"]
+        if model_id != service.model_name:
+            return _error(404, f"the model '{model_id}' does not exist here; this server serves "
+                               f"'{service.model_name}' (GET /v1/models)", "model")
+        return JSONResponse(model_card())
 
     async def health(request: Request) -> Response:
         ok = engine.is_alive()
@@ -202,9 +242,14 @@ def build_app(service: Service) -> LastResort:
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+              Route("/tokenize", route(tokenize, service), methods=["POST"]),
+              Route("/detokenize", route(detokenize, service), methods=["POST"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
-    return LastResort(lambda on_exception: Starlette(routes=routes, exception_handlers={Exception: on_exception}))
+    app = LastResort(lambda on_exception: Starlette(routes=routes, exception_handlers={
+        Exception: on_exception, HTTPException: http_error}))
+    return app if api_key is None else ApiKeyAuth(app, api_key, noise)
 
 
 def _cache_figures(model) -> dict | None:
@@ -218,96 +263,50 @@ def _cache_figures(model) -> dict | None:
             "recovered_reads": io.get("recovered_reads", 0), "failed_reads": io.get("errors", 0)}
 
 
-class Reply:
-    """Builds OpenAI-shaped bodies (whole replies and stream chunks) from engine events."""
-
-    def __init__(self, service: Service, chat: bool, job: Job):
-        self.service, self.chat, self.job = service, chat, job
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.text: list[str] = []
-        self.events: list[dict] = []
-
-    def add(self, event: dict) -> None:
-        self.text.append(event["text"])
-        self.events.append(event)
-
-    def _piece(self, tok: int) -> str:
-        tk = self.service.tokenizer
-        return tk.token_to_piece(tok) if tk is not None else str(tok)
-
-    def _logprobs(self, events: list[dict]) -> dict | None:
-        if not self.job.logprobs:
-            return None
-        if self.chat:
-            return {"content": [{"token": self._piece(e["id"]), "id": e["id"], "logprob": e["logprob"],
-                                 "top_logprobs": [{"token": self._piece(i), "id": i, "logprob": lp}
-                                                  for i, lp in e["top"]]} for e in events]}
-        return {"tokens": [self._piece(e["id"]) for e in events], "token_ids": [e["id"] for e in events],
-                "token_logprobs": [e["logprob"] for e in events],
-                "top_logprobs": [{self._piece(i): lp for i, lp in e["top"]} for e in events]}
-
-    def _head(self, chunk: bool) -> dict:
-        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.service.model_name}
-
-    @staticmethod
-    def usage(done: dict) -> dict:
-        return {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
-                "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
-
-    def final(self, done: dict) -> dict:
-        text = "".join(self.text)
-        choice = {"index": 0, "finish_reason": done["finish_reason"], "logprobs": self._logprobs(self.events),
-                  "token_ids": [e["id"] for e in self.events]}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {**self._head(False), "choices": [choice], "usage": self.usage(done)}
-
-    def chunk(self, events: list[dict], finish_reason: str | None = None, first: bool = False) -> dict:
-        text = "".join(e["text"] for e in events)
-        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": self._logprobs(events) if events else None,
-                  "token_ids": [e["id"] for e in events]}
-        if self.chat:
-            delta = {"content": text} if events else {}  # the last chunk carries finish_reason only
-            choice["delta"] = {"role": "assistant", **delta} if first else delta
-        else:
-            choice["text"] = text
-        return {**self._head(True), "choices": [choice]}
-
-
 def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(service: Service, job: Job, queue: asyncio.Queue, reply: Reply):
-    """Server-sent events: one chunk per token, a last chunk with finish_reason and usage, then [DONE]."""
+async def _sse(service: Service, jobs: list[Job], queue: asyncio.Queue, reply: Reply):
+    """Server-sent events: a chunk per token of each choice (interleaved as they come), a last chunk per choice
+    with its finish_reason, the usage (in a chunk of its own with stream_options.include_usage, else in the
+    last choice's last chunk), then [DONE]."""
     engine = service.engine
-    first = True
+    started: set[int] = set()  # choices whose first chunk went out (in chat, it carries the role)
     finished = False  # the reply ran to its end (else the client went away, or the server is stopping)
     try:
+        for c in reply.choices:  # completions with echo: the prompt first
+            if c.echo:
+                yield _data(reply.chunk(c.index, [], text=c.echo))
         while True:
-            event = await queue.get()
+            index, event = await queue.get()
             if event["type"] == "token":
-                yield _data(reply.chunk([event], first=first))
-                first = False
+                yield _data(reply.chunk(index, [event], first=index not in started))
+                started.add(index)
             elif event["type"] == "error":
                 finished = True
-                yield _data(_engine_error(service, job, event).body())
+                yield _data(_engine_error(service, jobs[index], event).body())
                 yield "data: [DONE]\n\n"
                 return
             else:
+                reply.add(index, event)
+                last = reply.chunk(index, [], finish_reason=event["finish_reason"])
+                if not reply.finished:
+                    yield _data(last)
+                    continue
                 finished = True
-                last = reply.chunk([], finish_reason=event["finish_reason"])
-                last["usage"] = reply.usage(event)
-                yield _data(last)
+                if reply.include_usage:
+                    yield _data(last)
+                    yield _data(reply.usage_chunk())
+                else:
+                    yield _data({**last, "usage": reply.usage()})
                 yield "data: [DONE]\n\n"
                 return
     finally:
-        if not job.done:  # the client went away (the stream was cancelled) or the server is stopping
+        unfinished = [job for job in jobs if not job.done]
+        if unfinished:  # the client went away (the stream was cancelled), the server is stopping, or a choice failed
             if not finished:
                 service.noise.note("client hang-ups", "a client hung up during its streamed reply; request %d "
-                                   "cancelled", job.id)
-            engine.cancel(job)
+                                   "cancelled", jobs[0].id)
+            for job in unfinished:
+                engine.cancel(job)

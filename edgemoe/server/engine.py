@@ -3,7 +3,9 @@ for the scheduler's running batch.
 
 Each request keeps its own KV cache (sized to its prompt + max_tokens) and sampler. The pass runs every
 row with the same arithmetic whatever else is in it (Model.forward_batch), so outputs do not depend on
-what else is running: greedy results equal `edgemoe run --temp 0`, with or without speculation.
+what else is running: greedy results equal `edgemoe run --temp 0`, with or without speculation. The core's
+prefix cache (engine/prefix_cache.py) lives on this thread too: a new request starts from the KV rows of
+the longest prompt prefix it shares with an ended or running request, bit-identical to prefilling them.
 
 The HTTP side talks to the engine through `submit` / `cancel` / `shutdown` and receives events through
 each request's `emit` callback, which it points at an asyncio queue (loop.call_soon_threadsafe).
@@ -35,6 +37,8 @@ class Engine:
         self.core = core
         core.on_end = self._finished
         self.metrics = core.metrics
+        if self.metrics is not None and core.prefix_cache is not None:  # /health and /metrics show its size
+            self.metrics.prompt_cache = core.prefix_cache.figures
         self.scheduler = scheduler
         self.bind_thread = bind_thread
         self.threads = None  # Numba's thread count on the engine thread, once it runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 
 class Metrics:
@@ -15,7 +16,9 @@ class Metrics:
         self.window_s = window_s
         self.started = time.time()
         self.tokens_generated = 0
-        self.prompt_tokens = 0
+        self.prompt_tokens = 0  # prefilled: run through the model
+        self.prompt_tokens_reused = 0  # copied from the prefix cache instead
+        self.prompt_cache: Callable[[], dict] | None = None  # the engine's PrefixCache.figures, when it has one
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
         self.requests = {"ok": 0, "cancelled": 0, "error": 0, "rejected": 0}
@@ -43,6 +46,10 @@ class Metrics:
             self.prompt_tokens += n_tokens
             self.prefill_seconds += seconds
 
+    def prompt_reused(self, n_tokens: int) -> None:
+        with self._lock:
+            self.prompt_tokens_reused += n_tokens
+
     def speculative(self, drafted: int, accepted: int) -> None:
         with self._lock:
             self.draft_tokens += drafted
@@ -66,12 +73,15 @@ class Metrics:
         """The figures as a dict (for /health and the repl's /stats)."""
         with self._lock:
             snap = {"tokens_generated": self.tokens_generated, "prompt_tokens": self.prompt_tokens,
+                    "prompt_tokens_reused": self.prompt_tokens_reused,
                     "prefill_seconds": round(self.prefill_seconds, 4), "decode_seconds": round(self.decode_seconds, 4),
                     "requests": dict(self.requests), "queue_length": self.queue_length,
                     "running": self.running, "steps": self.steps,
                     "speculative": {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
                                     "acceptance_rate": round(self.accepted_tokens / self.draft_tokens, 4)
                                     if self.draft_tokens else 0.0}}
+        if self.prompt_cache is not None:
+            snap["prompt_cache"] = self.prompt_cache()
         snap["tokens_per_second"] = round(self.tokens_per_second(), 3)
         snap["uptime_seconds"] = round(time.time() - self.started, 1)
         return snap
@@ -87,7 +97,16 @@ def prometheus(snap: dict, cache: dict | None) -> str:
         lines.extend(f"edgemoe_{name}{labels} {value}" for labels, value in samples)
 
     metric("tokens_generated_total", "counter", "Tokens generated.", [("", snap["tokens_generated"])])
-    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", snap["prompt_tokens"])])
+    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled (run through the model).",
+           [("", snap["prompt_tokens"])])
+    metric("prompt_tokens_reused_total", "counter", "Prompt tokens whose KV rows were copied from the prompt cache "
+           "instead of prefilled.", [("", snap["prompt_tokens_reused"])])
+    pc = snap.get("prompt_cache")
+    if pc is not None:
+        metric("prompt_cache_bytes", "gauge", "Bytes of KV rows the prompt cache holds.", [("", pc["bytes"])])
+        metric("prompt_cache_entries", "gauge", "Sequences the prompt cache holds.", [("", pc["entries"])])
+        metric("prompt_cache_evictions_total", "counter", "Sequences evicted from the prompt cache for room.",
+               [("", pc["evictions"])])
     metric("prefill_seconds_total", "counter", "Seconds spent prefilling prompts.", [("", snap["prefill_seconds"])])
     metric("decode_seconds_total", "counter", "Seconds spent decoding.", [("", snap["decode_seconds"])])
     metric("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
