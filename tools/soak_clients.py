@@ -22,9 +22,9 @@ PROMPTS = ["KING HENRY.\n", "ROMEO.\nO", "To be, or not to be", "First Citizen.\
 BAD = [
     ("malformed_json", "POST", "/v1/completions", b'{"prompt": "KING", "max_tokens": 4'),
     ("not_json", "POST", "/v1/chat/completions", b"hello there"),
-    ("unknown_field", "POST", "/v1/completions", b'{"prompt": "KING", "max_tokens": 4, "bogus": 1}'),
-    ("unknown_message_field", "POST", "/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "hi", "name2": 1}]}'),
+    ("unsupported_field", "POST", "/v1/completions", b'{"prompt": "KING", "max_tokens": 4, "suffix": "x"}'),
+    ("image_part", "POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}'),
     ("lone_surrogate", "POST", "/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 2}'),
     ("lone_surrogate_chat", "POST", "/v1/chat/completions",
      b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}'),

@@ -62,7 +62,7 @@ def read_key_file(path: str, source: str = "--api-key-file") -> str:
 
 class ApiKeyAuth:
     """ASGI middleware in front of the app: a request without the key gets 401 in OpenAI's error shape before
-    any route runs (nor is its body read)."""
+    any route runs (its body is drained, up to DRAIN_BYTES, and dropped)."""
 
     def __init__(self, app, key: str, noise=None):
         self.app = app
@@ -82,7 +82,7 @@ class ApiKeyAuth:
         if scope["type"] != "http":  # a websocket: no route takes one, and none may without the key
             await send({"type": "websocket.close", "code": 1008})
             return
-        await _unauthorized(send, problem)
+        await _unauthorized(receive, send, problem)
 
     def _problem(self, headers) -> str | None:
         """None when the request carries the key, else what is wrong (for the reply; never the key sent)."""
@@ -99,8 +99,19 @@ class ApiKeyAuth:
         return None
 
 
-async def _unauthorized(send, message: str) -> None:
-    # Closed after the reply: a body the client may still be sending is not read for it.
+DRAIN_BYTES = 64 << 10  # a refused request's body read and dropped up to this, so closing never resets the reply
+
+
+async def _unauthorized(receive, send, message: str) -> None:
+    # The body is read (up to DRAIN_BYTES) before the reply: closing a socket with unread data in it sends a
+    # TCP reset, which can reach the client before the 401 does. A larger body is not read for nobody.
+    drained, more = 0, True
+    while more and drained <= DRAIN_BYTES:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            break
+        drained += len(msg.get("body", b""))
+        more = msg.get("more_body", False)
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                  "code": "invalid_api_key"}}).encode()
     await send({"type": "http.response.start", "status": 401,
