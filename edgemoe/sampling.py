@@ -27,7 +27,7 @@ Shapes: V = vocabulary size, n = candidates still in the running.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +110,8 @@ class Sampler:
     penalties count only the tokens after them (OpenAI's definition), the repeat penalty counts all.
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int, n_prompt: int = 0) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, n_prompt: int = 0,
+                 mask: Callable[[np.ndarray], None] | None = None) -> None:
         params.validate()
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
@@ -120,6 +121,7 @@ class Sampler:
         self.params = params
         self.vocab_size = vocab_size
         self.n_prompt = n_prompt
+        self.mask = mask  # sets forbidden tokens' logits to -inf in place (a grammar: engine/grammar.py); None = off
         self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)  # (b,)
         self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)  # (b,)
         self._logits = np.empty(vocab_size, dtype=np.float32)  # (V,) penalised copy
@@ -175,7 +177,7 @@ class Sampler:
         return float(self._rng.random())
 
     def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """A (V,) float32 copy of `logits` with the logit bias and the penalties applied. `sample` and
+        """A (V,) float32 copy of `logits` with the logit bias, the penalties and the mask applied. `sample` and
         `distribution` both start here, so speculative verification sees the same chain as sampling."""
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits shape {logits.shape} != ({self.vocab_size},)")
@@ -184,6 +186,8 @@ class Sampler:
         if self._bias_ids.size:
             w[self._bias_ids] += self._bias
         self._apply_penalties(w, history)
+        if self.mask is not None:  # after bias and penalties, before top-k/top-p/temperature
+            self.mask(w)
         return w
 
     def _candidates(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -325,9 +325,9 @@ def test_served_penalties_equal_a_numpy_greedy_loop(oai, model):
     (False, {"logit_bias": {"5": 200}}, "logit_bias.5", "-100 to 100"),
     (False, {"n": 0}, "n", "from 1"),
     (False, {"echo": True, "logprobs": 2}, "echo", "logprobs"),
-    (True, {"response_format": {"type": "json_object"}}, "response_format", "constrained decoding"),
-    (True, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format", "constrained decoding"),
+    (True, {"response_format": {"type": "json_object"}}, "response_format", '"JSON" in the messages'),
+    (True, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "response_format", "cannot be compiled"),
     (True, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calls are not supported"),
     (True, {"tool_choice": "required"}, "tool_choice", "tool calls are not supported"),
     (True, {"messages": [{"role": "user", "content": [

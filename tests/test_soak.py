@@ -14,7 +14,7 @@ from conftest import REPO
 
 def soak(tmp_path, *extra: str) -> dict:
     out = tmp_path / "soak.json"
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "soak.py"), "--minutes", "0.25", "--clients", "8",
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "soak.py"), "--minutes", "0.15", "--clients", "8",
                         "--json", str(out), *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode in (0, 1) and out.exists(), r.stdout + r.stderr
     report = json.loads(out.read_text())

@@ -63,7 +63,9 @@ class EngineCore:
     def admit(self, req: Request) -> None:
         """Create the request's KV cache, sampler and detokeniser (and its proposers' state)."""
         req.cache = self.model.new_cache(len(req.prompt_ids) + req.max_tokens)
-        req.sampler = Sampler(req.params, self.model.args.vocab_size, n_prompt=len(req.prompt_ids))
+        if req.grammar is not None:
+            req.matcher = req.grammar.matcher()
+        req.sampler = Sampler(req.params, self.model.args.vocab_size, n_prompt=len(req.prompt_ids), mask=req.matcher)
         if self.tokenizer is not None:
             from ..tokenizer import StreamDecoder
 
@@ -186,6 +188,8 @@ class EngineCore:
             return {}
         reqs, ks = [], []
         for req in decoding:
+            if req.matcher is not None:  # drafts would need masks at positions the matcher has not reached: no drafts
+                continue
             k = self.gate.choose(req.spec, base_rows, req.max_tokens - len(req.tokens))
             if k > 0:
                 base_rows += k
@@ -297,6 +301,10 @@ class EngineCore:
         piece = req.decoder.push(tok) if req.decoder is not None else ""
         text = req.stopper.push(piece)
         reason = "stop" if req.stopper.stopped or tok in self.eos_ids or tok in req.stop_ids else None
+        if req.matcher is not None and reason is None:
+            req.matcher.consume(tok)
+            if req.matcher.stopped:  # the JSON is complete: only end-of-sequence may follow, which needs no pass
+                reason = "stop"
         if reason is None and len(req.tokens) >= req.max_tokens:
             reason = "length"
         if reason is not None and not req.stopper.stopped:
@@ -322,10 +330,10 @@ def run_to_end(core: EngineCore, req: Request) -> Request:
 
 
 def generate(model, prompt_ids: list[int], max_tokens: int, params, *, tokenizer=None, gate: Gate | None = None,
-             eos: bool = True) -> Request:
+             eos: bool = True, grammar=None) -> Request:
     """One request through a fresh core: a tool's or a test's shortcut to the same lifecycle as `run`.
-    eos=False ignores end-of-sequence tokens (always `max_tokens` tokens)."""
+    eos=False ignores end-of-sequence tokens (always `max_tokens` tokens); `grammar` constrains the reply."""
     core = EngineCore(model, tokenizer, gate=gate)
     if not eos:
         core.eos_ids = set()
-    return run_to_end(core, Request(prompt_ids, max_tokens, params))
+    return run_to_end(core, Request(prompt_ids, max_tokens, params, grammar=grammar))

@@ -24,7 +24,8 @@ class Request:
 
     def __init__(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, *, stops: list[str] = (),
                  stop_ids: Iterable[int] = (),
-                 logprobs: int = 0, priority: str | None = None, emit: Callable[[dict], None] = lambda ev: None):
+                 logprobs: int = 0, priority: str | None = None, grammar=None,
+                 emit: Callable[[dict], None] = lambda ev: None):
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.max_tokens = max_tokens
@@ -34,6 +35,7 @@ class Request:
         self.cancelled = False  # set by the client side or shutdown
         self.emit = emit
         self.stopper = StopMatcher(list(stops))
+        self.grammar = grammar  # engine.grammar.Grammar the reply must follow (JSON); None = free text
         self.stop_ids = frozenset(stop_ids)  # tokens that end this request besides the vocabulary's eos (chat: end of turn)
         self.tokens: list[int] = []
         self.submitted = time.monotonic()
@@ -43,6 +45,7 @@ class Request:
         self.cache = None
         self.sampler: Sampler | None = None
         self.decoder = None
+        self.matcher = None  # engine.grammar.Matcher: where the reply is in `grammar`
         self.history: list[int] = []
         self.logits: np.ndarray | None = None  # (V,) for the next position; None while prefilling
         self.residual: tuple[np.ndarray, np.ndarray] | None = None  # (ids, probs): draw the next token from
@@ -61,7 +64,7 @@ class Request:
     def sibling(self, params: SamplingParams, emit: Callable[[dict], None]) -> Request:
         """A fresh request asking what this one asks, with other sampling `params` (the server's `n` choices)."""
         return Request(self.prompt_ids, self.max_tokens, params, stops=self.stopper.stops, stop_ids=self.stop_ids,
-                       logprobs=self.logprobs, priority=self.priority, emit=emit)
+                       logprobs=self.logprobs, priority=self.priority, grammar=self.grammar, emit=emit)
 
     @property
     def prefill_tok_s(self) -> float:

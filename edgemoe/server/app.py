@@ -23,6 +23,7 @@ from ..sampling import SamplingParams
 from .auth import ApiKeyAuth
 from .body import decode_json, read_body
 from .choices import choice_seed, make_jobs, submit_all
+from .constraints import json_grammar
 from .engine import Engine
 from .guard import LastResort, internal_error, new_error_id
 from .http_errors import http_error
@@ -98,8 +99,9 @@ class Service:
             seed=choice_seed(_pick(req.seed, d.seed), req.choice),
             presence_penalty=_pick(req.presence_penalty, d.presence_penalty),
             frequency_penalty=_pick(req.frequency_penalty, d.frequency_penalty), logit_bias=req.logit_bias)
+        grammar = None if req.json_schema is None else json_grammar(req.json_schema, self.tokenizer, vocab)
         return Job(ids, max_tokens, params, stops=req.stop, stop_ids=self.chat_template.stop_ids if req.chat else (),
-                   logprobs=req.logprobs, priority=req.priority, emit=emit)
+                   logprobs=req.logprobs, priority=req.priority, grammar=grammar, emit=emit)
 
 
 def _pick(v, default):

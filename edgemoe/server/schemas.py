@@ -1,7 +1,7 @@
 """Request validation for the OpenAI-style endpoints: every error names the offending field (HTTP 400).
 
 Every field of OpenAI's completions and chat-completions references is accepted. What edgemoe cannot honour
-(`suffix`, image or audio input, `best_of` > `n`, JSON or tool-call output: constraints.py) is a 400 naming the
+(`suffix`, image or audio input, `best_of` > `n`, tool-call output: constraints.py) is a 400 naming the
 field; fields that do not change the tokens (`user`, `metadata`, `store`, `service_tier`, `prediction`, ...) and
 other servers' vendor fields are ignored.
 """
@@ -58,6 +58,7 @@ class CompletionRequest:
     choice: int = 0  # the choice index a job answers: its seed is seed + choice
     priority: str | None = None
     model: str | None = None
+    json_schema: dict | None = None  # response_format: the JSON schema the reply follows; None = free text
 
 
 # field → (test, description)
@@ -101,7 +102,7 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     req.include_usage = _stream_options(body.get("stream_options"))
     req.stop = _stops(body.get("stop"))
     req.logit_bias = _logit_bias(body.get("logit_bias"))
-    output_constraint(body, chat)  # free text only, for now: JSON and tool-call formats are 400
+    req.json_schema = output_constraint(body, chat)  # JSON (a schema) or free text; tool calls are 400
     _refuse_unsupported(body, chat, req.n)
     if chat:
         req.messages = _messages(body.get("messages"))
