@@ -111,12 +111,19 @@ def test_stop_matcher_holds_back_possible_prefixes():
     assert m.push("EN") == "" and m.flush() == "EN"  # the stream ended without a match
 
 
+def test_negative_seeds_as_clients_send_them():
+    assert parse_request({"prompt": "x", "seed": -1}, False).seed is None  # llama.cpp's "fresh seed"
+    assert parse_request({"prompt": "x", "seed": -2}, False).seed == 2**64 - 2  # an int64 read as 64 bits
+    assert parse_request({"prompt": "x", "seed": 5}, False).seed == 5
+
+
 @pytest.mark.parametrize("body, chat, param", [
     ({"prompt": "x", "max_tokens": 0}, False, "max_tokens"),
     ({"prompt": "x", "max_tokens": True}, False, "max_tokens"),
     ({"prompt": "x", "top_k": 1.5}, False, "top_k"),
     ({"prompt": "x", "min_p": 1}, False, "min_p"),
-    ({"prompt": "x", "seed": -1}, False, "seed"),
+    ({"prompt": "x", "seed": -(2**63) - 1}, False, "seed"),
+    ({"prompt": "x", "seed": 2**64}, False, "seed"),
     ({"prompt": "x", "logprobs": 99}, False, "logprobs"),
     ({"prompt": "x", "n": 0}, False, "n"),
     ({"prompt": ""}, False, "prompt"),

@@ -72,7 +72,8 @@ _NUMERIC = {
     "repeat_penalty": (lambda v: is_num(v) and MIN_SCALE <= v <= MAX_SCALE,
                        f"a number from {MIN_SCALE:g} to {MAX_SCALE:g} (1 = off)"),
     "repeat_last_n": (lambda v: is_int(v) and v >= -1, "an integer >= -1"),
-    "seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+    "seed": (lambda v: is_int(v) and -(2**63) <= v <= MAX_SEED,
+             f"an integer from {-(2**63)} to {MAX_SEED} (-1: a fresh seed, as llama.cpp)"),
     "presence_penalty": (lambda v: is_num(v) and -MAX_PENALTY <= v <= MAX_PENALTY,
                          f"a number from {-MAX_PENALTY:g} to {MAX_PENALTY:g} (0 = off)"),
     "frequency_penalty": (lambda v: is_num(v) and -MAX_PENALTY <= v <= MAX_PENALTY,
@@ -91,6 +92,8 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
         if v is not None:
             check(ok(v), name, what, v)
             setattr(req, name, v)
+    if req.seed is not None and req.seed < 0:  # OpenAI's seed is an int64; llama.cpp's -1 asks for a fresh one
+        req.seed = None if req.seed == -1 else req.seed % (MAX_SEED + 1)
     _max_completion_tokens(body, req)
     for name in ("model", "priority"):
         v = body.get(name)
