@@ -283,8 +283,8 @@ def stream_figures(experts) -> dict:
                   "resident_bytes": experts.cache.resident_bytes},
         "io": {"read_gb_s": round(io["gbps"], 3), "latency_ms_p50": round(io["p50_ms"], 3),
                "latency_ms_p99": round(io["p99_ms"], 3), "reads": io["reads"], "merged_reads": io["merged_reads"],
-               "degraded_reads": io["degraded_reads"], "retries": io.get("retries", 0),
-               "recovered_reads": io.get("recovered_reads", 0), "failed_reads": io.get("errors", 0)},
+               "degraded_reads": io["degraded_reads"], "retries": io["retries"],
+               "recovered_reads": io["recovered_reads"], "failed_reads": io["errors"]},
         "prefetch": st["prefetch"],
     }
 

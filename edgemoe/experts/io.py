@@ -25,7 +25,6 @@ import time
 import warnings
 import zlib
 from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,15 +57,6 @@ class ExpertIOError(EdgeMoEError):
 
 class ChecksumError(EdgeMoEError):
     """An expert's bytes do not match the crc32 recorded in the pack manifest."""
-
-
-@dataclass
-class IOStats(ReaderStats):
-    """ReaderStats plus what failed reads cost (`errors` counts the reads that failed every attempt)."""
-
-    retries: int = 0  # attempts repeated after a failed one (EIO, short read, checksum mismatch)
-    recovered_reads: int = 0  # reads that succeeded after at least one retry: a fault no caller saw
-    last_error: str = ""  # the message of the last read that failed every attempt
 
 
 class _Job:
@@ -129,7 +119,7 @@ class ExpertReader:
                    the pool grows to `max_buffers`, then reads degrade to buffered reads into ordinary
                    memory (`stats.degraded_reads`). A read larger than `buffer_bytes` gets a one-off buffer.
     verify:        check the crc32 passed as `checksum=` to `read()` (costs one pass over the bytes).
-    A failed read is tried ATTEMPTS times in all before its handles raise; `stats` (IOStats) counts the
+    A failed read is tried ATTEMPTS times in all before its handles raise; `stats` (ReaderStats) counts the
     retries, the reads they saved (`recovered_reads`) and the reads that failed anyway (`errors`).
     """
 
@@ -142,7 +132,7 @@ class ExpertReader:
             )
         self.path = os.fspath(path)
         self.verify = verify
-        self.stats = IOStats(direct_io=False, queue_depth=queue_depth)
+        self.stats = ReaderStats(direct_io=False, queue_depth=queue_depth)
         try:
             self._fd_buffered = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:

@@ -22,7 +22,10 @@ class ReaderStats:
     cancelled: int = 0  # queued reads dropped (cancel_prefetches, close)
     degraded_reads: int = 0  # pool exhausted: buffered read into ordinary memory
     oversize_reads: int = 0  # larger than buffer_bytes: a one-off buffer
-    errors: int = 0  # reads that ended in an error (I/O, truncation, checksum)
+    errors: int = 0  # reads that failed every attempt (I/O, truncation, checksum)
+    retries: int = 0  # attempts repeated after a failed one (EIO, short read, checksum mismatch)
+    recovered_reads: int = 0  # reads that succeeded after at least one retry: a fault no caller saw
+    last_error: str = ""  # the message of the last read that failed every attempt
     bytes_read: int = 0  # bytes transferred from the file, alignment widening included
     bytes_requested: int = 0
     busy_s: float = 0.0  # wall time with at least one read in progress

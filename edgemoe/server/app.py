@@ -261,8 +261,8 @@ def _cache_figures(model) -> dict | None:
     st = experts.stats()
     io = st["io"]
     return {"hit_rate": st["cache"]["hit_rate"], "hits": st["cache"]["hits"], "misses": st["cache"]["misses"],
-            "bytes_read": io["bytes_read"], "read_retries": io.get("retries", 0),
-            "recovered_reads": io.get("recovered_reads", 0), "failed_reads": io.get("errors", 0)}
+            "bytes_read": io["bytes_read"], "read_retries": io["retries"],
+            "recovered_reads": io["recovered_reads"], "failed_reads": io["errors"]}
 
 
 def _data(obj) -> str:
