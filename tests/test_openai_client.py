@@ -328,8 +328,8 @@ def test_served_penalties_equal_a_numpy_greedy_loop(oai, model):
     (True, {"response_format": {"type": "json_object"}}, "response_format", '"JSON" in the messages'),
     (True, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
      "response_format", "cannot be compiled"),
-    (True, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calls are not supported"),
-    (True, {"tool_choice": "required"}, "tool_choice", "tool calls are not supported"),
+    (True, {"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name", "letters"),
+    (True, {"tool_choice": "required"}, "tool_choice", "without 'tools'"),
     (True, {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}]},
      "messages[0].content[1]", "image input"),

@@ -106,6 +106,13 @@ class ChatTemplate:
             text = text[len(self.bos_token):]
         return tok.encode(text, special=True)
 
+    @property
+    def tool_format(self):
+        """How this template's model writes tool calls (edgemoe.chat.tool_formats.ToolFormat)."""
+        from .tool_formats import detect_format
+
+        return detect_format(list(self.sources.values()))
+
     def _choose(self, tools):
         if tools is not None and "tool_use" in self._compiled:
             return self._compiled["tool_use"]

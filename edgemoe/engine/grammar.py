@@ -86,6 +86,16 @@ class Grammar:
             raise GrammarError(str(e)) from None
         return cls(grammar, tokenizer, vocab_size)
 
+    @classmethod
+    def lark(cls, lark: str, tokenizer, vocab_size: int) -> Grammar:
+        """Text following a Lark grammar in llguidance's dialect (`%json {...}` embeds a JSON schema, `<[id]>` is
+        one token): the tool-call formats of edgemoe.chat.tool_formats."""
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        except ValueError as e:
+            raise GrammarError(str(e)) from None
+        return cls(grammar, tokenizer, vocab_size)
+
     def matcher(self) -> Matcher:
         return Matcher(self)
 

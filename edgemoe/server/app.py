@@ -17,13 +17,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..chat.generic_tools import generic_messages
 from ..engine.request import Request as Job
 from ..errors import EdgeMoEError
 from ..sampling import SamplingParams
 from .auth import ApiKeyAuth
 from .body import decode_json, read_body
 from .choices import choice_seed, make_jobs, submit_all
-from .constraints import json_grammar
+from .constraints import json_grammar, tool_grammar
 from .engine import Engine
 from .guard import LastResort, internal_error, new_error_id
 from .http_errors import http_error
@@ -74,7 +75,7 @@ class Service:
             if self.tokenizer is None:
                 raise RequestError(f"this model carries no vocabulary; send '{field}' as a list of token ids",
                                    field)
-            ids = self.chat_template.encode(req.messages) if req.chat else self.tokenizer.encode(req.prompt)
+            ids = self._chat_ids(req) if req.chat else self.tokenizer.encode(req.prompt)
         if len(ids) >= self.n_ctx:
             raise RequestError(f"'{field}' is {len(ids)} tokens; the context holds {self.n_ctx} including the "
                                "reply; shorten it", field)
@@ -100,8 +101,29 @@ class Service:
             presence_penalty=_pick(req.presence_penalty, d.presence_penalty),
             frequency_penalty=_pick(req.frequency_penalty, d.frequency_penalty), logit_bias=req.logit_bias)
         grammar = None if req.json_schema is None else json_grammar(req.json_schema, self.tokenizer, vocab)
+        if req.chat and req.tools is not None and req.tools.active:
+            grammar = tool_grammar(self.chat_template.tool_format, req.tools, self.tokenizer, vocab)
         return Job(ids, max_tokens, params, stops=req.stop, stop_ids=self.chat_template.stop_ids if req.chat else (),
                    logprobs=req.logprobs, priority=req.priority, grammar=grammar, emit=emit)
+
+
+    def _chat_ids(self, req: CompletionRequest) -> list[int]:
+        """The chat prompt's ids: the template with the request's tools (edgemoe.chat.tool_formats) and its
+        `chat_template_kwargs`."""
+        tools = req.tools
+        if tools is None:
+            return self.chat_template.encode(req.messages, **req.template_kwargs)
+        if tools.active and self.chat_template.tool_format.generic:
+            messages = generic_messages(req.messages, tools.constrained_tools, parallel=tools.parallel,
+                                        auto=tools.choice == "auto")
+            return self.chat_template.encode(messages, **req.template_kwargs)
+        return self.chat_template.encode(req.messages, tools=tools.listed(), **req.template_kwargs)
+
+    def tool_reply(self, req: CompletionRequest):
+        """What Reply needs to read tool calls out of the replies (None: the replies are text)."""
+        if not req.chat or req.tools is None or not req.tools.active:
+            return None
+        return self.chat_template.tool_format, self.chat_template.stop_ids | self.engine.core.eos_ids, req.tools.legacy
 
 
 def _pick(v, default):
@@ -176,7 +198,7 @@ def build_app(service: Service, api_key: str | None = None):
             return _error(400, str(e), "messages" if chat else "prompt")
         reply = Reply(service.model_name, service.tokenizer, chat, len(jobs),
                       top_logprobs=req.top_logprobs if req.logprobs else None, echoes=echoes if req.echo else None,
-                      include_usage=req.stream and req.include_usage)
+                      include_usage=req.stream and req.include_usage, tools=service.tool_reply(req))
         reply.prompt_tokens = prompt_tokens
         if req.stream:
             return StreamingResponse(_sse(service, jobs, queue, reply), media_type="text/event-stream",
@@ -274,7 +296,6 @@ async def _sse(service: Service, jobs: list[Job], queue: asyncio.Queue, reply: R
     with its finish_reason, the usage (in a chunk of its own with stream_options.include_usage, else in the
     last choice's last chunk), then [DONE]."""
     engine = service.engine
-    started: set[int] = set()  # choices whose first chunk went out (in chat, it carries the role)
     finished = False  # the reply ran to its end (else the client went away, or the server is stopping)
     try:
         for c in reply.choices:  # completions with echo: the prompt first
@@ -283,8 +304,8 @@ async def _sse(service: Service, jobs: list[Job], queue: asyncio.Queue, reply: R
         while True:
             index, event = await queue.get()
             if event["type"] == "token":
-                yield _data(reply.chunk(index, [event], first=index not in started))
-                started.add(index)
+                for body in reply.token_chunks(index, event):
+                    yield _data(body)
             elif event["type"] == "error":
                 finished = True
                 yield _data(_engine_error(service, jobs[index], event).body())
@@ -292,7 +313,9 @@ async def _sse(service: Service, jobs: list[Job], queue: asyncio.Queue, reply: R
                 return
             else:
                 reply.add(index, event)
-                last = reply.chunk(index, [], finish_reason=event["finish_reason"])
+                for body in reply.end_chunks(index):
+                    yield _data(body)
+                last = reply.chunk(index, [], finish_reason=reply.finish_reason(reply.choices[index]))
                 if not reply.finished:
                     yield _data(last)
                     continue

@@ -1,12 +1,12 @@
-"""Constraints on the reply's form a request may ask for: `response_format` (JSON, a JSON schema) and tool calls
-(`tools`/`tool_choice`, the older `functions`/`function_call`).
+"""Constraints on the reply's form a request may ask for: `response_format` (JSON, a JSON schema); tool calls
+are tools.py's.
 
 `output_constraint` returns None for free text and the JSON schema the reply must follow for
 `{"type": "json_object"}` (any JSON object: {"type": "object"}) or `{"type": "json_schema", "json_schema":
 {"schema": ...}}`; `Service.make_job` compiles it for the vocabulary (`json_grammar`, engine/grammar.py) and the
 sampler masks every token that would leave the grammar. As OpenAI, json_object needs the word "JSON" (any case)
 in the messages, so the model is told what to write; `strict` is accepted either way, the schema is always
-enforced. Tool calls are still refused with a 400 naming the field.
+enforced.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from .checks import RequestError, check, show
 
 JSON_OBJECT = {"type": "object"}  # OpenAI's json_object mode: any JSON object
-_TOOLS = "tool calls are not supported yet (they need constrained decoding)"
 
 
 def output_constraint(body: dict, chat: bool) -> dict | None:
@@ -25,8 +24,6 @@ def output_constraint(body: dict, chat: bool) -> dict | None:
                                                                                  for m in messages):
         raise RequestError("'response_format' json_object needs the word \"JSON\" in the messages (as OpenAI's "
                            "API): tell the model to write JSON in a system or user message", "response_format")
-    if chat:
-        _tool_calls(body)
     return schema
 
 
@@ -61,21 +58,6 @@ def _text(message) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _tool_calls(body: dict) -> None:
-    """RequestError for tool calls: the model may call none, whatever tools are listed, or the field is named."""
-    for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
-        defined, pick = body.get(tools), body.get(choice)
-        check(defined is None or isinstance(defined, list), tools, "a list", defined)
-        check(pick is None or isinstance(pick, (str, dict)), choice, '"none", "auto", "required" or an object', pick)
-        if pick == "none":
-            continue  # the model is told not to call any: plain text, whatever tools are listed
-        if isinstance(pick, dict) or pick == "required":
-            raise RequestError(f"'{choice}' {show(pick)}: {_TOOLS}; leave '{choice}' out or send \"none\"", choice)
-        check(pick in (None, "auto"), choice, '"none", "auto", "required" or an object', pick)
-        if defined:
-            raise RequestError(f"'{tools}': {_TOOLS}; leave '{tools}' out or send '{choice}': \"none\"", tools)
-
-
 def json_grammar(schema: dict, tokenizer, vocab_size: int):
     """The compiled grammar of `schema` for the vocabulary; RequestError naming `response_format` if it cannot be."""
     from ..engine.grammar import Grammar, GrammarError
@@ -87,3 +69,20 @@ def json_grammar(schema: dict, tokenizer, vocab_size: int):
         return Grammar.json_schema(schema, tokenizer, vocab_size)
     except GrammarError as e:
         raise RequestError(f"'response_format' schema cannot be compiled: {e}", "response_format") from None
+
+
+def tool_grammar(fmt, tools, tokenizer, vocab_size: int):
+    """The compiled grammar of a reply that must call one of `tools` (a ToolRequest) in `fmt`, or of any reply
+    in the generic format; None when the reply is free (the model may answer or call)."""
+    from ..engine.grammar import Grammar, GrammarError
+
+    auto = tools.choice == "auto"
+    if auto and not fmt.generic:
+        return None
+    if tokenizer is None:
+        raise RequestError("tool calls need the model's vocabulary, and this model carries none", "tools")
+    try:
+        return Grammar.lark(fmt.grammar(tools.constrained_tools, tokenizer, tools.parallel, auto), tokenizer,
+                            vocab_size)
+    except GrammarError as e:
+        raise RequestError(f"the tools' parameter schemas cannot be compiled: {e}", "tools") from None

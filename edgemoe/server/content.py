@@ -20,7 +20,7 @@ _PART_TEXT = {"text": "text", "input_text": "text", "output_text": "text", "refu
 
 def message_text(content: Any, name: str, role: str) -> str:
     """The text of `content` (`name` is its field, "messages[2].content", for errors). An assistant message
-    that called tools may have null content: that is "" here (its tool calls are refused by the caller)."""
+    that called tools may have null content: that is "" here (its calls are server/tools.py's)."""
     if isinstance(content, str):
         return content
     if content is None and role == "assistant":

@@ -11,6 +11,7 @@ import time
 import uuid
 
 from .token_text import TokenTexts
+from .tool_reply import ToolSplitter, tool_calls_json
 
 
 class Choice:
@@ -23,14 +24,18 @@ class Choice:
         self.text: list[str] = []
         self.events: list[dict] = []
         self.done: dict | None = None  # the engine's "done" event once the choice has ended
+        self.splitter: ToolSplitter | None = None  # a chat reply that may call tools
+        self.calls: list = []  # its tool calls (edgemoe.chat.tool_formats.ToolCall), read when it ended
+        self.started = False  # a stream's first chunk went out (in chat, it carries the role)
 
 
 class Reply:
     """Builds the response bodies of one request from its choices' events."""
 
     def __init__(self, model_name: str, tokenizer, chat: bool, n_choices: int, *, top_logprobs: int | None,
-                 echoes: list[str] | None = None, include_usage: bool = False):
-        """top_logprobs: alternatives shown per token (None: no logprobs); echoes: each choice's echoed prompt."""
+                 echoes: list[str] | None = None, include_usage: bool = False, tools=None):
+        """top_logprobs: alternatives shown per token (None: no logprobs); echoes: each choice's echoed prompt;
+        tools: (ToolFormat, end-of-turn ids, legacy) when the reply may call tools (server/tools.py)."""
         self.model_name, self.tokenizer, self.chat = model_name, tokenizer, chat
         self.top_logprobs = top_logprobs
         self.include_usage = include_usage
@@ -38,6 +43,10 @@ class Reply:
         self.created = int(time.time())
         self.choices = [Choice(i, tokenizer, echoes[i] if echoes else "") for i in range(n_choices)]
         self.prompt_tokens = 0  # set by the caller: each distinct prompt's tokens, once
+        self.tool_format, self.legacy = (tools[0], tools[2]) if tools else (None, False)
+        if tools:
+            for c in self.choices:
+                c.splitter = ToolSplitter(tools[0], tokenizer, tools[1])
 
     @property
     def finished(self) -> bool:
@@ -67,16 +76,66 @@ class Reply:
         out = []
         for c in self.choices:
             text = "".join(c.text)
-            choice = {"index": c.index, "finish_reason": c.done["finish_reason"],
-                      "logprobs": self._logprobs(c, c.events), "token_ids": [e["id"] for e in c.events]}
+            logprobs = self._logprobs(c, c.events)
+            if c.splitter is not None:
+                released = [e for event in c.events for e in c.splitter.push(event)]
+                rest, content, c.calls = c.splitter.finish()
+                text = "".join(e["text"] for e in released + rest) + (content or "")
+            choice = {"index": c.index, "finish_reason": self.finish_reason(c), "logprobs": logprobs,
+                      "token_ids": [e["id"] for e in c.events]}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+                choice["message"] = {"role": "assistant", "content": text or (None if c.calls else ""),
+                                     "refusal": None, **self._calls(c)}
             else:
                 choice["text"] = c.echo + text
             out.append(choice)
         return {**self._head(False), "choices": out, "usage": self.usage()}
 
+    def finish_reason(self, c: Choice) -> str:
+        if c.calls:
+            return "function_call" if self.legacy else "tool_calls"
+        return c.done["finish_reason"]
+
+    def _calls(self, c: Choice, delta: bool = False) -> dict:
+        if not c.calls:
+            return {}
+        calls = tool_calls_json(self.tool_format, c.calls, delta)
+        if self.legacy:
+            return {"function_call": calls[0]["function"]}
+        return {"tool_calls": calls}
+
     # ------------------------------------------------------------------ streams
+
+    def token_chunks(self, index: int, event: dict) -> list[dict]:
+        """The chunks to send for a token event of choice `index` (none while it may be part of a tool call)."""
+        c = self.choices[index]
+        events = [event] if c.splitter is None else c.splitter.push(event)
+        return [self._content_chunk(c, events)] if events else []
+
+    def end_chunks(self, index: int) -> list[dict]:
+        """The chunks choice `index` still owes once it has ended (held content, its tool calls), before the last."""
+        c = self.choices[index]
+        if c.splitter is None:
+            return []
+        events, content, c.calls = c.splitter.finish()
+        out = [self._content_chunk(c, events)] if events else []
+        if content:
+            out.append(self._content_chunk(c, [], text=content))
+        if c.calls:
+            body = self.chunk(index, [], first=not c.started)
+            delta = body["choices"][0]["delta"]
+            delta.pop("content", None)
+            delta.update(self._calls(c, delta=True))
+            c.started = True
+            out.append(body)
+        return out
+
+    def _content_chunk(self, c: Choice, events: list[dict], text: str | None = None) -> dict:
+        body = self.chunk(c.index, events, first=not c.started, text=text)
+        if text is not None and self.chat:
+            body["choices"][0]["delta"]["content"] = text
+        c.started = True
+        return body
 
     def chunk(self, index: int, events: list[dict], finish_reason: str | None = None, first: bool = False,
               text: str | None = None) -> dict:

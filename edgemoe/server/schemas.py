@@ -1,9 +1,9 @@
 """Request validation for the OpenAI-style endpoints: every error names the offending field (HTTP 400).
 
 Every field of OpenAI's completions and chat-completions references is accepted. What edgemoe cannot honour
-(`suffix`, image or audio input, `best_of` > `n`, tool-call output: constraints.py) is a 400 naming the
-field; fields that do not change the tokens (`user`, `metadata`, `store`, `service_tier`, `prediction`, ...) and
-other servers' vendor fields are ignored.
+(`suffix`, image or audio input, `best_of` > `n`) is a 400 naming the field; tools and tool calls are
+tools.py's; fields that do not change the tokens (`user`, `metadata`, `store`, `service_tier`, `prediction`,
+...) and other servers' vendor fields are ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ..sampling import MAX_LOGIT_BIAS, MAX_PENALTY
 from .checks import RequestError, check, cut, is_int, is_num, show
 from .constraints import output_constraint
 from .content import message_text
+from .tools import ToolRequest, history_message, parse_tools
 
 __all__ = ["CompletionRequest", "RequestError", "chat_prompt", "parse_request"]
 
@@ -59,6 +60,8 @@ class CompletionRequest:
     priority: str | None = None
     model: str | None = None
     json_schema: dict | None = None  # response_format: the JSON schema the reply follows; None = free text
+    tools: ToolRequest | None = None  # chat: the functions the model may call
+    template_kwargs: dict = field(default_factory=dict)  # chat: `chat_template_kwargs`, extra template variables
 
 
 # field → (test, description)
@@ -105,10 +108,15 @@ def parse_request(body: Any, chat: bool) -> CompletionRequest:
     req.include_usage = _stream_options(body.get("stream_options"))
     req.stop = _stops(body.get("stop"))
     req.logit_bias = _logit_bias(body.get("logit_bias"))
-    req.json_schema = output_constraint(body, chat)  # JSON (a schema) or free text; tool calls are 400
+    req.json_schema = output_constraint(body, chat)  # JSON (a schema) or free text
     _refuse_unsupported(body, chat, req.n)
     if chat:
         req.messages = _messages(body.get("messages"))
+        req.tools = parse_tools(body)
+        req.template_kwargs = _template_kwargs(body.get("chat_template_kwargs"))
+        if req.tools is not None and req.tools.active and req.json_schema is not None:
+            raise RequestError("'response_format' JSON and tool calls cannot constrain one reply together; send "
+                               "'tool_choice': \"none\" or leave 'response_format' out", "response_format")
         lp, top = body.get("logprobs", False), body.get("top_logprobs")
         check(lp is None or isinstance(lp, bool), "logprobs", "true or false", lp)
         check(top is None or (is_int(top) and 0 <= top <= MAX_LOGPROBS), "top_logprobs",
@@ -240,12 +248,23 @@ def _messages(v: Any) -> list[dict]:
         check(isinstance(m, dict), name, "an object with 'role' and 'content'", m)
         role = m.get("role")
         check(isinstance(role, str) and role != "", f"{name}.role", "a non-empty string", role)
-        for calls in ("tool_calls", "function_call"):  # a past reply that called a tool cannot be written out
-            if m.get(calls):
-                raise RequestError(f"tool calls are not supported yet: '{name}.{calls}' cannot be given to the "
-                                   "model; leave it out", f"{name}.{calls}")
-        out.append({"role": role, "content": message_text(m.get("content"), f"{name}.content", role)})
+        out.append({"role": role, "content": message_text(m.get("content"), f"{name}.content", role),
+                    **history_message(m, name)})
     return out
+
+
+_TEMPLATE_OWN = ("messages", "tools", "documents", "add_generation_prompt")  # variables the server sets
+
+
+def _template_kwargs(v: Any) -> dict:
+    """`chat_template_kwargs` (vLLM's and llama.cpp's field, e.g. {"enable_thinking": false}): extra variables."""
+    if v is None:
+        return {}
+    check(isinstance(v, dict), "chat_template_kwargs", 'an object such as {"enable_thinking": false}', v)
+    for key in v:
+        check(key.isidentifier() and key not in _TEMPLATE_OWN, f"chat_template_kwargs.{cut(key)}",
+              f"a template variable name other than {', '.join(_TEMPLATE_OWN)}", key)
+    return dict(v)
 
 
 def chat_prompt(messages: list[dict]) -> str:
