@@ -138,7 +138,7 @@ FRACTION = number("a number in (0, 1]", lambda v: 0 < v <= 1)
 @dataclass(frozen=True)
 class InferenceConfig:
     model: str | None = setting(None, optional(file_path("a model path"), "null"),
-                                "GGUF file, expert pack or HF checkpoint directory (null: give it with -m)")
+                                "GGUF file, expert pack or HF checkpoint directory (null: -m, else the embedded model)")
     quantization: str = setting("auto", QUANT, "expert quantization `edgemoe partition` writes; auto = keep the source's")
 
 

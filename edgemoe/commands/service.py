@@ -209,7 +209,8 @@ def next_steps(user: str, config: str, python: str, dry_run: bool) -> str:
     elif not _exists(grp.getgrnam, user):
         lines.append(f"  groupadd --system {user}")
     lines += [f"  usermod -aG {user} YOUR_USER    # who may use the socket (log in again to take effect)",
-              f"  # set inference.model in {config} to a model under /srv/edgemoe that {user} may read, then:",
+              f"  # set inference.model in {config} to a model under /srv/edgemoe that {user} may read "
+              "(null: the embedded model), then:",
               f"  {python} -m edgemoe config check {config}",
               "  systemctl daemon-reload",
               "  systemctl enable --now edgemoe.socket",
