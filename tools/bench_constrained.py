@@ -14,8 +14,9 @@ medians over --runs; and per token, inside a greedy constrained decode of the mo
 library's matcher as the mask: the library's bitmask, applying it to the (V,) float32 logits (the same unpacking
 + -inf for every library, as Matcher does) and advancing by the chosen token, as a share of a free decode token
 measured in the same run. The adapters live here (a benchmark, not a runtime dependency): llguidance through
-engine/grammar.py's own Grammar and Matcher; outlines-core (Vocabulary from the token bytes, the schema's regex
-with no free whitespace, Index, Guide); xgrammar (TokenizerInfo of the raw token bytes, compact separators).
+engine/grammar.py's own Grammar and Matcher (its calls, the two halves timed apart); outlines-core (Vocabulary
+from the token bytes, the schema's regex with no free whitespace, Index, Guide); xgrammar (TokenizerInfo of the
+raw token bytes, compact separators).
 Control tokens write no bytes and are never allowed as text by any of them. With "all", each library's masks are
 also compared with llguidance's along llguidance's tokens.
 
