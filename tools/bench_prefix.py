@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             turn[:] = previous + first_token(core, previous, REPLY)[1].tokens + new
 
         cases["turn"] = bench_case(plain, reuse, turn, previous_turn, args.runs)
-        threads = session.threads_used
+        threads = session.thread_figures()
         layout = session.layout()
         model = session.model_path
     finally:

@@ -44,6 +44,7 @@ def main(args) -> int:
     from ..engine.core import run_to_end
     from ..engine.request import Request
     from ..engine.session import Session
+    from ..engine.threads import describe as describe_threads
     from ..membw import memory_read_gbs
     from ..sampling import SamplingParams
 
@@ -90,7 +91,7 @@ def main(args) -> int:
         bar.update()
     bar.close()
     figures = session.stream_figures()
-    threads = session.threads_used
+    threads = session.thread_figures(core)
     session.close()
 
     sizes = model_sizes(loaded)
@@ -113,7 +114,7 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"model        {loaded.path}  ({threads} threads, median of {args.repeat})")
+    print(f"model        {loaded.path}  ({describe_threads(threads)}, median of {args.repeat})")
     print(f"prefill      {out['prefill_tok_s']:.1f} tok/s ({args.prompt_tokens}-token prompt)")
     print(f"decode       {decode:.2f} tok/s = {decode / bound:.0%} of the {bound:.1f} tok/s bound "
           f"({sizes['dense_bytes_per_token'] / 1e6:.1f} MB dense + {sizes['expert_bytes_per_token'] / 1e6:.1f} MB "

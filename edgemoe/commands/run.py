@@ -176,7 +176,7 @@ def main(args) -> int:
                         "prefill_s": round(req.prefill_s, 4), "decode_s": round(req.decode_s, 4),
                         "prompt_tokens": len(req.prompt_ids), "generated_tokens": len(req.tokens)},
             "layout": session.layout(),
-            "threads": session.threads_used,
+            "threads": session.thread_figures(core),
             "speculative": spec,
             **streaming,
         }, ensure_ascii=False))

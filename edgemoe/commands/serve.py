@@ -236,7 +236,8 @@ def main(args) -> int:
                         bind_thread=session.bind_thread)
 
         def info() -> dict:
-            return {"threads": engine.threads, "layout": session.layout(),
+            threads = engine.threads if session.threads is not None else session.thread_figures(engine.core)
+            return {"threads": threads, "layout": session.layout(),
                     "streaming": session.stream is not None, "speculative": engine.core.proposer_name,
                     **{k: v for k, v in session.stream_figures().items() if k == "thermal"}}
 

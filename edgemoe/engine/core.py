@@ -29,6 +29,7 @@ from .gate import Gate, SpecState
 from .prefix_cache import PrefixCache
 from .proposers import Draft
 from .request import Request
+from .threads import ThreadGovernor
 
 log = logging.getLogger("edgemoe.engine")
 
@@ -38,7 +39,7 @@ class EngineCore:
 
     def __init__(self, model, tokenizer, *, prefill_chunk: int = 256, gate: Gate | None = None, metrics=None,
                  on_end: Callable[[Request], None] = lambda req: None, verify_packs: bool = True,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, threads: ThreadGovernor | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
@@ -46,6 +47,7 @@ class EngineCore:
         self.metrics = metrics
         self.on_end = on_end  # called once a request has ended (the server frees its batch slot)
         self.prefix_cache = prefix_cache  # KV rows of recent sequences for prompt reuse; None: prefill every prompt
+        self.threads = threads  # chooses each pass's thread count; None: the count set on the thread stays
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self._emitted = 0  # tokens sent in the current step (sampled + accepted drafts)
         # memory-mapped model files: packs verified now (ssd.verify_checksums), watched before every step
@@ -162,10 +164,15 @@ class EngineCore:
             batch.append((req, np.asarray(ids, dtype=np.int64), d))
         if batch:
             rows = sum(ids.shape[0] for _, ids, _ in batch)
+            if self.threads is not None:
+                self.threads.before(rows)
             tf = time.perf_counter()
             self._forward(batch)
+            tf = time.perf_counter() - tf
+            if self.threads is not None:
+                self.threads.after(rows, tf)
             if self.gate is not None and not prefilling:  # decode rows only: prompt chunks are another regime
-                self.gate.costs.record(rows, time.perf_counter() - tf)
+                self.gate.costs.record(rows, tf)
         dt = time.perf_counter() - t0
         for req in prefilling:
             req.prefill_s += dt

@@ -23,6 +23,7 @@ from .core import EngineCore
 from .gate import Gate
 from .prefix_cache import PrefixCache
 from .request import Request
+from .threads import ThreadGovernor
 
 SPEC_CHOICES = ("off", "auto", "draft", "self", "lookup")
 # Self-drafting: top-1 routing among the experts in RAM over every layer (measured on the default model:
@@ -35,7 +36,8 @@ def add_session_arguments(p) -> None:
     p.add_argument("-m", "--model", help="GGUF file or HF checkpoint directory (default: the config's "
                                          "inference.model, else the embedded model)")
     p.add_argument("-t", "--threads", type=int, default=None,
-                   help="compute threads (default: config, else all cores)")
+                   help="compute threads (default: the config's, else auto: each pass on 1, half or all cores, "
+                        "whichever its measured times favour)")
     p.add_argument("-c", "--ctx", type=int, default=None,
                    help="context length (default: config's context_length, else min(model's, 4096))")
     p.add_argument("--cache-mb", type=float, default=None,
@@ -185,8 +187,9 @@ class Session:
         ended requests for prompts that share their prefix (`bench` turns it off: it measures prefill)."""
         gate = Gate(self.proposers, self.spec.k_max) if self.proposers else None
         budget = self.cfg.server.prompt_cache_bytes if prompt_cache else 0
+        threads = ThreadGovernor(max_threads()) if self.threads is None else None
         core = EngineCore(self.model, self.tokenizer, prefill_chunk=self.cfg.batching.prefill_chunk, gate=gate,
-                          metrics=metrics, on_end=on_end, verify_packs=self.cfg.ssd.verify_checksums)
+                          metrics=metrics, on_end=on_end, verify_packs=self.cfg.ssd.verify_checksums, threads=threads)
         self._seed_costs(core)
         if budget > 0:  # after the scratch requests that time the proposers
             core.prefix_cache = PrefixCache(budget)
@@ -246,12 +249,11 @@ class Session:
 
     # ------------------------------------------------------------------ reporting and teardown
 
-    @property
-    def threads_used(self) -> int:
-        """Numba's thread count on the calling thread."""
-        import numba
-
-        return numba.get_num_threads()
+    def thread_figures(self, core: EngineCore | None = None) -> int | dict:
+        """The thread count given (--threads, `threads:`), or the governor's figures when it is auto."""
+        if self.threads is not None:
+            return self.threads
+        return core.threads.status() if core is not None and core.threads is not None else {"mode": "auto"}
 
     def layout(self) -> str:
         """Which layout the weights took, as words (doctor, run --json)."""
@@ -287,6 +289,17 @@ def stream_figures(experts) -> dict:
                "recovered_reads": io["recovered_reads"], "failed_reads": io["errors"]},
         "prefetch": st["prefetch"],
     }
+
+
+def max_threads() -> int:
+    """Threads the kernels may use: Numba's pool, within the CPUs this process may run on (taskset, cpusets)."""
+    import numba
+
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    return max(1, min(numba.config.NUMBA_NUM_THREADS, allowed))
 
 
 def apply_dispatch(cfg) -> None:

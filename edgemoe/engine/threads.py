@@ -1,0 +1,142 @@
+"""How many threads each forward pass runs on, chosen from the passes' measured times.
+
+A parallel region ends when its slowest thread does. On a box whose other cores are busy (an appliance's HTTP
+side, logging, any other process) the OS deschedules one of our threads for a whole time slice, and a pass of
+a few hundred microseconds then takes milliseconds: two threads decode 10-100x slower than one. On a quiet box
+two threads are the faster. Which is true changes while a service runs, so the ThreadGovernor measures it:
+each pass runs on the thread count that was fastest for passes of its size (seconds per row, the mean of its
+last trial passes: a count whose passes are sometimes late pays for them), and now and then a trial runs a few
+passes on every count again. A pass far slower than its count's median is a sign that the box changed, and
+brings the next trial forward. The kernels give every row the same bits on
+any thread count (tests/test_fused.py, tests/test_batch.py), so the choice changes speed only.
+
+    governor = ThreadGovernor(max_threads=2)
+    n = governor.before(rows)          # sets Numba's count on the calling thread
+    ... the pass ...
+    governor.after(rows, seconds)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from statistics import median
+
+SAMPLES = 5  # passes per thread count and pass size kept (their median is what "late" is measured against)
+TRIAL_PASSES = 3  # passes each count gets in a trial; the mean of its latest ones decides
+FIRST_INTERVAL, MAX_INTERVAL = 16, 4096  # passes between trials: doubled while the choice holds, up to MAX
+LATE = 3.0  # a pass this many times its count's median brings the next trial forward
+TRIAL_SHARE = 0.02  # trials may cost this share of the time: a count 30x slower is tried every ~1,500 passes
+
+
+def candidates(max_threads: int) -> tuple[int, ...]:
+    """The counts worth comparing: one thread, half the cores, all of them."""
+    return tuple(sorted({1, max(1, max_threads // 2), max_threads}))
+
+
+class _Size:
+    """The record of one pass size (rows rounded to a power of two)."""
+
+    def __init__(self, counts: tuple[int, ...]):
+        self.samples = {c: deque(maxlen=SAMPLES) for c in counts}  # seconds per row
+        self.best = counts[-1]
+        self.trial: list[int] = []  # counts still to run in the current trial, one entry per pass
+        self.since = 0  # passes since the last trial
+        self.interval = FIRST_INTERVAL
+
+    def choose(self) -> int:
+        if self.trial:
+            return self.trial[0]
+        untried = [c for c, s in self.samples.items() if len(s) < TRIAL_PASSES]
+        if untried:
+            return untried[0]
+        if self.since >= self.interval:  # every count afresh, the current choice last
+            order = [c for c in self.samples if c != self.best] + [self.best]
+            self.trial = [c for c in order for _ in range(TRIAL_PASSES)]
+            return self.trial[0]
+        return self.best
+
+    def record(self, count: int, per_row: float) -> None:
+        s = self.samples[count]
+        late = len(s) == SAMPLES and per_row > LATE * median(s)
+        s.append(per_row)
+        if self.trial and self.trial[0] == count:
+            self.trial.pop(0)
+            if count != self.best and per_row > LATE * self._mean(self.best):  # one pass says enough
+                self.trial = [c for c in self.trial if c != count]
+            if not self.trial:
+                self._decide()
+            return
+        self.since += 1
+        if all(len(x) >= TRIAL_PASSES for x in self.samples.values()):
+            if count != self.best:  # the first passes, one count after the other
+                self._decide()
+            elif late:
+                self.since = self.interval  # a trial at the next pass
+
+    def _mean(self, count: int) -> float:
+        recent = list(self.samples[count])[-TRIAL_PASSES:]
+        return sum(recent) / len(recent) if recent else float("inf")
+
+    def _decide(self) -> None:
+        ready = {c: self._mean(c) for c, s in self.samples.items() if s}
+        best = min(ready, key=lambda c: (ready[c], c))
+        interval = min(2 * self.interval, MAX_INTERVAL) if best == self.best else FIRST_INTERVAL
+        # the next trial's extra time over `best`'s, in passes of `best`: keep it within TRIAL_SHARE
+        extra = sum(TRIAL_PASSES * max(0.0, ready[c] / ready[best] - 1) for c in ready if c != best)
+        self.interval = max(interval, min(MAX_INTERVAL, int(extra / TRIAL_SHARE)))
+        self.best = best
+        self.since = 0
+
+
+class ThreadGovernor:
+    """Chooses Numba's thread count for each pass run on the calling thread (see the module's docstring)."""
+
+    def __init__(self, max_threads: int):
+        self.counts = candidates(max_threads)
+        self._sizes: dict[int, _Size] = {}
+        self._current: tuple[int, int] | None = None  # (size key, count) of the pass under way
+        self.passes = {c: 0 for c in self.counts}  # passes run per count
+        self._last: int | None = None
+
+    def before(self, rows: int) -> int:
+        """The count for a pass of `rows` rows; sets it on the calling thread."""
+        import numba
+
+        key = max(rows, 1).bit_length()
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = _Size(self.counts)
+        n = size.choose()
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        self._current = (key, n)
+        self._last = n
+        return n
+
+    def after(self, rows: int, seconds: float) -> None:
+        if self._current is None:
+            return
+        key, n = self._current
+        self._current = None
+        self.passes[n] += 1
+        self._sizes[key].record(n, seconds / max(rows, 1))
+
+    @property
+    def last(self) -> int | None:
+        """The count of the latest pass."""
+        return self._last
+
+    def status(self) -> dict:
+        """The counts it chooses among, the passes each ran, and the current choice per pass size."""
+        return {"mode": "auto", "counts": list(self.counts), "passes": {str(c): n for c, n in self.passes.items()},
+                "choice": {f"{1 << (k - 1)}-{(1 << k) - 1} rows": s.best for k, s in sorted(self._sizes.items())}}
+
+
+def describe(figures: int | dict) -> str:
+    """Session.thread_figures as words: "2 threads", or "auto threads (1 or 2; 1-token passes on 2)"."""
+    if isinstance(figures, int):
+        return f"{figures} thread{'s' if figures != 1 else ''}"
+    counts = " or ".join(str(c) for c in figures.get("counts", []))
+    choice = figures.get("choice", {})
+    now = "; ".join(f"{size} passes on {n}" for size, n in choice.items())
+    return f"auto threads ({counts}{'; ' + now if now else ''})"
