@@ -32,16 +32,18 @@ def run_once(model: str | None, n: int, threads: int | None) -> dict:
     return {"decode_tok_s": data["timings"]["decode_tok_s"], "threads": data["threads"]}
 
 
-def measure(model: str | None, n: int, runs: int) -> dict:
-    default, one, chosen = [], [], []
-    for _ in range(runs):  # alternated: a drift of the box hits both alike
+def measure(model: str | None, n: int, runs: int, top: int) -> dict:
+    default, one, all_cores, chosen = [], [], [], []
+    for _ in range(runs):  # alternated: a drift of the box hits each alike
         d = run_once(model, n, None)
         default.append(d["decode_tok_s"])
         chosen.append(d["threads"])
         one.append(run_once(model, n, 1)["decode_tok_s"])
-    md, m1 = statistics.median(default), statistics.median(one)
-    return {"default_tok_s": round(md, 1), "one_thread_tok_s": round(m1, 1), "ratio": round(md / m1, 3),
-            "default_runs": default, "one_thread_runs": one, "threads": chosen[-1]}
+        all_cores.append(run_once(model, n, top)["decode_tok_s"])
+    md, m1, mt = statistics.median(default), statistics.median(one), statistics.median(all_cores)
+    return {"default_tok_s": round(md, 1), "one_thread_tok_s": round(m1, 1), "all_threads_tok_s": round(mt, 1),
+            "ratio": round(md / m1, 3), "default_runs": default, "one_thread_runs": one, "all_threads_runs": all_cores,
+            "threads": chosen[-1]}
 
 
 def main() -> int:
@@ -53,21 +55,25 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     models = args.model or [None]
+    top = len(os.sched_getaffinity(0))
+    layer = os.environ.get("NUMBA_THREADING_LAYER", "default")
+    print(f"{top} cores, Numba threading layer {layer}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     results = []
     for model in models:
         name = os.path.basename(model) if model else "default model"
-        quiet = measure(model, args.n, args.runs)
+        quiet = measure(model, args.n, args.runs, top)
         burner = subprocess.Popen(["taskset", "-c", str(args.burn_core), sys.executable, "-c", BURN])
         try:
             time.sleep(0.5)
-            busy = measure(model, args.n, args.runs)
+            busy = measure(model, args.n, args.runs, top)
         finally:
             burner.kill()
             burner.wait()
         results.append({"model": name, "quiet": quiet, "busy": busy})
         for case, r in (("quiet", quiet), ("busy", busy)):
             print(f"{name:24s} {case:5s}  default {r['default_tok_s']:8.1f} tok/s   --threads 1 "
-                  f"{r['one_thread_tok_s']:8.1f} tok/s   ratio {r['ratio']:.2f}")
+                  f"{r['one_thread_tok_s']:8.1f}   --threads {top} {r['all_threads_tok_s']:8.1f}   "
+                  f"default / one thread {r['ratio']:.2f}")
     if args.json:
         print(json.dumps(results))
     return 0

@@ -39,19 +39,18 @@ class _Size:
     def __init__(self, counts: tuple[int, ...]):
         self.samples = {c: deque(maxlen=SAMPLES) for c in counts}  # seconds per row
         self.best = counts[-1]
-        self.trial: list[int] = []  # counts still to run in the current trial, one entry per pass
+        # counts still to run in the current trial, one entry per pass, the counts taking turns; the first trial
+        # starts at once, all cores first (the usual winner on a quiet box)
+        self.trial: list[int] = [c for _ in range(TRIAL_PASSES) for c in reversed(counts)] if len(counts) > 1 else []
         self.since = 0  # passes since the last trial
         self.interval = FIRST_INTERVAL
 
     def choose(self) -> int:
         if self.trial:
             return self.trial[0]
-        untried = [c for c, s in self.samples.items() if len(s) < TRIAL_PASSES]
-        if untried:
-            return untried[0]
-        if self.since >= self.interval:  # every count afresh, the current choice last
+        if self.since >= self.interval:  # every count afresh, taking turns, the current choice last
             order = [c for c in self.samples if c != self.best] + [self.best]
-            self.trial = [c for c in order for _ in range(TRIAL_PASSES)]
+            self.trial = [c for _ in range(TRIAL_PASSES) for c in order]
             return self.trial[0]
         return self.best
 
@@ -61,17 +60,15 @@ class _Size:
         s.append(per_row)
         if self.trial and self.trial[0] == count:
             self.trial.pop(0)
-            if count != self.best and per_row > LATE * self._mean(self.best):  # one pass says enough
+            fastest = min(self._mean(c) for c in self.samples)
+            if per_row > LATE * fastest:  # one pass says enough: its count's other trial passes are skipped
                 self.trial = [c for c in self.trial if c != count]
             if not self.trial:
                 self._decide()
             return
         self.since += 1
-        if all(len(x) >= TRIAL_PASSES for x in self.samples.values()):
-            if count != self.best:  # the first passes, one count after the other
-                self._decide()
-            elif late:
-                self.since = self.interval  # a trial at the next pass
+        if late:
+            self.since = self.interval  # a trial at the next pass
 
     def _mean(self, count: int) -> float:
         recent = list(self.samples[count])[-TRIAL_PASSES:]
