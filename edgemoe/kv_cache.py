@@ -1,21 +1,40 @@
-"""Pre-allocated key/value cache for every layer."""
+"""Pre-allocated key/value cache for every layer, in float32 or in half precision (IEEE f16 bits held in uint16:
+NumPy and Numba round float32 to it the same way, to nearest with ties to even; kernels/kv_access.py reads it)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, UsageError
+
+CACHE_TYPES = {"f32": np.float32, "f16": np.uint16}  # --cache-type → the arrays' dtype (f16: the bits)
 
 
 class KVCache:
     """Keys and values of every position seen so far, allocated once for the whole context."""
 
-    def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int, cache_type: str = "f32"):
+        if cache_type not in CACHE_TYPES:
+            raise UsageError(f"unknown KV cache type {cache_type!r}; use one of {', '.join(CACHE_TYPES)}")
         self.n_ctx = n_ctx
+        self.cache_type = cache_type
+        dtype = CACHE_TYPES[cache_type]
         # head-major: a head's positions follow each other, so attention reads them as one stream
-        self.k = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype=np.float32)  # (L, K, S, d)
-        self.v = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype=np.float32)  # (L, K, S, d)
+        self.k = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype=dtype)  # (L, K, S, d)
+        self.v = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype=dtype)  # (L, K, S, d)
         self.length = 0  # positions filled
+
+    def write(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Keys and values of positions pos .. pos+n-1 of `layer`, rounded to the cache's type.
+        k, v: (n, K, d) float32"""
+        n = k.shape[0]
+        self.k[layer, :, pos:pos + n] = self._stored(k.transpose(1, 0, 2))  # (K, n, d)
+        self.v[layer, :, pos:pos + n] = self._stored(v.transpose(1, 0, 2))
+
+    def _stored(self, x: np.ndarray) -> np.ndarray:
+        if self.k.dtype == np.float32:
+            return x
+        return x.astype(np.float16).view(np.uint16)
 
     @property
     def nbytes(self) -> int:
@@ -30,7 +49,8 @@ class KVCache:
     def load_prefix(self, k: np.ndarray, v: np.ndarray, n: int) -> None:
         """Start from positions 0..n-1 of another cache of the same model (prompt-prefix reuse).
         k, v: (L, K, >= n, d)"""
-        if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or v.shape != k.shape:
+        if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or v.shape != k.shape or \
+                k.dtype != self.k.dtype:
             raise ValueError(f"a KV prefix of shape {k.shape} does not fit a cache of shape {self.k.shape}")
         self.reserve(n - self.length)
         self.k[:, :, :n] = k[:, :, :n]

@@ -27,14 +27,16 @@ def hf_greedy(model, ids, n) -> list[int]:
     return out
 
 
-def engine_logits(path, ids) -> np.ndarray:
+def engine_logits(path, ids, cache_type: str = "f32") -> np.ndarray:
+    """Every position's logits; an f32 KV cache by default (the reference's arithmetic)."""
     m = load_model(str(path)).model
-    return m.forward(np.asarray(ids), m.new_cache(64), all_logits=True)
+    return m.forward(np.asarray(ids), m.new_cache(64, cache_type), all_logits=True)
 
 
-def engine_greedy(path, ids, n) -> list[int]:
+def engine_greedy(path, ids, n, cache_type: str = "f16") -> list[int]:
+    """Greedy tokens; the engine's default f16 KV cache unless told (what `run` and `serve` use)."""
     m = load_model(str(path)).model
-    cache = m.new_cache(64)
+    cache = m.new_cache(64, cache_type)
     logits = m.forward(np.asarray(ids), cache)[-1]
     out = []
     for _ in range(n):

@@ -4,7 +4,7 @@ The server batches the decode tokens of all running requests and chunks of new p
 pass; `temperature: 0` outputs must not depend on what else is in the batch. Here the batched
 logits must be bit-identical to `Model.forward` on each sequence by itself (whole prompt, then one
 token at a time, as `edgemoe run` does), for float and block-quantised weights — and the
-single-sequence pass itself is checked against transformers in test_mixtral.py.
+single-sequence pass itself is checked against transformers in test_mixtral.py. Both KV cache types.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def alone(m, prompt: list[int], fed: list[int]) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_batched_steps_equal_single_sequences(model, threads):
+@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16")])
+def test_batched_steps_equal_single_sequences(model, threads, cache_type):
     set_threads(threads)
+    model.cache_type = cache_type
     try:
         want = [alone(model, p, f) for p, f in zip(PROMPTS, DECODE)]
         caches = [model.new_cache(32) for _ in PROMPTS]
@@ -64,6 +65,7 @@ def test_batched_steps_equal_single_sequences(model, threads):
                 pos[j] += 1
     finally:
         set_threads(2)
+        model.cache_type = "f16"
     for j in range(3):
         assert len(got[j]) == len(want[j])
         for step, (a, b) in enumerate(zip(got[j], want[j])):

@@ -4,7 +4,7 @@ Decode steps run each layer's attention block and expert block as one parallel r
 path of separate kernels (used for several tokens at once) is itself checked against transformers
 in test_mixtral.py and against batching in test_batch.py. Here every decode logit of the fused path
 must equal that path's bit for bit, over weight types, layouts (stacked gate|up or separate), GQA
-groupings, experts per token and thread counts.
+groupings, experts per token, thread counts and KV cache types (f32, f16).
 """
 
 from __future__ import annotations
@@ -48,14 +48,16 @@ def decode(m, fused: bool) -> np.ndarray:
     return np.stack(logits)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fused_decode_equals_separate_kernels(model, threads):
+@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16")])
+def test_fused_decode_equals_separate_kernels(model, threads, cache_type):
     set_threads(threads)
+    model.cache_type = cache_type
     try:
         want = decode(model, False)
         got = decode(model, True)
     finally:
         set_threads(2)
+        model.cache_type = "f16"
     assert np.array_equal(got, want)
 
 
@@ -83,13 +85,14 @@ def steps_of_rows(m, fused: bool) -> np.ndarray:
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fused_rows_equal_separate_kernels(model, threads, monkeypatch):
+@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16")])
+def test_fused_rows_equal_separate_kernels(model, threads, cache_type, monkeypatch):
     """The expert block of several tokens in one region (kernels/fused.moe_rows_block) gives every row the
     bits of the separate kernels, and is the path taken."""
     from edgemoe.kernels import fused
 
     set_threads(threads)
+    model.cache_type = cache_type
     try:
         want = steps_of_rows(model, False)
         calls = []
@@ -98,4 +101,5 @@ def test_fused_rows_equal_separate_kernels(model, threads, monkeypatch):
         got = steps_of_rows(model, True)
     finally:
         set_threads(2)
+        model.cache_type = "f16"
     assert calls and np.array_equal(got, want)

@@ -55,7 +55,7 @@ def test_hf_per_expert_layout(tiny, tmp_path):
     model, cfg, tensors = tiny
     d = save_checkpoint(tmp_path / "ckpt", cfg, tensors)
     assert_close(engine_logits(d, PROMPT), hf_logits(model, PROMPT), 1e-4)
-    assert engine_greedy(d, PROMPT, 32) == hf_greedy(model, PROMPT, 32)
+    assert engine_greedy(d, PROMPT, 32, "f32") == hf_greedy(model, PROMPT, 32)
 
 
 def test_hf_fused_layout(tiny, tmp_path):
@@ -69,7 +69,7 @@ def test_decode_matches_prefill(tiny, tmp_path):
     model, cfg, tensors = tiny
     d = save_checkpoint(tmp_path / "ckpt", cfg, tensors)
     m = load_model(str(d)).model
-    cache = m.new_cache(64)
+    cache = m.new_cache(64, "f32")
     stepwise = np.concatenate([m.forward(np.asarray([t]), cache) for t in PROMPT])
     assert_close(stepwise, hf_logits(model, PROMPT), 1e-4)
 
@@ -80,7 +80,7 @@ def test_gguf_f32(tiny, tmp_path, merged):
     path = tmp_path / "m.gguf"
     export_mixtral_gguf(path, cfg, tensors, qtype="F32", merged_experts=merged)
     assert_close(engine_logits(path, PROMPT), hf_logits(model, PROMPT), 1e-4)
-    assert engine_greedy(path, PROMPT, 32) == hf_greedy(model, PROMPT, 32)
+    assert engine_greedy(path, PROMPT, 32, "f32") == hf_greedy(model, PROMPT, 32)
 
 
 QUANT_CASES = {  # dense type, expert type, tolerance × logits scale (int8 activations for block types)
@@ -108,13 +108,24 @@ def test_gguf_quantised_vs_dequantised_reference(case, tmp_path):
     assert (ours.argmax(-1) == want.argmax(-1))[decisive].all()
 
 
+def test_f16_cache_stays_close_to_the_reference(tmp_path):
+    """The engine's default KV cache (f16): the same prompt's logits, one token at a time, within f16's rounding of
+    the f32 reference."""
+    model, cfg, tensors = make_hf_mixtral(hidden=64, heads=4, kv_heads=2, experts=4, top_k=2, seed=9)
+    d = save_checkpoint(tmp_path / "ckpt", cfg, tensors)
+    m = load_model(str(d)).model
+    cache = m.new_cache(64, "f16")
+    stepwise = np.concatenate([m.forward(np.asarray([t]), cache) for t in PROMPT])
+    assert_close(stepwise, hf_logits(model, PROMPT), 5e-3)
+
+
 def test_long_prompt_in_one_pass(tmp_path):
     """A 150-token prompt (more than one 64-row kernel chunk, attention over a long causal window)."""
     model, cfg, tensors = make_hf_mixtral(hidden=64, heads=4, kv_heads=2, experts=4, top_k=2, seed=9)
     d = save_checkpoint(tmp_path / "ckpt", cfg, tensors)
     ids = [int(t) for t in np.random.default_rng(1).integers(0, 128, 150)]
     m = load_model(str(d)).model
-    ours = m.forward(np.asarray(ids), m.new_cache(160), all_logits=True)
+    ours = m.forward(np.asarray(ids), m.new_cache(160, "f32"), all_logits=True)
     assert_close(ours, hf_logits(model, ids), 1e-4)
 
 
@@ -127,6 +138,6 @@ def test_many_routed_experts_decode_quantised(tmp_path):
     export_mixtral_gguf(path, cfg, tensors, qtype="Q8_0", expert_qtype="Q8_0")
     want = hf_logits(dequantised_reference(model, cfg, path), PROMPT)
     m = load_model(str(path)).model
-    cache = m.new_cache(64)
+    cache = m.new_cache(64, "f32")
     stepwise = np.concatenate([m.forward(np.asarray([t]), cache) for t in PROMPT])
     assert_close(stepwise, want, 3e-2)

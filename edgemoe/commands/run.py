@@ -175,7 +175,7 @@ def main(args) -> int:
             "timings": {"prefill_tok_s": round(req.prefill_tok_s, 2), "decode_tok_s": round(req.decode_tok_s, 2),
                         "prefill_s": round(req.prefill_s, 4), "decode_s": round(req.decode_s, 4),
                         "prompt_tokens": len(req.prompt_ids), "generated_tokens": len(req.tokens)},
-            "layout": session.layout(),
+            "layout": session.layout(), "kv_cache": session.cache_type,
             "threads": session.thread_figures(core),
             "speculative": spec,
             **streaming,

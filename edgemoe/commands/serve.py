@@ -237,7 +237,7 @@ def main(args) -> int:
 
         def info() -> dict:
             threads = engine.threads if session.threads is not None else session.thread_figures(engine.core)
-            return {"threads": threads, "layout": session.layout(),
+            return {"threads": threads, "layout": session.layout(), "kv_cache": session.cache_type,
                     "streaming": session.stream is not None, "speculative": engine.core.proposer_name,
                     **{k: v for k, v in session.stream_figures().items() if k == "thermal"}}
 

@@ -52,6 +52,8 @@ def add_session_arguments(p) -> None:
                         "'default' (the embedded model's draft)")
     p.add_argument("--draft-max", type=int, default=None, metavar="K",
                    help="most draft tokens per step, 1-16 (default: the config's speculative.max_tokens, 4)")
+    p.add_argument("--cache-type", choices=("f16", "f32"), default=None,
+                   help="KV cache element type (default: the config's inference.kv_cache_type, f16)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template for chat requests, instead of the model's own (default: the GGUF's "
                         "tokenizer.chat_template or the HF directory's, else a plain 'role: content' format)")
@@ -117,6 +119,8 @@ class Session:
             self.loaded = load_model(self.model_path, self.stream, repack=cfg.compute.repack, progress=phase)
         check_model(cfg, self.loaded.args, self.model_path, getattr(args, "config", None))
         self.model = self.loaded.model
+        self.cache_type = getattr(args, "cache_type", None) or cfg.inference.kv_cache_type
+        self.model.cache_type = self.cache_type  # every cache the engine makes (requests, drafts, warm-up)
         self.tokenizer = self.loaded.tokenizer
         from ..chat import load_chat_template
 
@@ -173,6 +177,7 @@ class Session:
 
             path = draft_model_path()
         draft = load_model(path, None, repack=self.cfg.compute.repack)
+        draft.model.cache_type = self.cache_type
         diff = first_difference(self.tokenizer, draft.tokenizer)
         if diff is not None:
             raise UsageError(f"the draft model {path} does not share the target's tokenizer: {diff}; use a draft "

@@ -104,6 +104,7 @@ class Model:
         self.embed_rows = embed_rows  # ids (T,) → (T, D) float32, dequantising only those rows
         self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
         self.fused = True  # one-token steps run each layer's blocks as single kernels (kernels/fused.py)
+        self.cache_type = "f16"  # KV caches new_cache() makes: "f16" or "f32" (kv_cache.CACHE_TYPES)
         self.layout = "plain dense, plain experts"  # set by prepare
 
     def dense_nbytes(self) -> int:
@@ -158,9 +159,11 @@ class Model:
         if repack_experts:
             self.experts.repack_x8()
 
-    def new_cache(self, n_ctx: int) -> KVCache:
+    def new_cache(self, n_ctx: int, cache_type: str | None = None) -> KVCache:
+        """A KV cache for `n_ctx` positions, of `cache_type` (default: the model's `cache_type`: "f16", or what
+        the session sets, --cache-type)."""
         a = self.args
-        return KVCache(a.num_hidden_layers, n_ctx, a.num_key_value_heads, a.head_dim)
+        return KVCache(a.num_hidden_layers, n_ctx, a.num_key_value_heads, a.head_dim, cache_type or self.cache_type)
 
     def attention(self, x: np.ndarray, layer: Layer, i: int, seqs: list[tuple[int, int, KVCache]],
                   cos, sin) -> np.ndarray:
@@ -183,8 +186,7 @@ class Model:
         out = np.empty_like(q)  # (T, H, d)
         for r0, n, cache in seqs:
             p = cache.length
-            cache.k[i, :, p:p + n] = k[r0:r0 + n].transpose(1, 0, 2)  # (K, n, d)
-            cache.v[i, :, p:p + n] = v[r0:r0 + n].transpose(1, 0, 2)
+            cache.write(i, p, k[r0:r0 + n], v[r0:r0 + n])
             ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], p, self.scale)
         return linear(out.reshape(T, -1), layer.o_proj)  # (T, D)
 

@@ -1,0 +1,93 @@
+"""The half-precision KV cache (`--cache-type f16`, the default): its rounding is NumPy's (round to nearest, ties to
+even), widening it back is exact, so attention over it gives the bits of attention over an f32 cache holding the
+rounded values; and the default model's logits stay close to the f32 cache's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+from edgemoe.kernels import ops
+from edgemoe.kernels.kv_access import load_kv1, store_kv
+from edgemoe.kv_cache import KVCache
+
+
+@njit
+def _round(x, out):
+    for i in range(x.shape[0]):
+        store_kv(out, i, x[i])
+
+
+@njit
+def _widen(h, out):
+    for i in range(h.shape[0]):
+        out[i] = load_kv1(h, i)
+
+
+def test_rounding_is_numpys():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-9, 6, 200_000)).astype(np.float32)
+    halves = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)  # every finite half
+    ties = ((halves[:-1] + halves[1:]) / 2).astype(np.float32)  # exactly between two halves
+    edges = np.array([0.0, -0.0, 65504, 65519.99, 65520, 1e10, np.inf, -np.inf, 2.98e-8, 2.99e-8, 1e-45],
+                     dtype=np.float32)
+    x = np.concatenate([x, ties, -ties, halves.astype(np.float32), edges])
+    got = np.zeros(x.size, np.uint16)
+    _round(x, got)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    assert np.array_equal(got, want), np.nonzero(got != want)[0][:5]
+    back = np.zeros(x.size, np.float32)
+    _widen(got, back)
+    assert np.array_equal(back, got.view(np.float16).astype(np.float32))
+    nan = np.zeros(1, np.uint16)
+    _round(np.array([np.nan], np.float32), nan)
+    assert np.isnan(nan.view(np.float16)[0])
+
+
+@pytest.mark.parametrize("T,H,K,d,pos0", [(1, 8, 2, 64, 37), (5, 4, 4, 32, 0), (3, 6, 2, 72, 11)])
+def test_attention_over_f16_equals_f32_holding_the_same_values(T, H, K, d, pos0):
+    rng = np.random.default_rng(T * 100 + d)
+    S = pos0 + T + 3
+    q = rng.standard_normal((T, H, d)).astype(np.float32)
+    k16 = rng.standard_normal((K, S, d)).astype(np.float16)
+    v16 = rng.standard_normal((K, S, d)).astype(np.float16)
+    want = np.empty((T, H, d), np.float32)
+    ops.attention(want, q, k16.astype(np.float32), v16.astype(np.float32), pos0, np.float32(d ** -0.5))
+    got = np.empty_like(want)
+    ops.attention(got, q, k16.view(np.uint16), v16.view(np.uint16), pos0, np.float32(d ** -0.5))
+    assert np.array_equal(got, want)
+
+
+def test_cache_bytes_and_writes():
+    f32, f16 = KVCache(2, 16, 2, 8, "f32"), KVCache(2, 16, 2, 8, "f16")
+    assert f16.nbytes * 2 == f32.nbytes and f16.row_bytes * 2 == f32.row_bytes
+    k = np.random.default_rng(1).standard_normal((3, 2, 8)).astype(np.float32)  # (n, K, d)
+    f16.write(1, 4, k, -k)
+    assert np.array_equal(f16.k[1, :, 4:7].view(np.float16), k.transpose(1, 0, 2).astype(np.float16))
+    with pytest.raises(Exception, match="unknown KV cache type"):
+        KVCache(1, 4, 1, 8, "q4")
+    with pytest.raises(ValueError, match="does not fit"):
+        f16.load_prefix(f32.k, f32.v, 2)  # a prefix of another type is not this cache's
+
+
+def test_default_model_logits_stay_close_to_f32():
+    """Greedy decoding of the default model over 96 tokens: the f16 cache picks the same tokens, its logits
+    within a small distance of the f32 cache's (tools/bench_kv_cache.py reports the figures)."""
+    from edgemoe.default_model import default_model_path
+    from edgemoe.loader import load_model
+
+    m = load_model(default_model_path())
+    ids = m.tokenizer.encode("ROMEO.\nBut soft, what light through yonder window breaks?")
+
+    def run(cache_type):
+        cache = m.model.new_cache(len(ids) + 97, cache_type)
+        logits = [m.model.forward(np.asarray(ids), cache)[-1]]
+        for _ in range(96):
+            logits.append(m.model.forward(np.asarray([int(logits[-1].argmax())]), cache)[-1])
+        return np.stack(logits)
+
+    a, b = run("f32"), run("f16")
+    assert np.array_equal(a.argmax(1), b.argmax(1))
+    assert 0 < np.abs(a - b).max() < 1.0
