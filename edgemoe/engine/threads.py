@@ -25,6 +25,7 @@ SAMPLES = 5  # passes per thread count and pass size kept (their median is what 
 TRIAL_PASSES = 3  # passes each count gets in a trial; the mean of its latest ones decides
 FIRST_INTERVAL, MAX_INTERVAL = 16, 4096  # passes between trials: doubled while the choice holds, up to MAX
 LATE = 3.0  # a pass this many times its count's median brings the next trial forward
+BEHIND = 1.5  # a trial pass this many times the fastest count's mean ends its count's part of the trial
 TRIAL_SHARE = 0.02  # trials may cost this share of the time: a count 30x slower is tried every ~1,500 passes
 
 
@@ -40,7 +41,8 @@ class _Size:
         self.samples = {c: deque(maxlen=SAMPLES) for c in counts}  # seconds per row
         self.best = counts[-1]
         # counts still to run in the current trial, one entry per pass, the counts taking turns; the first trial
-        # starts at once, all cores first (the usual winner on a quiet box)
+        # starts at once, all cores first (the usual winner on a quiet box; on a busy one a pass that falls
+        # BEHIND ends that count's part)
         self.trial: list[int] = [c for _ in range(TRIAL_PASSES) for c in reversed(counts)] if len(counts) > 1 else []
         self.since = 0  # passes since the last trial
         self.interval = FIRST_INTERVAL
@@ -61,7 +63,7 @@ class _Size:
         if self.trial and self.trial[0] == count:
             self.trial.pop(0)
             fastest = min(self._mean(c) for c in self.samples)
-            if per_row > LATE * fastest:  # one pass says enough: its count's other trial passes are skipped
+            if per_row > BEHIND * fastest:  # one pass says enough: its count's other trial passes are skipped
                 self.trial = [c for c in self.trial if c != count]
             if not self.trial:
                 self._decide()
