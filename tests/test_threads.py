@@ -10,9 +10,19 @@ import pytest
 from edgemoe.default_model import default_model_path
 from edgemoe.engine.core import EngineCore, run_to_end
 from edgemoe.engine.request import Request
-from edgemoe.engine.threads import MAX_INTERVAL, ThreadGovernor, candidates, describe
+from edgemoe.engine.threads import MAX_INTERVAL, MIN_WINDOW, Load, ThreadGovernor, candidates, describe
 from edgemoe.loader import load_model
 from edgemoe.sampling import SamplingParams
+
+
+class Free:
+    """A Load stand-in: the cores other processes leave free."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def free_cores(self):
+        return self.n
 
 
 def drive(gov: ThreadGovernor, cost, passes: int, rows: int = 1) -> list[int]:
@@ -30,7 +40,7 @@ def test_candidates():
 
 
 def test_settles_on_the_fastest_and_follows_a_change():
-    gov = ThreadGovernor(2)
+    gov = ThreadGovernor(2, Free(2))
     quiet = {1: 1.0e-3, 2: 0.6e-3}
     chosen = drive(gov, lambda n, i: quiet[n], 400)
     assert chosen[-300:].count(2) / 300 > 0.97  # trials of one thread are rare once two keep winning
@@ -44,8 +54,51 @@ def test_settles_on_the_fastest_and_follows_a_change():
     assert gov.status()["choice"] == {"1-1 rows": 2} and describe(gov.status()).startswith("auto threads (1 or 2")
 
 
+def test_a_busy_box_seen_in_proc_stat_is_not_tried():
+    """Other processes using a core: only one thread runs, with no trial on two; free again: two."""
+    free = Free(1)
+    gov = ThreadGovernor(2, free)
+    chosen = drive(gov, lambda n, i: {1: 1e-3, 2: 0.6e-3}[n], 300)
+    assert set(chosen) == {1}
+    free.n = 2
+    chosen = drive(gov, lambda n, i: {1: 1e-3, 2: 0.6e-3}[n], 300)
+    assert chosen[-100:].count(2) == 100
+    assert set(drive(ThreadGovernor(2, Free(None)), lambda n, i: 1e-3, 50)) == {1}  # nothing known yet: one thread
+
+
+def test_load_reads_other_processes_time(tmp_path, monkeypatch):
+    """Load: busy jiffies of every CPU (not idle, not iowait) less this process's own time, per second."""
+    import edgemoe.engine.threads as threads_module
+
+    stat = tmp_path / "stat"
+    tick = __import__("os").sysconf("SC_CLK_TCK")
+
+    def write(busy, idle):  # user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 ...\n")
+
+    clock = [100.0]
+    monkeypatch.setattr(threads_module.time, "monotonic", lambda: clock[0])
+    own = [1.0]
+    monkeypatch.setattr(threads_module.os, "times", lambda: type("T", (), {"user": own[0], "system": 0.0})())
+    write(1000, 5000)
+    load = Load(2, str(stat))
+    assert load.free_cores() is None  # no window yet
+    clock[0] += 1.0
+    write(1000 + int(1.3 * tick), 5000 + int(0.7 * tick))  # 1.3 CPU-seconds busy in 1 s, 0.2 of them ours
+    own[0] += 0.2
+    assert load.free_cores() == 1 and abs(load.others - 1.1) < 0.02
+    clock[0] += 1.0
+    write(1000 + int(1.5 * tick), 5000 + int(2.2 * tick))  # 0.2 busy in 1 s, all ours
+    own[0] += 0.2
+    assert load.free_cores() == 2
+    clock[0] += MIN_WINDOW / 2  # within a window: the last figure, no read
+    stat.unlink()
+    assert load.free_cores() == 2
+    assert Load(2, str(tmp_path / "missing")).free_cores() == 2  # no /proc/stat: every core
+
+
 def test_sizes_are_decided_apart():
-    gov = ThreadGovernor(2)
+    gov = ThreadGovernor(2, Free(2))
     for _ in range(100):  # one-row passes are faster alone, 64-row passes on two threads
         for rows, cost in ((1, {1: 1e-3, 2: 3e-3}), (64, {1: 1e-3, 2: 0.5e-3})):
             n = gov.before(rows)
@@ -54,7 +107,7 @@ def test_sizes_are_decided_apart():
 
 
 def test_a_noisy_pass_does_not_flip_the_choice():
-    gov = ThreadGovernor(2)
+    gov = ThreadGovernor(2, Free(2))
     rng = np.random.default_rng(0)
     cost = {1: 1.0e-3, 2: 0.6e-3}
     chosen = drive(gov, lambda n, i: cost[n] * (20 if i % 97 == 50 else 1) * rng.uniform(0.9, 1.1), 2000)
@@ -85,7 +138,7 @@ def test_tokens_do_not_depend_on_the_counts(model, monkeypatch):
         want = run(None)
         monkeypatch.setattr(threads_module, "FIRST_INTERVAL", 0)  # a trial at every pass: the counts alternate
         monkeypatch.setattr(threads_module, "MAX_INTERVAL", 0)
-        gov = ThreadGovernor(top)
+        gov = ThreadGovernor(top, Free(top))
         got = run(gov)
     finally:
         numba.set_num_threads(top)

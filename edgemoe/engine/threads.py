@@ -10,6 +10,11 @@ passes on every count again. A pass far slower than its count's median is a sign
 brings the next trial forward. The kernels give every row the same bits on
 any thread count (tests/test_fused.py, tests/test_batch.py), so the choice changes speed only.
 
+A trial on a busy box is itself costly (one pass on all cores can wait a whole scheduler slice), so before each
+trial the governor looks at how much CPU other processes used since the last one (/proc/stat less this
+process's own time, over at least MIN_WINDOW s) and tries only the counts the idle cores can hold; until a first
+window has passed it runs one thread.
+
     governor = ThreadGovernor(max_threads=2)
     n = governor.before(rows)          # sets Numba's count on the calling thread
     ... the pass ...
@@ -18,6 +23,8 @@ any thread count (tests/test_fused.py, tests/test_batch.py), so the choice chang
 
 from __future__ import annotations
 
+import os
+import time
 from collections import deque
 from statistics import median
 
@@ -27,6 +34,47 @@ FIRST_INTERVAL, MAX_INTERVAL = 16, 4096  # passes between trials: doubled while 
 LATE = 3.0  # a pass this many times its count's median brings the next trial forward
 BEHIND = 1.5  # a trial pass this many times the fastest count's mean ends its count's part of the trial
 TRIAL_SHARE = 0.02  # trials may cost this share of the time: a count 30x slower is tried every ~1,500 passes
+MIN_WINDOW = 0.05  # seconds of wall time over which other processes' CPU use is measured (/proc/stat: 10 ms ticks)
+FREE = 0.5  # a core counts as taken when other processes used more than this share of it
+
+
+class Load:
+    """Cores' worth of CPU time other processes used, from /proc/stat (all CPUs' busy time) less this
+    process's own (os.times), over windows of at least MIN_WINDOW s. None: no window has passed yet."""
+
+    def __init__(self, cores: int, stat_path: str = "/proc/stat"):
+        self.cores = cores
+        self.stat_path = stat_path
+        self.others: float | None = None
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        try:
+            with open(self.stat_path, "rb") as f:
+                fields = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None  # not Linux, or hidden: every count may be tried
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields) - fields[3] - fields[4]) / tick  # all but idle and iowait
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system
+
+    def free_cores(self) -> int | None:
+        """Cores other processes leave free (at least 1), None before the first window; every core when
+        /proc/stat cannot be read."""
+        if self._last is None:
+            return self.cores
+        if time.monotonic() - self._last[0] >= MIN_WINDOW:  # the files are read once per window, not per pass
+            now = self._sample()
+            if now is None:
+                return self.cores
+            dt = now[0] - self._last[0]
+            self.others = max(0.0, ((now[1] - self._last[1]) - (now[2] - self._last[2])) / dt)
+            self._last = now
+        if self.others is None:
+            return None
+        taken = int(self.others + (1 - FREE))  # a core counts as taken from FREE of its time on
+        return max(1, self.cores - taken)
 
 
 def candidates(max_threads: int) -> tuple[int, ...]:
@@ -46,12 +94,24 @@ class _Size:
         self.trial: list[int] = [c for _ in range(TRIAL_PASSES) for c in reversed(counts)] if len(counts) > 1 else []
         self.since = 0  # passes since the last trial
         self.interval = FIRST_INTERVAL
+        self.cap = counts[-1]  # the most threads the free cores allowed at the last pass
 
-    def choose(self) -> int:
+    def choose(self, free: int | None) -> int:
+        """The count for the next pass; `free`: the cores other processes leave (None: not known yet)."""
+        cap = 1 if free is None else free
+        if cap > self.cap:  # cores came free: try them at once
+            self.since = self.interval
+        self.cap = cap
+        if self.trial:
+            self.trial = [c for c in self.trial if c <= cap]
+            if not self.trial:
+                self._decide()
         if self.trial:
             return self.trial[0]
+        if self.best > cap:
+            return max(c for c in self.samples if c <= cap)
         if self.since >= self.interval:  # every count afresh, taking turns, the current choice last
-            order = [c for c in self.samples if c != self.best] + [self.best]
+            order = [c for c in self.samples if c != self.best and c <= cap] + [self.best]
             self.trial = [c for _ in range(TRIAL_PASSES) for c in order]
             return self.trial[0]
         return self.best
@@ -78,6 +138,9 @@ class _Size:
 
     def _decide(self) -> None:
         ready = {c: self._mean(c) for c, s in self.samples.items() if s}
+        if not ready:
+            self.since = 0
+            return
         best = min(ready, key=lambda c: (ready[c], c))
         interval = min(2 * self.interval, MAX_INTERVAL) if best == self.best else FIRST_INTERVAL
         # the next trial's extra time over `best`'s, in passes of `best`: keep it within TRIAL_SHARE
@@ -90,8 +153,9 @@ class _Size:
 class ThreadGovernor:
     """Chooses Numba's thread count for each pass run on the calling thread (see the module's docstring)."""
 
-    def __init__(self, max_threads: int):
+    def __init__(self, max_threads: int, load: Load | None = None):
         self.counts = candidates(max_threads)
+        self.load = load if load is not None else Load(max_threads)
         self._sizes: dict[int, _Size] = {}
         self._current: tuple[int, int] | None = None  # (size key, count) of the pass under way
         self.passes = {c: 0 for c in self.counts}  # passes run per count
@@ -105,7 +169,7 @@ class ThreadGovernor:
         size = self._sizes.get(key)
         if size is None:
             size = self._sizes[key] = _Size(self.counts)
-        n = size.choose()
+        n = size.choose(self.load.free_cores())
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
         self._current = (key, n)
