@@ -140,7 +140,7 @@ class InferenceConfig:
     model: str | None = setting(None, optional(file_path("a model path"), "null"),
                                 "GGUF file, expert pack or HF checkpoint directory (null: -m, else the embedded model)")
     quantization: str = setting("auto", QUANT, "expert quantization `edgemoe partition` writes; auto = keep the source's")
-    kv_cache_type: str = setting("f16", choice("f16", "f32"), "element type of the KV cache (--cache-type)")
+    kv_cache_type: str = setting("f16", choice("f16", "f32", "q8_0"), "element type of the KV cache (--cache-type)")
 
 
 @dataclass(frozen=True)

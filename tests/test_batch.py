@@ -39,7 +39,7 @@ def alone(m, prompt: list[int], fed: list[int]) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16")])
+@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16"), (2, "q8_0")])
 def test_batched_steps_equal_single_sequences(model, threads, cache_type):
     set_threads(threads)
     model.cache_type = cache_type

@@ -4,7 +4,7 @@ Decode steps run each layer's attention block and expert block as one parallel r
 path of separate kernels (used for several tokens at once) is itself checked against transformers
 in test_mixtral.py and against batching in test_batch.py. Here every decode logit of the fused path
 must equal that path's bit for bit, over weight types, layouts (stacked gate|up or separate), GQA
-groupings, experts per token, thread counts and KV cache types (f32, f16).
+groupings, experts per token, thread counts and KV cache types (f32, f16, q8_0).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def decode(m, fused: bool) -> np.ndarray:
     return np.stack(logits)
 
 
-@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16")])
+@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16"), (2, "q8_0")])
 def test_fused_decode_equals_separate_kernels(model, threads, cache_type):
     set_threads(threads)
     model.cache_type = cache_type
@@ -85,7 +85,7 @@ def steps_of_rows(m, fused: bool) -> np.ndarray:
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16")])
+@pytest.mark.parametrize("threads,cache_type", [(1, "f32"), (2, "f32"), (2, "f16"), (2, "q8_0")])
 def test_fused_rows_equal_separate_kernels(model, threads, cache_type, monkeypatch):
     """The expert block of several tokens in one region (kernels/fused.moe_rows_block) gives every row the
     bits of the separate kernels, and is the path taken."""

@@ -1,6 +1,6 @@
-"""The half-precision KV cache (`--cache-type f16`, the default): its rounding is NumPy's (round to nearest, ties to
-even), widening it back is exact, so attention over it gives the bits of attention over an f32 cache holding the
-rounded values; and the default model's logits stay close to the f32 cache's."""
+"""KV cache types (`--cache-type f16|q8_0|f32`, f16 the default): the kernels round as NumPy (f16: to nearest, ties
+to even) and gguf.quants (Q8_0) do, reading back is exact, so attention over a cache gives the bits of attention
+over an f32 cache holding the same values; and the default model's logits stay close to the f32 cache's."""
 
 from __future__ import annotations
 
@@ -9,20 +9,19 @@ import pytest
 from numba import njit
 
 from edgemoe.kernels import ops
-from edgemoe.kernels.kv_access import load_kv1, store_kv
+from edgemoe.kernels.kv_access import load_kv1, store_kv_row
 from edgemoe.kv_cache import KVCache
 
 
 @njit
 def _round(x, out):
-    for i in range(x.shape[0]):
-        store_kv(out, i, x[i])
+    store_kv_row(out, 0, x, x.shape[0])
 
 
 @njit
 def _widen(h, out):
-    for i in range(h.shape[0]):
-        out[i] = load_kv1(h, i)
+    for i in range(out.shape[0]):
+        out[i] = load_kv1(h, 0, i)
 
 
 def test_rounding_is_numpys():
@@ -46,17 +45,46 @@ def test_rounding_is_numpys():
     assert np.isnan(nan.view(np.float16)[0])
 
 
-@pytest.mark.parametrize("T,H,K,d,pos0", [(1, 8, 2, 64, 37), (5, 4, 4, 32, 0), (3, 6, 2, 72, 11)])
-def test_attention_over_f16_equals_f32_holding_the_same_values(T, H, K, d, pos0):
+def test_q8_0_rows_are_gguf_quants():
+    """The kernels' Q8_0 rows are gguf.quants' bytes (the oracle), zeros, ties and wide ranges included; reading
+    them back gives gguf's dequantised values."""
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(256) * 10.0 ** rng.integers(-6, 5) for _ in range(200)]
+    rows += [np.zeros(64), np.arange(-64, 64) / 2.0, np.full(32, 127.0 / 2), (np.arange(96) - 48) * 1e-30]
+    for x in rows:
+        x = x.astype(np.float32)
+        got = np.zeros(x.size // 32 * 34, np.uint8)
+        _round(x, got)
+        assert np.array_equal(got, quants.quantize(x[None], GGMLQuantizationType.Q8_0)[0])
+        back = np.zeros(x.size, np.float32)
+        _widen(got, back)
+        assert np.array_equal(back, quants.dequantize(got[None], GGMLQuantizationType.Q8_0)[0])
+
+
+def _stored(x, cache_type):
+    """(values the cache holds as float32, the cache's arrays) for x (K, S, d) float32."""
+    from gguf import GGMLQuantizationType, quants
+
+    if cache_type == "f16":
+        return x.astype(np.float16).astype(np.float32), x.astype(np.float16).view(np.uint16)
+    q = quants.quantize(x, GGMLQuantizationType.Q8_0)  # (K, S, d / 32 * 34)
+    return quants.dequantize(q, GGMLQuantizationType.Q8_0).reshape(x.shape), q
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("T,H,K,d,pos0", [(1, 8, 2, 64, 37), (5, 4, 4, 32, 0), (3, 6, 2, 96, 11)])
+def test_attention_equals_f32_holding_the_same_values(cache_type, T, H, K, d, pos0):
     rng = np.random.default_rng(T * 100 + d)
     S = pos0 + T + 3
     q = rng.standard_normal((T, H, d)).astype(np.float32)
-    k16 = rng.standard_normal((K, S, d)).astype(np.float16)
-    v16 = rng.standard_normal((K, S, d)).astype(np.float16)
+    k32, kc = _stored(rng.standard_normal((K, S, d)).astype(np.float32), cache_type)
+    v32, vc = _stored(rng.standard_normal((K, S, d)).astype(np.float32), cache_type)
     want = np.empty((T, H, d), np.float32)
-    ops.attention(want, q, k16.astype(np.float32), v16.astype(np.float32), pos0, np.float32(d ** -0.5))
+    ops.attention(want, q, k32, v32, pos0, np.float32(d ** -0.5))
     got = np.empty_like(want)
-    ops.attention(got, q, k16.view(np.uint16), v16.view(np.uint16), pos0, np.float32(d ** -0.5))
+    ops.attention(got, q, kc, vc, pos0, np.float32(d ** -0.5))
     assert np.array_equal(got, want)
 
 
@@ -68,6 +96,10 @@ def test_cache_bytes_and_writes():
     assert np.array_equal(f16.k[1, :, 4:7].view(np.float16), k.transpose(1, 0, 2).astype(np.float16))
     with pytest.raises(Exception, match="unknown KV cache type"):
         KVCache(1, 4, 1, 8, "q4")
+    with pytest.raises(Exception, match="multiple of 32"):
+        KVCache(1, 4, 1, 8, "q8_0")
+    q8 = KVCache(2, 16, 2, 64, "q8_0")
+    assert q8.row_bytes * 64 == KVCache(2, 16, 2, 64, "f16").row_bytes * 34
     with pytest.raises(ValueError, match="does not fit"):
         f16.load_prefix(f32.k, f32.v, 2)  # a prefix of another type is not this cache's
 
@@ -91,3 +123,6 @@ def test_default_model_logits_stay_close_to_f32():
     a, b = run("f32"), run("f16")
     assert np.array_equal(a.argmax(1), b.argmax(1))
     assert 0 < np.abs(a - b).max() < 1.0
+    if m.model.args.head_dim % 32 == 0:
+        c = run("q8_0")
+        assert (a.argmax(1) == c.argmax(1)).mean() > 0.8 and np.abs(a - c).max() < 4.0

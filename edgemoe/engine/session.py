@@ -52,7 +52,7 @@ def add_session_arguments(p) -> None:
                         "'default' (the embedded model's draft)")
     p.add_argument("--draft-max", type=int, default=None, metavar="K",
                    help="most draft tokens per step, 1-16 (default: the config's speculative.max_tokens, 4)")
-    p.add_argument("--cache-type", choices=("f16", "f32"), default=None,
+    p.add_argument("--cache-type", choices=("f16", "q8_0", "f32"), default=None,
                    help="KV cache element type (default: the config's inference.kv_cache_type, f16)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template for chat requests, instead of the model's own (default: the GGUF's "

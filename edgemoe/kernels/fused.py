@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from ..qtensor import QTensor
 from . import dispatch
-from .kv_access import store_kv
+from .kv_access import store_kv_row
 from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs
 from .q8act import activations
 from .rows import Kind, kind_of
@@ -195,11 +195,10 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
         if claim(sync, 1, 1, back) == 0:  # RoPE, then the new position into the cache
             ROPE_SERIAL(q, cos, sin)
             ROPE_SERIAL(k, cos, sin)
-            S = k_cache.shape[1]
+            S, W = k_cache.shape[1], k_cache.shape[2]
             for j in range(n_kv):
-                for i in range(d):
-                    store_kv(k_cache, (j * S + pos) * d + i, k[0, j, i])
-                    store_kv(v_cache, (j * S + pos) * d + i, v[0, j, i])
+                store_kv_row(k_cache, (j * S + pos) * W, k[0, j], d)
+                store_kv_row(v_cache, (j * S + pos) * W, v[0, j], d)
             finish(sync, 1)
         wait_done(sync, 1, 1)
         c = claim(sync, 2, n3, back)
@@ -267,12 +266,11 @@ def _attention_rows_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, 
                         v[t, j, i] = qkv[t, hq + hk + j * d + i]
             ROPE_SERIAL(q, cos, sin)
             ROPE_SERIAL(k, cos, sin)
-            S = k_cache.shape[1]
+            S, W = k_cache.shape[1], k_cache.shape[2]
             for t in range(T):
                 for j in range(n_kv):
-                    for i in range(d):
-                        store_kv(k_cache, (j * S + pos + t) * d + i, k[t, j, i])
-                        store_kv(v_cache, (j * S + pos + t) * d + i, v[t, j, i])
+                    store_kv_row(k_cache, (j * S + pos + t) * W, k[t, j], d)
+                    store_kv_row(v_cache, (j * S + pos + t) * W, v[t, j], d)
             finish(sync, 1)
         wait_done(sync, 1, 1)
         c = claim(sync, 2, n3, back)

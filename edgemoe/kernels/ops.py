@@ -90,7 +90,7 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
     """Causal GQA attention of T new queries at positions pos0..pos0+T-1 over the cache.
 
     out: (T, H, d); q: (T, H, d); k_cache, v_cache: (K, S, d) with S >= pos0 + T filled (a head's positions
-    one after another, so reading them is one sequential stream), float32 or f16 bits (kv_access).
+    one after another, so reading them is one sequential stream), float32, f16 bits or Q8_0 blocks (kv_access).
     A job is one token and up to 4 query heads sharing a key/value head, so each cache row is read
     once from memory for all of them (then from L1/L2). Each (token, head) is still computed alone
     in a fixed order (q.k as 8-lane partial sums, p.V accumulated over positions in order), so its
@@ -105,7 +105,7 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
 def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
     """Job number `job` of `_attention`: token t, query heads h0 .. h0 + ng - 1."""
     T, H, d = q.shape
-    K, S = k_cache.shape[0], k_cache.shape[1]
+    K, S, W = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]  # W: a row's stored elements (kv_access)
     group = H // K
     per_job = min(group, 4)
     subs = (group + per_job - 1) // per_job  # jobs per (token, kv head)
@@ -119,23 +119,23 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
     scores = np.empty((ng, n_max), dtype=np.float32)
     ms = np.full(ng, -np.inf, dtype=np.float32)
     for s in range(n):
-        ko = (kv * S + s) * d  # flat offset of k_cache[kv, s]
+        ko = (kv * S + s) * W  # flat offset of k_cache[kv, s]
         for j in range(ng):
             qo = (t * H + h0 + j) * d  # flat offset of q[t, h0 + j]
             a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
             i = 0
             while i + 32 <= d8:  # four independent chains: one would wait on FMA latency
-                a0 = ffma(load_f32x8(q, qo + i), load_kv8(k_cache, ko + i), a0)
-                a1 = ffma(load_f32x8(q, qo + i + 8), load_kv8(k_cache, ko + i + 8), a1)
-                a2 = ffma(load_f32x8(q, qo + i + 16), load_kv8(k_cache, ko + i + 16), a2)
-                a3 = ffma(load_f32x8(q, qo + i + 24), load_kv8(k_cache, ko + i + 24), a3)
+                a0 = ffma(load_f32x8(q, qo + i), load_kv8(k_cache, ko, i), a0)
+                a1 = ffma(load_f32x8(q, qo + i + 8), load_kv8(k_cache, ko, i + 8), a1)
+                a2 = ffma(load_f32x8(q, qo + i + 16), load_kv8(k_cache, ko, i + 16), a2)
+                a3 = ffma(load_f32x8(q, qo + i + 24), load_kv8(k_cache, ko, i + 24), a3)
                 i += 32
             while i < d8:
-                a0 = ffma(load_f32x8(q, qo + i), load_kv8(k_cache, ko + i), a0)
+                a0 = ffma(load_f32x8(q, qo + i), load_kv8(k_cache, ko, i), a0)
                 i += 8
             acc = hsum(fadd(fadd(a0, a1), fadd(a2, a3)))
             for i in range(d8, d):
-                acc += q[t, h0 + j, i] * load_kv1(k_cache, ko + i)
+                acc += q[t, h0 + j, i] * load_kv1(k_cache, ko, i)
             acc *= scale
             scores[j, s] = acc
             ms[j] = max(ms[j], acc)
@@ -166,11 +166,11 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
             a4, a5, a6, a7 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
             for s in range(n):
                 p = splat_f32x8(scores[j, s] * inv)
-                vo = (kv * S + s) * d + i0
-                a0, a1 = ffma(p, load_kv8(v_cache, vo), a0), ffma(p, load_kv8(v_cache, vo + 8), a1)
-                a2, a3 = ffma(p, load_kv8(v_cache, vo + 16), a2), ffma(p, load_kv8(v_cache, vo + 24), a3)
-                a4, a5 = ffma(p, load_kv8(v_cache, vo + 32), a4), ffma(p, load_kv8(v_cache, vo + 40), a5)
-                a6, a7 = ffma(p, load_kv8(v_cache, vo + 48), a6), ffma(p, load_kv8(v_cache, vo + 56), a7)
+                vo = (kv * S + s) * W
+                a0, a1 = ffma(p, load_kv8(v_cache, vo, i0), a0), ffma(p, load_kv8(v_cache, vo, i0 + 8), a1)
+                a2, a3 = ffma(p, load_kv8(v_cache, vo, i0 + 16), a2), ffma(p, load_kv8(v_cache, vo, i0 + 24), a3)
+                a4, a5 = ffma(p, load_kv8(v_cache, vo, i0 + 32), a4), ffma(p, load_kv8(v_cache, vo, i0 + 40), a5)
+                a6, a7 = ffma(p, load_kv8(v_cache, vo, i0 + 48), a6), ffma(p, load_kv8(v_cache, vo, i0 + 56), a7)
             store_x8(out, oo, a0)
             store_x8(out, oo + 8, a1)
             store_x8(out, oo + 16, a2)
@@ -185,7 +185,7 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
         for i in range(i0, d):
             acc = np.float32(0.0)
             for s in range(n):
-                acc += (scores[j, s] * inv) * load_kv1(v_cache, (kv * S + s) * d + i)
+                acc += (scores[j, s] * inv) * load_kv1(v_cache, (kv * S + s) * W, i)
             out[t, h0 + j, i] = acc
 
 

@@ -311,7 +311,7 @@ class Model:
             raise ValueError("forward_batch: a cache appears twice in one batch")
         want = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
         for *_, c in seqs:  # the kernels write into the cache unchecked: it must be this model's
-            if (c.k.shape[0], c.k.shape[1], c.k.shape[3]) != want:
+            if (c.k.shape[0], c.k.shape[1], c.head_dim) != want:
                 raise ValueError(f"forward_batch: a KV cache of shape {c.k.shape} is not this model's {want}")
         positions = np.concatenate([np.arange(c.length, c.length + n) for _, n, c in seqs])  # (T,)
         T = ids.shape[0]
