@@ -33,7 +33,7 @@ def llama_run(path, ids, n):
 
 def engine_run(path, ids, n):
     m = load_model(str(path)).model
-    cache = m.new_cache(64)
+    cache = m.new_cache(64, "f32")  # as the oracle's (llamacpp_oracle asks llama.cpp for an F32 cache)
     logits = m.forward(np.asarray(ids), cache, all_logits=True)
     greedy, last = [], logits[-1]
     for _ in range(n):
