@@ -195,7 +195,7 @@ def store_kv_row(arr, ro, src, n):
     raise NotImplementedError("store_kv_row runs inside Numba kernels")
 
 
-@overload(store_kv_row, inline="always")
+@overload(store_kv_row)
 def _store_kv_row(arr, ro, src, n):
     if not _is_cache(arr):
         return None
