@@ -111,6 +111,7 @@ def test_default_model_logits_stay_close_to_f32():
     from edgemoe.loader import load_model
 
     m = load_model(default_model_path())
+    m.model.fused = False  # the kernel-by-kernel path (test_fused checks the fused one gives its bits): cheap to compile
     ids = m.tokenizer.encode("ROMEO.\nBut soft, what light through yonder window breaks?")
 
     def run(cache_type):
