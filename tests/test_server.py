@@ -370,7 +370,8 @@ def test_serve_from_config_like_the_systemd_unit(tiny, tmp_path):
     sock = tmp_path / "unit.sock"
     cfg = tmp_path / "edgemoe.yaml"
     cfg.write_text(yaml.safe_dump({
-        "inference": {"model": tiny[0]}, "threads": 1, "context_length": 200, "server": {"socket": str(sock)},
+        "inference": {"model": tiny[0], "kv_cache_type": "f32"}, "threads": 1, "context_length": 200,
+        "server": {"socket": str(sock)},
         "cache": {"tiers": [{"name": "hot", "capacity": 1, "policy": "lru"}]},
         "speculative": {"proposer": "lookup", "max_tokens": 3}}))
     proc = start(["--config", str(cfg)], str(sock), tmp_path / "unit.log",
@@ -383,8 +384,9 @@ def test_serve_from_config_like_the_systemd_unit(tiny, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    assert r.json()["choices"][0]["token_ids"] == engine_greedy(tiny[0], [1, 5, 9, 44], 12)
+    assert r.json()["choices"][0]["token_ids"] == engine_greedy(tiny[0], [1, 5, 9, 44], 12, "f32")
     eng = health["engine"]
+    assert eng["kv_cache"] == "f32"  # inference.kv_cache_type acts through serve --config
     assert eng["streaming"] and "edgemoe_expert_bytes_read_total" in metrics
     assert eng["threads"] == 1 and health["n_ctx"] == 200
     assert eng["thermal"]["running"] and eng["thermal"]["temperature"] == 41.0

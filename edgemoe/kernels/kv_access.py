@@ -50,6 +50,12 @@ def _q8_offsets(context, builder, sig, args):
     return block, builder.add(builder.add(block, ir.Constant(i.type, 2)), builder.and_(i, ir.Constant(i.type, 31)))
 
 
+def _q8_scale(context, builder, arr, args, scale_at):
+    """The f16 scale at byte `scale_at` of a Q8_0 cache, as float32."""
+    h = builder.load(_ptr(context, builder, arr, args[0], types.intp, scale_at, _I16), align=1)
+    return _half_to_float(builder, h, 1 if _host_f16c() else 0)
+
+
 def _flat(context, builder, sig, args):
     return builder.add(_intp(context, builder, sig.args[1], args[1]), _intp(context, builder, sig.args[2], args[2]))
 
@@ -64,8 +70,7 @@ def load_kv8(typingctx, arr, ro, i):
     def codegen(context, builder, sig, args):
         if dtype == types.uint8:
             scale_at, q_at = _q8_offsets(context, builder, sig, args)
-            h = builder.load(_ptr(context, builder, arr, args[0], types.intp, scale_at, _I16), align=1)
-            scale = _half_to_float(builder, h, 1 if _host_f16c() else 0)
+            scale = _q8_scale(context, builder, arr, args, scale_at)
             q = builder.load(_ptr(context, builder, arr, args[0], types.intp, q_at, _V8I8), align=1)
             splat = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), scale, ir.Constant(_I32, 0))
             splat = builder.shuffle_vector(splat, ir.Constant(_V8F32, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8),
@@ -90,9 +95,8 @@ def load_kv1(typingctx, arr, ro, i):
     def codegen(context, builder, sig, args):
         if dtype == types.uint8:
             scale_at, q_at = _q8_offsets(context, builder, sig, args)
-            h = builder.load(_ptr(context, builder, arr, args[0], types.intp, scale_at, _I16), align=1)
             q = builder.load(_ptr(context, builder, arr, args[0], types.intp, q_at, _I8))
-            return builder.fmul(_half_to_float(builder, h, 1 if _host_f16c() else 0), builder.sitofp(q, _F32))
+            return builder.fmul(_q8_scale(context, builder, arr, args, scale_at), builder.sitofp(q, _F32))
         off = _flat(context, builder, sig, args)
         if dtype == types.float32:
             return builder.load(_ptr(context, builder, arr, args[0], types.intp, off, _F32))

@@ -26,6 +26,7 @@ class ToolSplitter:
         self.tokenizer = tokenizer
         self.ends = ends  # end-of-turn ids: their text is not part of the reply
         self.pieces: list[str] = []  # each token's text with special tokens shown
+        self.text = ""  # their concatenation, grown a piece at a time
         self.held: list[dict] = []  # token events not yet released as content
         self.calling = False  # the trigger appeared: everything from it on is held
 
@@ -34,10 +35,11 @@ class ToolSplitter:
         tid = event["id"]
         piece = "" if tid in self.ends else self.tokenizer.token_bytes(tid, special=True).decode("utf-8", "replace")
         self.pieces.append(piece)
+        self.text += piece
         self.held.append(event)
         if self.calling or self.fmt.generic:
             return []
-        text = "".join(self.pieces)
+        text = self.text
         trigger = self.fmt.trigger
         if trigger is None:  # the reply is the calls' JSON if it starts as JSON (or Llama's python tag)
             start = text.lstrip()
