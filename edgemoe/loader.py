@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from .errors import ModelFormatError, UnsupportedError, UsageError
 from .experts.store import Expert, ResidentExperts
@@ -18,13 +18,14 @@ from .formats import names
 from .formats.gguf import expert_slices, is_gguf, open_gguf, scalar_metadata, tensor_index, to_qtensor
 from .formats.safetensors import SafetensorsIndex, is_checkpoint_dir, read_config
 from .memory import free_memory, machine_memory
-from .models.mixtral import Layer, Model, ModelArgs, Weights
+from .models import arch
+from .models.args import ModelArgs
+from .models.moe import Layer, Model, Weights
 from .qtensor import QTensor
 from .validate import check_config, check_gguf_tensors, check_regular_file, check_weights
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = "Mixtral-family MoE models: GGUF arch 'llama' with experts, or HF model_type 'mixtral'"
 
 
 @dataclass
@@ -82,7 +83,8 @@ def _load(path: str, stream) -> LoadedModel:
                              f"'edgemoe partition {path} -o model.gguf'")
         return _load_hf(path)
     if not is_gguf(path):
-        raise ModelFormatError(f"{path}: neither a GGUF file nor an HF checkpoint directory; {SUPPORTED} are supported")
+        raise ModelFormatError(f"{path}: neither a GGUF file nor an HF checkpoint directory; {arch.supported()} "
+                               "are supported")
     return _load_gguf(path, stream)
 
 
@@ -110,35 +112,46 @@ def checked_gguf(reader, path: str) -> tuple[dict, dict, dict]:
     return meta, tensors, cfg
 
 
-def _gguf_config(meta: dict, tensors: dict, path: str, array_keys: set) -> dict:
-    arch = meta.get("general.architecture")
-    if arch is None:
+def gguf_spec(meta: dict, path: str) -> arch.ArchSpec:
+    """The family of a GGUF file, from general.architecture (arch `llama` only with experts: Mixtral)."""
+    name = meta.get("general.architecture")
+    if name is None:
         raise ModelFormatError(f"{path}: GGUF file has no general.architecture; it is not a model file")
-    if not isinstance(arch, str):
+    if not isinstance(name, str):
         raise ModelFormatError(f"{path}: general.architecture is not a string; the file is corrupt")
-    if arch != "llama" or not meta.get("llama.expert_count"):
-        kind = arch[:40] if arch != "llama" else "llama without experts (a dense model)"
-        raise UnsupportedError(f"{path}: architecture {kind} is not supported; {SUPPORTED}")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    spec = arch.by_gguf_arch(name)
+    if spec is None or not meta.get(f"{name}.expert_count"):
+        kind = f"{name[:40]} without experts (a dense model)" if spec is not None else name[:40]
+        raise UnsupportedError(f"{path}: architecture {kind} is not supported; {arch.supported()}")
+    return spec
+
+
+def _gguf_config(meta: dict, tensors: dict, path: str, array_keys: set) -> dict:
+    spec = gguf_spec(meta, path)
+    a = spec.gguf_arch
+    scaling = meta.get(f"{a}.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise UnsupportedError(f"{path}: rope scaling {str(scaling)[:40]!r} is not supported; use a model without "
                                "context extension")
-    cfg: dict[str, Any] = {"model_type": "mixtral"}
-    arrays = [k for k in (*(f"{arch}.{k}" for k in (*names.GGUF_KEY_TO_HF, "rope.dimension_count",
-                                                    "rope.scaling.type")),
+    keys = {**arch.GGUF_KEYS, **spec.gguf_keys}
+    arrays = [k for k in (*(f"{a}.{k}" for k in (*keys, "rope.dimension_count", "rope.scaling.type")),
                           "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id") if k in array_keys]
     if arrays:
-        raise ModelFormatError(f"{path}: metadata {arrays[0]} is an array where a single value belongs; the file "
-                               "is corrupt")
-    for key, hf in names.GGUF_KEY_TO_HF.items():
-        if f"{arch}.{key}" in meta:
-            cfg.setdefault(hf, meta[f"{arch}.{key}"])
+        raise ModelFormatError(f"{path}: metadata {arrays[0]} is an array where a single value belongs (per-layer "
+                               "values are not supported); the file is corrupt or of an unsupported variant")
+    cfg: dict[str, Any] = {"model_type": spec.model_type, **spec.gguf_fixed}
+    for key, field in keys.items():
+        if f"{a}.{key}" in meta:
+            cfg[field] = meta[f"{a}.{key}"]
     if "vocab_size" not in cfg and "token_embd.weight" in tensors:
         cfg["vocab_size"] = int(tensors["token_embd.weight"].shape[1])
     cfg.setdefault("rope_theta", 10000.0)  # llama.cpp's default when the key is absent
     cfg["tie_word_embeddings"] = "output.weight" not in tensors
     cfg["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
     cfg["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    # attention biases exist in some files of a family and not others: the tensors say
+    cfg["qkv_bias"] = cfg.get("qkv_bias", False) or arch.GGUF_PARTS["q_bias"].format(i=0) in tensors
+    cfg["o_bias"] = arch.GGUF_PARTS["o_bias"].format(i=0) in tensors
     if not tensors:
         raise ModelFormatError(f"{path}: GGUF file has no tensors (a vocabulary-only file?); it can be used with "
                                "'edgemoe tokenize' but not to generate")
@@ -149,7 +162,7 @@ def _gguf_config(meta: dict, tensors: dict, path: str, array_keys: set) -> dict:
 
 def _need(tensors: dict, name: str, path: str):
     if name not in tensors:
-        raise ModelFormatError(f"{path}: tensor {name} is missing; the file is incomplete or not a Mixtral model")
+        raise ModelFormatError(f"{path}: tensor {name} is missing; the file is incomplete or of another variant")
     return tensors[name]
 
 
@@ -167,6 +180,24 @@ def _gguf_experts(tensors: dict, args: ModelArgs, path: str) -> list[list[Expert
     return layers
 
 
+VECTORS = {"attn_norm", "ffn_norm", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm"}  # 1-D parts
+
+
+def build_layer(t: dict) -> Layer:
+    """A Layer from its tensors by part name (models/arch.py HF_PARTS / GGUF_PARTS); optional parts may be absent."""
+    shared = None
+    if "shexp_gate" in t:
+        shared = Expert(t["shexp_gate"], t["shexp_up"], t["shexp_down"])
+    gate = t.get("shexp_router")
+    if isinstance(gate, np.ndarray):  # GGUF stores the shared expert's gate as a vector (D,)
+        vec = np.ascontiguousarray(gate, dtype=np.float32).reshape(1, -1)  # (1, D)
+        gate = QTensor.from_array(vec, GGMLQuantizationType.F32, 1, vec.shape[1])
+    return Layer(input_layernorm=t["attn_norm"], q_proj=t["q"], k_proj=t["k"], v_proj=t["v"], o_proj=t["o"],
+                 post_attention_layernorm=t["ffn_norm"], gate=t["router"], q_bias=t.get("q_bias"),
+                 k_bias=t.get("k_bias"), v_bias=t.get("v_bias"), o_bias=t.get("o_bias"), q_norm=t.get("q_norm"),
+                 k_norm=t.get("k_norm"), shared_expert=shared, shared_expert_gate=gate)
+
+
 def _unpermuted(w: QTensor, n_head: int) -> QTensor:
     data = np.ascontiguousarray(names.unpermute_qk(w.data, n_head))  # whole rows move; blocks stay intact
     return QTensor(data, w.qtype, w.rows, w.cols)
@@ -176,7 +207,7 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
     reader = open_gguf(path)
     meta, tensors, cfg = checked_gguf(reader, path)
     args = ModelArgs.from_dict(cfg)
-    rope_dim = meta.get("llama.rope.dimension_count", args.head_dim)
+    rope_dim = meta.get(f"{gguf_spec(meta, path).gguf_arch}.rope.dimension_count", args.head_dim)
     if rope_dim != args.head_dim:
         raise UnsupportedError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
                                f"{args.head_dim}) are not supported")
@@ -184,21 +215,14 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
     def get(template: str, i: int | None = None):
         return to_qtensor(_need(tensors, template.format(i=i), path))
 
-    hf = {v: k for k, v in names.GGUF_TO_HF.items()}
+    spec = arch.spec_of(args)
+    parts = spec.layer_parts(args)
     layers = []
     for i in range(args.num_hidden_layers):
-        def g(hf_name: str, i: int = i):
-            return get(hf[hf_name], i)
-
-        layers.append(Layer(
-            input_layernorm=g("model.layers.{i}.input_layernorm.weight"),
-            q_proj=_unpermuted(g("model.layers.{i}.self_attn.q_proj.weight"), args.num_attention_heads),
-            k_proj=_unpermuted(g("model.layers.{i}.self_attn.k_proj.weight"), args.num_key_value_heads),
-            v_proj=g("model.layers.{i}.self_attn.v_proj.weight"),
-            o_proj=g("model.layers.{i}.self_attn.o_proj.weight"),
-            post_attention_layernorm=g("model.layers.{i}.post_attention_layernorm.weight"),
-            gate=g("model.layers.{i}.mlp.gate.weight"),
-        ))
+        t = {p: get(arch.GGUF_PARTS[p], i) for p in parts}  # 1-D tensors come as float32 arrays
+        if spec.permute_qk:
+            t["q"], t["k"] = _unpermuted(t["q"], args.num_attention_heads), _unpermuted(t["k"], args.num_key_value_heads)
+        layers.append(build_layer(t))
     embed = get("token_embd.weight")
     if "output.weight" in tensors:
         lm_head = get("output.weight")
@@ -245,50 +269,35 @@ def _vocabulary(build, path: str):
 
 def _load_hf(path: str) -> LoadedModel:
     cfg = read_config(path)
-    if cfg.get("model_type") != "mixtral":
-        raise UnsupportedError(f"{path}: model_type {str(cfg.get('model_type'))[:40]!r} is not supported; {SUPPORTED}")
-    for key in ("rope_parameters", "rope_scaling"):
-        rope = cfg.get(key) or {}
-        if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UnsupportedError(f"{path}: {key} {str(rope)[:60]} is not supported; use a model without "
-                                   "context extension")
-    if cfg.get("num_key_value_heads") is None:  # transformers would take MixtralConfig's default (8), not H
-        raise ModelFormatError(f"{path}/config.json lacks num_key_value_heads; restore the checkpoint's config.json")
-    cfg = check_config(cfg, f"{path}/config.json")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UnsupportedError(f"{path}: hidden_act {str(cfg['hidden_act'])[:40]!r} is not supported; Mixtral experts "
-                               "use silu")
-    window = cfg.get("sliding_window")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < cfg.get("max_position_embeddings", 0)):
-        raise UnsupportedError(f"{path}: sliding_window {str(window)[:40]} is not supported (attention over the whole "
-                               "context only); set it to null if the model was trained without one")
+    spec = arch.by_model_type(cfg.get("model_type"))
+    if spec is None:
+        raise UnsupportedError(f"{path}: model_type {str(cfg.get('model_type'))[:40]!r} is not supported; "
+                               f"{arch.supported()}")
+    cfg = check_config(spec.hf_config(cfg, f"{path}/config.json"), f"{path}/config.json")
+    if cfg.get("num_key_value_heads") is None:  # the families' configs default to one KV head per query head
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     args = ModelArgs.from_dict(cfg)
     idx = SafetensorsIndex(path)
-    _check_hf_names(idx, args, path)
+    _check_hf_names(idx, args, spec, path)
 
     def need(name: str) -> str:
         if name not in idx:
             raise ModelFormatError(f"{path}: tensor {name} is missing from the checkpoint; re-save it")
         return name
 
-    def router(i: int) -> QTensor:
-        ((old, new),) = names.HF_ROUTER_ALIASES.items()
-        return idx.matrix(old.format(i=i) if old.format(i=i) in idx else need(new.format(i=i)))
+    def tensor(part: str, i: int):
+        if part == "router":  # older checkpoints name it otherwise (Mixtral's block_sparse_moe.gate)
+            old = next((t.format(i=i) for t in spec.hf_router_aliases if t.format(i=i) in idx), None)
+            if old is not None:
+                return idx.matrix(old)
+        name = need(spec.hf_name(part).format(i=i))
+        return idx.vector(name) if part in VECTORS else idx.matrix(name)
 
     layers, experts = [], []
+    parts = spec.layer_parts(args)
     for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}."
-        layers.append(Layer(
-            input_layernorm=idx.vector(need(p + "input_layernorm.weight")),
-            q_proj=idx.matrix(need(p + "self_attn.q_proj.weight")),
-            k_proj=idx.matrix(need(p + "self_attn.k_proj.weight")),
-            v_proj=idx.matrix(need(p + "self_attn.v_proj.weight")),
-            o_proj=idx.matrix(need(p + "self_attn.o_proj.weight")),
-            post_attention_layernorm=idx.vector(need(p + "post_attention_layernorm.weight")),
-            gate=router(i),
-        ))
-        experts.append(_hf_layer_experts(idx, args, i, need))
+        layers.append(build_layer({p: tensor(p, i) for p in parts}))
+        experts.append(_hf_layer_experts(idx, args, spec, i, need))
     embed = idx.matrix(need("model.embed_tokens.weight"))
     lm_head = embed if args.tie_word_embeddings else idx.matrix(need("lm_head.weight"))
     weights = Weights(embed_tokens=embed, layers=layers, norm=idx.vector(need("model.norm.weight")), lm_head=lm_head)
@@ -309,29 +318,26 @@ def _load_hf(path: str) -> LoadedModel:
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _check_hf_names(idx: SafetensorsIndex, args: ModelArgs, path: str) -> None:
+def _check_hf_names(idx: SafetensorsIndex, args: ModelArgs, spec, path: str) -> None:
     """No tensor of a layer beyond num_hidden_layers, and none the model would leave unread."""
     known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    parts = spec.layer_parts(args)
     for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}."
-        known |= {p + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                  "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                                  "self_attn.o_proj.weight")}
-        known |= {old.format(i=i) for old in names.HF_ROUTER_ALIASES} | {new.format(i=i) for new in
-                                                                         names.HF_ROUTER_ALIASES.values()}
+        known |= {spec.hf_name(p).format(i=i) for p in parts}
+        known |= {t.format(i=i) for t in spec.hf_router_aliases}
         known |= {t.format(i=i) for t in names.HF_EXPERT_FUSED.values()}
-        known |= {t.format(i=i, e=e) for t in names.HF_EXPERT_SPLIT.values() for e in range(args.num_local_experts)}
+        known |= {t.format(i=i, e=e) for t in spec.hf_expert_split.values() for e in range(args.num_local_experts)}
     for name in idx.keys():
         m = _HF_LAYER.match(name)
         if m and int(m.group(1)) >= args.num_hidden_layers:
             raise ModelFormatError(f"{path}: tensor {name} belongs to layer {m.group(1)} but config.json says "
                                    f"{args.num_hidden_layers} layers (num_hidden_layers); the checkpoint is inconsistent")
         if name not in known and not name.endswith("rotary_emb.inv_freq"):
-            raise UnsupportedError(f"{path}: tensor {name[:80]} is not part of a Mixtral model; the checkpoint is for "
-                                   "another architecture or variant")
+            raise UnsupportedError(f"{path}: tensor {name[:80]} is not part of a {spec.title} model; the checkpoint "
+                                   "is for another architecture or variant")
 
 
-def _hf_layer_experts(idx: SafetensorsIndex, args: ModelArgs, i: int, need) -> list[Expert]:
+def _hf_layer_experts(idx: SafetensorsIndex, args: ModelArgs, spec, i: int, need) -> list[Expert]:
     fused = names.HF_EXPERT_FUSED["gate_up"].format(i=i)
     if fused in idx:
         gate_up = idx.matrices(fused)  # E × (2I, D)
@@ -344,7 +350,6 @@ def _hf_layer_experts(idx: SafetensorsIndex, args: ModelArgs, i: int, need) -> l
             up = QTensor(gu.data[inter:], gu.qtype, inter, gu.cols)
             out.append(Expert(gate, up, down[e]))
         return out
-    t = names.HF_EXPERT_SPLIT
+    t = spec.hf_expert_split
     return [Expert(idx.matrix(need(t["gate"].format(i=i, e=e))), idx.matrix(need(t["up"].format(i=i, e=e))),
                    idx.matrix(need(t["down"].format(i=i, e=e)))) for e in range(args.num_local_experts)]
-

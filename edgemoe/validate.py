@@ -5,7 +5,7 @@ extent inside the file) are checked against what the architecture needs, and eve
 ModelFormatError/UnsupportedError naming the field or tensor. Kernels index weights by the model's shape
 alone, so a tensor smaller than that shape would make them read past it.
 
-Legend as in models/mixtral.py: D hidden, V vocabulary, H/K query/key-value heads, d head_dim,
+Legend as in models/moe.py: D hidden, V vocabulary, H/K query/key-value heads, d head_dim,
 E experts, I expert width, L layers.
 """
 
@@ -221,10 +221,10 @@ def check_weights(weights, experts: list | None, args, path: str) -> None:
     D = args.hidden_size
     q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
 
-    def vector(name: str, v) -> None:
-        if not isinstance(v, np.ndarray) or v.shape != (D,):
+    def vector(name: str, v, n: int = D) -> None:
+        if not isinstance(v, np.ndarray) or v.shape != (n,):
             shape = getattr(v, "shape", None)
-            raise ModelFormatError(f"{path}: {name} has shape {shape} but the model needs ({D},); the file is "
+            raise ModelFormatError(f"{path}: {name} has shape {shape} but the model needs ({n},); the file is "
                                    "inconsistent, convert it again")
         if not np.isfinite(v).all():
             raise ModelFormatError(f"{path}: {name} holds NaN or infinite values; the file is corrupt, download or "
@@ -251,6 +251,23 @@ def check_weights(weights, experts: list | None, args, path: str) -> None:
         matrix(f"layer {i} v_proj", layer.v_proj, kv, D)
         matrix(f"layer {i} o_proj", layer.o_proj, D, q)
         matrix(f"layer {i} router", layer.gate, args.num_local_experts, D)
+        if args.qkv_bias:
+            vector(f"layer {i} q_proj bias", layer.q_bias, q)
+            vector(f"layer {i} k_proj bias", layer.k_bias, kv)
+            vector(f"layer {i} v_proj bias", layer.v_bias, kv)
+        if args.o_bias:
+            vector(f"layer {i} o_proj bias", layer.o_bias)
+        if args.qk_norm is not None:
+            per_head = args.qk_norm == "head"
+            vector(f"layer {i} q_norm", layer.q_norm, args.head_dim if per_head else q)
+            vector(f"layer {i} k_norm", layer.k_norm, args.head_dim if per_head else kv)
+        S = args.shared_expert_intermediate_size
+        if S:
+            ex = layer.shared_expert
+            matrix(f"layer {i} shared expert gate_proj", ex.gate, S, D)
+            matrix(f"layer {i} shared expert up_proj", ex.up, S, D)
+            matrix(f"layer {i} shared expert down_proj", ex.down, D, S)
+            matrix(f"layer {i} shared_expert_gate", layer.shared_expert_gate, 1, D)
     if experts is None:  # a streaming store: its extents were checked tensor by tensor (check_gguf_tensors)
         return
     layers = experts  # [layer][expert] → Expert

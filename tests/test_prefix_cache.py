@@ -25,7 +25,7 @@ from edgemoe.engine.request import Request
 from edgemoe.experts.setup import StreamOptions
 from edgemoe.kv_cache import KVCache
 from edgemoe.loader import load_model
-from edgemoe.models.mixtral import DraftRouting
+from edgemoe.models.moe import DraftRouting
 from edgemoe.sampling import SamplingParams
 from edgemoe.server.engine import Engine
 from edgemoe.server.metrics import Metrics, prometheus

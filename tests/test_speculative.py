@@ -23,7 +23,7 @@ from edgemoe.engine.proposers import DraftModelProposer, LookupProposer, SelfPro
 from edgemoe.experts.setup import StreamOptions
 from edgemoe.formats.gguf_export import export_mixtral_gguf
 from edgemoe.loader import load_model
-from edgemoe.models.mixtral import DraftRouting
+from edgemoe.models.moe import DraftRouting
 from edgemoe.sampling import SamplingParams
 from edgemoe.tokenizer import load_tokenizer
 

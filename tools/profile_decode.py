@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import edgemoe.kernels.fused as fused  # noqa: E402
 import edgemoe.models.base as base  # noqa: E402
-import edgemoe.models.mixtral as mixtral  # noqa: E402
+import edgemoe.models.moe as moe  # noqa: E402
 from edgemoe.kernels import ops, set_threads  # noqa: E402
 from edgemoe.loader import load_model  # noqa: E402
 
@@ -49,7 +49,7 @@ def instrument(seconds: dict, calls: dict) -> None:
     """Replace base.linear, the ops kernels and the fused blocks by timed wrappers that add into seconds/calls."""
     linear = timed(base.linear, lambda x, w: f"matrix {w.qtype.name}{' x8' if w.interleave == 8 else ''} {w.rows}x{w.cols}",
                    seconds, calls)
-    base.linear = mixtral.linear = linear
+    base.linear = moe.linear = linear
     for name in OPS:
         setattr(ops, name, timed(getattr(ops, name), name, seconds, calls))
     for name in ("attention_block", "moe_block"):

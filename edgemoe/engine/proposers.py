@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..models.mixtral import DraftRouting
+from ..models.moe import DraftRouting
 from ..sampling import Sampler
 
 LOOKUP_MAX_NGRAM = 4

@@ -153,7 +153,7 @@ class Session:
             kernels.set_threads(self.threads)
 
     def _proposers(self) -> list:
-        from ..models.mixtral import DraftRouting
+        from ..models.moe import DraftRouting
         from .proposers import DraftModelProposer, LookupProposer, SelfProposer
 
         name, out = self.spec.proposer, []

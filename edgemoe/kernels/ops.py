@@ -207,9 +207,10 @@ def _swiglu(out, gate, g0, up, u0, stride):
 
 
 @njit(cache=True, nogil=True)
-def route_topk(ids, weights, logits):
-    """Mixtral routing per token: softmax over the experts, the top A by probability (lower expert id
-    first on ties, like a stable sort), their probabilities renormalised to sum to 1.
+def route_topk(ids, weights, logits, renorm):
+    """Routing per token: softmax over the experts, the top A by probability (lower expert id first on ties,
+    like a stable sort), their probabilities renormalised to sum to 1 when `renorm` (Mixtral, Qwen3-MoE;
+    Qwen2-MoE and OLMoE keep the softmax probabilities).
 
     ids: (T, A) int64; weights: (T, A) f32; logits: (T, E) f32
     """
@@ -234,8 +235,9 @@ def route_topk(ids, weights, logits):
             weights[t, a] = probs[best] / total
             kept += weights[t, a]
             probs[best] = -1.0  # taken
-        for a in range(A):
-            weights[t, a] = weights[t, a] / kept
+        if renorm:
+            for a in range(A):
+                weights[t, a] = weights[t, a] / kept
 
 
 RMSNORM = twins(_rmsnorm)

@@ -45,7 +45,7 @@ def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray
         uniq = expert_ids[0, order]
         experts.request(layer, uniq)
         for a in order:
-            out += expert_weights[0, a] * _expert(x, experts.get(layer, int(expert_ids[0, a])))
+            out += expert_weights[0, a] * expert_mlp(x, experts.get(layer, int(expert_ids[0, a])))
         return out
     flat = expert_ids.reshape(-1)  # (T*A,)
     order = np.argsort(flat, kind="stable")
@@ -56,12 +56,12 @@ def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray
     for n, e in enumerate(uniq):
         sel = order[bounds[n]:bounds[n + 1]]  # positions in (T*A) routed to expert e
         tok = sel // A  # (n_e,)
-        y = _expert(np.ascontiguousarray(x[tok]), experts.get(layer, int(e)))  # (n_e, D)
+        y = expert_mlp(np.ascontiguousarray(x[tok]), experts.get(layer, int(e)))  # (n_e, D)
         out[tok] += expert_weights.reshape(-1)[sel, None] * y
     return out
 
 
-def _expert(x: np.ndarray, ex) -> np.ndarray:
+def expert_mlp(x: np.ndarray, ex) -> np.ndarray:
     """SwiGLU expert: down(silu(gate x) * up x).   x: (n, D) → (n, D)"""
     n_i = ex.gate.rows
     h = np.empty((x.shape[0], n_i), dtype=np.float32)  # (n, I)

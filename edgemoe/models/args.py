@@ -1,0 +1,46 @@
+"""The model's shape and constants, shared by every family: HF `config.json` names where one exists.
+
+Each family's file (models/<model_type>.py) builds these from its own config keys or GGUF metadata and
+refuses what it cannot honour; the forward pass (models/moe.py) reads only this.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # per routed expert (HF Mixtral's name; Qwen/OLMoE call it moe_intermediate_size)
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    head_dim: int | None = None  # None → hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    model_type: str = "mixtral"
+    norm_topk_prob: bool = True  # the top-k routing weights renormalised to sum to 1 (Mixtral, Qwen3-MoE)
+    qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "head" (over each head, Qwen3) or "full" (OLMoE)
+    qkv_bias: bool = False  # q, k and v projections have biases (Qwen2-MoE)
+    o_bias: bool = False  # the output projection has a bias
+    clip_qkv: float | None = None  # q, k and v clamped to ±clip_qkv after the projections (OLMoE)
+    shared_expert_intermediate_size: int = 0  # a dense SwiGLU expert every token takes, gated by a sigmoid
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ModelArgs:
+        """Build from a dict already translated and checked by the family's spec (models/arch.py)."""
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})

@@ -1,0 +1,264 @@
+"""Tiny random MoE models of several Hugging Face families, saved as HF directories and converted to GGUF by
+llama.cpp's own converter, for tests that compare the engine with transformers on both formats.
+
+Families (HF `model_type` → GGUF `general.architecture`): qwen3_moe → qwen3moe, qwen2_moe → qwen2moe,
+olmoe → olmoe, mixtral → llama. As in mixtral_factory.py, every parameter (norms, router, biases, shared-expert
+gate included) is drawn from a seeded NumPy generator — norm weights ~ 1 + N(0, 0.1²), all others N(0, std²) —
+in float32, and the model is returned in eval mode.
+
+`save_hf` writes `model.save_pretrained` (transformers 5 always writes safetensors; its `safe_serialization`
+argument is gone) plus a byte-level BPE tokenizer of exactly `vocab` tokens (see `make_tokenizer`).
+
+`convert_to_gguf` runs llama.cpp's `convert_hf_to_gguf.py` from the llama-cpp-python sdist (extracted by
+`llamacpp_sdist.extract_converter` into ~/.cache/edgemoe-test-convert) in a subprocess whose PYTHONPATH starts
+with the sdist's gguf-py, so the converter writes with its own gguf version. The one thing patched — in the
+subprocess only, the files on disk are untouched — is `conversion.base.TextModel.get_vocab_base_pre`: upstream
+it hashes the tokenization of a check string and raises NotImplementedError for any tokenizer it does not know
+(ours is random), so it is replaced by a function returning a fixed pre-tokenizer name ("qwen2" unless told:
+our tokenizer does use Qwen2's split regex). Everything else is the converter's `main()` unchanged:
+`set_vocab` still goes through `_set_vocab_gpt2` → `get_vocab_base` (AutoTokenizer on the directory) and
+`gguf.SpecialVocab` (merges, bos/eos/pad ids, add_bos/add_eos, chat template), and tensor names, metadata keys,
+expert merging and Q/K permutation are exactly what llama.cpp writes.
+
+What the converter writes (llama-cpp-python 0.3.36, pinned by test_family_factory.py):
+- qwen2moe / qwen3moe: Q/K not permuted; experts stacked as `ffn_{gate,up,down}_exps`; router `ffn_gate_inp`;
+  no key for norm_topk_prob (llama.cpp hard-codes it: qwen3moe normalises, qwen2moe does not). qwen2moe adds
+  `ffn_{gate,up,down}_shexp` and the shared-expert gate `ffn_gate_inp_shexp` (ne = [hidden], 1-D).
+- Layers in `mlp_only_layers` (dense MLP) cannot be converted for qwen2moe / qwen3moe: the arch's tensor list
+  has no ffn_gate/ffn_up/ffn_down, so the converter stops with "Can not map tensor" (and llama.cpp's loader
+  requires a router in every layer); `convert_to_gguf` raises ConversionError then.
+- olmoe: Q/K not permuted; `attn_q_norm` ne = [hidden], `attn_k_norm` ne = [kv_heads·head_dim]; the converter
+  overwrites the rms eps with 1e-5 whatever the config says (so olmoe models here use 1e-5) and writes neither
+  clip_qkv nor norm_topk_prob (llama.cpp's olmoe graph applies neither). llama.cpp's loader wants
+  attn_k_norm of size hidden, i.e. kv_heads == heads, for a GGUF it can load.
+- mixtral → llama: Q and K rows permuted (LlamaModel.permute), experts stacked as `ffn_*_exps`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral")
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "olmoe": "olmoe", "mixtral": "llama"}
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # the last three ids of every vocabulary
+CONVERT_CACHE = pathlib.Path.home() / ".cache" / "edgemoe-test-convert"
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Qwen2's pre-tokenizer split (tokenizer.json of Qwen/Qwen2-*), followed by byte-level mapping without its own regex
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+# bytes of a vocabulary too small for all 256, most useful first (ASCII only: other bytes are then not encodable)
+BYTE_ORDER = " etaoinshrdlcumwfgypbvkjxqz\n.,0123456789'\"-!?:;()ETAOINSHRDLCUMWFGYPBVKJXQZ\t/[]{}<>=+*_&%$#@|\\^`~"
+MIN_VOCAB = len(SPECIALS) + 27  # space and a-z
+
+
+class ConversionError(RuntimeError):
+    """llama.cpp's converter failed; the message ends with its stderr."""
+
+
+def special_ids(vocab: int) -> dict[str, int]:
+    """bos / eos / pad ids of the models and tokenizers built here: <|endoftext|> is bos and pad, <|im_end|> eos."""
+    endoftext, _, im_end = range(vocab - len(SPECIALS), vocab)
+    return {"bos_token_id": endoftext, "eos_token_id": im_end, "pad_token_id": endoftext}
+
+
+def make_hf_moe(family: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                head_dim: int | None = None, experts: int = 4, top_k: int = 2, moe_intermediate: int = 48,
+                dense_intermediate: int = 96, vocab: int = 128, seed: int = 0, std: float = 0.08, tie: bool = False,
+                norm_topk_prob: bool | None = None, shared_expert: bool | int | None = None, dense_layers=(),
+                clip_qkv: float | None = None, **extra):
+    """A random `{Qwen3Moe,Qwen2Moe,Olmoe,Mixtral}ForCausalLM` in eval mode and its config dict.
+
+    - moe_intermediate: each routed expert's FFN width (`moe_intermediate_size`; olmoe and mixtral have only
+      `intermediate_size`, which is then this). dense_intermediate: `intermediate_size` of qwen dense layers, and
+      the default width of the qwen2_moe shared expert.
+    - norm_topk_prob: None → the family's usual value (qwen3_moe True, qwen2_moe / olmoe False); mixtral always
+      renormalises the top-k weights and rejects False.
+    - shared_expert (qwen2_moe only): None / True → width dense_intermediate, an int → that width. False is
+      rejected: transformers 5 always builds the shared expert and its gate (a width of 0 only gives empty
+      weights, which llama.cpp's loader cannot use), so there is no qwen2_moe without one.
+    - dense_layers (qwen only): layer indices with a dense MLP (`mlp_only_layers`; `decoder_sparse_step` is 1, so
+      every other layer is sparse). Such models cannot be converted to GGUF (see the module docstring).
+    - head_dim: qwen3_moe writes it to the config (default hidden // heads); qwen2_moe only when given;
+      olmoe and mixtral need it to be None or hidden // heads (olmoe's q_norm spans the hidden size).
+    - clip_qkv (olmoe only): clamp of q, k, v after the projections.
+    - extra: further config fields, applied last (e.g. rope_parameters, rms_norm_eps, decoder_sparse_step).
+    rope: theta 1e6 (olmoe 1e4), no scaling; no sliding window; max_position_embeddings 256; rms eps 1e-6 for
+    qwen, 1e-5 for olmoe and mixtral. bos / eos / pad ids per `special_ids(vocab)`.
+    """
+    import torch
+    import transformers
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    dense_layers = sorted(set(dense_layers))
+    if dense_layers and family not in ("qwen3_moe", "qwen2_moe"):
+        raise ValueError(f"{family} has no dense layers (mlp_only_layers is a qwen option)")
+    if shared_expert is not None and family != "qwen2_moe":
+        raise ValueError(f"{family} has no shared expert")
+    if shared_expert is False:
+        raise ValueError("transformers' qwen2_moe always has a shared expert (width 0 gives empty weights)")
+    if clip_qkv is not None and family != "olmoe":
+        raise ValueError("clip_qkv is an olmoe option")
+    if family in ("olmoe", "mixtral") and head_dim not in (None, hidden // heads):
+        raise ValueError(f"{family} needs head_dim == hidden // heads")
+    if family == "mixtral" and norm_topk_prob is False:
+        raise ValueError("mixtral always renormalises its top-k routing weights")
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, num_experts_per_tok=top_k, max_position_embeddings=256,
+                  tie_word_embeddings=tie, **special_ids(vocab))
+    rope = lambda theta: {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}  # noqa: E731
+    if family == "qwen3_moe":
+        cls, cfg_cls = transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig
+        kw = dict(head_dim=head_dim or hidden // heads, num_experts=experts, moe_intermediate_size=moe_intermediate,
+                  intermediate_size=dense_intermediate, mlp_only_layers=dense_layers, decoder_sparse_step=1,
+                  norm_topk_prob=True if norm_topk_prob is None else norm_topk_prob, attention_bias=False,
+                  use_sliding_window=False, rms_norm_eps=1e-6, **rope(1e6))
+    elif family == "qwen2_moe":
+        cls, cfg_cls = transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig
+        width = dense_intermediate if shared_expert in (None, True) else int(shared_expert)
+        kw = dict(num_experts=experts, moe_intermediate_size=moe_intermediate, intermediate_size=dense_intermediate,
+                  shared_expert_intermediate_size=width, mlp_only_layers=dense_layers, decoder_sparse_step=1,
+                  norm_topk_prob=bool(norm_topk_prob), qkv_bias=True, use_sliding_window=False, rms_norm_eps=1e-6,
+                  **rope(1e6))
+        if head_dim is not None:
+            kw["head_dim"] = head_dim
+    elif family == "olmoe":
+        cls, cfg_cls = transformers.OlmoeForCausalLM, transformers.OlmoeConfig
+        kw = dict(num_experts=experts, intermediate_size=moe_intermediate, norm_topk_prob=bool(norm_topk_prob),
+                  clip_qkv=clip_qkv, attention_bias=False, rms_norm_eps=1e-5, **rope(1e4))
+    else:
+        cls, cfg_cls = transformers.MixtralForCausalLM, transformers.MixtralConfig
+        kw = dict(num_local_experts=experts, intermediate_size=moe_intermediate, head_dim=head_dim,
+                  sliding_window=None, rms_norm_eps=1e-5, **rope(1e6))
+    cfg = cfg_cls(**{**common, **kw, **extra})
+    torch.manual_seed(seed)
+    model = cls(cfg).float().eval()
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                v = 1.0 + 0.1 * rng.standard_normal(p.shape)
+            else:
+                v = std * rng.standard_normal(p.shape)
+            p.copy_(torch.from_numpy(v.astype(np.float32)))
+        if tie:
+            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model, cfg.to_dict()
+
+
+def make_tokenizer(vocab: int):
+    """A byte-level BPE `tokenizers.Tokenizer` of exactly `vocab` tokens, the same for the same `vocab`.
+
+    Qwen2-style pipeline: NFC normaliser, Qwen2's split regex then byte-level mapping, byte-level decoder, no
+    bos added. Ids: the byte alphabet and BPE merges (trained on a fixed ASCII corpus) first, then
+    <|endoftext|>, <|im_start|>, <|im_end|> as the last three. With vocab ≥ 259 the alphabet is all 256 bytes,
+    so any text encodes; below that it is the first vocab - 3 characters of BYTE_ORDER (printable ASCII, \\n,
+    \\t), and characters outside it are dropped by the encoder.
+    """
+    import random
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    if vocab < MIN_VOCAB:
+        raise ValueError(f"vocab must be at least {MIN_VOCAB}")
+    n_base = vocab - len(SPECIALS)
+    byts = list(range(256)) if n_base >= 256 else [ord(c) for c in BYTE_ORDER[:n_base]]
+    b2u = bytes_to_unicode()
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    ascii_ = [b for b in byts if b < 128]
+    chars = "".join(chr(b) for b in ascii_)
+    words = "the of and to in is that it for on with as was mixture experts router token model hello world".split()
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(words) if rng.random() < 0.6 else
+                       "".join(rng.choice(chars) for _ in range(rng.randint(1, 6))) for _ in range(12))
+              for _ in range(400)]
+    allowed = set(chars)
+    corpus = ["".join(c for c in line if c in allowed) for line in corpus]
+    trainer = trainers.BpeTrainer(vocab_size=n_base, initial_alphabet=[b2u[b] for b in byts], limit_alphabet=len(byts),
+                                  special_tokens=[], show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    if tok.get_vocab_size() != n_base:
+        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, not {n_base}")
+    tok.add_special_tokens(list(SPECIALS))
+    assert tok.get_vocab_size() == vocab and tok.token_to_id(SPECIALS[-1]) == vocab - 1
+    return tok
+
+
+def save_tokenizer(directory, vocab: int) -> None:
+    """tokenizer.json (`make_tokenizer(vocab)`) and a tokenizer_config.json that AutoTokenizer loads as is
+    (PreTrainedTokenizerFast, bos <|endoftext|>, eos <|im_end|>, pad <|endoftext|>, no bos/eos added, a ChatML
+    chat template)."""
+    d = pathlib.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(vocab).save(str(d / "tokenizer.json"))
+    endoftext, _, im_end = SPECIALS
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": endoftext, "eos_token": im_end,
+        "pad_token": endoftext, "add_bos_token": False, "add_eos_token": False, "model_max_length": 256,
+        "clean_up_tokenization_spaces": False, "chat_template": CHATML}, indent=1))
+
+
+def save_hf(model, cfg: dict, directory, tokenizer: bool = True) -> str:
+    """`model.save_pretrained(directory)` (config.json, generation_config.json, model.safetensors) and, unless
+    told not to, the tokenizer of `save_tokenizer(directory, cfg["vocab_size"])`. Returns the directory."""
+    d = pathlib.Path(directory)
+    model.save_pretrained(d)
+    if tokenizer:
+        save_tokenizer(d, cfg["vocab_size"])
+    return str(d)
+
+
+# Runs in the converter's subprocess: argv = [wrapper, converter_dir, pre_tokenizer_name, *converter_args].
+_WRAPPER = """
+import sys
+conv_dir, pre = sys.argv[1], sys.argv[2]
+sys.argv = [conv_dir + "/convert_hf_to_gguf.py", *sys.argv[3:]]
+sys.path.insert(0, conv_dir)
+import gguf
+assert gguf.__file__.startswith(conv_dir), ("not the sdist's gguf-py", gguf.__file__)
+import convert_hf_to_gguf
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: pre  # the only patch: no hash lookup of the tokenizer
+convert_hf_to_gguf.main()
+"""
+
+
+def converter_dir(cache: pathlib.Path = CONVERT_CACHE) -> pathlib.Path:
+    """The extracted converter (downloading the sdist on first use); raises what `extract_converter` raises."""
+    from llamacpp_sdist import extract_converter
+
+    return extract_converter(cache)
+
+
+def convert_to_gguf(hf_dir, out_path, outtype: str = "f32", *, pre: str = "qwen2", timeout: float = 300) -> str:
+    """`convert_hf_to_gguf.py hf_dir --outfile out_path --outtype outtype` (f32, f16, bf16 or q8_0), with the
+    tokenizer's pre-tokenizer name forced to `pre` (see the module docstring). Returns out_path; raises
+    ConversionError with the converter's stderr when it fails, and what `converter_dir` raises when the
+    converter cannot be had."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {OUTTYPES}")
+    conv = converter_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)]),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("NO_LOCAL_GGUF", None)
+    cmd = [sys.executable, "-c", _WRAPPER, str(conv), pre, str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0 or not pathlib.Path(out_path).is_file():
+        raise ConversionError(f"convert_hf_to_gguf.py failed ({r.returncode}) on {hf_dir}:\n{r.stderr[-4000:]}")
+    return str(out_path)
