@@ -126,17 +126,25 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
 def gguf_shapes(args) -> dict[str, tuple[int, ...]]:
-    """Every tensor name a Mixtral-family GGUF may hold → its ggml shape (ne[0] = columns first).
+    """Every tensor name a GGUF of the model's family may hold → its ggml shape (ne[0] = columns first).
     Experts appear twice (merged `*_exps` and per-expert names); a file holds one of the two."""
+    from .models.arch import GGUF_PARTS, spec_of
+
     D, V, I, E = args.hidden_size, args.vocab_size, args.intermediate_size, args.num_local_experts
-    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    d, S = args.head_dim, args.shared_expert_intermediate_size
+    q, kv = args.num_attention_heads * d, args.num_key_value_heads * d
     out: dict[str, tuple[int, ...]] = {"token_embd.weight": (D, V), "output_norm.weight": (D,),
                                        "output.weight": (D, V)}
-    per_layer = {"attn_norm": (D,), "attn_q": (D, q), "attn_k": (D, kv), "attn_v": (D, kv), "attn_output": (q, D),
-                 "ffn_norm": (D,), "ffn_gate_inp": (D, E),
-                 "ffn_gate_exps": (D, I, E), "ffn_up_exps": (D, I, E), "ffn_down_exps": (I, D, E)}
+    head = args.qk_norm == "head"
+    parts = {"attn_norm": (D,), "q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D), "ffn_norm": (D,),
+             "router": (D, E), "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o_bias": (D,),
+             "q_norm": (d,) if head else (q,), "k_norm": (d,) if head else (kv,),
+             "shexp_gate": (D, S), "shexp_up": (D, S), "shexp_down": (S, D), "shexp_router": (D,)}
+    experts = {"ffn_gate_exps": (D, I, E), "ffn_up_exps": (D, I, E), "ffn_down_exps": (I, D, E)}
     for i in range(args.num_hidden_layers):
-        for part, shape in per_layer.items():
+        for part in spec_of(args).layer_parts(args):
+            out[GGUF_PARTS[part].format(i=i)] = parts[part]
+        for part, shape in experts.items():
             out[f"blk.{i}.{part}.weight"] = shape
         for e in range(E):
             out[f"blk.{i}.ffn_gate.{e}.weight"] = (D, I)
@@ -160,10 +168,12 @@ def check_gguf_tensors(tensors: dict, args, path: str, file_size: int, data_star
             raise ModelFormatError(f"{path}: tensor {name} belongs to layer {m.group(1)} but the metadata says "
                                    f"{args.num_hidden_layers} layers (block_count); the file is inconsistent")
         if name not in want:
-            raise UnsupportedError(f"{path}: tensor {name} is not part of a Mixtral-family model; the file is for "
-                                   "another architecture or variant")
+            from .models.arch import spec_of
+
+            raise UnsupportedError(f"{path}: tensor {name} is not part of a {spec_of(args).title} model; the file is "
+                                   "for another architecture or variant")
         shape = tuple(int(x) for x in t.shape)
-        if shape != want[name]:
+        if shape != want[name] and shape != want[name] + (1,):  # the converter writes some vectors as (n, 1)
             raise ModelFormatError(f"{path}: tensor {name} has shape {shape} but the metadata implies {want[name]}; "
                                    "the file is inconsistent, convert it again")
         qtype = check_supported(t.tensor_type, f"{path}: tensor {name}")
@@ -182,15 +192,17 @@ def check_gguf_tensors(tensors: dict, args, path: str, file_size: int, data_star
         spans.append((start, start + n_bytes, name))
     for name in _required(tensors, args):
         if name not in tensors:
-            raise ModelFormatError(f"{path}: tensor {name} is missing; the file is incomplete or not a Mixtral model")
+            raise ModelFormatError(f"{path}: tensor {name} is missing; the file is incomplete or of another variant")
     _check_tiling(sorted(spans), path, file_size, data_start, alignment)
 
 
 def _required(tensors: dict, args) -> list[str]:
+    from .models.arch import GGUF_PARTS, spec_of
+
     out = ["token_embd.weight", "output_norm.weight"]
+    parts = spec_of(args).layer_parts(args)
     for i in range(args.num_hidden_layers):
-        out += [f"blk.{i}.{p}.weight" for p in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                                                 "ffn_gate_inp")]
+        out += [GGUF_PARTS[p].format(i=i) for p in parts]
         if any(names.GGUF_EXPERTS[p].format(i=i) in tensors for p in ("gate", "up", "down")):
             out += [names.GGUF_EXPERTS[p].format(i=i) for p in ("gate", "up", "down")]
         else:

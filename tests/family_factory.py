@@ -9,33 +9,38 @@ in float32, and the model is returned in eval mode.
 `save_hf` writes `model.save_pretrained` (transformers 5 always writes safetensors; its `safe_serialization`
 argument is gone) plus a byte-level BPE tokenizer of exactly `vocab` tokens (see `make_tokenizer`).
 
-`convert_to_gguf` runs llama.cpp's `convert_hf_to_gguf.py` from the llama-cpp-python sdist (extracted by
-`llamacpp_sdist.extract_converter` into ~/.cache/edgemoe-test-convert) in a subprocess whose PYTHONPATH starts
-with the sdist's gguf-py, so the converter writes with its own gguf version. The one thing patched — in the
-subprocess only, the files on disk are untouched — is `conversion.base.TextModel.get_vocab_base_pre`: upstream
-it hashes the tokenization of a check string and raises NotImplementedError for any tokenizer it does not know
-(ours is random), so it is replaced by a function returning a fixed pre-tokenizer name ("qwen2" unless told:
-our tokenizer does use Qwen2's split regex). Everything else is the converter's `main()` unchanged:
+`convert_to_gguf` / `convert_many` run llama.cpp's `convert_hf_to_gguf.py` from the llama-cpp-python sdist
+(extracted by `llamacpp_sdist.extract_converter` into ~/.cache/edgemoe-test-convert) in one subprocess whose
+PYTHONPATH starts with the sdist's gguf-py, so the converter writes with its own gguf version (the wrapper
+asserts it). The one thing patched — in the subprocess only, the files on disk are untouched — is
+`conversion.base.TextModel.get_vocab_base_pre`: upstream it hashes the tokenization of a check string and raises
+NotImplementedError for any tokenizer it does not know (ours is random), so it is replaced by a function
+returning a fixed pre-tokenizer name ("qwen2" unless told: our tokenizer does use Qwen2's split regex).
+Everything else is the converter's `main()` unchanged, called once per job with the job's command line:
 `set_vocab` still goes through `_set_vocab_gpt2` → `get_vocab_base` (AutoTokenizer on the directory) and
 `gguf.SpecialVocab` (merges, bos/eos/pad ids, add_bos/add_eos, chat template), and tensor names, metadata keys,
 expert merging and Q/K permutation are exactly what llama.cpp writes.
 
 What the converter writes (llama-cpp-python 0.3.36, pinned by test_family_factory.py):
-- qwen2moe / qwen3moe: Q/K not permuted; experts stacked as `ffn_{gate,up,down}_exps`; router `ffn_gate_inp`;
-  no key for norm_topk_prob (llama.cpp hard-codes it: qwen3moe normalises, qwen2moe does not). qwen2moe adds
-  `ffn_{gate,up,down}_shexp` and the shared-expert gate `ffn_gate_inp_shexp` (ne = [hidden], 1-D).
+- qwen2moe / qwen3moe: Q/K not permuted; experts (saved per expert by save_pretrained) stacked as
+  `ffn_{gate,up,down}_exps`; router `ffn_gate_inp`; no key for norm_topk_prob (llama.cpp hard-codes it:
+  qwen3moe normalises, qwen2moe does not). qwen2moe adds `ffn_{gate,up,down}_shexp` and the shared-expert gate
+  `ffn_gate_inp_shexp`, ne = [hidden, 1] (HF's (1, hidden); llama.cpp's loader takes it as [hidden]).
 - Layers in `mlp_only_layers` (dense MLP) cannot be converted for qwen2moe / qwen3moe: the arch's tensor list
   has no ffn_gate/ffn_up/ffn_down, so the converter stops with "Can not map tensor" (and llama.cpp's loader
-  requires a router in every layer); `convert_to_gguf` raises ConversionError then.
+  requires a router in every layer); that job's result is a ConversionError.
 - olmoe: Q/K not permuted; `attn_q_norm` ne = [hidden], `attn_k_norm` ne = [kv_heads·head_dim]; the converter
   overwrites the rms eps with 1e-5 whatever the config says (so olmoe models here use 1e-5) and writes neither
   clip_qkv nor norm_topk_prob (llama.cpp's olmoe graph applies neither). llama.cpp's loader wants
   attn_k_norm of size hidden, i.e. kv_heads == heads, for a GGUF it can load.
 - mixtral → llama: Q and K rows permuted (LlamaModel.permute), experts stacked as `ffn_*_exps`.
+- tie=True: no output.weight is written. f16 / bf16 / q8_0 keep norms and `ffn_gate_inp` in F32; q8_0 falls
+  back to F16 for a tensor whose rows are not a multiple of 32 (e.g. ffn_down_exps with moe_intermediate=48).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -156,7 +161,8 @@ def make_hf_moe(family: str, *, hidden: int = 64, layers: int = 2, heads: int = 
 
 
 def make_tokenizer(vocab: int):
-    """A byte-level BPE `tokenizers.Tokenizer` of exactly `vocab` tokens, the same for the same `vocab`.
+    """A byte-level BPE `tokenizers.Tokenizer` of exactly `vocab` tokens (30 ≤ vocab ≲ 100 000), the same for the
+    same `vocab` (built once per process, a fresh object each call).
 
     Qwen2-style pipeline: NFC normaliser, Qwen2's split regex then byte-level mapping, byte-level decoder, no
     bos added. Ids: the byte alphabet and BPE merges (trained on a fixed ASCII corpus) first, then
@@ -164,6 +170,13 @@ def make_tokenizer(vocab: int):
     so any text encodes; below that it is the first vocab - 3 characters of BYTE_ORDER (printable ASCII, \\n,
     \\t), and characters outside it are dropped by the encoder.
     """
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_tokenizer_json(vocab))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_json(vocab: int) -> str:
     import random
 
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -187,7 +200,7 @@ def make_tokenizer(vocab: int):
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(words) if rng.random() < 0.6 else
                        "".join(rng.choice(chars) for _ in range(rng.randint(1, 6))) for _ in range(12))
-              for _ in range(400)]
+              for _ in range(400 + vocab // 2)]
     allowed = set(chars)
     corpus = ["".join(c for c in line if c in allowed) for line in corpus]
     trainer = trainers.BpeTrainer(vocab_size=n_base, initial_alphabet=[b2u[b] for b in byts], limit_alphabet=len(byts),
@@ -197,7 +210,7 @@ def make_tokenizer(vocab: int):
         raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, not {n_base}")
     tok.add_special_tokens(list(SPECIALS))
     assert tok.get_vocab_size() == vocab and tok.token_to_id(SPECIALS[-1]) == vocab - 1
-    return tok
+    return tok.to_str()
 
 
 def save_tokenizer(directory, vocab: int) -> None:
@@ -224,41 +237,72 @@ def save_hf(model, cfg: dict, directory, tokenizer: bool = True) -> str:
     return str(d)
 
 
-# Runs in the converter's subprocess: argv = [wrapper, converter_dir, pre_tokenizer_name, *converter_args].
+# Runs in the converter's subprocess: argv = [wrapper, converter_dir, pre_tokenizer_name, JSON list of converter
+# argument lists]. Each job runs the converter's main() unchanged, between marker lines on stderr.
 _WRAPPER = """
-import sys
-conv_dir, pre = sys.argv[1], sys.argv[2]
-sys.argv = [conv_dir + "/convert_hf_to_gguf.py", *sys.argv[3:]]
+import json, sys, traceback
+conv_dir, pre, jobs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sys.path.insert(0, conv_dir)
 import gguf
 assert gguf.__file__.startswith(conv_dir), ("not the sdist's gguf-py", gguf.__file__)
 import convert_hf_to_gguf
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: pre  # the only patch: no hash lookup of the tokenizer
-convert_hf_to_gguf.main()
+for i, args in enumerate(jobs):
+    print(f"@@job {i}", file=sys.stderr, flush=True)
+    sys.argv = [conv_dir + "/convert_hf_to_gguf.py", *args]
+    try:
+        convert_hf_to_gguf.main()
+        ok = True
+    except SystemExit as e:
+        ok = e.code in (None, 0)
+    except Exception:
+        traceback.print_exc()
+        ok = False
+    print(f"@@{'ok' if ok else 'failed'} {i}", file=sys.stderr, flush=True)
 """
 
 
-def converter_dir(cache: pathlib.Path = CONVERT_CACHE) -> pathlib.Path:
-    """The extracted converter (downloading the sdist on first use); raises what `extract_converter` raises."""
+def converter_dir(cache: pathlib.Path | None = None) -> pathlib.Path:
+    """The extracted converter in `cache` (default CONVERT_CACHE), downloading the sdist on first use; raises
+    what `llamacpp_sdist.extract_converter` raises (OSError, SubprocessError, TarError, StopIteration)."""
     from llamacpp_sdist import extract_converter
 
-    return extract_converter(cache)
+    return extract_converter(CONVERT_CACHE if cache is None else cache)
 
 
-def convert_to_gguf(hf_dir, out_path, outtype: str = "f32", *, pre: str = "qwen2", timeout: float = 300) -> str:
-    """`convert_hf_to_gguf.py hf_dir --outfile out_path --outtype outtype` (f32, f16, bf16 or q8_0), with the
-    tokenizer's pre-tokenizer name forced to `pre` (see the module docstring). Returns out_path; raises
-    ConversionError with the converter's stderr when it fails, and what `converter_dir` raises when the
-    converter cannot be had."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"outtype must be one of {OUTTYPES}")
+def convert_many(jobs, *, pre: str = "qwen2", timeout: float = 600) -> list:
+    """Each (hf_dir, out_path, outtype) of `jobs` through `convert_hf_to_gguf.py hf_dir --outfile out_path
+    --outtype outtype` (f32, f16, bf16 or q8_0), all in one subprocess (the converter's imports take seconds),
+    with the tokenizer's pre-tokenizer name forced to `pre` (see the module docstring). Returns, in order, the
+    output path or the ConversionError (with that job's log) of each job; raises what `converter_dir` raises
+    when the converter cannot be had, and ConversionError when the subprocess itself fails."""
+    jobs = [(str(d), str(out), outtype) for d, out, outtype in jobs]
+    for _, _, outtype in jobs:
+        if outtype not in OUTTYPES:
+            raise ValueError(f"outtype must be one of {OUTTYPES}")
     conv = converter_dir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("NO_LOCAL_GGUF", None)
-    cmd = [sys.executable, "-c", _WRAPPER, str(conv), pre, str(hf_dir), "--outfile", str(out_path), "--outtype", outtype]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 or not pathlib.Path(out_path).is_file():
-        raise ConversionError(f"convert_hf_to_gguf.py failed ({r.returncode}) on {hf_dir}:\n{r.stderr[-4000:]}")
-    return str(out_path)
+    args = [[d, "--outfile", out, "--outtype", outtype] for d, out, outtype in jobs]
+    r = subprocess.run([sys.executable, "-c", _WRAPPER, str(conv), pre, json.dumps(args)], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    logs = r.stderr.split("@@job ")[1:]
+    if r.returncode != 0 or len(logs) != len(jobs):
+        raise ConversionError(f"the converter's process failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    out: list = []
+    for (d, path, _), log in zip(jobs, logs):
+        if "@@ok " in log and pathlib.Path(path).is_file():
+            out.append(path)
+        else:
+            out.append(ConversionError(f"convert_hf_to_gguf.py failed on {d}:\n{log[-4000:]}"))
+    return out
+
+
+def convert_to_gguf(hf_dir, out_path, outtype: str = "f32", *, pre: str = "qwen2", timeout: float = 300) -> str:
+    """One job of `convert_many`: returns out_path, raises its ConversionError."""
+    (res,) = convert_many([(hf_dir, out_path, outtype)], pre=pre, timeout=timeout)
+    if isinstance(res, ConversionError):
+        raise res
+    return res

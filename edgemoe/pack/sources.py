@@ -54,10 +54,10 @@ def vector_job(name: str, v: np.ndarray) -> TensorJob:
     return TensorJob(name, Q.F32, v.shape, raw_chunks(v))
 
 
-def _model_identity(name: Any, cfg: dict) -> dict:
+def _model_identity(name: Any, cfg: dict, architecture: str) -> dict:
     keys = ("num_hidden_layers", "num_local_experts", "num_experts_per_tok", "hidden_size", "intermediate_size",
             "num_attention_heads", "num_key_value_heads", "vocab_size")
-    return {"name": str(name) if name else None, "architecture": "llama",
+    return {"name": str(name) if name else None, "architecture": architecture,
             **{k: int(cfg[k]) for k in keys if cfg.get(k) is not None}}
 
 
@@ -65,7 +65,7 @@ def _model_identity(name: Any, cfg: dict) -> dict:
 
 def plan_from_gguf(path: str, *, expert_type: GGMLQuantizationType | None = None,
                    dense_type: GGMLQuantizationType | None = None) -> PackPlan:
-    """A pack of a Mixtral GGUF (experts merged `*_exps` or one tensor per expert); metadata and
+    """A pack of a MoE GGUF of any supported family (experts merged `*_exps` or one tensor per expert); metadata and
     tokenizer copied verbatim. Dense matrices are re-encoded only when `dense_type` is given (norms and
     the router stay as they are), experts only when `expert_type` is."""
     from ..loader import checked_gguf  # the loader's validation of every field and tensor
@@ -77,7 +77,8 @@ def plan_from_gguf(path: str, *, expert_type: GGMLQuantizationType | None = None
     meta, tensors, cfg = checked_gguf(reader, path)
     n_layers, n_experts = cfg["num_hidden_layers"], cfg["num_local_experts"]
 
-    writer = GGUFWriter(None, "llama")
+    architecture = meta["general.architecture"]  # checked_gguf accepted it: a family of models/arch.py
+    writer = GGUFWriter(None, architecture)
     for key, field in reader.fields.items():
         if key.startswith(_NOT_COPIED):
             continue
@@ -104,7 +105,7 @@ def plan_from_gguf(path: str, *, expert_type: GGMLQuantizationType | None = None
                 missing = [n for n in split if n not in tensors]
                 if missing:
                     raise ModelFormatError(f"{path}: tensor {merged} (or {missing[0]}) is missing; the file is "
-                                           "incomplete or not a Mixtral model")
+                                           "incomplete or of another variant")
                 per_proj[proj] = [to_qtensor(tensors[n]) for n in split]
                 expert_tensors.update(split)
         for e in range(n_experts):
@@ -114,7 +115,7 @@ def plan_from_gguf(path: str, *, expert_type: GGMLQuantizationType | None = None
 
     dense = [_gguf_dense_job(t, dense_type) for t in reader.tensors if t.name not in expert_tensors]
     return PackPlan(writer, dense, experts, os.path.abspath(path), "gguf",
-                    _model_identity(meta.get("general.name"), cfg))
+                    _model_identity(meta.get("general.name"), cfg, architecture))
 
 
 def _gguf_dense_job(t: Any, want: GGMLQuantizationType | None) -> TensorJob:
@@ -156,7 +157,10 @@ def plan_from_hf(path: str, *, expert_type: GGMLQuantizationType | None = None,
     """
     from ..loader import load_model  # validates the tensor set and shapes; zero-copy views of the files
 
-    model = load_model(path, prepare=False).model  # rejects anything but model_type "mixtral"
+    model = load_model(path, prepare=False).model  # validates the checkpoint of any supported family
+    if model.args.model_type != "mixtral":
+        raise UnsupportedError(f"{path}: packing an HF {model.spec.title} checkpoint directly is not supported; "
+                               "convert it with llama.cpp's convert_hf_to_gguf.py and partition the GGUF")
     cfg = read_config(path)
     hp = _Hparams.from_config(cfg)
     tokenizer = None
@@ -209,7 +213,7 @@ def plan_from_hf(path: str, *, expert_type: GGMLQuantizationType | None = None,
                     for p in PROJS}
             experts.append(ExpertJobs(i, e, jobs["gate"], jobs["up"], jobs["down"]))
     return PackPlan(writer, dense, experts, os.path.abspath(path), "safetensors",
-                    _model_identity(cfg.get("_name_or_path"), cfg))
+                    _model_identity(cfg.get("_name_or_path"), cfg, "llama"))
 
 
 def _dequant(w: QTensor) -> np.ndarray:

@@ -1,0 +1,223 @@
+"""Every family of the architecture registry against transformers, on HF checkpoints and on GGUF files written by
+llama.cpp's own converter (tests/family_factory.py): logits within 1e-4 of the logits' scale with an f32 KV cache,
+32 greedy tokens identical; batched rows, streamed experts and packs bit-identical to one resident sequence; and
+one clear line for what the engine cannot honour.
+
+A GGUF file carries no norm_topk_prob or clip_qkv: llama.cpp's graph hard-codes them per arch (qwen3moe
+renormalises, qwen2moe and olmoe do not, olmoe never clamps). Cases whose HF config differs from that compare
+their HF checkpoint only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from family_factory import ConversionError, convert_many, make_hf_moe, save_hf, special_ids  # noqa: E402
+from reference_runs import hf_greedy, hf_logits  # noqa: E402
+
+from edgemoe.cli import main  # noqa: E402
+from edgemoe.experts.setup import StreamOptions  # noqa: E402
+from edgemoe.loader import load_model  # noqa: E402
+
+PROMPT = [1, 17, 43, 99, 120, 7, 64, 3, 88, 25, 12]
+
+# case → (family, factory options, the GGUF means the same as the checkpoint)
+CASES = {
+    "qwen3_moe-gqa": ("qwen3_moe", dict(heads=4, kv_heads=2, head_dim=24, experts=4, top_k=2), True),
+    "qwen3_moe-top8": ("qwen3_moe", dict(heads=4, kv_heads=1, experts=16, top_k=8, moe_intermediate=32), True),
+    "qwen3_moe-top1-plain": ("qwen3_moe", dict(heads=2, kv_heads=2, experts=6, top_k=1, norm_topk_prob=False),
+                             False),
+    "qwen2_moe": ("qwen2_moe", dict(heads=4, kv_heads=2, experts=4, top_k=2), True),
+    "qwen2_moe-top4-renorm": ("qwen2_moe", dict(heads=4, kv_heads=1, experts=8, top_k=4, norm_topk_prob=True,
+                                                shared_expert=40), False),
+    "olmoe": ("olmoe", dict(heads=4, kv_heads=4, experts=4, top_k=2), True),
+    "olmoe-gqa-top6": ("olmoe", dict(heads=4, kv_heads=2, experts=8, top_k=6), True),
+    "olmoe-clip": ("olmoe", dict(heads=4, kv_heads=4, experts=6, top_k=2, clip_qkv=0.4), False),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """case → (transformers model, HF directory, GGUF f32 path or None, GGUF q8_0 path or None)."""
+    root = tmp_path_factory.mktemp("families")
+    built, jobs = {}, []
+    for n, (case, (family, opts, same)) in enumerate(CASES.items()):
+        model, cfg = make_hf_moe(family, seed=10 + n, **opts)
+        d = save_hf(model, cfg, root / case)
+        files = [None, None]
+        if same:
+            files = [str(root / f"{case}.gguf"), str(root / f"{case}.q8.gguf")]
+            jobs += [(d, files[0], "f32"), (d, files[1], "q8_0")]
+        built[case] = (model, d, *files)
+    try:
+        done = convert_many(jobs)
+    except (OSError, ConversionError) as e:  # the converter could not be had (offline, no cache)
+        pytest.skip(f"llama.cpp's converter is not available: {e}")
+    for r in done:
+        assert not isinstance(r, ConversionError), r
+    return built
+
+
+def engine_logits(path, ids, **load) -> np.ndarray:
+    m = load_model(str(path), **load).model
+    return m.forward(np.asarray(ids), m.new_cache(64, "f32"), all_logits=True)  # (T, V)
+
+
+def close(got, ref):
+    scale = float(np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 1e-4 * scale, (np.abs(got - ref).max(), scale)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoint_matches_transformers(models, case):
+    model, d, *_ = models[case]
+    loaded = load_model(d)
+    assert loaded.args.model_type == CASES[case][0]
+    close(engine_logits(d, PROMPT), hf_logits(model, PROMPT))
+
+
+@pytest.mark.parametrize("case", [c for c, v in CASES.items() if v[2]])
+def test_llamacpp_gguf_matches_transformers(models, case):
+    model, _, gguf_path, _ = models[case]
+    close(engine_logits(gguf_path, PROMPT), hf_logits(model, PROMPT))
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "olmoe-clip"])
+def test_greedy_tokens_equal_transformers(models, case):
+    model, d, gguf_path, _ = models[case]
+    want = hf_greedy(model, PROMPT, 32)
+    for path in (d, gguf_path) if gguf_path else (d,):
+        m = load_model(path).model
+        cache = m.new_cache(64, "f32")
+        logits = m.forward(np.asarray(PROMPT), cache)[-1]
+        got = []
+        for _ in range(32):
+            got.append(int(np.argmax(logits)))
+            logits = m.forward(np.asarray(got[-1:]), cache)[-1]
+        assert got == want, path
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6"])
+def test_batched_rows_bit_identical(models, case):
+    """Q8_0 weights (the interleaved kernels), the default f16 cache: three sequences in one pass, each row the
+    bits of that sequence alone, in prefill and in decode steps."""
+    q8 = models[case][3]
+    m = load_model(q8).model
+    seqs = [PROMPT, PROMPT[:5], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
+    alone = []
+    for s in seqs:
+        c = m.new_cache(64)
+        alone.append((m.forward(np.asarray(s), c, all_logits=True), m.forward(np.asarray([5]), c)))
+    caches = [m.new_cache(64) for _ in seqs]
+    pre = m.forward_batch([(np.asarray(s), c) for s, c in zip(seqs, caches)], rows=[len(s) for s in seqs])
+    step = m.forward_batch([(np.asarray([5]), c) for c in caches])
+    at = 0
+    for j, s in enumerate(seqs):
+        assert np.array_equal(pre[at:at + len(s)], alone[j][0])
+        assert np.array_equal(step[j], alone[j][1][0])
+        at += len(s)
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe-top8", "qwen2_moe", "olmoe"])
+def test_streamed_and_packed_bit_identical(models, case, tmp_path):
+    """Experts read from disk into a cache of a few experts, from the converter's file and from its pack:
+    the resident model's logits, bit for bit, over a prefill and decode steps."""
+    from gguf import GGUFReader
+
+    from edgemoe.partition import partition
+
+    q8 = models[case][3]
+
+    def run(loaded):
+        m = loaded.model
+        c = m.new_cache(64)
+        out = [m.forward(np.asarray(PROMPT), c, all_logits=True)]
+        for _ in range(6):
+            out.append(m.forward(np.asarray([int(np.argmax(out[-1][-1]))]), c))
+        if hasattr(m.experts, "close"):
+            m.experts.close()
+        return np.concatenate(out)
+
+    want = run(load_model(q8))
+    pack = tmp_path / "p.gguf"
+    partition(q8, str(pack))
+    arch = GGUFReader(str(pack)).fields["general.architecture"]
+    assert bytes(arch.parts[-1]).decode() == GGUFReader(q8).fields["general.architecture"].parts[-1].tobytes().decode()
+    for path in (q8, str(pack)):
+        assert np.array_equal(run(load_model(path, StreamOptions.from_budget(0.05))), want), path
+
+
+def test_run_command_on_each_family(models, capsys):
+    """`edgemoe run` on a checkpoint of each family (its tokenizer.json): the greedy ids transformers gives, up to
+    and including the end-of-sequence token, on a prompt transformers does not end at once."""
+    eos = special_ids(128)["eos_token_id"]
+    for case in ("qwen3_moe-gqa", "qwen2_moe", "olmoe"):
+        model, d, *_ = models[case]
+        prompt, want = next((p, w) for p in (PROMPT, PROMPT[::-1], PROMPT[3:], [5, 6, 7, 8])
+                            if (w := hf_greedy(model, p, 8))[0] != eos)
+        if eos in want:
+            want = want[:want.index(eos) + 1]
+        code = main(["run", "-m", d, "--prompt-ids", ",".join(map(str, prompt)), "-n", "8", "--temp", "0",
+                     "--cache-type", "f32", "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert json.loads(out)["token_ids"] == want, case
+
+
+def _edited(models, tmp_path, case, edit):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(models[case][1], d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c.update(model_type="deepseek_v2"), "model_type 'deepseek_v2' is not supported"),
+    (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+    (lambda c: c.update(mlp_only_layers=[1]), "mlp_only_layers"),
+    (lambda c: c.update(use_sliding_window=True, sliding_window=64), "sliding_window"),
+    (lambda c: c.update(hidden_act="gelu"), "hidden_act"),
+], ids=["unknown-family", "rope-scaling", "dense-layers", "sliding-window", "activation"])
+def test_what_cannot_be_honoured_is_one_line(models, tmp_path, capsys, edit, needle):
+    d = _edited(models, tmp_path, "qwen3_moe-gqa", edit)
+    code = main(["run", "-m", d, "--prompt-ids", "1,2", "-n", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_missing_family_tensor_is_one_line(models, tmp_path, capsys):
+    """A Qwen3-MoE GGUF without a layer's q_norm: named, exit 2."""
+    from gguf import GGUFReader, GGUFWriter
+
+    src = GGUFReader(models["qwen3_moe-gqa"][2])
+    out = tmp_path / "cut.gguf"
+    w = GGUFWriter(str(out), "qwen3moe")
+    from edgemoe.pack.sources import _field_value
+
+    for key, field in src.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = _field_value(key, field)
+        if value is not None:
+            w.add_key_value(key, *value)
+    for t in src.tensors:
+        if t.name != "blk.1.attn_q_norm.weight":
+            w.add_tensor(t.name, np.asarray(t.data), raw_shape=tuple(int(x) for x in reversed(t.shape)),
+                         raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code = main(["run", "-m", str(out), "--prompt-ids", "1,2", "-n", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "blk.1.attn_q_norm.weight" in err[0], err
