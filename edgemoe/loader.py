@@ -169,6 +169,9 @@ def _need(tensors: dict, name: str, path: str):
 def _gguf_experts(tensors: dict, args: ModelArgs, path: str) -> list[list[Expert]]:
     layers = []
     for i in range(args.num_hidden_layers):
+        if not args.is_moe(i):
+            layers.append([])
+            continue
         merged = names.GGUF_EXPERTS["gate"].format(i=i)
         if merged in tensors:
             parts = {p: expert_slices(_need(tensors, t.format(i=i), path)) for p, t in names.GGUF_EXPERTS.items()}
@@ -192,10 +195,11 @@ def build_layer(t: dict) -> Layer:
     if isinstance(gate, np.ndarray):  # GGUF stores the shared expert's gate as a vector (D,)
         vec = np.ascontiguousarray(gate, dtype=np.float32).reshape(1, -1)  # (1, D)
         gate = QTensor.from_array(vec, GGMLQuantizationType.F32, 1, vec.shape[1])
+    mlp = Expert(t["mlp_gate"], t["mlp_up"], t["mlp_down"]) if "mlp_gate" in t else None
     return Layer(input_layernorm=t["attn_norm"], q_proj=t["q"], k_proj=t["k"], v_proj=t["v"], o_proj=t["o"],
-                 post_attention_layernorm=t["ffn_norm"], gate=t["router"], q_bias=t.get("q_bias"),
+                 post_attention_layernorm=t["ffn_norm"], gate=t.get("router"), q_bias=t.get("q_bias"),
                  k_bias=t.get("k_bias"), v_bias=t.get("v_bias"), o_bias=t.get("o_bias"), q_norm=t.get("q_norm"),
-                 k_norm=t.get("k_norm"), shared_expert=shared, shared_expert_gate=gate)
+                 k_norm=t.get("k_norm"), shared_expert=shared, shared_expert_gate=gate, mlp=mlp)
 
 
 def _unpermuted(w: QTensor, n_head: int) -> QTensor:
@@ -216,10 +220,9 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
         return to_qtensor(_need(tensors, template.format(i=i), path))
 
     spec = arch.spec_of(args)
-    parts = spec.layer_parts(args)
     layers = []
     for i in range(args.num_hidden_layers):
-        t = {p: get(arch.GGUF_PARTS[p], i) for p in parts}  # 1-D tensors come as float32 arrays
+        t = {p: get(arch.GGUF_PARTS[p], i) for p in spec.layer_parts(args, i)}  # 1-D tensors come as float32 arrays
         if spec.permute_qk:
             t["q"], t["k"] = _unpermuted(t["q"], args.num_attention_heads), _unpermuted(t["k"], args.num_key_value_heads)
         layers.append(build_layer(t))
@@ -247,7 +250,7 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
     else:
         from .experts.setup import streaming_store
 
-        experts = streaming_store(path, tensors, args.num_hidden_layers, args.num_local_experts, stream)
+        experts = streaming_store(path, tensors, args, stream)
     model = Model(args, weights, experts, dequant_rows(embed))
     return LoadedModel(args, model, tokenizer, path, "gguf", meta)
 
@@ -294,10 +297,9 @@ def _load_hf(path: str) -> LoadedModel:
         return idx.vector(name) if part in VECTORS else idx.matrix(name)
 
     layers, experts = [], []
-    parts = spec.layer_parts(args)
     for i in range(args.num_hidden_layers):
-        layers.append(build_layer({p: tensor(p, i) for p in parts}))
-        experts.append(_hf_layer_experts(idx, args, spec, i, need))
+        layers.append(build_layer({p: tensor(p, i) for p in spec.layer_parts(args, i)}))
+        experts.append(_hf_layer_experts(idx, args, spec, i, need) if args.is_moe(i) else [])
     embed = idx.matrix(need("model.embed_tokens.weight"))
     lm_head = embed if args.tie_word_embeddings else idx.matrix(need("lm_head.weight"))
     weights = Weights(embed_tokens=embed, layers=layers, norm=idx.vector(need("model.norm.weight")), lm_head=lm_head)
@@ -321,9 +323,10 @@ _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 def _check_hf_names(idx: SafetensorsIndex, args: ModelArgs, spec, path: str) -> None:
     """No tensor of a layer beyond num_hidden_layers, and none the model would leave unread."""
     known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    parts = spec.layer_parts(args)
     for i in range(args.num_hidden_layers):
-        known |= {spec.hf_name(p).format(i=i) for p in parts}
+        known |= {spec.hf_name(p).format(i=i) for p in spec.layer_parts(args, i)}
+        if not args.is_moe(i):
+            continue
         known |= {t.format(i=i) for t in spec.hf_router_aliases}
         known |= {t.format(i=i) for t in names.HF_EXPERT_FUSED.values()}
         known |= {t.format(i=i, e=e) for t in spec.hf_expert_split.values() for e in range(args.num_local_experts)}

@@ -36,6 +36,8 @@ LIMITS = {  # field → (smallest, largest) accepted; beyond these a file is cor
     "num_experts_per_tok": (1, MAX_EXPERTS_PER_TOK),
     "head_dim": (2, 4096),
     "max_position_embeddings": (1, 1 << 24),
+    "shared_expert_intermediate_size": (0, 1 << 18),
+    "dense_intermediate_size": (0, 1 << 18),
 }
 FLOATS = ("rms_norm_eps", "rope_theta")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -131,7 +133,7 @@ def gguf_shapes(args) -> dict[str, tuple[int, ...]]:
     from .models.arch import GGUF_PARTS, spec_of
 
     D, V, I, E = args.hidden_size, args.vocab_size, args.intermediate_size, args.num_local_experts
-    d, S = args.head_dim, args.shared_expert_intermediate_size
+    d, S, F = args.head_dim, args.shared_expert_intermediate_size, args.dense_intermediate_size
     q, kv = args.num_attention_heads * d, args.num_key_value_heads * d
     out: dict[str, tuple[int, ...]] = {"token_embd.weight": (D, V), "output_norm.weight": (D,),
                                        "output.weight": (D, V)}
@@ -139,11 +141,14 @@ def gguf_shapes(args) -> dict[str, tuple[int, ...]]:
     parts = {"attn_norm": (D,), "q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D), "ffn_norm": (D,),
              "router": (D, E), "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o_bias": (D,),
              "q_norm": (d,) if head else (q,), "k_norm": (d,) if head else (kv,),
-             "shexp_gate": (D, S), "shexp_up": (D, S), "shexp_down": (S, D), "shexp_router": (D,)}
+             "shexp_gate": (D, S), "shexp_up": (D, S), "shexp_down": (S, D), "shexp_router": (D,),
+             "mlp_gate": (D, F), "mlp_up": (D, F), "mlp_down": (F, D)}
     experts = {"ffn_gate_exps": (D, I, E), "ffn_up_exps": (D, I, E), "ffn_down_exps": (I, D, E)}
     for i in range(args.num_hidden_layers):
-        for part in spec_of(args).layer_parts(args):
+        for part in spec_of(args).layer_parts(args, i):
             out[GGUF_PARTS[part].format(i=i)] = parts[part]
+        if not args.is_moe(i):
+            continue
         for part, shape in experts.items():
             out[f"blk.{i}.{part}.weight"] = shape
         for e in range(E):
@@ -200,9 +205,10 @@ def _required(tensors: dict, args) -> list[str]:
     from .models.arch import GGUF_PARTS, spec_of
 
     out = ["token_embd.weight", "output_norm.weight"]
-    parts = spec_of(args).layer_parts(args)
     for i in range(args.num_hidden_layers):
-        out += [GGUF_PARTS[p].format(i=i) for p in parts]
+        out += [GGUF_PARTS[p].format(i=i) for p in spec_of(args).layer_parts(args, i)]
+        if not args.is_moe(i):
+            continue
         if any(names.GGUF_EXPERTS[p].format(i=i) in tensors for p in ("gate", "up", "down")):
             out += [names.GGUF_EXPERTS[p].format(i=i) for p in ("gate", "up", "down")]
         else:
@@ -262,7 +268,13 @@ def check_weights(weights, experts: list | None, args, path: str) -> None:
         matrix(f"layer {i} k_proj", layer.k_proj, kv, D)
         matrix(f"layer {i} v_proj", layer.v_proj, kv, D)
         matrix(f"layer {i} o_proj", layer.o_proj, D, q)
-        matrix(f"layer {i} router", layer.gate, args.num_local_experts, D)
+        if args.is_moe(i):
+            matrix(f"layer {i} router", layer.gate, args.num_local_experts, D)
+        else:
+            F = args.dense_intermediate_size
+            matrix(f"layer {i} mlp gate_proj", layer.mlp.gate, F, D)
+            matrix(f"layer {i} mlp up_proj", layer.mlp.up, F, D)
+            matrix(f"layer {i} mlp down_proj", layer.mlp.down, D, F)
         if args.qkv_bias:
             vector(f"layer {i} q_proj bias", layer.q_bias, q)
             vector(f"layer {i} k_proj bias", layer.k_bias, kv)
@@ -274,7 +286,7 @@ def check_weights(weights, experts: list | None, args, path: str) -> None:
             vector(f"layer {i} q_norm", layer.q_norm, args.head_dim if per_head else q)
             vector(f"layer {i} k_norm", layer.k_norm, args.head_dim if per_head else kv)
         S = args.shared_expert_intermediate_size
-        if S:
+        if S and args.is_moe(i):
             ex = layer.shared_expert
             matrix(f"layer {i} shared expert gate_proj", ex.gate, S, D)
             matrix(f"layer {i} shared expert up_proj", ex.up, S, D)
@@ -283,7 +295,8 @@ def check_weights(weights, experts: list | None, args, path: str) -> None:
     if experts is None:  # a streaming store: its extents were checked tensor by tensor (check_gguf_tensors)
         return
     layers = experts  # [layer][expert] → Expert
-    if len(layers) != args.num_hidden_layers or any(len(x) != args.num_local_experts for x in layers):
+    if len(layers) != args.num_hidden_layers or \
+            any(len(x) != (args.num_local_experts if args.is_moe(i) else 0) for i, x in enumerate(layers)):
         raise ModelFormatError(f"{path}: the experts do not match {args.num_hidden_layers} layers of "
                                f"{args.num_local_experts}; the file is inconsistent")
     I = args.intermediate_size

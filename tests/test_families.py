@@ -3,9 +3,10 @@ llama.cpp's own converter (tests/family_factory.py): logits within 1e-4 of the l
 32 greedy tokens identical; batched rows, streamed experts and packs bit-identical to one resident sequence; and
 one clear line for what the engine cannot honour.
 
-A GGUF file carries no norm_topk_prob or clip_qkv: llama.cpp's graph hard-codes them per arch (qwen3moe
-renormalises, qwen2moe and olmoe do not, olmoe never clamps). Cases whose HF config differs from that compare
-their HF checkpoint only.
+Dense layers between MoE layers (Qwen's mlp_only_layers) are checked on checkpoints only: llama.cpp's converter
+cannot write them for these archs. A GGUF file carries no norm_topk_prob or clip_qkv: llama.cpp's graph hard-codes
+them per arch (qwen3moe renormalises, qwen2moe and olmoe do not, olmoe never clamps). Cases whose HF config
+differs from that compare their HF checkpoint only.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ CASES = {
     "qwen2_moe": ("qwen2_moe", dict(heads=4, kv_heads=2, experts=4, top_k=2), True),
     "qwen2_moe-top4-renorm": ("qwen2_moe", dict(heads=4, kv_heads=1, experts=8, top_k=4, norm_topk_prob=True,
                                                 shared_expert=40), False),
+    "qwen3_moe-dense0": ("qwen3_moe", dict(layers=3, experts=4, top_k=2, dense_layers=(0,)), False),
+    "qwen2_moe-dense1": ("qwen2_moe", dict(layers=3, experts=4, top_k=2, dense_layers=(1,)), False),
     "olmoe": ("olmoe", dict(heads=4, kv_heads=4, experts=4, top_k=2), True),
     "olmoe-gqa-top6": ("olmoe", dict(heads=4, kv_heads=2, experts=8, top_k=6), True),
     "olmoe-clip": ("olmoe", dict(heads=4, kv_heads=4, experts=6, top_k=2, clip_qkv=0.4), False),
@@ -88,7 +91,7 @@ def test_llamacpp_gguf_matches_transformers(models, case):
     close(engine_logits(gguf_path, PROMPT), hf_logits(model, PROMPT))
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "olmoe-clip"])
+@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "olmoe-clip", "qwen2_moe-dense1"])
 def test_greedy_tokens_equal_transformers(models, case):
     model, d, gguf_path, _ = models[case]
     want = hf_greedy(model, PROMPT, 32)
@@ -184,7 +187,7 @@ def _edited(models, tmp_path, case, edit):
 @pytest.mark.parametrize("edit,needle", [
     (lambda c: c.update(model_type="deepseek_v2"), "model_type 'deepseek_v2' is not supported"),
     (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
-    (lambda c: c.update(mlp_only_layers=[1]), "mlp_only_layers"),
+    (lambda c: c.update(mlp_only_layers=[1, "x"]), "mlp_only_layers"),
     (lambda c: c.update(use_sliding_window=True, sliding_window=64), "sliding_window"),
     (lambda c: c.update(hidden_act="gelu"), "hidden_act"),
 ], ids=["unknown-family", "rope-scaling", "dense-layers", "sliding-window", "activation"])

@@ -46,15 +46,19 @@ def _slice(t, e: int | None) -> tuple[int, int, GGMLQuantizationType, int, int]:
 
 def _tensor(tensors: dict, name: str):
     if name not in tensors:
-        raise ModelFormatError(f"tensor {name} is missing; the file is incomplete or not a Mixtral model")
+        raise ModelFormatError(f"tensor {name} is missing; the file is incomplete or of another variant")
     return tensors[name]
 
 
-def gguf_extents(tensors: dict, n_layers: int, n_experts: int) -> list[list[ExpertExtent]]:
-    """Extents of every expert, from a GGUF tensor index (merged `*_exps` or per-expert tensors)."""
+def gguf_extents(tensors: dict, n_layers: int, n_experts: int, dense_layers=()) -> list[list[ExpertExtent]]:
+    """Extents of every expert, from a GGUF tensor index (merged `*_exps` or per-expert tensors); a dense layer
+    (in `dense_layers`) has none."""
     out = []
     for i in range(n_layers):
         layer = []
+        if i in dense_layers:
+            out.append(layer)
+            continue
         merged = names.GGUF_EXPERTS["gate"].format(i=i) in tensors
         for e in range(n_experts):
             if merged:

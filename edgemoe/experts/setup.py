@@ -65,11 +65,11 @@ def manifest_checksums(path: str, extents: list[list]) -> dict:
     m = check_pack(path, checksums=False)
     if m is None:
         return {}
-    n_layers, n_experts = len(extents), len(extents[0]) if extents else 0
+    n_layers, n_experts = len(extents), max((len(x) for x in extents), default=0)
     out = {}
     for x in m["experts"]:
         key = (x["layer"], x["expert"])
-        if key[0] >= n_layers or key[1] >= n_experts:
+        if key[0] >= n_layers or key[1] >= len(extents[key[0]]):
             raise ModelFormatError(f"{path}: its manifest lists expert {key[1]} of layer {key[0]}, but the model has "
                                    f"{n_experts} experts in {n_layers} layers: the manifest belongs to another "
                                    "pack; run 'edgemoe partition' again")
@@ -79,16 +79,18 @@ def manifest_checksums(path: str, extents: list[list]) -> dict:
                                    f"{x['byte_offset']}+{x['byte_length']}, the file's tensors at {list(ranges)}: "
                                    "the manifest belongs to another pack; run 'edgemoe partition' again")
         out[key] = x["checksum"]
-    if len(out) != n_layers * n_experts:
-        missing = next((i, e) for i in range(n_layers) for e in range(n_experts) if (i, e) not in out)
+    total = sum(len(x) for x in extents)
+    if len(out) != total:
+        missing = next((i, e) for i in range(n_layers) for e in range(len(extents[i])) if (i, e) not in out)
         raise ModelFormatError(f"{path}: its manifest has no entry for expert {missing[1]} of layer {missing[0]} "
-                               f"({len(out)} of {n_layers * n_experts} experts): the manifest belongs to another "
+                               f"({len(out)} of {total} experts): the manifest belongs to another "
                                "pack; run 'edgemoe partition' again")
     return out
 
 
-def streaming_store(path: str, tensors: dict, n_layers: int, n_experts: int, opt: StreamOptions) -> StreamingExperts:
-    extents = gguf_extents(tensors, n_layers, n_experts)
+def streaming_store(path: str, tensors: dict, args, opt: StreamOptions) -> StreamingExperts:
+    """The experts of the GGUF file at `path` (tensor index `tensors`, a model of ModelArgs `args`) read on demand."""
+    extents = gguf_extents(tensors, args.num_hidden_layers, args.num_local_experts, args.dense_layers)
     checksums = manifest_checksums(path, extents) if opt.verify_checksums else None
     largest = max(ext.nbytes + 2 * ALIGN * len(ext.ranges) for layer in extents for ext in layer)
     reader = ExpertReader(path, direct_io=opt.direct_io, queue_depth=opt.queue_depth,

@@ -72,7 +72,7 @@ class ResidentExperts:
     def __init__(self, experts: list[list[Expert]]):
         self._experts = experts  # [layer][expert]
         self.n_layers = len(experts)
-        self.n_experts = len(experts[0]) if experts else 0
+        self.n_experts = max((len(x) for x in experts), default=0)  # a dense layer has none
 
     wants_hints = False
 

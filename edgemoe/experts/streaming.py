@@ -106,7 +106,7 @@ class StreamingExperts:
         self.cache = cache
         self.checksums = checksums or {}
         self.n_layers = len(extents)
-        self.n_experts = len(extents[0]) if extents else 0
+        self.n_experts = max((len(x) for x in extents), default=0)  # a dense layer has none
         self.prefetch = PrefetchStats(enabled=prefetch)
         self._backoff = Backoff()
         self._demanded: dict[tuple[int, int], ReadHandle] = {}  # issued by request(), consumed by get()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UnsupportedError
+from ..errors import ModelFormatError, UnsupportedError
 
 # Per-layer tensors every family names the same way unless its spec overrides them (HF, then GGUF).
 HF_PARTS = {
@@ -34,6 +34,9 @@ HF_PARTS = {
     "shexp_up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
     "shexp_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
     "shexp_router": "model.layers.{i}.mlp.shared_expert_gate.weight",
+    "mlp_gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "mlp_up": "model.layers.{i}.mlp.up_proj.weight",
+    "mlp_down": "model.layers.{i}.mlp.down_proj.weight",
 }
 GGUF_PARTS = {
     "attn_norm": "blk.{i}.attn_norm.weight",
@@ -53,6 +56,9 @@ GGUF_PARTS = {
     "shexp_up": "blk.{i}.ffn_up_shexp.weight",
     "shexp_down": "blk.{i}.ffn_down_shexp.weight",
     "shexp_router": "blk.{i}.ffn_gate_inp_shexp.weight",
+    "mlp_gate": "blk.{i}.ffn_gate.weight",
+    "mlp_up": "blk.{i}.ffn_up.weight",
+    "mlp_down": "blk.{i}.ffn_down.weight",
 }
 # Experts, per projection: HF per-expert tensors, as save_pretrained writes them (the fused 3-D layout and
 # the GGUF names are the same for every family: formats/names.py).
@@ -75,7 +81,7 @@ GGUF_KEYS = {
     "expert_used_count": "num_experts_per_tok",
 }
 
-ATTENTION_PARTS = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "router")
+ATTENTION_PARTS = ("attn_norm", "q", "k", "v", "o", "ffn_norm")
 
 
 @dataclass(frozen=True)
@@ -99,18 +105,26 @@ class ArchSpec:
     def hf_name(self, part: str) -> str:
         return self.hf_parts.get(part, HF_PARTS[part])
 
-    def layer_parts(self, args) -> tuple[str, ...]:
-        """The per-layer tensors (besides experts) a model of this family with these args has."""
+    def layer_parts(self, args, i: int) -> tuple[str, ...]:
+        """The tensors (besides experts) layer i of a model of this family with these args has."""
         parts = list(ATTENTION_PARTS)
+        if not args.is_moe(i):
+            return (*parts, *self.attention_extras(args), "mlp_gate", "mlp_up", "mlp_down")
+        parts.append("router")
+        parts += self.attention_extras(args)
+        if args.shared_expert_intermediate_size:
+            parts += ["shexp_gate", "shexp_up", "shexp_down", "shexp_router"]
+        return tuple(parts)
+
+    def attention_extras(self, args) -> list[str]:
+        parts = []
         if args.qkv_bias:
             parts += ["q_bias", "k_bias", "v_bias"]
         if args.o_bias:
             parts.append("o_bias")
         if args.qk_norm is not None:
             parts += ["q_norm", "k_norm"]
-        if args.shared_expert_intermediate_size:
-            parts += ["shexp_gate", "shexp_up", "shexp_down", "shexp_router"]
-        return tuple(parts)
+        return parts
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -175,13 +189,22 @@ def refuse_activation(cfg: dict, where: str) -> None:
                                "of this family use silu")
 
 
-def refuse_dense_layers(cfg: dict, where: str) -> None:
-    """Dense MLP layers between MoE layers (mlp_only_layers, decoder_sparse_step > 1)."""
-    dense = cfg.get("mlp_only_layers") or []
-    step = cfg.get("decoder_sparse_step", 1)
-    if dense or step not in (None, 1):
-        raise UnsupportedError(f"{where}: dense layers between the MoE layers (mlp_only_layers {str(dense)[:40]}, "
-                               f"decoder_sparse_step {step}) are not supported; every layer must be a MoE layer")
+def qwen_dense_layers(cfg: dict, where: str) -> dict:
+    """Qwen's dense MLP layers between MoE layers: those in mlp_only_layers, and those whose (i + 1) is not a
+    multiple of decoder_sparse_step; their width is intermediate_size."""
+    only = cfg.get("mlp_only_layers") or []
+    step = cfg.get("decoder_sparse_step") or 1
+    n = cfg.get("num_hidden_layers")
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only) or \
+            isinstance(step, bool) or not isinstance(step, int) or step < 1 or not isinstance(n, int):
+        raise ModelFormatError(f"{where}: mlp_only_layers {str(only)[:40]} / decoder_sparse_step {str(step)[:20]} "
+                               "must be a list of layer indices and a positive integer; the file is corrupt")
+    dense = tuple(i for i in range(n) if i in only or (i + 1) % step)
+    if not dense:
+        return {}
+    if not isinstance(cfg.get("intermediate_size"), int):
+        raise ModelFormatError(f"{where}: dense layers {list(dense)[:8]} need intermediate_size; the file is corrupt")
+    return {"dense_layers": dense, "dense_intermediate_size": cfg["intermediate_size"]}
 
 
 def renamed(cfg: dict, names: dict[str, str]) -> dict:

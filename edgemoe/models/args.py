@@ -34,6 +34,8 @@ class ModelArgs:
     o_bias: bool = False  # the output projection has a bias
     clip_qkv: float | None = None  # q, k and v clamped to ±clip_qkv after the projections (OLMoE)
     shared_expert_intermediate_size: int = 0  # a dense SwiGLU expert every token takes, gated by a sigmoid
+    dense_layers: tuple[int, ...] = ()  # layers with a dense SwiGLU MLP instead of experts (no router)
+    dense_intermediate_size: int = 0  # that MLP's width
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -43,4 +45,9 @@ class ModelArgs:
     def from_dict(cls, cfg: dict) -> ModelArgs:
         """Build from a dict already translated and checked by the family's spec (models/arch.py)."""
         names = inspect.signature(cls).parameters
+        cfg = {**cfg, "dense_layers": tuple(sorted(int(i) for i in cfg.get("dense_layers") or ()))}
         return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
+
+    def is_moe(self, i: int) -> bool:
+        """Layer i routes its tokens to experts (else it has a dense MLP)."""
+        return i not in self.dense_layers

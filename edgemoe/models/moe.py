@@ -64,6 +64,7 @@ class Layer:
     k_norm: np.ndarray | None = None  # (d,) or (K*d,)
     shared_expert: object | None = None  # experts.store.Expert every token takes (Qwen2-MoE)
     shared_expert_gate: QTensor | None = None  # (1, D): the shared expert's output is scaled by sigmoid(gate · h)
+    mlp: object | None = None  # a dense layer's SwiGLU MLP (experts.store.Expert), when `gate` (the router) is None
 
 
 @dataclass
@@ -94,9 +95,9 @@ class Model:
         total = w.norm.nbytes + w.lm_head.nbytes
         for layer in w.layers:
             total += sum(t.nbytes for t in (getattr(layer, n) for n in DENSE) if t is not None)
-            if layer.shared_expert is not None:
-                total += sum(t.nbytes for t in (layer.shared_expert.gate, layer.shared_expert.up,
-                                                layer.shared_expert.down))
+            for mx in (layer.shared_expert, layer.mlp):
+                if mx is not None:
+                    total += mx.gate.nbytes + mx.up.nbytes + mx.down.nbytes
         return total
 
     def prepare(self, own_dense: bool, repack_experts: bool, repack_dense: bool = True) -> None:
@@ -140,9 +141,10 @@ class Model:
                 t = getattr(layer, name)
                 if t is not None:
                     setattr(layer, name, laid_out(t))
-            sx = layer.shared_expert
-            if sx is not None:
-                layer.shared_expert = type(sx)(laid_out(sx.gate), laid_out(sx.up), laid_out(sx.down))
+            for name in ("shared_expert", "mlp"):
+                mx = getattr(layer, name)
+                if mx is not None:
+                    setattr(layer, name, type(mx)(laid_out(mx.gate), laid_out(mx.up), laid_out(mx.down)))
         self.weights.norm = laid_out(self.weights.norm)
         self.weights.lm_head = laid_out(self.weights.lm_head)  # the embedding lookup keeps its own plain copy
         if repack_experts:
@@ -226,6 +228,8 @@ class Model:
         where the family has one).   x, h: (T, D) → (T, D)
 
         draft: (DraftRouting, skipped (T,)) for a self-draft pass, else None."""
+        if layer.gate is None:  # a dense layer
+            return x + expert_mlp(h, layer.mlp)
         out = self._routed(h, x, layer, i, draft)  # (T, D)
         if layer.shared_expert is not None:
             z = linear(h, layer.shared_expert_gate)  # (T, 1)
@@ -244,7 +248,7 @@ class Model:
         else:
             ids, w = self.route(h, layer)
         layers = self.weights.layers
-        if draft is None and experts.wants_hints and i + 1 < len(layers):
+        if draft is None and experts.wants_hints and i + 1 < len(layers) and layers[i + 1].gate is not None:
             # Layer i+1's router on the current hidden state predicts its experts (~70 % right on real models).
             nxt = layers[i + 1]
             self.experts.hint(i + 1, np.unique(self.route(rms_norm(x, nxt.post_attention_layernorm,

@@ -5,16 +5,16 @@ scaled by sigmoid(shared_expert_gate · h) and added to the routed experts' sum.
 
 from __future__ import annotations
 
-from .arch import ArchSpec, refuse_activation, refuse_dense_layers, refuse_rope_scaling, refuse_sliding_window, renamed
+from .arch import ArchSpec, qwen_dense_layers, refuse_activation, refuse_rope_scaling, refuse_sliding_window, renamed
 
 
 def hf_config(cfg: dict, where: str) -> dict:
     refuse_rope_scaling(cfg, where)
     refuse_activation(cfg, where)
     refuse_sliding_window(cfg, where)
-    refuse_dense_layers(cfg, where)
+    dense = qwen_dense_layers(cfg, where)
     out = renamed(cfg, {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size"})
-    return {**out, "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+    return {**out, **dense, "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
             "qkv_bias": bool(cfg.get("qkv_bias", True)),
             "shared_expert_intermediate_size": cfg.get("shared_expert_intermediate_size") or 0}
 

@@ -6,7 +6,7 @@ Legend: T tokens, H/K query/key-value heads, d head_dim.
 
 from __future__ import annotations
 
-from .arch import ArchSpec, refuse_activation, refuse_dense_layers, refuse_rope_scaling, refuse_sliding_window, renamed
+from .arch import ArchSpec, qwen_dense_layers, refuse_activation, refuse_rope_scaling, refuse_sliding_window, renamed
 from .base import rms_norm
 
 
@@ -14,10 +14,10 @@ def hf_config(cfg: dict, where: str) -> dict:
     refuse_rope_scaling(cfg, where)
     refuse_activation(cfg, where)
     refuse_sliding_window(cfg, where)
-    refuse_dense_layers(cfg, where)
+    dense = qwen_dense_layers(cfg, where)
     out = renamed(cfg, {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size"})
     bias = bool(cfg.get("attention_bias", False))
-    return {**out, "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)), "qk_norm": "head",
+    return {**out, **dense, "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)), "qk_norm": "head",
             "qkv_bias": bias, "o_bias": bias}
 
 

@@ -90,7 +90,10 @@ def plan_from_gguf(path: str, *, expert_type: GGMLQuantizationType | None = None
             writer.add_key_value(key, *value)
 
     experts, expert_tensors = [], set()
+    dense_layers = cfg.get("dense_layers") or ()
     for i in range(n_layers):
+        if i in dense_layers:  # its MLP is a dense tensor of the pack
+            continue
         per_proj = {}
         for proj in PROJS:
             merged = names.GGUF_EXPERTS[proj].format(i=i)
