@@ -28,7 +28,7 @@ from numba import njit, prange
 from ..qtensor import QTensor
 from . import dispatch
 from .kv_access import store_kv_row
-from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs
+from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs, qk_inputs
 from .q8act import activations
 from .rows import Kind, kind_of
 from .sync import SYNC_SLOTS, claim, finish, wait_done
@@ -161,9 +161,12 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
 
 
 def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, n_heads, n_kv, cos, sin, k_cache,
-                        v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk):
+                        v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk,
+                        qkv_bias, q_norm, k_norm, clip, o_bias):
     """out (D,) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))) of one token at position `pos`,
     whose k and v are written into k_cache[:, pos], v_cache[:, pos] (K, S, d).
+    The families' extras (empty arrays / clip 0 when absent): qkv_bias ((H + 2K) d,) added to the projections,
+    q_norm/k_norm and clip as ops.qk_inputs, o_bias (D,) added to o_proj's output.
 
     Scratch: hbuf (1, D) f32; xq, xd, xs: (1, ...) activations of hbuf; qkv ((H + 2K) d,) f32;
     att (1, H, d) f32; aq, ad, as_: (1, ...) activations of att; obuf (D,) f32.
@@ -192,7 +195,10 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
             finish(sync, 0)
             c = claim(sync, 0, n1, back)
         wait_done(sync, 0, n1)
-        if claim(sync, 1, 1, back) == 0:  # RoPE, then the new position into the cache
+        if claim(sync, 1, 1, back) == 0:  # biases, q/k norms, RoPE, then the new position into the cache
+            for i in range(qkv_bias.shape[0]):
+                qkv[i] += qkv_bias[i]
+            qk_inputs(q, k, v, q_norm, k_norm, eps, clip)
             ROPE_SERIAL(q, cos, sin)
             ROPE_SERIAL(k, cos, sin)
             S, W = k_cache.shape[1], k_cache.shape[2]
@@ -216,6 +222,9 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
             lo = c * chunk
             hi = min(lo + chunk, D)
             O_ROWS(obuf, lo, hi, w_o, aq, ad, as_, o_variant)
+            if o_bias.shape[0] > 0:
+                for r in range(lo, hi):
+                    obuf[r] += o_bias[r]
             for r in range(lo, hi):
                 out[r] = x[r] + obuf[r]
             finish(sync, 4)
@@ -223,14 +232,16 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
 
 
 def _attention_rows_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, q, k, v, cos, sin, k_cache,
-                             v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk):
+                             v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk,
+                             qkv_bias, q_norm, k_norm, clip, o_bias):
     """The attention block of T consecutive tokens of one sequence, at positions pos..pos+T-1:
     out (T, D) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x))))), their k and v written into the caches.
     Each weight chunk is read once for all T tokens; every row gets the bits of the separate kernels.
 
     Scratch: hbuf (T, D) f32; xq, xd, xs: (T, ...) activations of hbuf; qkv (T, (H + 2K) d) f32;
     q (T, H, d), k, v (T, K, d) f32; att (T, H, d) f32; aq, ad, as_: (T, ...) activations of att;
-    obuf (T, D) f32. cos, sin: (T, d/2); sync: (5 * SYNC_SLOTS,) int64 zeros.
+    obuf (T, D) f32. cos, sin: (T, d/2); sync: (5 * SYNC_SLOTS,) int64 zeros. Families' extras as in
+    _attention_template.
     """
     T, D = x.shape
     n_heads, d = q.shape[1], q.shape[2]
@@ -255,8 +266,10 @@ def _attention_rows_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, 
             finish(sync, 0)
             c = claim(sync, 0, n1, back)
         wait_done(sync, 0, n1)
-        if claim(sync, 1, 1, back) == 0:  # split q/k/v, RoPE, then the new positions into the cache
+        if claim(sync, 1, 1, back) == 0:  # biases, split q/k/v, q/k norms, RoPE, then the new positions into the cache
             for t in range(T):
+                for i in range(qkv_bias.shape[0]):
+                    qkv[t, i] += qkv_bias[i]
                 for h in range(n_heads):
                     for i in range(d):
                         q[t, h, i] = qkv[t, h * d + i]
@@ -264,6 +277,7 @@ def _attention_rows_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, 
                     for i in range(d):
                         k[t, j, i] = qkv[t, hq + j * d + i]
                         v[t, j, i] = qkv[t, hq + hk + j * d + i]
+            qk_inputs(q, k, v, q_norm, k_norm, eps, clip)
             ROPE_SERIAL(q, cos, sin)
             ROPE_SERIAL(k, cos, sin)
             S, W = k_cache.shape[1], k_cache.shape[2]
@@ -290,6 +304,9 @@ def _attention_rows_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, 
             hi = min(lo + chunk, D)
             for t in range(T):
                 O_ROWS(obuf[t], lo, hi, w_o, aq[t:t + 1], ad[t:t + 1], as_[t:t + 1], o_variant)
+                if o_bias.shape[0] > 0:
+                    for r in range(lo, hi):
+                        obuf[t, r] += o_bias[r]
                 for r in range(lo, hi):
                     out[t, r] = x[t, r] + obuf[t, r]
             finish(sync, 4)
@@ -428,6 +445,17 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
     return out
 
 
+_NONE = np.zeros(0, np.float32)
+_NONE.flags.writeable = False  # the model's vectors are read-only (Model.prepare): one Numba type for all
+NO_EXTRAS = (_NONE, _NONE, _NONE, 0.0, _NONE)  # no biases, no q/k norms, no clamp (Mixtral)
+
+
+def attention_extras(qkv_bias, q_norm, k_norm, clip, o_bias) -> tuple:
+    """The attention block's family extras; None for an absent one (the kernels take empty arrays)."""
+    return (_NONE if qkv_bias is None else qkv_bias, _NONE if q_norm is None else q_norm,
+            _NONE if k_norm is None else k_norm, float(clip or 0.0), _NONE if o_bias is None else o_bias)
+
+
 def attention_kinds(w_qkv: QTensor, w_o: QTensor) -> tuple[Kind, Kind] | None:
     """(qkv kind, o kind) when the fused attention block can run these weights, else None."""
     return _kinds(w_qkv, w_o)
@@ -435,9 +463,11 @@ def attention_kinds(w_qkv: QTensor, w_o: QTensor) -> tuple[Kind, Kind] | None:
 
 def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
                     n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
-                    k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale, kinds: tuple[Kind, Kind]) -> np.ndarray:
+                    k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale, kinds: tuple[Kind, Kind],
+                    extras: tuple = None) -> np.ndarray:
     """x + the attention block of one token at position `pos` (its k, v written to the caches).
-    x: (D,); cos, sin: (1, d/2); k_cache, v_cache: (K, S, d) → (D,)"""
+    x: (D,); cos, sin: (1, d/2); k_cache, v_cache: (K, S, d) → (D,)
+    extras: (qkv_bias, q_norm, k_norm, clip, o_bias) of the family (`attention_extras`)."""
     k1, k2 = kinds
     D = x.shape[0]
     kernel = _specialise(_attention_template, f"{k1.name}_{k2.name}", QKV_QUANT=k1.quant, QKV_ROWS=k1.rows,
@@ -448,14 +478,14 @@ def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTenso
     kernel(numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("att_qkv", w_qkv.rows),
            n_heads, n_kv, cos, sin, k_cache, v_cache, pos, scale, _f32("att_att", 1, n_heads, head_dim), aq, ad, as_,
            w_o.data, _f32("att_o", D), _variant(w_qkv), _variant(w_o), _f32("att_h", 1, D),
-           np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+           np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
     return out
 
 
 def attention_rows_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
                          n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
                          k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale,
-                         kinds: tuple[Kind, Kind]) -> np.ndarray:
+                         kinds: tuple[Kind, Kind], extras: tuple = None) -> np.ndarray:
     """x + the attention block of T consecutive tokens of one sequence at positions pos.. (their k, v written
     to the caches), in one parallel region.   x: (T, D); cos, sin: (T, d/2); k_cache, v_cache: (K, S, d)
     → (T, D)"""
@@ -470,5 +500,5 @@ def attention_rows_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: Q
            _f32("attr_q", T, n_heads, head_dim), _f32("attr_k", T, n_kv, head_dim), _f32("attr_v", T, n_kv, head_dim),
            cos, sin, k_cache, v_cache, pos, scale, _f32("attr_att", T, n_heads, head_dim), aq, ad, as_, w_o.data,
            _f32("attr_obuf", T, D), _variant(w_qkv), _variant(w_o), _f32("attr_h", T, D),
-           np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+           np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
     return out

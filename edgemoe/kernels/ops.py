@@ -241,6 +241,28 @@ def route_topk(ids, weights, logits, renorm):
 
 
 RMSNORM = twins(_rmsnorm)
+_rmsnorm_serial = RMSNORM[1]
+
+
+@njit(cache=True, nogil=True)
+def qk_inputs(q, k, v, q_norm, k_norm, eps, clip):
+    """What some families do to q, k and v between the projections and RoPE, in place: an RMSNorm of q and of k
+    (per head when the norm weights have d values (Qwen3-MoE), over all heads when H*d and K*d (OLMoE); none
+    when they are empty), then a clamp of all three to ±clip (none when clip <= 0).
+    q: (T, H, d); k, v: (T, K, d) contiguous f32; q_norm: (d,) | (H*d,) | (0,); k_norm likewise"""
+    T, H, d = q.shape
+    K = k.shape[1]
+    if q_norm.shape[0] == d:
+        _rmsnorm_serial(q.reshape(T * H, d), q.reshape(T * H, d), q_norm, eps)
+        _rmsnorm_serial(k.reshape(T * K, d), k.reshape(T * K, d), k_norm, eps)
+    elif q_norm.shape[0] > 0:
+        _rmsnorm_serial(q.reshape(T, H * d), q.reshape(T, H * d), q_norm, eps)
+        _rmsnorm_serial(k.reshape(T, K * d), k.reshape(T, K * d), k_norm, eps)
+    if clip > 0:
+        c = np.float32(clip)
+        for a in (q.reshape(-1), k.reshape(-1), v.reshape(-1)):
+            for i in range(a.shape[0]):
+                a[i] = min(max(a[i], -c), c)
 
 ROPE_INPLACE = twins(_rope_inplace)
 

@@ -3,7 +3,9 @@
 A spec owns what differs between MoE families: how its config keys and GGUF metadata become ModelArgs
 (refusing what it cannot honour), its tensor names in both formats, whether the llama converter permuted
 its Q/K rows, how its attention inputs are formed (biases, q/k norms, clipping) and what its MoE block adds
-besides the routed experts (a shared expert). Each family is one file (models/<model_type>.py) that
+besides the routed experts (a shared expert). The variants' arithmetic (q/k norms, clamps, biases) is
+written once, in the kernels both decode paths share (kernels/ops.qk_inputs, kernels/fused.py); a family
+names which it has through the ModelArgs its spec builds. Each family is one file (models/<model_type>.py) that
 builds one ArchSpec; the loader, the packer and the forward pass ask the spec and know no family's names.
 """
 
@@ -99,7 +101,6 @@ class ArchSpec:
     hf_router_aliases: tuple[str, ...] = ()  # older names of the router tensor
     hf_expert_split: dict[str, str] = field(default_factory=lambda: dict(HF_EXPERT_SPLIT))
     hf_ignored: tuple[str, ...] = ()  # suffixes of checkpoint tensors the model does not use
-    qkv_inputs: Callable | None = None  # (args, layer, q, k, v) → (q, k, v) after projections and biases
     fused_attention: bool = True  # the one-sequence fused attention blocks compute this family's attention
 
     def hf_name(self, part: str) -> str:

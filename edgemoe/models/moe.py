@@ -123,9 +123,8 @@ class Model:
                 if own_dense and not w.data.flags.owndata:
                     w = QTensor(np.array(w.data), w.qtype, w.rows, w.cols, w.interleave)
                 return w
-            if own_dense:
-                w = np.array(w)
-                w.flags.writeable = False  # like the memory map it replaces: one Numba type for both
+            w = np.array(w) if own_dense else w.view()
+            w.flags.writeable = False  # like a memory map: one Numba type for every vector the kernels take
             return w
 
         for layer in self.weights.layers:
@@ -176,11 +175,9 @@ class Model:
                 k += layer.k_bias
                 v += layer.v_bias
             q, k, v = q.reshape(T, H, d), k.reshape(T, K, d), v.reshape(T, K, d)  # (T, H, d), (T, K, d) x2
-        if self.spec.qkv_inputs is not None:  # the family's q/k norms, clipping
-            q, k, v = self.spec.qkv_inputs(a, layer, np.ascontiguousarray(q), np.ascontiguousarray(k),
-                                           np.ascontiguousarray(v))
-        q = np.ascontiguousarray(q)
-        k = np.ascontiguousarray(k)
+        q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
+        extras = self._extras(layer)
+        ops.qk_inputs(q, k, v, extras[1], extras[2], a.rms_norm_eps, extras[3])  # the family's q/k norms, clamp
         ops.rope_inplace(q, cos, sin)
         ops.rope_inplace(k, cos, sin)
         out = np.empty_like(q)  # (T, H, d)
@@ -192,6 +189,10 @@ class Model:
         if layer.o_bias is not None:
             o += layer.o_bias
         return o
+
+    def _extras(self, layer: Layer) -> tuple:
+        """(qkv_bias, q_norm, k_norm, clip, o_bias) of the layer's attention, empty arrays for what it lacks."""
+        return fused.attention_extras(layer.qkv_bias, layer.q_norm, layer.k_norm, self.args.clip_qkv, layer.o_bias)
 
     def route(self, x: np.ndarray, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Softmax over experts, top-k, renormalised when the family does.  x: (T, D) → ids (T, A), weights (T, A)"""
@@ -334,7 +335,7 @@ class Model:
         ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
         x = self.embed_rows(ids)  # (T, D)
         one = len(seqs) == 1 and T <= FUSED_ROWS and self.fused  # one sequence: its attention block fused
-        plain = self.spec.fused_attention and not (a.qkv_bias or a.o_bias)  # what the fused blocks compute
+        plain = self.spec.fused_attention  # the fused blocks compute this family's attention
         for i, layer in enumerate(self.weights.layers):
             if draft is not None and i in draft.skip_layers:
                 continue
@@ -344,7 +345,7 @@ class Model:
                 block = fused.attention_block if T == 1 else fused.attention_rows_block
                 x = block(x[0] if T == 1 else x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj, layer.o_proj,
                           a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin, cache.k[i], cache.v[i],
-                          cache.length, self.scale, kinds)
+                          cache.length, self.scale, kinds, self._extras(layer))
                 x = x[None] if T == 1 else x
             else:
                 x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin)

@@ -27,5 +27,4 @@ SPEC = ArchSpec(
     gguf_keys={"expert_feed_forward_length": "intermediate_size",
                "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
     gguf_fixed={"norm_topk_prob": False, "qkv_bias": True},
-    fused_attention=False,
 )

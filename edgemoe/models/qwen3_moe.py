@@ -1,13 +1,10 @@
 """Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Mixtral's layout plus an RMSNorm over each head of q and k
 before RoPE; softmax → top-k, renormalised when norm_topk_prob (llama.cpp always renormalises qwen3moe).
-
-Legend: T tokens, H/K query/key-value heads, d head_dim.
 """
 
 from __future__ import annotations
 
 from .arch import ArchSpec, qwen_dense_layers, refuse_activation, refuse_rope_scaling, refuse_sliding_window, renamed
-from .base import rms_norm
 
 
 def hf_config(cfg: dict, where: str) -> dict:
@@ -21,14 +18,6 @@ def hf_config(cfg: dict, where: str) -> dict:
             "qkv_bias": bias, "o_bias": bias}
 
 
-def qkv_inputs(args, layer, q, k, v):
-    """Per-head RMSNorm of q and k.   q: (T, H, d); k, v: (T, K, d)"""
-    T, H, d = q.shape
-    q = rms_norm(q.reshape(T * H, d), layer.q_norm, args.rms_norm_eps).reshape(q.shape)  # (T, H, d)
-    k = rms_norm(k.reshape(-1, d), layer.k_norm, args.rms_norm_eps).reshape(k.shape)  # (T, K, d)
-    return q, k, v
-
-
 SPEC = ArchSpec(
     model_type="qwen3_moe",
     gguf_arch="qwen3moe",
@@ -36,6 +25,4 @@ SPEC = ArchSpec(
     hf_config=hf_config,
     gguf_keys={"expert_feed_forward_length": "intermediate_size"},
     gguf_fixed={"norm_topk_prob": True, "qk_norm": "head"},
-    qkv_inputs=qkv_inputs,
-    fused_attention=False,
 )
