@@ -183,10 +183,13 @@ def _gguf_experts(tensors: dict, args: ModelArgs, path: str) -> list[list[Expert
     return layers
 
 
-VECTORS = {"attn_norm", "ffn_norm", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm"}  # 1-D parts
+VECTORS = {"attn_norm", "ffn_norm", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm", "q_a_norm",
+           "kv_a_norm", "router_bias"}  # 1-D parts
+COMMON = {"attn_norm", "q", "k", "v", "o", "ffn_norm", "router", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm",
+          "k_norm", "shexp_gate", "shexp_up", "shexp_down", "shexp_router", "mlp_gate", "mlp_up", "mlp_down"}
 
 
-def build_layer(t: dict) -> Layer:
+def build_layer(t: dict, spec=None, args=None) -> Layer:
     """A Layer from its tensors by part name (models/arch.py HF_PARTS / GGUF_PARTS); optional parts may be absent."""
     shared = None
     if "shexp_gate" in t:
@@ -196,10 +199,15 @@ def build_layer(t: dict) -> Layer:
         vec = np.ascontiguousarray(gate, dtype=np.float32).reshape(1, -1)  # (1, D)
         gate = QTensor.from_array(vec, GGMLQuantizationType.F32, 1, vec.shape[1])
     mlp = Expert(t["mlp_gate"], t["mlp_up"], t["mlp_down"]) if "mlp_gate" in t else None
-    return Layer(input_layernorm=t["attn_norm"], q_proj=t["q"], k_proj=t["k"], v_proj=t["v"], o_proj=t["o"],
-                 post_attention_layernorm=t["ffn_norm"], gate=t.get("router"), q_bias=t.get("q_bias"),
+    extra = {p: w for p, w in t.items() if p not in COMMON}  # the family's own tensors
+    if spec is not None and spec.up_projections is not None:
+        extra["w_uk"], extra["w_uv"] = spec.up_projections(extra, args)
+        for p in ("kv_b", "k_b", "v_b"):
+            extra.pop(p, None)
+    return Layer(input_layernorm=t["attn_norm"], q_proj=t.get("q"), k_proj=t.get("k"), v_proj=t.get("v"),
+                 o_proj=t["o"], post_attention_layernorm=t["ffn_norm"], gate=t.get("router"), q_bias=t.get("q_bias"),
                  k_bias=t.get("k_bias"), v_bias=t.get("v_bias"), o_bias=t.get("o_bias"), q_norm=t.get("q_norm"),
-                 k_norm=t.get("k_norm"), shared_expert=shared, shared_expert_gate=gate, mlp=mlp)
+                 k_norm=t.get("k_norm"), shared_expert=shared, shared_expert_gate=gate, mlp=mlp, extra=extra)
 
 
 def _unpermuted(w: QTensor, n_head: int) -> QTensor:
@@ -298,7 +306,7 @@ def _load_hf(path: str) -> LoadedModel:
 
     layers, experts = [], []
     for i in range(args.num_hidden_layers):
-        layers.append(build_layer({p: tensor(p, i) for p in spec.layer_parts(args, i)}))
+        layers.append(build_layer({p: tensor(p, i) for p in spec.layer_parts(args, i)}, spec, args))
         experts.append(_hf_layer_experts(idx, args, spec, i, need) if args.is_moe(i) else [])
     embed = idx.matrix(need("model.embed_tokens.weight"))
     lm_head = embed if args.tie_word_embeddings else idx.matrix(need("lm_head.weight"))

@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import UnsupportedError
 
-# The types the engine computes with. Anything else is rejected at load time.
-SUPPORTED_TYPES = (
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_K,
-    GGMLQuantizationType.Q5_K,
-    GGMLQuantizationType.Q6_K,
-)
+QT = GGMLQuantizationType
+
+
+class BlockFormat(NamedTuple):
+    """How one weight type stores its values, mirroring ggml-common.h (and ggml's `type_traits`)."""
+
+    values: int  # values per block (1 for the float types)
+    bytes: int  # bytes per block
+    scale: str | None  # the per-block scale field: "f16" (IEEE half), "e8m0" (a power of two), None (floats)
+    scale_offsets: tuple[int, ...]  # byte offsets of the scale fields in a block (d, then dmin for Q4_K/Q5_K)
+
+
+def _fmt(qtype: QT, scale: str | None = None, *offsets: int) -> BlockFormat:
+    return BlockFormat(*GGML_QUANT_SIZES[qtype], scale, offsets)
+
+
+# The types the engine computes with, in the order they are listed to users; anything else is rejected
+# at load time. Every other table (dequantisers, kernels, row kinds, config names) is keyed on these.
+FORMATS: dict[QT, BlockFormat] = {
+    QT.F32: _fmt(QT.F32),
+    QT.F16: _fmt(QT.F16),
+    QT.BF16: _fmt(QT.BF16),
+    QT.Q8_0: _fmt(QT.Q8_0, "f16", 0),  # d | qs[32] int8
+    QT.Q4_0: _fmt(QT.Q4_0, "f16", 0),  # d | qs[16] nibbles
+    QT.Q4_K: _fmt(QT.Q4_K, "f16", 0, 2),  # d | dmin | scales[12] | qs[128]
+    QT.Q5_K: _fmt(QT.Q5_K, "f16", 0, 2),  # d | dmin | scales[12] | qh[32] | qs[128]
+    QT.Q6_K: _fmt(QT.Q6_K, "f16", 208),  # ql[128] | qh[64] | scales[16] | d
+    QT.MXFP4: _fmt(QT.MXFP4, "e8m0", 0),  # e | qs[16] nibbles of E2M1 codes
+}
+SUPPORTED_TYPES = tuple(FORMATS)
 
 
 def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:

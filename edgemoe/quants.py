@@ -4,6 +4,7 @@ This is the oracle the Numba matmul kernels are tested against, so it is written
 speed. Each type has one function mirroring the C block layout (ggml-common.h) and doing its float32
 arithmetic in the order of llama.cpp's ggml-quants.c, so the results are bit-identical to
 `gguf.quants` and to llama.cpp. Legend: B = blocks, QK_K = 256 values per K-quant super-block.
+The block geometry of each type is `qtensor.FORMATS`.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
+from gguf import QK_K, GGMLQuantizationType
 
 from .errors import UnsupportedError
 from .kernels.quantize_k import quantize_q4_k
-from .qtensor import SUPPORTED_TYPES, QTensor, check_supported, row_bytes
+from .qtensor import FORMATS, QTensor, check_supported, row_bytes
 
 T = GGMLQuantizationType
 
-# (values per block, bytes per block) of each supported type, from gguf-py's table.
-QUANT_SIZES: dict[GGMLQuantizationType, tuple[int, int]] = {t: GGML_QUANT_SIZES[t] for t in SUPPORTED_TYPES}
+# (values per block, bytes per block) of each supported type.
+QUANT_SIZES: dict[GGMLQuantizationType, tuple[int, int]] = {t: (f.values, f.bytes) for t, f in FORMATS.items()}
+
+# kvalues_mxfp4 (ggml-common.h): the 16 E2M1 codes' values, doubled so they are integers; the E8M0
+# scale is halved to match (e8m0_to_fp32_half). Code bit 3 is the sign.
+KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
 
 # Values handled per NumPy pass, to bound temporaries on big tensors (16 MiB per float32 temporary).
 _CHUNK_VALUES = 1 << 22
@@ -119,6 +124,24 @@ def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return ((d * scales)[:, :, None] * q).reshape(-1, QK_K)
 
 
+def e8m0_to_fp32_half(e: np.ndarray) -> np.ndarray:
+    """ggml_e8m0_to_fp32_half: E8M0 byte e (uint8) -> 2**(e - 128) as float32, exactly.
+
+    e 0 and 1 are the subnormals 2**-128 and 2**-127; e 255 is 2**127 (ggml reads no NaN code).
+    """
+    e = e.astype(np.uint32)
+    return np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23)).astype(np.uint32).view(np.float32)
+
+
+def _dequantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
+    """block_mxfp4: e (E8M0) | qs[16]; value j in the low nibble of byte j, value j+16 in the high one;
+    y = kvalues_mxfp4[code] * e8m0_to_fp32_half(e), one exact product (or inf) per value."""
+    d = e8m0_to_fp32_half(blocks[:, :1])  # (B, 1)
+    qs = blocks[:, 1:]  # (B, 16)
+    q = KVALUES_MXFP4[np.concatenate([qs & 0x0F, qs >> 4], axis=1)]  # (B, 32)
+    return d * q.astype(np.float32)
+
+
 _DEQUANTIZE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     T.F32: _dequantize_f32,
     T.F16: _dequantize_f16,
@@ -128,6 +151,7 @@ _DEQUANTIZE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     T.Q4_K: _dequantize_q4_k,
     T.Q5_K: _dequantize_q5_k,
     T.Q6_K: _dequantize_q6_k,
+    T.MXFP4: _dequantize_mxfp4,
 }
 
 
@@ -178,6 +202,26 @@ def _quantize_q4_0(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([d.astype(np.float16).view(np.uint8), qs], axis=1)
 
 
+def _quantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
+    """quantize_row_mxfp4_ref: e = floor(log2(amax)) - 2 + 127 (0 for an all-zero block), then per value
+    the first code of least |kvalue * d - x|, d = e8m0_to_fp32_half(e).
+
+    floor(log2) is NumPy's float32 log2, as gguf.quants uses. A block whose largest |value| is below
+    2**-125 would need e < 0, which C leaves undefined (and gguf.quants wraps to a huge scale, decoding
+    to zeros); here it takes e = 0, the smallest scale. Blocks with inf or NaN are rejected.
+    """
+    amax = np.abs(blocks).max(axis=1, keepdims=True)  # (B, 1)
+    if not np.isfinite(amax).all():
+        raise UnsupportedError("MXFP4 cannot hold inf or NaN; the weights are corrupt")
+    with np.errstate(divide="ignore"):
+        e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)  # (B, 1) float32
+    e = np.maximum(e, 0).astype(np.uint8)
+    d = e8m0_to_fp32_half(e)  # (B, 1)
+    err = np.abs(d[:, :, None] * KVALUES_MXFP4.astype(np.float32) - blocks[:, :, None])  # (B, 32, 16)
+    q = err.argmin(axis=2).astype(np.uint8)  # (B, 32): the first code of least error, as the C loop's '<'
+    return np.concatenate([e, q[:, :16] | (q[:, 16:] << 4)], axis=1)
+
+
 _QUANTIZE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     T.F32: _quantize_f32,
     T.F16: _quantize_f16,
@@ -185,6 +229,7 @@ _QUANTIZE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     T.Q8_0: _quantize_q8_0,
     T.Q4_0: _quantize_q4_0,
     T.Q4_K: quantize_q4_k,  # Numba port of quantize_row_q4_K_ref
+    T.MXFP4: _quantize_mxfp4,
 }
 
 
@@ -218,10 +263,10 @@ def dequantize_qtensor(w: QTensor) -> np.ndarray:
 
 
 def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Encode rows of values as `qtype` (F32, F16, BF16, Q8_0, Q4_0 or Q4_K).
+    """Encode rows of values as `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_K or MXFP4).
 
-    x: (..., cols), converted to float32 first. Returns uint8 (..., row_bytes). F16, BF16, Q8_0 and
-    Q4_0 are bit-identical to gguf.quants.quantize; Q4_K ports llama.cpp's quantize_row_q4_K_ref.
+    x: (..., cols), converted to float32 first. Returns uint8 (..., row_bytes). F16, BF16, Q8_0, Q4_0
+    and MXFP4 are bit-identical to gguf.quants.quantize; Q4_K ports llama.cpp's quantize_row_q4_K_ref.
     """
     qtype = check_supported(qtype, "quantize")
     fn = _QUANTIZE.get(qtype)

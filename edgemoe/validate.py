@@ -233,11 +233,34 @@ def _check_tiling(spans: list, path: str, file_size: int, data_start: int, align
 
 # ------------------------------------------------------------------------------------------ any format
 
+def _check_latent_attention(layer, args, i: int, vector, matrix, path: str) -> None:
+    """DeepSeek's multi-head latent attention: the projections' shapes and the up-projections'."""
+    D, H, R = args.hidden_size, args.num_attention_heads, args.kv_lora_rank
+    n, r, v = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+    ex = layer.extra
+    if args.q_lora_rank is None:
+        matrix(f"layer {i} q_proj", layer.q_proj, H * (n + r), D)
+    else:
+        matrix(f"layer {i} q_a_proj", ex.get("q_a"), args.q_lora_rank, D)
+        vector(f"layer {i} q_a_layernorm", ex.get("q_a_norm"), args.q_lora_rank)
+        matrix(f"layer {i} q_b_proj", ex.get("q_b"), H * (n + r), args.q_lora_rank)
+    matrix(f"layer {i} kv_a_proj_with_mqa", ex.get("kv_a"), R + r, D)
+    vector(f"layer {i} kv_a_layernorm", ex.get("kv_a_norm"), R)
+    matrix(f"layer {i} o_proj", layer.o_proj, D, H * v)
+    for name, shape in (("w_uk", (H, n, R)), ("w_uv", (H, v, R))):
+        w = ex.get(name)
+        if not isinstance(w, np.ndarray) or w.shape != shape or not np.isfinite(w).all():
+            raise ModelFormatError(f"{path}: layer {i} kv_b_proj does not give {name} of shape {shape} with finite "
+                                   "values; the file is inconsistent, convert it again")
+
+
 def check_weights(weights, experts: list | None, args, path: str) -> None:
     """The tensors as the model will use them: vectors of D finite floats, matrices of the model's shape
     whose storage holds exactly their rows (a view shorter than its shape would be read past)."""
     D = args.hidden_size
     q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+
+    from .models.arch import spec_of
 
     def vector(name: str, v, n: int = D) -> None:
         if not isinstance(v, np.ndarray) or v.shape != (n,):
@@ -264,12 +287,17 @@ def check_weights(weights, experts: list | None, args, path: str) -> None:
     for i, layer in enumerate(weights.layers):
         vector(f"layer {i} input_layernorm", layer.input_layernorm)
         vector(f"layer {i} post_attention_layernorm", layer.post_attention_layernorm)
-        matrix(f"layer {i} q_proj", layer.q_proj, q, D)
-        matrix(f"layer {i} k_proj", layer.k_proj, kv, D)
-        matrix(f"layer {i} v_proj", layer.v_proj, kv, D)
-        matrix(f"layer {i} o_proj", layer.o_proj, D, q)
+        if args.kv_lora_rank:
+            _check_latent_attention(layer, args, i, vector, matrix, path)
+        else:
+            matrix(f"layer {i} q_proj", layer.q_proj, q, D)
+            matrix(f"layer {i} k_proj", layer.k_proj, kv, D)
+            matrix(f"layer {i} v_proj", layer.v_proj, kv, D)
+            matrix(f"layer {i} o_proj", layer.o_proj, D, q)
         if args.is_moe(i):
             matrix(f"layer {i} router", layer.gate, args.num_local_experts, D)
+            if args.group_score == "top2":
+                vector(f"layer {i} e_score_correction_bias", layer.extra.get("router_bias"), args.num_local_experts)
         else:
             F = args.dense_intermediate_size
             matrix(f"layer {i} mlp gate_proj", layer.mlp.gate, F, D)
@@ -291,7 +319,8 @@ def check_weights(weights, experts: list | None, args, path: str) -> None:
             matrix(f"layer {i} shared expert gate_proj", ex.gate, S, D)
             matrix(f"layer {i} shared expert up_proj", ex.up, S, D)
             matrix(f"layer {i} shared expert down_proj", ex.down, D, S)
-            matrix(f"layer {i} shared_expert_gate", layer.shared_expert_gate, 1, D)
+            if layer.shared_expert_gate is not None or "shexp_router" in spec_of(args).layer_parts(args, i):
+                matrix(f"layer {i} shared_expert_gate", layer.shared_expert_gate, 1, D)
     if experts is None:  # a streaming store: its extents were checked tensor by tensor (check_gguf_tensors)
         return
     layers = experts  # [layer][expert] → Expert

@@ -16,10 +16,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from ..errors import UnsupportedError, UsageError
-from ..qtensor import QTensor, row_bytes
+from ..qtensor import SUPPORTED_TYPES, QTensor, row_bytes
 from . import intrinsics
 from .fmatmul import matmul_float, matmul_float_serial
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
+from .mxfp4 import matmul_mxfp4, matmul_mxfp4_serial
 from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
 from .q8act import activations, quantize_q8_0, quantize_q8_k
@@ -27,7 +28,7 @@ from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
 VARIANTS = ("generic", "avx2", "vnni")
-_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+_TYPE_NAMES = tuple(t.name for t in SUPPORTED_TYPES)
 _MARKERS = {
     "generic": intrinsics.GENERIC,
     "avx2": intrinsics.AVX2,
@@ -121,8 +122,9 @@ _F16_DESC = {
 def kernel_names() -> dict[str, str]:
     """For each supported weight type, the kernel variant this CPU uses."""
     names = {"F32": "f32 simd", "F16": _F16_DESC[current_variant("F16")], "BF16": "bf16 (shift) f32"}
-    for t in ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"):
-        names[t] = _INT8_DESC[current_variant(t)]
+    for qt, (kind, *_) in _KERNELS.items():
+        if kind is not None:  # the int8 kernels
+            names[qt.name] = _INT8_DESC[current_variant(qt.name)]
     return names
 
 
@@ -280,7 +282,9 @@ _KERNELS = {
     QT.Q4_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 144, 0, 16, m)),
     QT.Q5_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 176, 16, 48, m)),
     QT.Q6_K: ("q8_k", _q8_k, (matmul_q6_k, matmul_q6_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.MXFP4: ("q8_0", _q8_0, (matmul_mxfp4, matmul_mxfp4_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, m)),
 }
+assert set(_KERNELS) == set(SUPPORTED_TYPES), "every supported type needs a matrix kernel"
 
 
 # 8-row interleaved Q4_0 (kernels/q4x8.py), Q4_K (q4kx8.py) and Q8_0 (q8x8.py), chosen by QTensor.interleave == 8.

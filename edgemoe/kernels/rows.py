@@ -21,6 +21,7 @@ from ..qtensor import QTensor
 from . import intrinsics
 from .fmatmul import matmul_float_serial
 from .kmatmul import matmul_q6_k_serial, matmul_q45_k_serial
+from .mxfp4 import matmul_mxfp4_serial
 from .q4kx8 import matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8_serial, quantize_q8_0_x8
 from .q8act import quantize_q8_0, quantize_q8_k
@@ -102,6 +103,11 @@ def rows_q6_k(out, r0, r1, w, xq, xd, xs, variant):
 
 
 @njit(cache=True, nogil=True)
+def rows_mxfp4(out, r0, r1, w, xq, xd, xs, variant):
+    matmul_mxfp4_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, variant)
+
+
+@njit(cache=True, nogil=True)
 def rows_f32(out, r0, r1, w, xq, xd, xs, variant):
     matmul_float_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, _F32_FMT, variant)
 
@@ -133,6 +139,7 @@ KINDS = {
     (QT.Q4_K, 8): Kind("Q4_Kx8", "q8_kx8", quant_q8_k_x8, rows_q4_k_x8, 8),
     (QT.Q5_K, 1): Kind("Q5_K", "q8_k", quant_q8_k, rows_q5_k, 1),
     (QT.Q6_K, 1): Kind("Q6_K", "q8_k", quant_q8_k, rows_q6_k, 1),
+    (QT.MXFP4, 1): Kind("MXFP4", "q8_0", quant_q8_0, rows_mxfp4, 1),
     (QT.F32, 1): Kind("F32", "f32", quant_f32, rows_f32, 1),
     (QT.F16, 1): Kind("F16", "f32", quant_f32, rows_f16, 1),
     (QT.BF16, 1): Kind("BF16", "f32", quant_f32, rows_bf16, 1),

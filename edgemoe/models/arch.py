@@ -83,8 +83,6 @@ GGUF_KEYS = {
     "expert_used_count": "num_experts_per_tok",
 }
 
-ATTENTION_PARTS = ("attn_norm", "q", "k", "v", "o", "ffn_norm")
-
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -97,24 +95,44 @@ class ArchSpec:
     gguf_keys: dict[str, str]  # this family's GGUF keys (after "{arch}.") → ModelArgs fields, besides GGUF_KEYS
     gguf_fixed: dict[str, Any] = field(default_factory=dict)  # what llama.cpp's graph for the arch hard-codes
     permute_qk: bool = False  # llama.cpp's converter permuted the Q/K rows (interleaved RoPE): undo on load
-    hf_parts: dict[str, str] = field(default_factory=dict)  # overrides of HF_PARTS
+    hf_parts: dict[str, str] = field(default_factory=dict)  # overrides of (and additions to) HF_PARTS
+    gguf_parts: dict[str, str] = field(default_factory=dict)  # the same for GGUF_PARTS
     hf_router_aliases: tuple[str, ...] = ()  # older names of the router tensor
     hf_expert_split: dict[str, str] = field(default_factory=lambda: dict(HF_EXPERT_SPLIT))
     hf_ignored: tuple[str, ...] = ()  # suffixes of checkpoint tensors the model does not use
     fused_attention: bool = True  # the one-sequence fused attention blocks compute this family's attention
+    shared_gate: bool = True  # a shared expert's output is scaled by sigmoid(shared_expert_gate · h) (Qwen2-MoE)
+    # A family whose attention is not grouped-query attention over q/k/v projections (DeepSeek's MLA) brings
+    # its own: the tensors it reads, the block, its rotary tables, its KV cache, its softmax scale and how
+    # its loaded tensors become the block's weights.
+    attention_parts: Callable | None = None  # args → per-layer attention parts (default q, k, v, o + extras)
+    attention: Callable | None = None  # (model, x, layer, i, seqs, cos, sin) → (T, D)
+    rope_tables: Callable | None = None  # (args, positions) → cos, sin
+    new_cache: Callable | None = None  # (args, n_ctx, cache_type) → a KV cache
+    softmax_scale: Callable | None = None  # args → the attention's scale (default 1/sqrt(head_dim))
+    up_projections: Callable | None = None  # (tensors by part, args) → what the block reads besides them
+    route: Callable | None = None  # (model, x, layer) → ids, weights (default softmax → top-k)
 
     def hf_name(self, part: str) -> str:
-        return self.hf_parts.get(part, HF_PARTS[part])
+        return self.hf_parts.get(part, HF_PARTS.get(part))
+
+    def gguf_name(self, part: str) -> str:
+        return self.gguf_parts.get(part, GGUF_PARTS.get(part))
 
     def layer_parts(self, args, i: int) -> tuple[str, ...]:
         """The tensors (besides experts) layer i of a model of this family with these args has."""
-        parts = list(ATTENTION_PARTS)
+        if self.attention_parts is not None:
+            attention = list(self.attention_parts(args))
+        else:
+            attention = ["q", "k", "v", "o", *self.attention_extras(args)]
+        parts = ["attn_norm", *attention, "ffn_norm"]
         if not args.is_moe(i):
-            return (*parts, *self.attention_extras(args), "mlp_gate", "mlp_up", "mlp_down")
+            return (*parts, "mlp_gate", "mlp_up", "mlp_down")
         parts.append("router")
-        parts += self.attention_extras(args)
+        if args.group_score == "top2":  # DeepSeek-V3's selection bias
+            parts.append("router_bias")
         if args.shared_expert_intermediate_size:
-            parts += ["shexp_gate", "shexp_up", "shexp_down", "shexp_router"]
+            parts += ["shexp_gate", "shexp_up", "shexp_down"] + (["shexp_router"] if self.shared_gate else [])
         return tuple(parts)
 
     def attention_extras(self, args) -> list[str]:
@@ -133,9 +151,9 @@ _REGISTRY: dict[str, ArchSpec] = {}
 
 def _families() -> dict[str, ArchSpec]:
     if not _REGISTRY:  # imported on first use: no import-time side effects in the package
-        from . import mixtral, olmoe, qwen2_moe, qwen3_moe
+        from . import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-        for spec in (mixtral.SPEC, qwen3_moe.SPEC, qwen2_moe.SPEC, olmoe.SPEC):
+        for spec in (mixtral.SPEC, qwen3_moe.SPEC, qwen2_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC, deepseek_v3.SPEC):
             _REGISTRY[spec.model_type] = spec
     return _REGISTRY
 

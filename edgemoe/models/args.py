@@ -36,6 +36,23 @@ class ModelArgs:
     shared_expert_intermediate_size: int = 0  # a dense SwiGLU expert every token takes, gated by a sigmoid
     dense_layers: tuple[int, ...] = ()  # layers with a dense SwiGLU MLP instead of experts (no router)
     dense_intermediate_size: int = 0  # that MLP's width
+    # routing beyond softmax → top-k (DeepSeek): scores "softmax" | "sigmoid"; experts in n_group groups of which
+    # the topk_group best (by max score, or by the sum of the best two with a correction bias) are eligible;
+    # the chosen weights × routed_scaling_factor
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"  # "max" (DeepSeek-V2 group_limited_greedy) | "top2" (DeepSeek-V3 noaux_tc)
+    routed_scaling_factor: float = 1.0
+    # multi-head latent attention (DeepSeek): None = ordinary GQA
+    q_lora_rank: int | None = None  # q through a rank-q_lora_rank bottleneck with an RMSNorm; None: one q_proj
+    kv_lora_rank: int = 0  # the cached latent's width (keys and values are up-projected from it)
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0  # rotary part of each key, shared by all heads and cached beside the latent
+    v_head_dim: int = 0
+    # YaRN rotary scaling (rope_type "yarn"); None: plain RoPE
+    yarn: tuple | None = None  # (factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim)
+    rope_interleave: bool = True  # MLA's rotary part rotates adjacent pairs (else the halves, as elsewhere)
 
     def __post_init__(self):
         if self.head_dim is None:

@@ -10,7 +10,7 @@ d = head_dim, E = num_local_experts, A = num_experts_per_tok, V = vocab_size, S 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class Layer:
     shared_expert: object | None = None  # experts.store.Expert every token takes (Qwen2-MoE)
     shared_expert_gate: QTensor | None = None  # (1, D): the shared expert's output is scaled by sigmoid(gate · h)
     mlp: object | None = None  # a dense layer's SwiGLU MLP (experts.store.Expert), when `gate` (the router) is None
+    extra: dict = field(default_factory=dict)  # a family's own tensors by part name (DeepSeek's latent attention)
 
 
 @dataclass
@@ -84,7 +85,8 @@ class Model:
         self.weights = weights
         self.experts = experts
         self.embed_rows = embed_rows  # ids (T,) → (T, D) float32, dequantising only those rows
-        self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
+        scale = self.spec.softmax_scale(args) if self.spec.softmax_scale else 1.0 / math.sqrt(args.head_dim)
+        self.scale = np.float32(scale)
         self.fused = True  # one-token steps run each layer's blocks as single kernels (kernels/fused.py)
         self.cache_type = "f16"  # KV caches new_cache() makes: "f16" or "f32" (kv_cache.CACHE_TYPES)
         self.layout = "plain dense, plain experts"  # set by prepare
@@ -98,6 +100,7 @@ class Model:
             for mx in (layer.shared_expert, layer.mlp):
                 if mx is not None:
                     total += mx.gate.nbytes + mx.up.nbytes + mx.down.nbytes
+            total += sum(t.nbytes for t in layer.extra.values())
         return total
 
     def prepare(self, own_dense: bool, repack_experts: bool, repack_dense: bool = True) -> None:
@@ -129,7 +132,7 @@ class Model:
 
         for layer in self.weights.layers:
             q, k, v = layer.q_proj, layer.k_proj, layer.v_proj
-            if q.qtype == k.qtype == v.qtype and q.cols == k.cols == v.cols:
+            if k is not None and q.qtype == k.qtype == v.qtype and q.cols == k.cols == v.cols:
                 layer.qkv_proj = QTensor(np.concatenate([q.data, k.data, v.data]), q.qtype,
                                          q.rows + k.rows + v.rows, q.cols)
                 layer.q_proj = layer.k_proj = layer.v_proj = None
@@ -144,6 +147,8 @@ class Model:
                 mx = getattr(layer, name)
                 if mx is not None:
                     setattr(layer, name, type(mx)(laid_out(mx.gate), laid_out(mx.up), laid_out(mx.down)))
+            layer.extra = {name: laid_out(t) if isinstance(t, QTensor) or t.ndim == 1 else t
+                           for name, t in layer.extra.items()}
         self.weights.norm = laid_out(self.weights.norm)
         self.weights.lm_head = laid_out(self.weights.lm_head)  # the embedding lookup keeps its own plain copy
         if repack_experts:
@@ -153,6 +158,8 @@ class Model:
         """A KV cache for `n_ctx` positions, of `cache_type` (default: the model's `cache_type`: "f16", or what
         the session sets, --cache-type)."""
         a = self.args
+        if self.spec.new_cache is not None:
+            return self.spec.new_cache(a, n_ctx, cache_type or self.cache_type)
         return KVCache(a.num_hidden_layers, n_ctx, a.num_key_value_heads, a.head_dim, cache_type or self.cache_type)
 
     def attention(self, x: np.ndarray, layer: Layer, i: int, seqs: list[tuple[int, int, KVCache]],
@@ -196,6 +203,8 @@ class Model:
 
     def route(self, x: np.ndarray, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Softmax over experts, top-k, renormalised when the family does.  x: (T, D) → ids (T, A), weights (T, A)"""
+        if self.spec.route is not None:
+            return self.spec.route(self, x, layer)
         logits = linear(x, layer.gate)  # (T, E)
         T, A = x.shape[0], self.args.num_experts_per_tok
         ids = np.empty((T, A), dtype=np.int64)
@@ -233,8 +242,11 @@ class Model:
             return x + expert_mlp(h, layer.mlp)
         out = self._routed(h, x, layer, i, draft)  # (T, D)
         if layer.shared_expert is not None:
-            z = linear(h, layer.shared_expert_gate)  # (T, 1)
-            out += np.float32(1.0) / (np.float32(1.0) + np.exp(-z)) * expert_mlp(h, layer.shared_expert)  # (T, D)
+            if layer.shared_expert_gate is None:  # DeepSeek: added as it is
+                out += expert_mlp(h, layer.shared_expert)  # (T, D)
+            else:
+                z = linear(h, layer.shared_expert_gate)  # (T, 1)
+                out += np.float32(1.0) / (np.float32(1.0) + np.exp(-z)) * expert_mlp(h, layer.shared_expert)  # (T, D)
         return out
 
     def _routed(self, h: np.ndarray, x: np.ndarray, layer: Layer, i: int, draft=None) -> np.ndarray:
@@ -324,15 +336,19 @@ class Model:
             cache.reserve(n)
         if len({id(c) for *_, c in seqs}) != len(seqs):
             raise ValueError("forward_batch: a cache appears twice in one batch")
-        want = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
+        one_slot = self.new_cache(1)
+        want = (*one_slot.k.shape[:2], one_slot.head_dim)
         for *_, c in seqs:  # the kernels write into the cache unchecked: it must be this model's
             if (c.k.shape[0], c.k.shape[1], c.head_dim) != want:
                 raise ValueError(f"forward_batch: a KV cache of shape {c.k.shape} is not this model's {want}")
         positions = np.concatenate([np.arange(c.length, c.length + n) for _, n, c in seqs])  # (T,)
         T = ids.shape[0]
-        cos = np.empty((T, a.head_dim // 2), dtype=np.float32)  # (T, d/2)
-        sin = np.empty_like(cos)
-        ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
+        if self.spec.rope_tables is not None:
+            cos, sin = self.spec.rope_tables(a, positions)
+        else:
+            cos = np.empty((T, a.head_dim // 2), dtype=np.float32)  # (T, d/2)
+            sin = np.empty_like(cos)
+            ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
         x = self.embed_rows(ids)  # (T, D)
         one = len(seqs) == 1 and T <= FUSED_ROWS and self.fused  # one sequence: its attention block fused
         plain = self.spec.fused_attention  # the fused blocks compute this family's attention
@@ -348,7 +364,9 @@ class Model:
                           cache.length, self.scale, kinds, self._extras(layer))
                 x = x[None] if T == 1 else x
             else:
-                x = x + self.attention(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin)
+                attend = self.attention if self.spec.attention is None else \
+                    (lambda *args: self.spec.attention(self, *args))
+                x = x + attend(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin)
             if draft is not None:
                 layer_skip = np.zeros(T)  # (T,)
                 x = self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i,

@@ -1,0 +1,75 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over the compressed cache.
+
+The cache keeps, per position, the normalised latent c (R values) and the rotary key k_pe (r values) shared by
+all heads, instead of H full keys and values. A head's key is [W_uk,h c ; k_pe] and its value W_uv,h c, so the
+key up-projection is folded into the query (q_nope · W_uk,h c = (W_uk,hᵀ q_nope) · c) and the value
+up-projection applied once to the attention-weighted latent: the per-position cost is R + r, not H (n + v).
+
+Legend: T tokens, H heads, n = qk_nope_head_dim, r = qk_rope_head_dim, v = v_head_dim, R = kv_lora_rank,
+S cache positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, nogil=True)
+def rope_pairs_inplace(x, cos, sin):
+    """RoPE on adjacent pairs (x[2i], x[2i+1]) (DeepSeek's complex form).   x: (T, heads, r); cos, sin: (T, r/2)"""
+    T, n_heads, r = x.shape
+    for t in range(T):
+        for h in range(n_heads):
+            for i in range(r // 2):
+                a = x[t, h, 2 * i]
+                b = x[t, h, 2 * i + 1]
+                x[t, h, 2 * i] = a * cos[t, i] - b * sin[t, i]
+                x[t, h, 2 * i + 1] = a * sin[t, i] + b * cos[t, i]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def mla_attention(out, q_nope, q_pe, latent, k_pe, w_uk, w_uv, pos0, scale):
+    """out (T, H, v): token t (at position pos0 + t) of each head attends to cache positions 0..pos0 + t.
+
+    q_nope: (T, H, n); q_pe: (T, H, r) after RoPE; latent: (S, R); k_pe: (S, r) after RoPE;
+    w_uk: (H, n, R) the keys' up-projection; w_uv: (H, v, R) the values'. Each (token, head) is one job with
+    its own sums, so a row's result does not depend on the other rows of the pass.
+    """
+    T, H, n = q_nope.shape
+    R = latent.shape[1]
+    r = q_pe.shape[2]
+    v = w_uv.shape[1]
+    for job in prange(T * H):
+        t = job // H
+        h = job % H
+        qa = np.zeros(R, np.float64)  # W_uk,hᵀ q_nope
+        for i in range(n):
+            qi = np.float64(q_nope[t, h, i])
+            for j in range(R):
+                qa[j] += qi * w_uk[h, i, j]
+        L = pos0 + t + 1
+        scores = np.empty(L, np.float64)
+        m = -np.inf
+        for s in range(L):
+            acc = 0.0
+            for j in range(R):
+                acc += qa[j] * latent[s, j]
+            for j in range(r):
+                acc += np.float64(q_pe[t, h, j]) * k_pe[s, j]
+            scores[s] = acc * scale
+            m = max(m, scores[s])
+        total = 0.0
+        ol = np.zeros(R, np.float64)  # Σ_s p_s c_s
+        for s in range(L):
+            p = math.exp(scores[s] - m)
+            total += p
+            for j in range(R):
+                ol[j] += p * latent[s, j]
+        for k in range(v):
+            acc = 0.0
+            for j in range(R):
+                acc += w_uv[h, k, j] * ol[j]
+            out[t, h, k] = np.float32(acc / total)
