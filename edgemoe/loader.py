@@ -130,7 +130,7 @@ def _gguf_config(meta: dict, tensors: dict, path: str, array_keys: set) -> dict:
     spec = gguf_spec(meta, path)
     a = spec.gguf_arch
     scaling = meta.get(f"{a}.rope.scaling.type", "none")
-    if scaling not in ("none", None):
+    if scaling not in ("none", None) and spec.gguf_config is None:
         raise UnsupportedError(f"{path}: rope scaling {str(scaling)[:40]!r} is not supported; use a model without "
                                "context extension")
     keys = {**arch.GGUF_KEYS, **spec.gguf_keys}
@@ -152,6 +152,8 @@ def _gguf_config(meta: dict, tensors: dict, path: str, array_keys: set) -> dict:
     # attention biases exist in some files of a family and not others: the tensors say
     cfg["qkv_bias"] = cfg.get("qkv_bias", False) or arch.GGUF_PARTS["q_bias"].format(i=0) in tensors
     cfg["o_bias"] = arch.GGUF_PARTS["o_bias"].format(i=0) in tensors
+    if spec.gguf_config is not None:
+        cfg = spec.gguf_config(cfg, meta, tensors, f"{path}: GGUF metadata")
     if not tensors:
         raise ModelFormatError(f"{path}: GGUF file has no tensors (a vocabulary-only file?); it can be used with "
                                "'edgemoe tokenize' but not to generate")
@@ -230,10 +232,16 @@ def _load_gguf(path: str, stream=None) -> LoadedModel:
     spec = arch.spec_of(args)
     layers = []
     for i in range(args.num_hidden_layers):
-        t = {p: get(arch.GGUF_PARTS[p], i) for p in spec.layer_parts(args, i)}  # 1-D tensors come as float32 arrays
+        t = {}
+        for p in spec.layer_parts(args, i):
+            if p == "kv_b" and spec.gguf_name("k_b").format(i=i) in tensors:  # current files split it, per head
+                for half in ("k_b", "v_b"):
+                    t[half] = expert_slices(_need(tensors, spec.gguf_name(half).format(i=i), path))
+                continue
+            t[p] = get(spec.gguf_name(p), i)  # 1-D tensors come as float32 arrays
         if spec.permute_qk:
             t["q"], t["k"] = _unpermuted(t["q"], args.num_attention_heads), _unpermuted(t["k"], args.num_key_value_heads)
-        layers.append(build_layer(t))
+        layers.append(build_layer(t, spec, args))
     embed = get("token_embd.weight")
     if "output.weight" in tensors:
         lm_head = get("output.weight")

@@ -130,7 +130,7 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 def gguf_shapes(args) -> dict[str, tuple[int, ...]]:
     """Every tensor name a GGUF of the model's family may hold → its ggml shape (ne[0] = columns first).
     Experts appear twice (merged `*_exps` and per-expert names); a file holds one of the two."""
-    from .models.arch import GGUF_PARTS, spec_of
+    from .models.arch import spec_of
 
     D, V, I, E = args.hidden_size, args.vocab_size, args.intermediate_size, args.num_local_experts
     d, S, F = args.head_dim, args.shared_expert_intermediate_size, args.dense_intermediate_size
@@ -138,15 +138,24 @@ def gguf_shapes(args) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {"token_embd.weight": (D, V), "output_norm.weight": (D,),
                                        "output.weight": (D, V)}
     head = args.qk_norm == "head"
+    H, Q, R = args.num_attention_heads, args.q_lora_rank or 0, args.kv_lora_rank
+    n, r, v = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
     parts = {"attn_norm": (D,), "q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D), "ffn_norm": (D,),
              "router": (D, E), "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o_bias": (D,),
              "q_norm": (d,) if head else (q,), "k_norm": (d,) if head else (kv,),
              "shexp_gate": (D, S), "shexp_up": (D, S), "shexp_down": (S, D), "shexp_router": (D,),
-             "mlp_gate": (D, F), "mlp_up": (D, F), "mlp_down": (F, D)}
+             "mlp_gate": (D, F), "mlp_up": (D, F), "mlp_down": (F, D), "router_bias": (E,)}
+    if R:  # DeepSeek's latent attention
+        parts.update(q=(D, H * (n + r)), q_a=(D, Q), q_a_norm=(Q,), q_b=(Q, H * (n + r)), kv_a=(D, R + r),
+                     kv_a_norm=(R,), kv_b=(R, H * (n + v)), k_b=(n, R, H), v_b=(R, v, H), o=(H * v, D))
+    spec = spec_of(args)
     experts = {"ffn_gate_exps": (D, I, E), "ffn_up_exps": (D, I, E), "ffn_down_exps": (I, D, E)}
     for i in range(args.num_hidden_layers):
-        for part in spec_of(args).layer_parts(args, i):
-            out[GGUF_PARTS[part].format(i=i)] = parts[part]
+        for part in spec.layer_parts(args, i):
+            out[spec.gguf_name(part).format(i=i)] = parts[part]
+            if part == "kv_b":  # or, in current files, split per head
+                for half in ("k_b", "v_b"):
+                    out[spec.gguf_name(half).format(i=i)] = parts[half]
         if not args.is_moe(i):
             continue
         for part, shape in experts.items():
@@ -202,11 +211,16 @@ def check_gguf_tensors(tensors: dict, args, path: str, file_size: int, data_star
 
 
 def _required(tensors: dict, args) -> list[str]:
-    from .models.arch import GGUF_PARTS, spec_of
+    from .models.arch import spec_of
 
     out = ["token_embd.weight", "output_norm.weight"]
+    spec = spec_of(args)
     for i in range(args.num_hidden_layers):
-        out += [GGUF_PARTS[p].format(i=i) for p in spec_of(args).layer_parts(args, i)]
+        for p in spec.layer_parts(args, i):
+            if p == "kv_b" and spec.gguf_name("k_b").format(i=i) in tensors:
+                out += [spec.gguf_name(h).format(i=i) for h in ("k_b", "v_b")]
+            else:
+                out.append(spec.gguf_name(p).format(i=i))
         if not args.is_moe(i):
             continue
         if any(names.GGUF_EXPERTS[p].format(i=i) in tensors for p in ("gate", "up", "down")):

@@ -160,6 +160,51 @@ def make_hf_moe(family: str, *, hidden: int = 64, layers: int = 2, heads: int = 
     return model, cfg.to_dict()
 
 
+def make_hf_deepseek(version: int, *, hidden: int = 64, layers: int = 3, heads: int = 4, experts: int = 8,
+                     top_k: int = 3, moe_intermediate: int = 24, dense_intermediate: int = 80, shared: int = 2,
+                     dense_first: int = 1, kv_lora_rank: int = 32, q_lora_rank: int | None = 48, nope: int = 16,
+                     rope: int = 8, v_dim: int = 12, n_group: int = 4, topk_group: int = 2, routed_scale=1.5,
+                     yarn: dict | None = None, vocab: int = 128, seed: int = 0, std: float = 0.08, **extra):
+    """A random `DeepseekV{2,3}ForCausalLM` in eval mode and its config dict, drawn as `make_hf_moe` draws
+    (V3's e_score_correction_bias buffer too, N(0, 0.05²)). V2 routes with group_limited_greedy when n_group > 1;
+    V3 always by groups, with scoring_func "sigmoid" and topk_method "noaux_tc" as the released configs say (what
+    llama.cpp's converter reads to write the gating function). yarn: YaRN rope_parameters (factor, mscale, ...)."""
+    import torch
+    import transformers
+
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    if yarn is not None:
+        rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, **yarn}
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=heads, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, kv_lora_rank=kv_lora_rank, q_lora_rank=q_lora_rank,
+                  qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v_dim, n_routed_experts=experts,
+                  n_shared_experts=shared, moe_intermediate_size=moe_intermediate,
+                  intermediate_size=dense_intermediate, first_k_dense_replace=dense_first, num_experts_per_tok=top_k,
+                  routed_scaling_factor=routed_scale, rope_parameters=rope_parameters, **special_ids(vocab))
+    if version == 2:
+        cls, cfg_cls = transformers.DeepseekV2ForCausalLM, transformers.DeepseekV2Config
+        kw = dict(topk_method="group_limited_greedy", n_group=n_group, topk_group=topk_group) if n_group > 1 else \
+            dict(topk_method="greedy")
+    else:
+        cls, cfg_cls = transformers.DeepseekV3ForCausalLM, transformers.DeepseekV3Config
+        kw = dict(n_group=n_group, topk_group=topk_group, norm_topk_prob=True, scoring_func="sigmoid",
+                  topk_method="noaux_tc")
+    cfg = cfg_cls(**{**common, **kw, **extra})
+    torch.manual_seed(seed)
+    model = cls(cfg).float().eval()
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            v = 1.0 + 0.1 * rng.standard_normal(p.shape) if name.endswith("norm.weight") else \
+                std * rng.standard_normal(p.shape)
+            p.copy_(torch.from_numpy(v.astype(np.float32)))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.from_numpy((0.05 * rng.standard_normal(b.shape)).astype(np.float32)))
+    return model, cfg.to_dict()
+
+
 def make_tokenizer(vocab: int):
     """A byte-level BPE `tokenizers.Tokenizer` of exactly `vocab` tokens (30 ≤ vocab ≲ 100 000), the same for the
     same `vocab` (built once per process, a fresh object each call).

@@ -19,7 +19,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from family_factory import ConversionError, convert_many, make_hf_moe, save_hf, special_ids  # noqa: E402
+from family_factory import (  # noqa: E402
+    ConversionError,
+    convert_many,
+    make_hf_deepseek,
+    make_hf_moe,
+    save_hf,
+    special_ids,
+)
 from reference_runs import hf_greedy, hf_logits  # noqa: E402
 
 from edgemoe.cli import main  # noqa: E402
@@ -42,6 +49,15 @@ CASES = {
     "olmoe": ("olmoe", dict(heads=4, kv_heads=4, experts=4, top_k=2), True),
     "olmoe-gqa-top6": ("olmoe", dict(heads=4, kv_heads=2, experts=8, top_k=6), True),
     "olmoe-clip": ("olmoe", dict(heads=4, kv_heads=4, experts=6, top_k=2, clip_qkv=0.4), False),
+    # DeepSeek: latent attention, a dense first layer, shared experts; llama.cpp's YaRN keys keep mscale_all_dim
+    # only, so a GGUF means the same when mscale == mscale_all_dim (as in the released configs)
+    "deepseek_v2-lite": ("deepseek_v2", dict(q_lora_rank=None, n_group=1, routed_scale=1.0,
+                                             yarn=dict(factor=4.0, original_max_position_embeddings=32,
+                                                       mscale=0.707, mscale_all_dim=0.707)), True),
+    "deepseek_v2-groups": ("deepseek_v2", dict(n_group=4, topk_group=2, top_k=4), True),
+    "deepseek_v3": ("deepseek_v3", dict(n_group=4, topk_group=2, routed_scale=2.5), True),
+    "deepseek_v3-yarn-mscale": ("deepseek_v3", dict(yarn=dict(factor=8.0, original_max_position_embeddings=32,
+                                                              mscale=1.0, mscale_all_dim=0.5)), False),
 }
 
 
@@ -51,7 +67,10 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     built, jobs = {}, []
     for n, (case, (family, opts, same)) in enumerate(CASES.items()):
-        model, cfg = make_hf_moe(family, seed=10 + n, **opts)
+        if family.startswith("deepseek"):
+            model, cfg = make_hf_deepseek(int(family[-1]), seed=10 + n, **opts)
+        else:
+            model, cfg = make_hf_moe(family, seed=10 + n, **opts)
         d = save_hf(model, cfg, root / case)
         files = [None, None]
         if same:
@@ -91,7 +110,8 @@ def test_llamacpp_gguf_matches_transformers(models, case):
     close(engine_logits(gguf_path, PROMPT), hf_logits(model, PROMPT))
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "olmoe-clip", "qwen2_moe-dense1"])
+@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "olmoe-clip", "qwen2_moe-dense1",
+                                  "deepseek_v2-lite", "deepseek_v3"])
 def test_greedy_tokens_equal_transformers(models, case):
     model, d, gguf_path, _ = models[case]
     want = hf_greedy(model, PROMPT, 32)
@@ -106,7 +126,7 @@ def test_greedy_tokens_equal_transformers(models, case):
         assert got == want, path
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6"])
+@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "deepseek_v3"])
 def test_batched_rows_bit_identical(models, case):
     """Q8_0 weights (the interleaved kernels), the default f16 cache: three sequences in one pass, each row the
     bits of that sequence alone, in prefill and in decode steps."""
@@ -127,7 +147,7 @@ def test_batched_rows_bit_identical(models, case):
         at += len(s)
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe-top8", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("case", ["qwen3_moe-top8", "qwen2_moe", "olmoe", "deepseek_v2-groups"])
 def test_streamed_and_packed_bit_identical(models, case, tmp_path):
     """Experts read from disk into a cache of a few experts, from the converter's file and from its pack:
     the resident model's logits, bit for bit, over a prefill and decode steps."""
@@ -160,7 +180,7 @@ def test_run_command_on_each_family(models, capsys):
     """`edgemoe run` on a checkpoint of each family (its tokenizer.json): the greedy ids transformers gives, up to
     and including the end-of-sequence token, on a prompt transformers does not end at once."""
     eos = special_ids(128)["eos_token_id"]
-    for case in ("qwen3_moe-gqa", "qwen2_moe", "olmoe"):
+    for case in ("qwen3_moe-gqa", "qwen2_moe", "olmoe", "deepseek_v2-lite"):
         model, d, *_ = models[case]
         prompt, want = next((p, w) for p in (PROMPT, PROMPT[::-1], PROMPT[3:], [5, 6, 7, 8])
                             if (w := hf_greedy(model, p, 8))[0] != eos)
@@ -185,7 +205,7 @@ def _edited(models, tmp_path, case, edit):
 
 
 @pytest.mark.parametrize("edit,needle", [
-    (lambda c: c.update(model_type="deepseek_v2"), "model_type 'deepseek_v2' is not supported"),
+    (lambda c: c.update(model_type="dbrx"), "model_type 'dbrx' is not supported"),
     (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
     (lambda c: c.update(mlp_only_layers=[1, "x"]), "mlp_only_layers"),
     (lambda c: c.update(use_sliding_window=True, sliding_window=64), "sliding_window"),

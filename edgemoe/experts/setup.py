@@ -96,7 +96,7 @@ def streaming_store(path: str, tensors: dict, args, opt: StreamOptions) -> Strea
     reader = ExpertReader(path, direct_io=opt.direct_io, queue_depth=opt.queue_depth,
                           fixed_buffers=opt.fixed_buffers, max_buffers=max(opt.max_buffers, opt.fixed_buffers),
                           buffer_bytes=opt.buffer_bytes or largest, verify=opt.verify_checksums)
-    blob = extents[0][0].nbytes
+    blob = next(ext.nbytes for layer in extents for ext in layer)  # a dense first layer has no experts
     same = all(ext.nbytes == blob for layer in extents for ext in layer)
     cache = ExpertCache(list(opt.tiers), pin_layers=opt.pin_layers, slot_bytes=blob if same else None)
     return StreamingExperts(extents, reader, cache, prefetch=opt.prefetch, checksums=checksums)

@@ -112,6 +112,7 @@ class ArchSpec:
     softmax_scale: Callable | None = None  # args → the attention's scale (default 1/sqrt(head_dim))
     up_projections: Callable | None = None  # (tensors by part, args) → what the block reads besides them
     route: Callable | None = None  # (model, x, layer) → ids, weights (default softmax → top-k)
+    gguf_config: Callable | None = None  # (cfg, meta, tensors, where) → cfg: what the key table cannot say
 
     def hf_name(self, part: str) -> str:
         return self.hf_parts.get(part, HF_PARTS.get(part))

@@ -268,12 +268,63 @@ def up_projections(t: dict, args) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(kv_b[:, :n], np.float32), np.ascontiguousarray(kv_b[:, n:], np.float32)
 
 
+
+
+def gguf_config(cfg: dict, meta: dict, tensors: dict, where: str) -> dict:
+    """llama.cpp's `deepseek2` keys (V2 and V3 alike) → ModelArgs fields. V3 is told by its sigmoid gating
+    function; YaRN's mscale is not stored (only 0.1 × mscale_all_dim as yarn_log_multiplier), and is taken equal
+    to mscale_all_dim, as in every released DeepSeek config (the attention factor is then 1)."""
+    a = "deepseek2."
+
+    def key(name, default=None, kind=int):
+        v = meta.get(a + name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ModelFormatError(f"{where}: {a}{name} is {str(v)[:40]}, not a number; the file is corrupt")
+        return kind(v)
+
+    kv_rank, rope_dim = key("attention.kv_lora_rank"), key("rope.dimension_count")
+    k_mla, v_mla = key("attention.key_length_mla"), key("attention.value_length_mla")
+    if None in (kv_rank, rope_dim, k_mla, v_mla):
+        raise UnsupportedError(f"{where}: this deepseek2 file lacks the MLA keys (attention.kv_lora_rank, "
+                               "key_length_mla, value_length_mla); convert it with a current llama.cpp")
+    yarn = None
+    if meta.get(a + "rope.scaling.type") == "yarn":
+        log_mul = key("rope.scaling.yarn_log_multiplier", 0.0, float)
+        mscale = log_mul / 0.1
+        yarn = (key("rope.scaling.factor", None, float), key("rope.scaling.original_context_length"),
+                key("rope.scaling.yarn_beta_fast", 32.0, float), key("rope.scaling.yarn_beta_slow", 1.0, float),
+                mscale, mscale)
+        if yarn[0] is None or yarn[1] is None:
+            raise ModelFormatError(f"{where}: YaRN scaling without rope.scaling.factor / original_context_length")
+    elif meta.get(a + "rope.scaling.type") not in (None, "none"):
+        raise UnsupportedError(f"{where}: rope scaling {str(meta[a + 'rope.scaling.type'])[:40]!r} is not supported")
+    sigmoid = key("expert_gating_func", 1) == 2
+    n_shared = key("expert_shared_count", 0)
+    ff_exp = cfg.get("intermediate_size")
+    dense = key("leading_dense_block_count", 0)
+    out = {**cfg, "model_type": "deepseek_v3" if sigmoid else "deepseek_v2",
+           "num_key_value_heads": cfg.get("num_attention_heads"), "head_dim": rope_dim,
+           "q_lora_rank": key("attention.q_lora_rank"), "kv_lora_rank": kv_rank, "qk_rope_head_dim": rope_dim,
+           "qk_nope_head_dim": k_mla - rope_dim, "v_head_dim": v_mla, "yarn": yarn,
+           "routed_scaling_factor": key("expert_weights_scale", 1.0, float),
+           "norm_topk_prob": bool(meta.get(a + "expert_weights_norm", False)),
+           "dense_layers": tuple(range(min(dense, cfg.get("num_hidden_layers") or 0))),
+           "dense_intermediate_size": key("feed_forward_length", 0),
+           "shared_expert_intermediate_size": n_shared * ff_exp if isinstance(ff_exp, int) else 0,
+           "scoring": "sigmoid" if sigmoid else "softmax", "group_score": "top2" if sigmoid else "max",
+           "rope_interleave": True, "qkv_bias": False, "o_bias": False}
+    groups = (key("expert_group_count", 1) or 1, key("expert_group_used_count", 1) or 1)
+    return {**out, **check_groups(groups, out, where)}
+
+
 SPEC = ArchSpec(
     model_type="deepseek_v2",
     gguf_arch="deepseek2",
     title="DeepSeek-V2",
     hf_config=hf_config,
-    gguf_keys={},
+    gguf_keys={"expert_feed_forward_length": "intermediate_size"},
     hf_parts=HF_PARTS,
     gguf_parts=GGUF_PARTS,
     fused_attention=False,
@@ -285,4 +336,5 @@ SPEC = ArchSpec(
     new_cache=new_cache,
     softmax_scale=softmax_scale,
     up_projections=up_projections,
+    gguf_config=gguf_config,
 )

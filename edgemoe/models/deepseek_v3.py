@@ -25,4 +25,4 @@ def hf_config(cfg: dict, where: str) -> dict:
             "group_score": "top2", "scoring": "sigmoid", "rope_interleave": bool(cfg.get("rope_interleave", True))}
 
 
-SPEC = replace(V2, model_type="deepseek_v3", gguf_arch="deepseek2-v3", title="DeepSeek-V3", hf_config=hf_config)
+SPEC = replace(V2, model_type="deepseek_v3", gguf_arch="deepseek2", title="DeepSeek-V3", hf_config=hf_config)
