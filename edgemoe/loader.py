@@ -186,7 +186,7 @@ def _gguf_experts(tensors: dict, args: ModelArgs, path: str) -> list[list[Expert
 
 
 VECTORS = {"attn_norm", "ffn_norm", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm", "q_a_norm",
-           "kv_a_norm", "router_bias"}  # 1-D parts
+           "kv_a_norm", "router_bias", "sinks", "router_b"}  # 1-D parts
 COMMON = {"attn_norm", "q", "k", "v", "o", "ffn_norm", "router", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm",
           "k_norm", "shexp_gate", "shexp_up", "shexp_down", "shexp_router", "mlp_gate", "mlp_up", "mlp_down"}
 
@@ -202,10 +202,8 @@ def build_layer(t: dict, spec=None, args=None) -> Layer:
         gate = QTensor.from_array(vec, GGMLQuantizationType.F32, 1, vec.shape[1])
     mlp = Expert(t["mlp_gate"], t["mlp_up"], t["mlp_down"]) if "mlp_gate" in t else None
     extra = {p: w for p, w in t.items() if p not in COMMON}  # the family's own tensors
-    if spec is not None and spec.up_projections is not None:
-        extra["w_uk"], extra["w_uv"] = spec.up_projections(extra, args)
-        for p in ("kv_b", "k_b", "v_b"):
-            extra.pop(p, None)
+    if spec is not None and spec.finish_layer is not None:
+        extra = spec.finish_layer(extra, args)
     return Layer(input_layernorm=t["attn_norm"], q_proj=t.get("q"), k_proj=t.get("k"), v_proj=t.get("v"),
                  o_proj=t["o"], post_attention_layernorm=t["ffn_norm"], gate=t.get("router"), q_bias=t.get("q_bias"),
                  k_bias=t.get("k_bias"), v_bias=t.get("v_bias"), o_bias=t.get("o_bias"), q_norm=t.get("q_norm"),
@@ -314,8 +312,13 @@ def _load_hf(path: str) -> LoadedModel:
 
     layers, experts = [], []
     for i in range(args.num_hidden_layers):
-        layers.append(build_layer({p: tensor(p, i) for p in spec.layer_parts(args, i)}, spec, args))
-        experts.append(_hf_layer_experts(idx, args, spec, i, need) if args.is_moe(i) else [])
+        layers.append(build_layer({p: tensor(p, i) for p in spec.layer_parts(args, i, "hf")}, spec, args))
+        if not args.is_moe(i):
+            experts.append([])
+        elif spec.hf_experts is not None:
+            experts.append(spec.hf_experts(idx, args, i, need))
+        else:
+            experts.append(_hf_layer_experts(idx, args, spec, i, need))
     embed = idx.matrix(need("model.embed_tokens.weight"))
     lm_head = embed if args.tie_word_embeddings else idx.matrix(need("lm_head.weight"))
     weights = Weights(embed_tokens=embed, layers=layers, norm=idx.vector(need("model.norm.weight")), lm_head=lm_head)
@@ -340,7 +343,7 @@ def _check_hf_names(idx: SafetensorsIndex, args: ModelArgs, spec, path: str) -> 
     """No tensor of a layer beyond num_hidden_layers, and none the model would leave unread."""
     known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for i in range(args.num_hidden_layers):
-        known |= {spec.hf_name(p).format(i=i) for p in spec.layer_parts(args, i)}
+        known |= {spec.hf_name(p).format(i=i) for p in spec.layer_parts(args, i, "hf")}
         if not args.is_moe(i):
             continue
         known |= {t.format(i=i) for t in spec.hf_router_aliases}

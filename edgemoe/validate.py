@@ -144,7 +144,9 @@ def gguf_shapes(args) -> dict[str, tuple[int, ...]]:
              "router": (D, E), "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "o_bias": (D,),
              "q_norm": (d,) if head else (q,), "k_norm": (d,) if head else (kv,),
              "shexp_gate": (D, S), "shexp_up": (D, S), "shexp_down": (S, D), "shexp_router": (D,),
-             "mlp_gate": (D, F), "mlp_up": (D, F), "mlp_down": (F, D), "router_bias": (E,)}
+             "mlp_gate": (D, F), "mlp_up": (D, F), "mlp_down": (F, D), "router_bias": (E,),
+             "sinks": (args.num_attention_heads,), "router_b": (E,), "exp_gate_b": (I, E), "exp_up_b": (I, E),
+             "exp_down_b": (D, E)}
     if R:  # DeepSeek's latent attention
         parts.update(q=(D, H * (n + r)), q_a=(D, Q), q_a_norm=(Q,), q_b=(Q, H * (n + r)), kv_a=(D, R + r),
                      kv_a_norm=(R,), kv_b=(R, H * (n + v)), k_b=(n, R, H), v_b=(R, v, H), o=(H * v, D))

@@ -75,3 +75,28 @@ def route_grouped(ids, weights, logits, bias, sigmoid, n_group, topk_group, top2
         for a in range(A):
             w = weights[t, a] / (kept + np.float32(1e-20)) if renorm else weights[t, a]
             weights[t, a] = w * np.float32(scale)
+
+
+@njit(cache=True, nogil=True)
+def route_topk_softmax(ids, weights, logits):
+    """gpt-oss routing per token: the A largest logits (lower expert id first on ties), then a softmax over
+    those A only.   ids: (T, A) int64; weights: (T, A) f32; logits: (T, E) f32 (router bias included)"""
+    T, E = logits.shape
+    A = ids.shape[1]
+    taken = np.zeros(E, np.bool_)
+    for t in range(T):
+        taken[:] = False
+        for a in range(A):
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or logits[t, e] > logits[t, best]):
+                    best = e
+            ids[t, a] = best
+            taken[best] = True
+        m = logits[t, ids[t, 0]]
+        total = np.float32(0.0)
+        for a in range(A):
+            weights[t, a] = np.float32(math.exp(logits[t, ids[t, a]] - m))
+            total += weights[t, a]
+        for a in range(A):
+            weights[t, a] = weights[t, a] / total

@@ -110,7 +110,11 @@ class ArchSpec:
     rope_tables: Callable | None = None  # (args, positions) → cos, sin
     new_cache: Callable | None = None  # (args, n_ctx, cache_type) → a KV cache
     softmax_scale: Callable | None = None  # args → the attention's scale (default 1/sqrt(head_dim))
-    up_projections: Callable | None = None  # (tensors by part, args) → what the block reads besides them
+    finish_layer: Callable | None = None  # (the family's tensors by part, args) → what its blocks read
+    moe_parts: Callable | None = None  # (args, "hf" | "gguf") → a MoE layer's further tensors (expert biases)
+    hf_experts: Callable | None = None  # (index, args, i, need) → a layer's experts, when not the usual layouts
+    expert_fn: Callable | None = None  # (x, expert, layer, e, args) → (n, D): an expert not plain SwiGLU
+    fused_moe: bool = True  # the fused expert blocks compute this family's experts (plain SwiGLU)
     route: Callable | None = None  # (model, x, layer) → ids, weights (default softmax → top-k)
     gguf_config: Callable | None = None  # (cfg, meta, tensors, where) → cfg: what the key table cannot say
 
@@ -120,8 +124,9 @@ class ArchSpec:
     def gguf_name(self, part: str) -> str:
         return self.gguf_parts.get(part, GGUF_PARTS.get(part))
 
-    def layer_parts(self, args, i: int) -> tuple[str, ...]:
-        """The tensors (besides experts) layer i of a model of this family with these args has."""
+    def layer_parts(self, args, i: int, fmt: str = "gguf") -> tuple[str, ...]:
+        """The tensors (besides experts) layer i of a model of this family with these args has, in a GGUF file
+        or (fmt "hf") an HF checkpoint."""
         if self.attention_parts is not None:
             attention = list(self.attention_parts(args))
         else:
@@ -134,6 +139,8 @@ class ArchSpec:
             parts.append("router_bias")
         if args.shared_expert_intermediate_size:
             parts += ["shexp_gate", "shexp_up", "shexp_down"] + (["shexp_router"] if self.shared_gate else [])
+        if self.moe_parts is not None:
+            parts += self.moe_parts(args, fmt)
         return tuple(parts)
 
     def attention_extras(self, args) -> list[str]:
@@ -152,9 +159,10 @@ _REGISTRY: dict[str, ArchSpec] = {}
 
 def _families() -> dict[str, ArchSpec]:
     if not _REGISTRY:  # imported on first use: no import-time side effects in the package
-        from . import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
+        from . import deepseek_v2, deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-        for spec in (mixtral.SPEC, qwen3_moe.SPEC, qwen2_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC, deepseek_v3.SPEC):
+        for spec in (mixtral.SPEC, qwen3_moe.SPEC, qwen2_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC, deepseek_v3.SPEC,
+                     gpt_oss.SPEC):
             _REGISTRY[spec.model_type] = spec
     return _REGISTRY
 

@@ -53,6 +53,12 @@ class ModelArgs:
     # YaRN rotary scaling (rope_type "yarn"); None: plain RoPE
     yarn: tuple | None = None  # (factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim)
     rope_interleave: bool = True  # MLA's rotary part rotates adjacent pairs (else the halves, as elsewhere)
+    yarn_truncate: bool = True  # YaRN's correction range rounded to whole dimensions (gpt-oss: not)
+    # gpt-oss: attention over the last sliding_window positions in sliding_layers; the experts' clamped SwiGLU
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self):
         if self.head_dim is None:

@@ -31,7 +31,7 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
-               experts: ExpertStore, layer: int) -> np.ndarray:
+               experts: ExpertStore, layer: int, fn=None) -> np.ndarray:
     """Σ_a weight[t, a] · expert[ids[t, a]](x[t]), computing each expert once for all its tokens.
 
     Each token sums its experts' outputs in increasing expert id, whatever the other tokens of the
@@ -40,12 +40,13 @@ def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray
     """
     T, _ = x.shape
     out = np.zeros_like(x)  # (T, D)
+    run = fn or (lambda x, ex, e: expert_mlp(x, ex))  # fn(x, expert, e): a family's own expert (gpt-oss)
     if T == 1:  # decode: no grouping needed
         order = np.argsort(expert_ids[0], kind="stable")
         uniq = expert_ids[0, order]
         experts.request(layer, uniq)
         for a in order:
-            out += expert_weights[0, a] * expert_mlp(x, experts.get(layer, int(expert_ids[0, a])))
+            out += expert_weights[0, a] * run(x, experts.get(layer, int(expert_ids[0, a])), int(expert_ids[0, a]))
         return out
     flat = expert_ids.reshape(-1)  # (T*A,)
     order = np.argsort(flat, kind="stable")
@@ -56,7 +57,7 @@ def switch_glu(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray
     for n, e in enumerate(uniq):
         sel = order[bounds[n]:bounds[n + 1]]  # positions in (T*A) routed to expert e
         tok = sel // A  # (n_e,)
-        y = expert_mlp(np.ascontiguousarray(x[tok]), experts.get(layer, int(e)))  # (n_e, D)
+        y = run(np.ascontiguousarray(x[tok]), experts.get(layer, int(e)), int(e))  # (n_e, D)
         out[tok] += expert_weights.reshape(-1)[sel, None] * y
     return out
 

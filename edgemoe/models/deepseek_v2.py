@@ -22,6 +22,7 @@ from ..kernels import mla, routing
 from ..kv_cache import KVCache
 from .arch import ArchSpec, refuse_activation, renamed
 from .base import linear, rms_norm
+from .rope import yarn_mscale, yarn_tables
 
 HF_PARTS = {
     "q_a": "model.layers.{i}.self_attn.q_a_proj.weight",
@@ -132,36 +133,8 @@ def check_groups(groups: tuple, cfg: dict, where: str) -> dict:
 # ------------------------------------------------------------------ the forward pass's parts
 
 def rope_tables(args, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (T, r/2) of the rotary part, YaRN-scaled as transformers computes them (inv_freq in float32,
-    then × attention_factor)."""
-    r = args.qk_rope_head_dim
-    base = float(args.rope_theta)
-    pos_freqs = base ** (np.arange(0, r, 2, dtype=np.float32) / np.float32(r))  # (r/2,)
-    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
-    factor_att = 1.0
-    if args.yarn is not None:
-        factor, orig, beta_fast, beta_slow, mscale, mscale_all = args.yarn
-
-        def corr(rot):
-            return (r * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
-
-        low, high = max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), r - 1)
-        if low == high:
-            high += 0.001
-        ramp = np.clip((np.arange(r // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
-        extra = (np.float32(1.0) - ramp).astype(np.float32)
-        interp = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
-        inv_freq = (interp * (np.float32(1.0) - extra) + inv_freq * extra).astype(np.float32)
-        factor_att = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all \
-            else yarn_mscale(factor, 1.0)
-    freqs = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # (T, r/2)
-    cos = (np.cos(freqs) * np.float32(factor_att)).astype(np.float32)
-    sin = (np.sin(freqs) * np.float32(factor_att)).astype(np.float32)
-    return cos, sin
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+    """cos, sin (T, r/2) of the rotary part, YaRN-scaled when the config says."""
+    return yarn_tables(positions, args.qk_rope_head_dim, float(args.rope_theta), args.yarn)
 
 
 def softmax_scale(args) -> float:
@@ -254,9 +227,17 @@ def attention_parts(args) -> list[str]:
     return [*q, "kv_a", "kv_a_norm", "kv_b", "o"]
 
 
-def up_projections(t: dict, args) -> tuple[np.ndarray, np.ndarray]:
-    """(w_uk (H, n, R), w_uv (H, v, R)) float32 from HF's kv_b_proj (H (n + v), R) or GGUF's k_b (H, R, n) and
-    v_b (H, v, R) (dequantised once: the attention kernel reads them for every token)."""
+def finish_layer(t: dict, args) -> dict:
+    """The up-projections w_uk (H, n, R) and w_uv (H, v, R) in float32 instead of HF's kv_b_proj (H (n + v), R)
+    or GGUF's k_b (H, R, n) and v_b (H, v, R) (dequantised once: the attention kernel reads them every token)."""
+    t = dict(t)
+    t["w_uk"], t["w_uv"] = _up_projections(t, args)
+    for p in ("kv_b", "k_b", "v_b"):
+        t.pop(p, None)
+    return t
+
+
+def _up_projections(t: dict, args) -> tuple[np.ndarray, np.ndarray]:
     from ..quants import dequantize_qtensor
 
     H, n, v, R = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
@@ -335,6 +316,6 @@ SPEC = ArchSpec(
     rope_tables=rope_tables,
     new_cache=new_cache,
     softmax_scale=softmax_scale,
-    up_projections=up_projections,
+    finish_layer=finish_layer,
     gguf_config=gguf_config,
 )

@@ -266,6 +266,9 @@ class Model:
             nxt = layers[i + 1]
             self.experts.hint(i + 1, np.unique(self.route(rms_norm(x, nxt.post_attention_layernorm,
                                                                    self.args.rms_norm_eps), nxt)[0]))
+        if not self.spec.fused_moe:  # the family's own expert (gpt-oss)
+            fn = self.spec.expert_fn
+            return x + switch_glu(h, ids, w, experts, i, lambda v, ex, e: fn(v, ex, layer, e, self.args))
         if self.fused and x.shape[0] == 1 and ids.shape[1] <= FUSED_ONE_TOKEN_EXPERTS:
             order = np.argsort(ids[0], kind="stable")  # summed in increasing expert id, as switch_glu
             experts.request(i, ids[0, order])

@@ -1,0 +1,210 @@
+"""gpt-oss (gpt-oss-20b, gpt-oss-120b): grouped-query attention with q/k/v/o biases, a learned sink logit per
+head, sliding-window (layer_types "sliding_attention") and full layers alternating, YaRN RoPE on the halves;
+the router has a bias and takes the top-k logits before its softmax; experts have biases and a clamped SwiGLU:
+(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g) with g = min(gate, limit).
+
+HF checkpoints keep gate and up interleaved in one (E, D, 2I) tensor (x @ W, not W x) with its bias (E, 2I);
+llama.cpp's converter writes them apart, as usual (E, I, D) expert tensors with `.bias` companions, and the
+sinks as `attn_sinks.weight`. The released checkpoints store experts in MXFP4 blocks: those load from GGUF.
+
+Legend: T tokens, D hidden, H/K query/key-value heads, d head_dim, E experts, I expert width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ModelFormatError, UnsupportedError
+from ..experts.store import Expert
+from ..kernels import ops, routing
+from ..kernels.sink_attention import sink_attention
+from ..kv_cache import KVCache
+from ..qtensor import QTensor
+from .arch import ArchSpec, refuse_activation, renamed
+from .base import linear
+from .deepseek_v2 import yarn_of
+from .rope import yarn_tables
+
+HF_PARTS = {
+    "sinks": "model.layers.{i}.self_attn.sinks",
+    "router": "model.layers.{i}.mlp.router.weight",
+    "router_b": "model.layers.{i}.mlp.router.bias",
+    "exp_gate_up_b": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
+    "exp_down_b": "model.layers.{i}.mlp.experts.down_proj_bias",
+}
+GGUF_PARTS = {
+    "sinks": "blk.{i}.attn_sinks.weight",
+    "ffn_norm": "blk.{i}.post_attention_norm.weight",
+    "router_b": "blk.{i}.ffn_gate_inp.bias",
+    "exp_gate_b": "blk.{i}.ffn_gate_exps.bias",
+    "exp_up_b": "blk.{i}.ffn_up_exps.bias",
+    "exp_down_b": "blk.{i}.ffn_down_exps.bias",
+}
+
+
+def hf_config(cfg: dict, where: str) -> dict:
+    refuse_activation(cfg, where)
+    if cfg.get("quantization_config"):
+        raise UnsupportedError(f"{where}: an HF checkpoint with quantised ({str(cfg['quantization_config'])[:30]}) "
+                               "experts is not supported; use its GGUF (llama.cpp's convert_hf_to_gguf.py keeps MXFP4)")
+    types = cfg.get("layer_types") or []
+    n = cfg.get("num_hidden_layers")
+    if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
+                                                            for t in types):
+        raise ModelFormatError(f"{where}: layer_types must list sliding_attention / full_attention for each of "
+                               f"the {n} layers; the file is corrupt")
+    window = cfg.get("sliding_window") or 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ModelFormatError(f"{where}: sliding_window must be a non-negative integer")
+    out = renamed(cfg, {"intermediate_size": "intermediate_size"})
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return {**out, **swiglu(cfg, where), "qkv_bias": True, "o_bias": True, "sliding_window": window,
+            "sliding_layers": tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+            "yarn": yarn_of(cfg, where), "yarn_truncate": bool(rope.get("truncate", True)) if isinstance(rope, dict)
+            else True, "norm_topk_prob": True}
+
+
+def swiglu(cfg: dict, where: str) -> dict:
+    alpha, limit = cfg.get("swiglu_alpha", 1.702), cfg.get("swiglu_limit", 7.0)
+    for name, v in (("swiglu_alpha", alpha), ("swiglu_limit", limit)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            raise ModelFormatError(f"{where}: {name} must be a positive number, found {str(v)[:40]}")
+    return {"swiglu_alpha": float(alpha), "swiglu_limit": float(limit)}
+
+
+def gguf_config(cfg: dict, meta: dict, tensors: dict, where: str) -> dict:
+    """llama.cpp's `gpt-oss` keys: sliding_window; every other layer (the first) slides, as llama.cpp assumes;
+    YaRN from rope.scaling.* (transformers' gpt-oss config does not truncate the correction range)."""
+    a = "gpt-oss."
+    yarn = None
+    if meta.get(a + "rope.scaling.type") == "yarn":
+        yarn = (float(meta.get(a + "rope.scaling.factor", 1.0)),
+                int(meta.get(a + "rope.scaling.original_context_length", 4096)),
+                float(meta.get(a + "rope.scaling.yarn_beta_fast", 32.0)),
+                float(meta.get(a + "rope.scaling.yarn_beta_slow", 1.0)), 0.0, 0.0)
+    window = int(meta.get(a + "attention.sliding_window", 0))
+    n = cfg.get("num_hidden_layers") or 0
+    return {**cfg, "qkv_bias": True, "o_bias": True, "sliding_window": window,
+            "sliding_layers": tuple(range(0, n, 2)) if window else (), "yarn": yarn, "yarn_truncate": False,
+            "swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+
+
+def rope_tables(args, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return yarn_tables(positions, args.head_dim, float(args.rope_theta), args.yarn, args.yarn_truncate)
+
+
+def new_cache(args, n_ctx: int, cache_type: str) -> KVCache:
+    """f32 keys and values whatever `cache_type` asks (the sink attention kernel reads f32)."""
+    return KVCache(args.num_hidden_layers, n_ctx, args.num_key_value_heads, args.head_dim, "f32")
+
+
+def attention(model, x: np.ndarray, layer, i: int, seqs, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x: (T, D) normalised → (T, D)"""
+    a = model.args
+    T = x.shape[0]
+    H, K, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    if layer.qkv_proj is not None:
+        qkv = linear(x, layer.qkv_proj) + layer.qkv_bias  # (T, (H + 2K) d)
+        q, k, v = qkv[:, :H * d], qkv[:, H * d:(H + K) * d], qkv[:, (H + K) * d:]
+    else:
+        q = linear(x, layer.q_proj) + layer.q_bias
+        k = linear(x, layer.k_proj) + layer.k_bias
+        v = linear(x, layer.v_proj) + layer.v_bias
+    q = np.ascontiguousarray(q).reshape(T, H, d)  # (T, H, d)
+    k = np.ascontiguousarray(k).reshape(T, K, d)  # (T, K, d)
+    v = np.ascontiguousarray(v).reshape(T, K, d)  # (T, K, d)
+    ops.rope_inplace(q, cos, sin)
+    ops.rope_inplace(k, cos, sin)
+    window = a.sliding_window if i in a.sliding_layers else 0
+    out = np.empty_like(q)  # (T, H, d)
+    for r0, n, cache in seqs:
+        p = cache.length
+        cache.write(i, p, k[r0:r0 + n], v[r0:r0 + n])
+        sink_attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], p, model.scale,
+                       layer.extra["sinks"], window)
+    return linear(out.reshape(T, H * d), layer.o_proj) + layer.o_bias  # (T, D)
+
+
+def route(model, x: np.ndarray, layer) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the biased router logits, softmax over those k.   x: (T, D) → ids (T, A), weights (T, A)"""
+    logits = linear(x, layer.gate) + layer.extra["router_b"]  # (T, E)
+    T, A = x.shape[0], model.args.num_experts_per_tok
+    ids, w = np.empty((T, A), np.int64), np.empty((T, A), np.float32)
+    routing.route_topk_softmax(ids, w, logits)
+    return ids, w
+
+
+def expert_fn(x: np.ndarray, ex: Expert, layer, e: int, args) -> np.ndarray:
+    """(clamp(up, ±limit) + 1) · g σ(α g), g = min(gate, limit), then down; biases on all three.
+    x: (n, D) → (n, D)"""
+    ext = layer.extra
+    lim, alpha = np.float32(args.swiglu_limit), np.float32(args.swiglu_alpha)
+    g = np.minimum(linear(x, ex.gate) + ext["exp_gate_b"][e], lim)  # (n, I)
+    u = np.clip(linear(x, ex.up) + ext["exp_up_b"][e], -lim, lim)  # (n, I)
+    h = ((u + np.float32(1.0)) * (g / (np.float32(1.0) + np.exp(-alpha * g)))).astype(np.float32)  # (n, I)
+    return linear(np.ascontiguousarray(h), ex.down) + ext["exp_down_b"][e]  # (n, D)
+
+
+def moe_parts(args, fmt: str) -> list[str]:
+    return ["router_b", "exp_gate_up_b", "exp_down_b"] if fmt == "hf" else \
+        ["router_b", "exp_gate_b", "exp_up_b", "exp_down_b"]
+
+
+def attention_parts(args) -> list[str]:
+    return ["q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "sinks"]
+
+
+def finish_layer(t: dict, args) -> dict:
+    """Biases as float32 arrays: router (E,), experts' gate/up (E, I) (HF: de-interleaved) and down (E, D)."""
+    from ..quants import dequantize_qtensor
+
+    def arr(w):
+        return np.ascontiguousarray(dequantize_qtensor(w) if isinstance(w, QTensor) else w, dtype=np.float32)
+
+    t = {p: arr(w) for p, w in t.items()}
+    if "exp_gate_up_b" in t:
+        gu = t.pop("exp_gate_up_b")  # (E, 2I): gate, up interleaved
+        t["exp_gate_b"], t["exp_up_b"] = np.ascontiguousarray(gu[:, ::2]), np.ascontiguousarray(gu[:, 1::2])
+    return t
+
+
+def hf_experts(idx, args, i: int, need) -> list[Expert]:
+    """gate_up_proj (E, D, 2I) with gate and up interleaved, down_proj (E, I, D), as HF stores them (x @ W)."""
+    from gguf import GGMLQuantizationType
+
+    from ..quants import dequantize_qtensor
+
+    gate_up = idx.matrices(need(f"model.layers.{i}.mlp.experts.gate_up_proj"))  # E × (D, 2I)
+    down = idx.matrices(need(f"model.layers.{i}.mlp.experts.down_proj"))  # E × (I, D)
+    F32 = GGMLQuantizationType.F32
+    out = []
+    for gu, dn in zip(gate_up, down):
+        w = np.ascontiguousarray(dequantize_qtensor(gu).T, dtype=np.float32)  # (2I, D)
+        g, u = np.ascontiguousarray(w[::2]), np.ascontiguousarray(w[1::2])  # (I, D) each
+        wd = np.ascontiguousarray(dequantize_qtensor(dn).T, dtype=np.float32)  # (D, I)
+        out.append(Expert(QTensor.from_array(g, F32, *g.shape), QTensor.from_array(u, F32, *u.shape),
+                          QTensor.from_array(wd, F32, *wd.shape)))
+    return out
+
+
+SPEC = ArchSpec(
+    model_type="gpt_oss",
+    gguf_arch="gpt-oss",
+    title="gpt-oss",
+    hf_config=hf_config,
+    gguf_keys={"expert_feed_forward_length": "intermediate_size"},
+    hf_parts=HF_PARTS,
+    gguf_parts=GGUF_PARTS,
+    fused_attention=False,
+    fused_moe=False,
+    attention_parts=attention_parts,
+    attention=attention,
+    route=route,
+    rope_tables=rope_tables,
+    new_cache=new_cache,
+    moe_parts=moe_parts,
+    finish_layer=finish_layer,
+    hf_experts=hf_experts,
+    expert_fn=expert_fn,
+    gguf_config=gguf_config,
+)
