@@ -205,6 +205,38 @@ def make_hf_deepseek(version: int, *, hidden: int = 64, layers: int = 3, heads: 
     return model, cfg.to_dict()
 
 
+def make_hf_gpt_oss(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
+                    experts: int = 4, top_k: int = 2, intermediate: int = 32, window: int = 4, yarn: bool = True,
+                    vocab: int = 128, seed: int = 0, std: float = 0.08, **extra):
+    """A random `GptOssForCausalLM` in eval mode and its config dict, drawn as `make_hf_moe` draws (the sinks
+    N(0, 0.5²) so they matter). Layers alternate sliding (window `window`) and full attention, sliding first,
+    as the released models and llama.cpp's gpt-oss graph have them; YaRN as gpt-oss-20b's config (truncate off)
+    with a short original context so that it changes the tables."""
+    import torch
+    import transformers
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 64, "rope_theta": 150000.0} if yarn else \
+        {"rope_type": "default", "rope_theta": 150000.0}
+    cfg = transformers.GptOssConfig(**{**dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, num_local_experts=experts,
+        num_experts_per_tok=top_k, sliding_window=window, max_position_embeddings=256, rms_norm_eps=1e-5,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        rope_parameters=rope, tie_word_embeddings=False, **special_ids(vocab)), **extra})
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(cfg).float().eval()
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                v = 1.0 + 0.1 * rng.standard_normal(p.shape)
+            else:
+                v = (0.5 if name.endswith("sinks") else std) * rng.standard_normal(p.shape)
+            p.copy_(torch.from_numpy(v.astype(np.float32)))
+    return model, cfg.to_dict()
+
+
 def make_tokenizer(vocab: int):
     """A byte-level BPE `tokenizers.Tokenizer` of exactly `vocab` tokens (30 ≤ vocab ≲ 100 000), the same for the
     same `vocab` (built once per process, a fresh object each call).

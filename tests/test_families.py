@@ -23,6 +23,7 @@ from family_factory import (  # noqa: E402
     ConversionError,
     convert_many,
     make_hf_deepseek,
+    make_hf_gpt_oss,
     make_hf_moe,
     save_hf,
     special_ids,
@@ -58,6 +59,9 @@ CASES = {
     "deepseek_v3": ("deepseek_v3", dict(n_group=4, topk_group=2, routed_scale=2.5), True),
     "deepseek_v3-yarn-mscale": ("deepseek_v3", dict(yarn=dict(factor=8.0, original_max_position_embeddings=32,
                                                               mscale=1.0, mscale_all_dim=0.5)), False),
+    # gpt-oss: sinks, a sliding window of 4 positions on even layers (the prompt is longer), YaRN, biases
+    "gpt_oss": ("gpt_oss", dict(), True),
+    "gpt_oss-top1-mha": ("gpt_oss", dict(layers=3, kv_heads=4, experts=6, top_k=1, window=3, yarn=False), True),
 }
 
 
@@ -69,6 +73,8 @@ def models(tmp_path_factory):
     for n, (case, (family, opts, same)) in enumerate(CASES.items()):
         if family.startswith("deepseek"):
             model, cfg = make_hf_deepseek(int(family[-1]), seed=10 + n, **opts)
+        elif family == "gpt_oss":
+            model, cfg = make_hf_gpt_oss(seed=10 + n, **opts)
         else:
             model, cfg = make_hf_moe(family, seed=10 + n, **opts)
         d = save_hf(model, cfg, root / case)
@@ -111,7 +117,7 @@ def test_llamacpp_gguf_matches_transformers(models, case):
 
 
 @pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "olmoe-clip", "qwen2_moe-dense1",
-                                  "deepseek_v2-lite", "deepseek_v3"])
+                                  "deepseek_v2-lite", "deepseek_v3", "gpt_oss"])
 def test_greedy_tokens_equal_transformers(models, case):
     model, d, gguf_path, _ = models[case]
     want = hf_greedy(model, PROMPT, 32)
@@ -126,7 +132,7 @@ def test_greedy_tokens_equal_transformers(models, case):
         assert got == want, path
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["qwen3_moe-gqa", "qwen2_moe", "olmoe-gqa-top6", "deepseek_v3", "gpt_oss"])
 def test_batched_rows_bit_identical(models, case):
     """Q8_0 weights (the interleaved kernels), the default f16 cache: three sequences in one pass, each row the
     bits of that sequence alone, in prefill and in decode steps."""
@@ -147,7 +153,7 @@ def test_batched_rows_bit_identical(models, case):
         at += len(s)
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe-top8", "qwen2_moe", "olmoe", "deepseek_v2-groups"])
+@pytest.mark.parametrize("case", ["qwen3_moe-top8", "qwen2_moe", "olmoe", "deepseek_v2-groups", "gpt_oss-top1-mha"])
 def test_streamed_and_packed_bit_identical(models, case, tmp_path):
     """Experts read from disk into a cache of a few experts, from the converter's file and from its pack:
     the resident model's logits, bit for bit, over a prefill and decode steps."""
@@ -180,7 +186,7 @@ def test_run_command_on_each_family(models, capsys):
     """`edgemoe run` on a checkpoint of each family (its tokenizer.json): the greedy ids transformers gives, up to
     and including the end-of-sequence token, on a prompt transformers does not end at once."""
     eos = special_ids(128)["eos_token_id"]
-    for case in ("qwen3_moe-gqa", "qwen2_moe", "olmoe", "deepseek_v2-lite"):
+    for case in ("qwen3_moe-gqa", "qwen2_moe", "olmoe", "deepseek_v2-lite", "gpt_oss"):
         model, d, *_ = models[case]
         prompt, want = next((p, w) for p in (PROMPT, PROMPT[::-1], PROMPT[3:], [5, 6, 7, 8])
                             if (w := hf_greedy(model, p, 8))[0] != eos)
