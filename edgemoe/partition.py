@@ -1,4 +1,5 @@
-"""`edgemoe partition`: convert a Mixtral GGUF file or HF checkpoint into an expert pack + manifest.
+"""`edgemoe partition`: convert a MoE GGUF file (any supported family) or an HF Mixtral checkpoint into an expert
+pack + manifest.
 
 The pack is a GGUF (general.alignment 4096) with the dense tensors first, then every routed expert's
 gate/up/down tensors adjacent, so one aligned read fetches an expert; the engine and llama.cpp load it

@@ -10,7 +10,7 @@ from ..config import add_config_arguments
 
 
 def setup_arg_parser(p) -> None:
-    p.add_argument("source", help="GGUF file or HF checkpoint directory (Mixtral)")
+    p.add_argument("source", help="GGUF file of any supported family, or an HF Mixtral checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="pack to write, e.g. model.pack.gguf; the manifest "
                    "goes beside it (model.pack.manifest.json)")
     p.add_argument("--quant", help="storage of the routed experts: Q4_K, Q4_0, Q8_0, F16 (default: as in the "

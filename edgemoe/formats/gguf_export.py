@@ -26,13 +26,13 @@ from gguf import (
 )
 
 from ..errors import ModelFormatError, UnsupportedError, UsageError
+from ..models.mixtral import SPEC as MIXTRAL
 from ..quants import quantize
 from .names import (
     GGUF_EXPERT_SPLIT,
     GGUF_EXPERTS,
     GGUF_TO_HF,
     HF_EXPERT_FUSED,
-    HF_EXPERT_SPLIT,
     permute_qk,
 )
 
@@ -260,7 +260,7 @@ def _layer_experts(i: int, hp: _Hparams, tensors: Mapping[str, np.ndarray],
                 "up": [lambda e=e: gate_up[e, I:] for e in range(E)],
                 "down": [lambda e=e: down[e] for e in range(E)]}
     out: dict[str, list[Callable[[], np.ndarray]]] = {}
-    for proj, template in HF_EXPERT_SPLIT.items():
+    for proj, template in MIXTRAL.hf_expert_split.items():  # HF's per-expert names (w1/w3/w2)
         shape = (D, I) if proj == "down" else (I, D)
         arrays = [get(template.format(i=i, e=e), shape) for e in range(E)]
         out[proj] = [lambda a=a: a for a in arrays]

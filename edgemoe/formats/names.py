@@ -1,4 +1,5 @@
-"""GGUF ↔ Hugging Face name and key maps for the `llama` architecture with experts (Mixtral).
+"""GGUF ↔ Hugging Face name and key maps for the `llama` architecture with experts (Mixtral), and the expert
+tensor names every family shares (the families' other names: models/arch.py and each family's file).
 
 Inside the engine every weight is named by its HF name; experts are addressed as (layer, expert, proj)
 with proj in ("gate", "up", "down") = HF Mixtral (w1, w3, w2).
@@ -29,36 +30,9 @@ GGUF_EXPERTS = {"gate": "blk.{i}.ffn_gate_exps.weight", "up": "blk.{i}.ffn_up_ex
 GGUF_EXPERT_SPLIT = {"gate": "blk.{i}.ffn_gate.{e}.weight", "up": "blk.{i}.ffn_up.{e}.weight",
                      "down": "blk.{i}.ffn_down.{e}.weight"}
 
-# HF checkpoints: per-expert layout written by save_pretrained (Mixtral names w1/w3/w2) ...
-HF_EXPERT_SPLIT = {"gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
-                   "up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
-                   "down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"}
-# ... and the fused 3-D layout: gate_up_proj (E, 2*I, D) = [gate; up], down_proj (E, D, I).
+# HF checkpoints: the fused 3-D layout: gate_up_proj (E, 2*I, D) = [gate; up], down_proj (E, D, I).
 HF_EXPERT_FUSED = {"gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
                    "down": "model.layers.{i}.mlp.experts.down_proj"}
-# Router: older checkpoints name it block_sparse_moe.gate.
-HF_ROUTER_ALIASES = {"model.layers.{i}.block_sparse_moe.gate.weight": "model.layers.{i}.mlp.gate.weight"}
-
-# GGUF metadata key (after the "{arch}." prefix) → HF config key.
-GGUF_KEY_TO_HF = {
-    "vocab_size": "vocab_size",
-    "embedding_length": "hidden_size",
-    "feed_forward_length": "intermediate_size",
-    "expert_feed_forward_length": "intermediate_size",
-    "block_count": "num_hidden_layers",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.key_length": "head_dim",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "rope.freq_base": "rope_theta",
-    "context_length": "max_position_embeddings",
-    "expert_count": "num_local_experts",
-    "expert_used_count": "num_experts_per_tok",
-}
-
-
-def layer_name(template: str, i: int, e: int | None = None) -> str:
-    return template.format(i=i, e=e)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

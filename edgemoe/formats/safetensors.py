@@ -96,7 +96,7 @@ class SafetensorsIndex:
         shape = self.entries[name][2]
         if len(shape) != n:
             raise ModelFormatError(f"tensor {name} has {len(shape)} dimensions {shape}, expected {n}; the checkpoint "
-                                   "is not a Mixtral model or is corrupt")
+                                   "is of another architecture or corrupt")
 
     def vector(self, name: str) -> np.ndarray:
         """A 1-D tensor (norm weights) as float32."""

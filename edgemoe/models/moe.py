@@ -77,7 +77,7 @@ class Weights:
 
 
 class Model:
-    """Mixtral forward pass over a KV cache; experts come from an ExpertStore."""
+    """The forward pass of a MoE family over a KV cache; experts come from an ExpertStore."""
 
     def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, embed_rows):
         self.args = args
