@@ -30,46 +30,61 @@ def rope_pairs_inplace(x, cos, sin):
                 x[t, h, 2 * i + 1] = a * sin[t, i] + b * cos[t, i]
 
 
-@njit(cache=True, nogil=True, parallel=True)
+HEAD_GROUPS = 4  # jobs per token: each reads the cached latents once for its group of heads
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def mla_attention(out, q_nope, q_pe, latent, k_pe, w_uk, w_uv, pos0, scale):
     """out (T, H, v): token t (at position pos0 + t) of each head attends to cache positions 0..pos0 + t.
 
     q_nope: (T, H, n); q_pe: (T, H, r) after RoPE; latent: (S, R); k_pe: (S, r) after RoPE;
-    w_uk: (H, n, R) the keys' up-projection; w_uv: (H, v, R) the values'. Each (token, head) is one job with
-    its own sums, so a row's result does not depend on the other rows of the pass.
+    w_uk: (H, n, R) the keys' up-projection; w_uv: (H, v, R) the values'. A job is one token and a group of
+    heads, reading each cached position once for the whole group; its sums are its own, so a row's result does
+    not depend on the other rows of the pass (fastmath reorders a sum the same way in every job).
     """
     T, H, n = q_nope.shape
     R = latent.shape[1]
     r = q_pe.shape[2]
     v = w_uv.shape[1]
-    for job in prange(T * H):
-        t = job // H
-        h = job % H
-        qa = np.zeros(R, np.float64)  # W_uk,hᵀ q_nope
-        for i in range(n):
-            qi = np.float64(q_nope[t, h, i])
-            for j in range(R):
-                qa[j] += qi * w_uk[h, i, j]
+    G = min(HEAD_GROUPS, H)
+    per = (H + G - 1) // G
+    for job in prange(T * G):
+        t = job // G
+        h0 = (job % G) * per
+        h1 = min(H, h0 + per)
         L = pos0 + t + 1
-        scores = np.empty(L, np.float64)
-        m = -np.inf
+        qa = np.zeros((h1 - h0, R), np.float32)  # W_uk,hᵀ q_nope per head
+        for h in range(h0, h1):
+            for i in range(n):
+                qi = q_nope[t, h, i]
+                for j in range(R):
+                    qa[h - h0, j] += qi * w_uk[h, i, j]
+        scores = np.empty((h1 - h0, L), np.float32)
         for s in range(L):
-            acc = 0.0
-            for j in range(R):
-                acc += qa[j] * latent[s, j]
-            for j in range(r):
-                acc += np.float64(q_pe[t, h, j]) * k_pe[s, j]
-            scores[s] = acc * scale
-            m = max(m, scores[s])
-        total = 0.0
-        ol = np.zeros(R, np.float64)  # Σ_s p_s c_s
+            for h in range(h0, h1):
+                acc = np.float32(0.0)
+                for j in range(R):
+                    acc += qa[h - h0, j] * latent[s, j]
+                for j in range(r):
+                    acc += q_pe[t, h, j] * k_pe[s, j]
+                scores[h - h0, s] = acc * scale
+        total = np.zeros(h1 - h0, np.float32)
+        for h in range(h1 - h0):
+            m = scores[h, 0]
+            for s in range(1, L):
+                m = max(m, scores[h, s])
+            for s in range(L):
+                scores[h, s] = np.float32(math.exp(scores[h, s] - m))
+                total[h] += scores[h, s]
+        ol = np.zeros((h1 - h0, R), np.float32)  # Σ_s p_s c_s per head
         for s in range(L):
-            p = math.exp(scores[s] - m)
-            total += p
-            for j in range(R):
-                ol[j] += p * latent[s, j]
-        for k in range(v):
-            acc = 0.0
-            for j in range(R):
-                acc += w_uv[h, k, j] * ol[j]
-            out[t, h, k] = np.float32(acc / total)
+            for h in range(h1 - h0):
+                p = scores[h, s]
+                for j in range(R):
+                    ol[h, j] += p * latent[s, j]
+        for h in range(h0, h1):
+            for k in range(v):
+                acc = np.float32(0.0)
+                for j in range(R):
+                    acc += w_uv[h, k, j] * ol[h - h0, j]
+                out[t, h, k] = acc / total[h - h0]
