@@ -4,6 +4,11 @@ token ids (runs when llama-cpp-python is installed: `pip install '.[bench]'`).
 F32: logits within 1e-4 × their scale and identical greedy continuations. Q8_0: both engines round activations to
 8 bits but not with identical arithmetic, so the check is agreement within that noise (relative L2), the same
 top token wherever the choice is clear, and overlapping top-5 sets.
+
+gpt-oss is compared without YaRN: with gpt-oss's YaRN parameters (factor 4 here, truncate off) llama.cpp's
+rotary tables differ from transformers' — edgemoe matches transformers to 1e-6 (tests/test_families.py) and
+llama.cpp differs from both by up to 0.15 in the logits (scale 2.8); without YaRN, sliding window and sinks
+included, all three agree to 1e-4.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ BUILD = {
     "olmoe": lambda: make_hf_moe("olmoe", hidden=128, heads=4, kv_heads=4, experts=8, top_k=2, seed=23),
     "deepseek_v2": lambda: make_hf_deepseek(2, hidden=128, n_group=1, routed_scale=1.0, seed=24),
     "deepseek_v3": lambda: make_hf_deepseek(3, hidden=128, seed=25),
-    "gpt_oss": lambda: make_hf_gpt_oss(hidden=128, intermediate=64, seed=26),
+    "gpt_oss": lambda: make_hf_gpt_oss(hidden=128, intermediate=64, seed=26, yarn=False),
 }
 
 
