@@ -45,7 +45,7 @@ from .config_yaml import Unreadable, load_file, load_text
 from .errors import EdgeMoEError
 
 MB = 2**20
-QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4")  # = qtensor.SUPPORTED_TYPES
 QUANT_ALIASES = {"Q4K": "Q4_K", "Q5K": "Q5_K", "Q6K": "Q6_K"}  # the seed article's spelling
 KERNEL_VARIANTS = ("generic", "avx2", "vnni")  # = edgemoe.kernels.dispatch.VARIANTS (a test keeps them equal)
 CACHE_POLICIES = ("temporal_lru", "lru", "lfu")
@@ -199,6 +199,7 @@ class DispatchConfig:
     Q4_K: str = setting("auto", VARIANT)
     Q5_K: str = setting("auto", VARIANT)
     Q6_K: str = setting("auto", VARIANT)
+    MXFP4: str = setting("auto", VARIANT)
 
 
 @dataclass(frozen=True)

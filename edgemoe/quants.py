@@ -130,7 +130,8 @@ def e8m0_to_fp32_half(e: np.ndarray) -> np.ndarray:
     e 0 and 1 are the subnormals 2**-128 and 2**-127; e 255 is 2**127 (ggml reads no NaN code).
     """
     e = e.astype(np.uint32)
-    return np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23)).astype(np.uint32).view(np.float32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << (e & np.uint32(1)), (e - np.uint32(1)) << np.uint32(23))
+    return bits.astype(np.uint32).view(np.float32)
 
 
 def _dequantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
@@ -208,7 +209,8 @@ def _quantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
 
     floor(log2) is NumPy's float32 log2, as gguf.quants uses. A block whose largest |value| is below
     2**-125 would need e < 0, which C leaves undefined (and gguf.quants wraps to a huge scale, decoding
-    to zeros); here it takes e = 0, the smallest scale. Blocks with inf or NaN are rejected.
+    to zeros); here it takes e = 0, the smallest scale. Blocks with inf or NaN are rejected. The code
+    search is C's loop (a strict '<' over the 16 codes), vectorised over values: (B, 32) temporaries.
     """
     amax = np.abs(blocks).max(axis=1, keepdims=True)  # (B, 1)
     if not np.isfinite(amax).all():
@@ -217,8 +219,13 @@ def _quantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
         e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)  # (B, 1) float32
     e = np.maximum(e, 0).astype(np.uint8)
     d = e8m0_to_fp32_half(e)  # (B, 1)
-    err = np.abs(d[:, :, None] * KVALUES_MXFP4.astype(np.float32) - blocks[:, :, None])  # (B, 32, 16)
-    q = err.argmin(axis=2).astype(np.uint8)  # (B, 32): the first code of least error, as the C loop's '<'
+    q = np.zeros(blocks.shape, np.uint8)  # (B, 32) best code so far
+    best = np.abs(d * np.float32(KVALUES_MXFP4[0]) - blocks)  # (B, 32) its error
+    for code in range(1, 16):
+        err = np.abs(d * np.float32(KVALUES_MXFP4[code]) - blocks)
+        better = err < best
+        q[better] = code
+        best = np.where(better, err, best)
     return np.concatenate([e, q[:, :16] | (q[:, 16:] << 4)], axis=1)
 
 

@@ -170,7 +170,7 @@ def test_q8_k_activations_match_ggml_rules():
 
 def test_kernel_names_and_threads():
     names = kernel_names()
-    assert set(names) == {t.name for t in FLOAT_TYPES + Q0_TYPES + K_TYPES}
+    assert set(names) == {t.name for t in FLOAT_TYPES + Q0_TYPES + K_TYPES + (QT.MXFP4,)}  # MXFP4: test_mxfp4.py
     assert all(isinstance(v, str) and v for v in names.values())
     with pytest.raises(UsageError):
         set_threads(0)

@@ -18,29 +18,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgemoe.kernels import kernel_names, matmul, matvec, set_threads
 from edgemoe.membw import _read_all
-from edgemoe.qtensor import QTensor
+from edgemoe.qtensor import FORMATS, QTensor
 
-TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+TYPES = tuple(t.name for t in FORMATS)
 SHAPES = (
     (14336, 4096),
     (4096, 14336),
     (768, 2048),
 )  # Mixtral w1/w3, w2; a small-MoE expert
-# Byte offsets of the f16 scales inside each block type, set to small finite values.
-F16_FIELDS = {
-    QT.Q8_0: (0,),
-    QT.Q4_0: (0,),
-    QT.Q4_K: (0, 2),
-    QT.Q5_K: (0, 2),
-    QT.Q6_K: (208,),
-}
 
 
 def timings(fn, repeat: int) -> tuple[float, float]:
@@ -74,11 +65,15 @@ def random_weight(qt: QT, rows: int, cols: int, rng: np.random.Generator) -> QTe
     if qt == QT.BF16:
         bits = rng.standard_normal((rows, cols), dtype=np.float32).view(np.uint32) >> 16
         return QTensor.from_array(bits.astype(np.uint16), qt, rows, cols)
-    block, size = GGML_QUANT_SIZES[qt]
-    blocks = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    scales = rng.uniform(1e-3, 1e-2, (rows, cols // block)).astype(np.float16)
-    for off in F16_FIELDS[qt]:
-        blocks[:, :, off : off + 2] = scales.view(np.uint8).reshape(rows, cols // block, 2)
+    fmt = FORMATS[qt]  # the scale fields are set to small finite values
+    n_blocks = cols // fmt.values
+    blocks = rng.integers(0, 256, (rows, n_blocks, fmt.bytes), dtype=np.uint8)
+    if fmt.scale == "e8m0":  # powers of two 2**-8 .. 2**-3
+        scales = rng.integers(120, 126, (rows, n_blocks, 1), dtype=np.uint8)
+    else:
+        scales = rng.uniform(1e-3, 1e-2, (rows, n_blocks)).astype(np.float16).view(np.uint8).reshape(rows, n_blocks, 2)
+    for off in fmt.scale_offsets:
+        blocks[:, :, off : off + scales.shape[2]] = scales
     return QTensor.from_array(blocks, qt, rows, cols)
 
 

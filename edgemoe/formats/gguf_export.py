@@ -38,7 +38,7 @@ from .names import (
 
 Q = GGMLQuantizationType
 # Types this exporter accepts by name; Q5_K / Q6_K are readable by the engine but we have no quantiser.
-EXPORT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+EXPORT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 _NO_QUANTISER = (Q.Q5_K, Q.Q6_K)
 # general.file_type names the type of the bulk of the weights (the experts). Pure Q4_K is closest to
 # llama-quantize's Q4_K_S recipe.

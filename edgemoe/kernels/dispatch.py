@@ -23,7 +23,7 @@ from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k
 from .mxfp4 import matmul_mxfp4, matmul_mxfp4_serial
 from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
-from .q8act import activations, quantize_q8_0, quantize_q8_k
+from .q8act import activations, quantize_q8_0, quantize_q8_0_sums, quantize_q8_k
 from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
@@ -254,6 +254,10 @@ def _q8_0_pairs(x, q, d, s):
     quantize_q8_0(q, d, s, x, 1)
 
 
+def _q8_0_sums(x, q, d, s):
+    quantize_q8_0_sums(q, d, s, x)
+
+
 def _q8_k(x, q, d, s):
     quantize_q8_k(q, d, s, x)
 
@@ -282,7 +286,7 @@ _KERNELS = {
     QT.Q4_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 144, 0, 16, m)),
     QT.Q5_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 176, 16, 48, m)),
     QT.Q6_K: ("q8_k", _q8_k, (matmul_q6_k, matmul_q6_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.MXFP4: ("q8_0", _q8_0, (matmul_mxfp4, matmul_mxfp4_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, m)),
+    QT.MXFP4: ("q8_0ps", _q8_0_sums, (matmul_mxfp4, matmul_mxfp4_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
 }
 assert set(_KERNELS) == set(SUPPORTED_TYPES), "every supported type needs a matrix kernel"
 

@@ -10,7 +10,8 @@ Two layouts, mirroring ggml's `quantize_row_q8_0_ref` and `quantize_row_q8_K_ref
         xq (T, cols) int8, xd (T, cols/256) f32 = 1 / iscale, xb (T, cols/16) int32 = per-16 sums of q
 
 `xs` lets Q4_0 apply its -8 offset as one scalar per block instead of per weight. For Q4_0 the
-int8 values of each pair of blocks are interleaved by halves (see `quantize_q8_0`).
+int8 values of each pair of blocks are interleaved by halves (see `quantize_q8_0`). MXFP4 takes the
+same pair layout with the exact integer sums of each block instead (`quantize_q8_0_sums`).
 Each 32-value group is handled by the vector intrinsics below (block sizes are fixed by them).
 """
 
@@ -140,6 +141,27 @@ def quantize_q8_0(xq, xd, xs, x, pairs):
 
 
 @njit(cache=True, nogil=True)
+def quantize_q8_0_sums(xq, xd, xs, x):
+    """`quantize_q8_0(xq, xd, _, x, pairs=1)` (the same int8 values, scales and pair layout) with
+    xs (T, B) int32 = the sum of each block's int8 values, so that an integer offset on the weights
+    (MXFP4's) can be taken back exactly."""
+    n_tok, cols = x.shape
+    nb = cols // 32
+    paired = nb // 2 * 2
+    for t in range(n_tok):
+        for b in range(nb):
+            src = t * cols + b * 32  # flat offset of the block in x and, plain, in xq
+            d = np.float32(absmax32(x, src) / np.float32(127.0))
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            q = quant32_round(x, src, inv)
+            dst = src - (b % 2) * 16 if b < paired else src  # where the first half goes
+            store_half(xq, dst, q, 0)
+            store_half(xq, dst + (32 if b < paired else 16), q, 1)
+            xd[t, b] = d
+            xs[t, b] = sum_half(q, 0) + sum_half(q, 1)
+
+
+@njit(cache=True, nogil=True)
 def quantize_q8_k(xq, xd, xb, x):
     """Q8_K-style int8 blocks of 256 values with per-16 sums, for each row of x (T, cols)."""
     n_tok, cols = x.shape
@@ -170,8 +192,9 @@ def quantize_q8_k(xq, xd, xb, x):
 
 def activations(act: str, n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """New (xq, xd, xs) buffers for `n` rows of `cols` activations in format `act`: q8_0 / q8_0p (Q8_0 /
-    Q4_0 weights), q8_0x8 (Q4_0x8: xs = 8 * the block sums, int32), q8_k (K types), q8_kx8 (Q4_Kx8:
-    pairs of 32-column sums) or f32 (float weights take the activations themselves)."""
+    Q4_0 weights), q8_0x8 (Q4_0x8: xs = 8 * the block sums, int32), q8_0ps (MXFP4: pair layout, xs =
+    the block sums, int32), q8_k (K types), q8_kx8 (Q4_Kx8: pairs of 32-column sums) or f32 (float
+    weights take the activations themselves)."""
     if act == "f32":
         return (np.empty((n, cols), np.float32),  # (n, C) the activations
                 np.empty((n, 1), np.float32), np.empty((n, 1), np.float32))  # unused
@@ -185,4 +208,4 @@ def activations(act: str, n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np
                 np.empty((n, cols // 16), np.int32))  # (n, C/16) sums
     return (np.empty((n, cols), np.int8),  # (n, C) quants
             np.empty((n, cols // 32), np.float32),  # (n, C/32) scales
-            np.empty((n, cols // 32), np.int32 if act == "q8_0x8" else np.float32))  # (n, C/32) sums
+            np.empty((n, cols // 32), np.int32 if act in ("q8_0x8", "q8_0ps") else np.float32))  # (n, C/32) sums

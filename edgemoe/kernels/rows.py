@@ -24,7 +24,7 @@ from .kmatmul import matmul_q6_k_serial, matmul_q45_k_serial
 from .mxfp4 import matmul_mxfp4_serial
 from .q4kx8 import matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8_serial, quantize_q8_0_x8
-from .q8act import quantize_q8_0, quantize_q8_k
+from .q8act import quantize_q8_0, quantize_q8_0_sums, quantize_q8_k
 from .q8x8 import matmul_q8_0_x8_serial
 from .qmatmul import matmul_q4_0_serial, matmul_q8_0_serial
 
@@ -39,6 +39,11 @@ def quant_q8_0(xq, xd, xs, x):
 @njit(cache=True, nogil=True)
 def quant_q8_0_pairs(xq, xd, xs, x):
     quantize_q8_0(xq, xd, xs, x, 1)
+
+
+@njit(cache=True, nogil=True)
+def quant_q8_0_sums(xq, xd, xs, x):
+    quantize_q8_0_sums(xq, xd, xs, x)
 
 
 @njit(cache=True, nogil=True)
@@ -104,7 +109,7 @@ def rows_q6_k(out, r0, r1, w, xq, xd, xs, variant):
 
 @njit(cache=True, nogil=True)
 def rows_mxfp4(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_mxfp4_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, variant)
+    matmul_mxfp4_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
 
 
 @njit(cache=True, nogil=True)
@@ -124,7 +129,7 @@ def rows_bf16(out, r0, r1, w, xq, xd, xs, variant):
 
 class Kind(NamedTuple):
     name: str  # part of the compiled kernels' names
-    act: str  # activation format: q8_0, q8_0p, q8_0x8, q8_k, q8_kx8 or f32
+    act: str  # activation format: q8_0, q8_0p, q8_0ps, q8_0x8, q8_k, q8_kx8 or f32
     quant: object  # njit (xq, xd, xs, x (1, C))
     rows: object  # njit (out, r0, r1, w, xq, xd, xs, variant)
     step: int  # row ranges start on multiples of this
@@ -139,7 +144,7 @@ KINDS = {
     (QT.Q4_K, 8): Kind("Q4_Kx8", "q8_kx8", quant_q8_k_x8, rows_q4_k_x8, 8),
     (QT.Q5_K, 1): Kind("Q5_K", "q8_k", quant_q8_k, rows_q5_k, 1),
     (QT.Q6_K, 1): Kind("Q6_K", "q8_k", quant_q8_k, rows_q6_k, 1),
-    (QT.MXFP4, 1): Kind("MXFP4", "q8_0", quant_q8_0, rows_mxfp4, 1),
+    (QT.MXFP4, 1): Kind("MXFP4", "q8_0ps", quant_q8_0_sums, rows_mxfp4, 1),
     (QT.F32, 1): Kind("F32", "f32", quant_f32, rows_f32, 1),
     (QT.F16, 1): Kind("F16", "f32", quant_f32, rows_f16, 1),
     (QT.BF16, 1): Kind("BF16", "f32", quant_f32, rows_bf16, 1),

@@ -86,9 +86,10 @@ def dot(typingctx, marker, a, b):
 
 @intrinsic
 def dot2(typingctx, marker, a0, b0, a1, b1):
-    """`dot(a0, b0) + dot(a1, b1)` for weights a0, a1 <= 15 (4-bit).
+    """`dot(a0, b0) + dot(a1, b1)` for weights a0, a1 <= 63: Q4_0's 4-bit values, MXFP4's offset
+    kvalues (<= 24).
 
-    AVX2 adds the two vpmaddubsw results before one vpmaddwd (4 * 15 * 128 fits i16); VNNI
+    AVX2 adds the two vpmaddubsw results before one vpmaddwd (4 * 63 * 128 fits i16); VNNI
     accumulates the second vpdpbusd onto the first.
     """
     if not (_is_marker(marker) and a0 == i8x32 and b0 == i8x32 and a1 == i8x32 and b1 == i8x32):
