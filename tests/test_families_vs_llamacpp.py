@@ -3,7 +3,9 @@ token ids (runs when llama-cpp-python is installed: `pip install '.[bench]'`).
 
 F32: logits within 1e-4 × their scale and identical greedy continuations. Q8_0: both engines round activations to
 8 bits but not with identical arithmetic, so the check is agreement within that noise (relative L2), the same
-top token wherever the choice is clear, and overlapping top-5 sets.
+top token wherever the choice is clear, and overlapping top-5 sets. Random tiny routers have near-ties (a gap of
+0.01 between the k-th and the next logit): 8-bit rounding can flip a token's experts in one engine and not the
+other, which moves that position's logits by tens of percent; the 12 positions here have no such flip.
 
 gpt-oss is compared without YaRN: with gpt-oss's YaRN parameters (factor 4 here, truncate off) llama.cpp's
 rotary tables differ from transformers' — edgemoe matches transformers to 1e-6 (tests/test_families.py) and
@@ -82,17 +84,52 @@ def test_f32_matches_llama_cpp(files, family):
     assert greedy == want_greedy
 
 
-@pytest.mark.parametrize("family", list(BUILD))
-def test_q8_0_agrees_with_llama_cpp(files, family):
-    path = files[family][1]
+def mxfp4_experts(src: str, out) -> str:
+    """`src` with its merged expert matrices re-encoded as MXFP4 by gguf-py's quantiser (what gpt-oss files hold;
+    llama.cpp's converter writes MXFP4 only from checkpoints already in MXFP4), everything else copied."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+    from gguf.quants import quantize
+
+    from edgemoe.pack.sources import _field_value
+
+    r = GGUFReader(src)
+    w = GGUFWriter(str(out), bytes(r.fields["general.architecture"].parts[-1]).decode())
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = _field_value(key, field)
+        if value is not None:
+            w.add_key_value(key, *value)
+    for t in r.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))
+        if t.name.endswith("_exps.weight"):
+            q = quantize(np.asarray(t.data, dtype=np.float32).reshape(shape), GGMLQuantizationType.MXFP4)  # F32 src
+            w.add_tensor(t.name, q, raw_dtype=GGMLQuantizationType.MXFP4)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_shape=shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(out)
+
+
+@pytest.mark.parametrize("family", [*BUILD, "gpt_oss-mxfp4"])
+def test_q8_0_agrees_with_llama_cpp(files, family, tmp_path):
+    if family == "gpt_oss-mxfp4":  # MXFP4 experts, as gpt-oss is released
+        path = mxfp4_experts(files["gpt_oss"][0], tmp_path / "mxfp4.gguf")
+    else:
+        path = files[family][1]
     want, _ = llamacpp_oracle.run(llamacpp_oracle.load(path), IDS, 1)
     got, _ = engine_run(path, IDS, 1)
     scale = np.abs(want).max()
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel <= 4e-2, f"relative L2 difference {rel:.3g}"
     top2 = np.sort(want, axis=-1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 0.05 * scale
-    assert clear.sum() >= 3  # the check must have positions to bite on
+    # 4-bit experts on a random model land ~20 % from the float model in both engines (8-bit activations
+    # rounded differently then move the logits more): "clear" needs a wider margin there
+    clear = (top2[:, 1] - top2[:, 0]) > (0.1 if family.endswith("mxfp4") else 0.05) * scale
+    assert clear.sum() >= (2 if family.endswith("mxfp4") else 3)  # the check must have positions to bite on
     assert (got.argmax(-1) == want.argmax(-1))[clear].all()
     top5 = [len(set(np.argsort(g)[-5:]) & set(np.argsort(w)[-5:])) for g, w in zip(got, want)]
     assert min(top5) >= 3, top5
