@@ -189,7 +189,8 @@ def check_gguf_tensors(tensors: dict, args, path: str, file_size: int, data_star
             raise UnsupportedError(f"{path}: tensor {name} is not part of a {spec_of(args).title} model; the file is "
                                    "for another architecture or variant")
         shape = tuple(int(x) for x in t.shape)
-        if shape != want[name] and shape != want[name] + (1,):  # the converter writes some vectors as (n, 1)
+        vector_as_matrix = len(want[name]) == 1 and shape == want[name] + (1,)  # the converter writes some so
+        if shape != want[name] and not vector_as_matrix:
             raise ModelFormatError(f"{path}: tensor {name} has shape {shape} but the metadata implies {want[name]}; "
                                    "the file is inconsistent, convert it again")
         qtype = check_supported(t.tensor_type, f"{path}: tensor {name}")

@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     mem_gbs = memory_read_gbs()
     disk_gbs = read_bandwidth(args.model, seconds=2.0, threads=LIMIT_THREADS) / 1e9 if args.cache_mb is not None else None
     ours, theirs = [], []
+    load_before = os.getloadavg()  # other work on the box skews both engines: recorded with the result
     for r in range(args.repeat):
         for engine in (("edgemoe", "llama") if r % 2 == 0 else ("llama", "edgemoe")):
             if limit:
@@ -166,7 +167,10 @@ def main(argv=None) -> int:
               "decode_ratio": med["edgemoe_decode_tok_s"] / med["llamacpp_decode_tok_s"],
               "memory_read_gb_s": mem_gbs, "disk_read_gb_s": disk_gbs,
               "bound_tok_s": b.get("streaming_tok_s", b["in_ram_tok_s"]), "hit_rate": b.get("hit_rate"),
-              "greedy_prefix_identical": f"{same}/{args.decode}", "time": time.strftime("%Y-%m-%d %H:%M")}
+              "greedy_prefix_identical": f"{same}/{args.decode}", "time": time.strftime("%Y-%m-%d %H:%M"),
+              "runs": {who: [{k: x[k] for k in ("prefill_tok_s", "decode_tok_s")} for x in runs]
+                       for who, runs in (("edgemoe", ours), ("llamacpp", theirs))},
+              "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     result["edgemoe_of_bound"] = med["edgemoe_decode_tok_s"] / result["bound_tok_s"]
     if args.json:
         print(json.dumps(result))

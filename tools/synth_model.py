@@ -1,16 +1,65 @@
-"""Synthesise a random-weight Mixtral-architecture GGUF (arch llama with experts) of a real model's shape, fast.
+"""Synthesise a random-weight MoE GGUF of a real model's shape and family, fast.
 
+    python tools/synth_model.py qwen3-30b-a3b --scale 0.5 --layers 8 -o q3.gguf     # qwen3moe, Q4_K_M-like
+    python tools/synth_model.py qwen1.5-moe-a2.7b --layers 2 --packed -o q2.pack.gguf
+    python tools/synth_model.py olmoe-1b-7b --layers 4 -o olmoe.gguf
     python tools/synth_model.py mixtral-8x7b -o /data/mixtral-synth.gguf            # ~25 GB, Q4_0 experts
-    python tools/synth_model.py qwen3-30b-a3b --scale 0.25 --layers 8 --packed -o q.pack.gguf
     python tools/synth_model.py tiny -o tiny.gguf
+    python tools/synth_model.py olmoe-1b-7b --layers 4 --as-mixtral -o old.gguf    # the shape as arch llama
+
+Presets and what each writes (tensor names, shapes and metadata keys are those of llama.cpp's
+`convert_hf_to_gguf.py` for the family; ggml shapes, columns first):
+
+- `mixtral-8x7b`, `tiny`: arch `llama` with experts (Mixtral), as `edgemoe.formats.gguf_export` writes it:
+  Q/K rows as the converter's permutation leaves them (random rows: a permutation of random rows is random),
+  `llama.*` keys incl. `feed_forward_length` (= expert width), `attention.key_length`/`value_length`,
+  `vocab_size`, `rope.dimension_count`; experts merged `ffn_{gate,down,up}_exps`.
+- `qwen3-30b-a3b` (Qwen3-30B-A3B: 48 layers, hidden 2048, 32 heads / 4 kv, head_dim 128, 128 experts
+  top-8, expert width 768, dense width 6144, rope 1e6, rms eps 1e-6): arch `qwen3moe`, per layer
+  `attn_norm`, `attn_q/k/v/output`, `attn_q_norm` and `attn_k_norm` of [head_dim] (F32), `ffn_norm`,
+  `ffn_gate_inp` [hidden, E] (F32), `ffn_{down,gate,up}_exps`. Keys `qwen3moe.{block_count, context_length,
+  embedding_length, feed_forward_length (6144: the config's dense width, unused), head_count,
+  head_count_kv, rope.freq_base, attention.layer_norm_rms_epsilon, expert_count, expert_used_count,
+  attention.key_length, attention.value_length, expert_feed_forward_length}`.
+- `qwen1.5-moe-a2.7b` (Qwen1.5-MoE-A2.7B: 24 layers, hidden 2048, 16 heads / 16 kv, 60 experts top-4, expert
+  width 1408, shared expert 5632, rope 1e6, rms eps 1e-6): arch `qwen2moe`, per layer `attn_{q,k,v}.bias`
+  (F32), no q/k norms, the routed experts plus `ffn_{gate,up,down}_shexp` and the shared expert's gate
+  `ffn_gate_inp_shexp` as the converter writes it: F32, ggml shape [hidden, 1]. Keys as qwen3moe without
+  `key_length`/`value_length` (the config has no head_dim: head_dim = hidden / heads) plus
+  `expert_shared_feed_forward_length`.
+- `olmoe-1b-7b` (OLMoE-1B-7B-0924: 16 layers, hidden 2048, 16 heads / 16 kv, 64 experts top-8, expert width
+  1024, rope 1e4): arch `olmoe`, `attn_q_norm` of [hidden] and `attn_k_norm` of [kv_heads · head_dim]
+  (F32), no biases; `feed_forward_length` is the expert width, no `expert_feed_forward_length`,
+  `layer_norm_rms_epsilon` 1e-5 (the converter overwrites it), no key_length.
+All: `general.{architecture, type, name, file_type, quantization_version}`, output.weight untied (llama.cpp's
+qwen2moe and olmoe loaders require it), no `{arch}.vocab_size` / `rope.dimension_count` for the three
+families (the converter writes neither; both engines take the token count and head_dim).
+
+Types. Norm vectors, q/k norms, biases, the router and the shared-expert gate are F32, as the converter
+writes them. `--mix q4_k_m` (the default for the three family presets): routed and shared experts Q4_K,
+dense matrices (embedding, attention, output) Q8_0. llama.cpp's own Q4_K_M recipe differs in three ways:
+its dense matrices are Q4_K; ffn_down, attn_v and output.weight get Q6_K in about half the layers; and a
+Q4_K matrix whose rows are not a multiple of 256 falls back to Q5_0 — Qwen1.5-MoE's ffn_down_exps, rows of
+1408 — which edgemoe cannot load yet, so such matrices are written Q4_0 here (same block of 32, 4.5 instead
+of 5.5 bits per weight). Any other type whose blocks do not fit a row falls back to F16, as the converter
+does. `mixtral-8x7b` and `tiny` default to Q4_0 experts and Q8_0 dense matrices (as before);
+`--expert-quant`/`--dense-quant` choose explicitly (F32 everywhere gives a file two engines agree on to
+float rounding).
 
 Quantised weights are random blocks written straight to the file, never float weights run through a
 quantiser: random bytes for the quants, and each block's f16 scale set so that a row's dequantised values
-have standard deviation ≈ 1/sqrt(cols) (activations stay O(1)) with a random sign (zero mean).
-Shapes other than Mixtral's are approximated with the Mixtral architecture (no QK-norm, no shared
-experts). The vocabulary is the default model's small word-level SentencePiece-style one, so
-vocab_size is its token count. `--packed` writes the expert-pack layout and manifest directly.
-Random routing has no locality: such a model bounds the worst case for expert caching, nothing more.
+have standard deviation ≈ 1/sqrt(cols) (activations stay O(1)) with a random sign (zero mean). Norm weights
+are 1, biases N(0, 0.1²). Every tensor (and every expert of a merged tensor) has its own seed derived from
+its name, so `--packed` writes exactly the bytes of the unpacked file in the expert-pack layout (plus its
+manifest), and the same --seed gives the same file. The vocabulary is the default model's small
+SentencePiece-style one for every family (the converter would write the checkpoint's own BPE vocabulary),
+so vocab_size is its token count.
+
+`--scale` multiplies hidden size, expert and shared-expert widths and head counts (head_dim kept): widths
+that are multiples of 256 stay multiples of 256 (Q4_K super-blocks), others (1408) multiples of 32; for
+OLMoE and Qwen1.5-MoE, whose attention spans the hidden size, heads = hidden / head_dim. `--experts`
+changes the expert count (top-k capped by it). Random routing has no locality: such a model bounds the
+worst case for expert caching, nothing more.
 """
 
 from __future__ import annotations
@@ -21,13 +70,14 @@ import os
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,12 +89,15 @@ from edgemoe.pack.layout import ExpertJobs, PackPlan, write_pack  # noqa: E402
 from edgemoe.pack.stream import CHUNK_BYTES, TensorJob, write_gguf  # noqa: E402
 from edgemoe.qtensor import row_bytes  # noqa: E402
 
+# HF model_type → GGUF general.architecture
+GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "olmoe": "olmoe"}
+
 
 @dataclass(frozen=True)
 class Shape:
     layers: int
     hidden: int  # D
-    intermediate: int  # I, per expert
+    intermediate: int  # I, per routed expert
     heads: int  # H
     kv_heads: int  # KV
     head_dim: int
@@ -52,17 +105,28 @@ class Shape:
     top_k: int
     context: int
     rope_theta: float
+    family: str = "mixtral"  # HF model_type: mixtral, qwen3_moe, qwen2_moe, olmoe
+    shared: int = 0  # S, the shared expert's width (qwen2_moe)
+    dense_ff: int | None = None  # the config's intermediate_size when it is not the experts' width (qwen)
+    eps: float = 1e-5  # rms_norm_eps
 
 
 PRESETS = {
     "tiny": Shape(2, 256, 512, 8, 2, 32, 8, 2, 2048, 1e6),
     "mixtral-8x7b": Shape(32, 4096, 14336, 32, 8, 128, 8, 2, 32768, 1e6),
-    "qwen3-30b-a3b": Shape(48, 2048, 768, 32, 4, 128, 128, 8, 40960, 1e6),
-    "olmoe-1b-7b": Shape(16, 2048, 1024, 16, 16, 128, 64, 8, 4096, 1e4),
+    "qwen3-30b-a3b": Shape(48, 2048, 768, 32, 4, 128, 128, 8, 40960, 1e6, family="qwen3_moe", dense_ff=6144,
+                           eps=1e-6),
+    "olmoe-1b-7b": Shape(16, 2048, 1024, 16, 16, 128, 64, 8, 4096, 1e4, family="olmoe"),
+    "qwen1.5-moe-a2.7b": Shape(24, 2048, 1408, 16, 16, 128, 60, 4, 8192, 1e6, family="qwen2_moe", shared=5632,
+                               dense_ff=5632, eps=1e-6),
 }
-EXPERT_TYPES = ("Q4_0", "Q4_K")
-DENSE_TYPES = ("Q8_0", "F16")
-_WIDTH_STEP = 256  # hidden and intermediate sizes stay multiples of the Q4_K super-block
+EXPERT_TYPES = ("Q4_0", "Q4_K", "Q8_0", "F16", "F32")
+DENSE_TYPES = ("Q8_0", "F16", "F32")
+MIXES = {"q4_k_m": ("Q4_K", "Q8_0"), "legacy": ("Q4_0", "Q8_0")}  # (experts, dense)
+Q4_K_FALLBACK = Q.Q4_0  # llama.cpp's is Q5_0, which edgemoe does not load
+_WIDTH_STEP = 256  # hidden sizes (and widths that were multiples of it) stay multiples of the Q4_K super-block
+_BIAS_STD = 0.1
+_HEADS_SPAN_HIDDEN = ("olmoe", "qwen2_moe")  # llama.cpp's graphs take q rows = hidden
 
 # Per block type: byte offset of the f16 scale d, and E[level²] of the random levels it multiplies,
 # so that |d| = 1 / sqrt(cols · E[level²]) gives values of variance 1/cols.
@@ -72,25 +136,50 @@ _WIDTH_STEP = 256  # hidden and intermediate sizes stay multiples of the Q4_K su
 _LEVEL_SQ = {Q.Q4_0: 21.5, Q.Q8_0: 5461.5, Q.Q4_K: 64 * 21.25}
 # Q4_K scales[12] with all eight 6-bit scales and mins = 8 (get_scale_min_k4's packing).
 _Q4_K_SCALES = np.array([8, 8, 8, 8, 8, 8, 8, 8, 0x88, 0x88, 0x88, 0x88], dtype=np.uint8)
+_FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+              Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_M}
 
 
-def scaled(shape: Shape, scale: float = 1.0, layers: int | None = None) -> Shape:
-    """Width × `scale` (hidden, intermediate and head counts; head_dim kept), optionally another depth."""
+def scaled(shape: Shape, scale: float = 1.0, layers: int | None = None, experts: int | None = None) -> Shape:
+    """Widths × `scale` (hidden, expert/shared/dense widths, head counts; head_dim kept), optionally another
+    depth and expert count."""
     if not 0 < scale <= 4:
         raise ValueError(f"--scale must be in (0, 4], got {scale}")
 
     def width(n: int) -> int:
-        return max(_WIDTH_STEP, round(n * scale / _WIDTH_STEP) * _WIDTH_STEP)
+        step = _WIDTH_STEP if n % _WIDTH_STEP == 0 else 32
+        return max(step, round(n * scale / step) * step)
 
-    heads = max(1, round(shape.heads * scale))
-    kv = max(1, min(heads, round(shape.kv_heads * scale)))
+    hidden = width(shape.hidden)
+    if shape.family in _HEADS_SPAN_HIDDEN:  # heads · head_dim == hidden, kv heads in the same proportion
+        if hidden % shape.head_dim:
+            raise ValueError(f"hidden {hidden} is not a multiple of head_dim {shape.head_dim}")
+        heads = hidden // shape.head_dim
+        kv = max(1, heads * shape.kv_heads // shape.heads)
+    else:
+        heads = max(1, round(shape.heads * scale))
+        kv = max(1, min(heads, round(shape.kv_heads * scale)))
     while heads % kv:
         kv -= 1
     n_layers = shape.layers if layers is None else layers
     if n_layers < 1:
         raise ValueError(f"--layers must be at least 1, got {n_layers}")
-    return replace(shape, layers=n_layers, hidden=width(shape.hidden), intermediate=width(shape.intermediate),
-                   heads=heads, kv_heads=kv)
+    n_experts = shape.experts if experts is None else experts
+    if n_experts < 1:
+        raise ValueError(f"--experts must be at least 1, got {n_experts}")
+    return replace(shape, layers=n_layers, hidden=hidden, intermediate=width(shape.intermediate), heads=heads,
+                   kv_heads=kv, experts=n_experts, top_k=min(shape.top_k, n_experts),
+                   shared=width(shape.shared) if shape.shared else 0,
+                   dense_ff=width(shape.dense_ff) if shape.dense_ff else None)
+
+
+def storage_type(qtype: Q, cols: int) -> Q:
+    """`qtype`, or its fallback when a row of `cols` is not whole blocks: Q4_K → Q4_0 (llama.cpp: Q5_0), else F16."""
+    if cols % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    if qtype == Q.Q4_K and cols % GGML_QUANT_SIZES[Q4_K_FALLBACK][0] == 0:
+        return Q4_K_FALLBACK
+    return Q.F16
 
 
 # --------------------------------------------------------------------------------------- random data
@@ -120,28 +209,67 @@ def random_rows(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.
     return blocks.reshape(rows, -1)
 
 
-def random_job(name: str, qtype: Q, shape: tuple[int, ...], seed: tuple[int, ...],
-               pool: ThreadPoolExecutor | None = None) -> TensorJob:
-    """A tensor of random rows, generated a chunk at a time (the same bytes on every run with `seed`).
+def _seed(base: int, name: str, *more: int) -> list[int]:
+    return [base, zlib.crc32(name.encode()), *more]
 
-    With `pool` (one worker), the next chunk is generated while the caller writes the current one."""
-    cols = shape[-1]
-    rows = int(np.prod(shape[:-1]))
+
+def _matrix_chunks(qtype: Q, rows: int, cols: int, seed: list[int]) -> Iterator[np.ndarray]:
+    """One matrix's random rows, a chunk at a time; the same bytes for the same seed whatever the caller."""
+    rng = np.random.default_rng(seed)
     step = max(1, CHUNK_BYTES // row_bytes(qtype, cols))
+    for r in range(0, rows, step):
+        yield random_rows(rng, qtype, min(step, rows - r), cols)
 
-    def chunks() -> Iterator[np.ndarray]:
-        rng = np.random.default_rng(list(seed))
-        for r in range(0, rows, step):
-            yield random_rows(rng, qtype, min(step, rows - r), cols)
 
-    def chunks_ahead() -> Iterator[np.ndarray]:
+def _ahead(chunks, pool: ThreadPoolExecutor | None):
+    """`chunks` (a generator function) with the next chunk generated by `pool` while the caller writes."""
+    if pool is None:
+        return chunks
+
+    def gen() -> Iterator[np.ndarray]:
         it = chunks()
         pending = pool.submit(next, it, None)
         while (chunk := pending.result()) is not None:
             pending = pool.submit(next, it, None)
             yield chunk
 
-    return TensorJob(name, qtype, shape, chunks if pool is None else chunks_ahead)
+    return gen
+
+
+def random_job(name: str, qtype: Q, shape: tuple[int, ...], seed: list[int],
+               pool: ThreadPoolExecutor | None = None) -> TensorJob:
+    """A tensor of random rows, generated a chunk at a time (the same bytes on every run with `seed`).
+
+    With `pool` (one worker), the next chunk is generated while the caller writes the current one."""
+    rows = int(np.prod(shape[:-1]))
+    return TensorJob(name, qtype, shape, _ahead(lambda: _matrix_chunks(qtype, rows, shape[-1], seed), pool))
+
+
+def merged_experts_job(name: str, qtype: Q, shape: tuple[int, int, int], base_seed: int,
+                       pool: ThreadPoolExecutor | None = None) -> TensorJob:
+    """An (E, out, in) tensor whose expert e holds the bytes `expert_job(name, …, e)` gives (packs match it)."""
+    E, rows, cols = shape
+
+    def chunks() -> Iterator[np.ndarray]:
+        batch: list[np.ndarray] = []
+        size = 0
+        for e in range(E):
+            for chunk in _matrix_chunks(qtype, rows, cols, _seed(base_seed, name, e)):
+                batch.append(chunk)
+                size += chunk.nbytes
+                if size >= CHUNK_BYTES:
+                    yield np.concatenate(batch)
+                    batch, size = [], 0
+        if batch:
+            yield np.concatenate(batch)
+
+    return TensorJob(name, qtype, shape, _ahead(chunks, pool))
+
+
+def expert_job(merged_name: str, name: str, qtype: Q, shape: tuple[int, int], e: int, base_seed: int,
+               pool: ThreadPoolExecutor | None = None) -> TensorJob:
+    return TensorJob(name, qtype, shape,
+                     _ahead(lambda: _matrix_chunks(qtype, *shape, _seed(base_seed, merged_name, e)), pool))
 
 
 def const_job(name: str, value: float, n: int) -> TensorJob:
@@ -149,49 +277,83 @@ def const_job(name: str, value: float, n: int) -> TensorJob:
     return TensorJob(name, Q.F32, (n,), lambda: (v,))
 
 
+def bias_job(name: str, n: int, base_seed: int) -> TensorJob:
+    v = (np.random.default_rng(_seed(base_seed, name)).standard_normal(n, dtype=np.float32)
+         * np.float32(_BIAS_STD))  # (n,)
+    return TensorJob(name, Q.F32, (n,), lambda: (v,))
+
+
 # ------------------------------------------------------------------------------------------ the model
 
 def model_jobs(s: Shape, expert_type: Q, dense_type: Q, seed: int, packed: bool,
                pool: ThreadPoolExecutor | None = None):
-    """(dense jobs in file order, experts) for a pack, or (all jobs in gguf_export's order, []) otherwise."""
-    D, I, E, V = s.hidden, s.intermediate, s.experts, len(vocabulary()[0])
+    """(dense jobs in file order, experts) for a pack, or (all jobs in the converter's order, []) otherwise."""
+    D, I, E, S, V = s.hidden, s.intermediate, s.experts, s.shared, len(vocabulary()[0])
     q_rows, kv_rows = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    tag = iter(range(1 << 30))
+    fam = s.family
 
     def rand(name: str, qtype: Q, *shape: int) -> TensorJob:
-        return random_job(name, qtype, shape, (seed, next(tag)), pool)
+        return random_job(name, storage_type(qtype, shape[-1]), shape, _seed(seed, name), pool)
 
     dense: list[TensorJob] = [rand("token_embd.weight", dense_type, V, D)]
     experts: list[ExpertJobs] = []
+    out_in = {"gate": (I, D), "up": (I, D), "down": (D, I)}
+    # the converter stacks Mixtral's experts as w1, w2, w3 and the others' as down_proj, gate_proj, up_proj
+    order = ("gate", "down", "up") if fam == "mixtral" else ("down", "gate", "up")
     for i in range(s.layers):
-        dense += [const_job(f"blk.{i}.attn_norm.weight", 1.0, D),
-                  rand(f"blk.{i}.attn_q.weight", dense_type, q_rows, D),
-                  rand(f"blk.{i}.attn_k.weight", dense_type, kv_rows, D),
-                  rand(f"blk.{i}.attn_v.weight", dense_type, kv_rows, D),
-                  rand(f"blk.{i}.attn_output.weight", dense_type, D, q_rows),
-                  const_job(f"blk.{i}.ffn_norm.weight", 1.0, D),
+        dense.append(const_job(f"blk.{i}.attn_norm.weight", 1.0, D))
+        for part, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            dense.append(rand(f"blk.{i}.attn_{part}.weight", dense_type, rows, D))
+            if fam == "qwen2_moe":
+                dense.append(bias_job(f"blk.{i}.attn_{part}.bias", rows, seed))
+        dense.append(rand(f"blk.{i}.attn_output.weight", dense_type, D, q_rows))
+        if fam == "qwen3_moe":  # RMSNorm over each head
+            dense += [const_job(f"blk.{i}.attn_q_norm.weight", 1.0, s.head_dim),
+                      const_job(f"blk.{i}.attn_k_norm.weight", 1.0, s.head_dim)]
+        elif fam == "olmoe":  # RMSNorm over the whole q and k projections
+            dense += [const_job(f"blk.{i}.attn_q_norm.weight", 1.0, q_rows),
+                      const_job(f"blk.{i}.attn_k_norm.weight", 1.0, kv_rows)]
+        dense += [const_job(f"blk.{i}.ffn_norm.weight", 1.0, D),
                   rand(f"blk.{i}.ffn_gate_inp.weight", Q.F32, E, D)]
-        out_in = {"gate": (I, D), "up": (I, D), "down": (D, I)}
+        merged = {p: GGUF_EXPERTS[p].format(i=i) for p in out_in}
+        types = {p: storage_type(expert_type, out_in[p][1]) for p in out_in}
         if packed:
             for e in range(E):
-                j = {p: rand(GGUF_EXPERT_SPLIT[p].format(i=i, e=e), expert_type, *out_in[p]) for p in out_in}
+                j = {p: expert_job(merged[p], GGUF_EXPERT_SPLIT[p].format(i=i, e=e), types[p], out_in[p], e, seed,
+                                   pool) for p in out_in}
                 experts.append(ExpertJobs(i, e, j["gate"], j["up"], j["down"]))
-        else:  # merged (E, out, in) tensors in the converter's order
-            dense += [rand(GGUF_EXPERTS[p].format(i=i), expert_type, E, *out_in[p]) for p in ("gate", "down", "up")]
+        else:
+            dense += [merged_experts_job(merged[p], types[p], (E, *out_in[p]), seed, pool) for p in order]
+        if S:  # qwen2_moe's shared expert and its sigmoid gate, (1, D) as the converter writes it
+            dense += [rand(f"blk.{i}.ffn_gate_inp_shexp.weight", Q.F32, 1, D),
+                      rand(f"blk.{i}.ffn_gate_shexp.weight", expert_type, S, D),
+                      rand(f"blk.{i}.ffn_up_shexp.weight", expert_type, S, D),
+                      rand(f"blk.{i}.ffn_down_shexp.weight", expert_type, D, S)]
     dense += [const_job("output_norm.weight", 1.0, D), rand("output.weight", dense_type, V, D)]
     return dense, experts
 
 
-def new_writer(s: Shape, name: str, expert_type: Q) -> GGUFWriter:
-    """A GGUFWriter holding the llama metadata gguf_export writes, and the default model's vocabulary."""
+def file_type(expert_type: Q, dense_type: Q) -> LlamaFileType:
+    if expert_type == dense_type == Q.F32:
+        return LlamaFileType.ALL_F32
+    return _FILE_TYPE[expert_type]
+
+
+def new_writer(s: Shape, name: str, expert_type: Q, dense_type: Q | None = None) -> GGUFWriter:
+    """A GGUFWriter holding the metadata llama.cpp's converter writes for the family (Mixtral: what
+    gguf_export writes), and the default model's vocabulary."""
     n_vocab = len(vocabulary()[0])
-    cfg = {"architectures": ["MixtralForCausalLM"], "_name_or_path": name, "num_hidden_layers": s.layers,
-           "hidden_size": s.hidden, "intermediate_size": s.intermediate, "num_attention_heads": s.heads,
-           "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim, "num_local_experts": s.experts,
-           "num_experts_per_tok": s.top_k, "vocab_size": n_vocab, "rms_norm_eps": 1e-5,
-           "max_position_embeddings": s.context, "rope_theta": s.rope_theta, "tie_word_embeddings": False}
-    w = GGUFWriter(None, "llama")
-    _add_metadata(w, _Hparams.from_config(cfg), cfg, expert_type)
+    dense_type = Q.Q8_0 if dense_type is None else dense_type
+    if s.family == "mixtral":
+        cfg = {"architectures": ["MixtralForCausalLM"], "_name_or_path": name, "num_hidden_layers": s.layers,
+               "hidden_size": s.hidden, "intermediate_size": s.intermediate, "num_attention_heads": s.heads,
+               "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim, "num_local_experts": s.experts,
+               "num_experts_per_tok": s.top_k, "vocab_size": n_vocab, "rms_norm_eps": s.eps,
+               "max_position_embeddings": s.context, "rope_theta": s.rope_theta, "tie_word_embeddings": False}
+        w = GGUFWriter(None, "llama")
+        _add_metadata(w, _Hparams.from_config(cfg), cfg, expert_type)
+    else:
+        w = _family_writer(s, name, file_type(expert_type, dense_type))
     with tempfile.TemporaryDirectory() as d:
         vocab_path = os.path.join(d, "vocab.gguf")
         write_vocab(vocab_path)
@@ -200,15 +362,53 @@ def new_writer(s: Shape, name: str, expert_type: Q) -> GGUFWriter:
     return w
 
 
+def _family_writer(s: Shape, name: str, ftype: LlamaFileType) -> GGUFWriter:
+    """TextModel.set_gguf_parameters of convert_hf_to_gguf.py for the family's config, then its own keys."""
+    w = GGUFWriter(None, GGUF_ARCH[s.family])
+    w.add_type("model")
+    w.add_name(name)
+    w.add_block_count(s.layers)
+    w.add_context_length(s.context)
+    w.add_embedding_length(s.hidden)
+    w.add_feed_forward_length(s.dense_ff or s.intermediate)  # config intermediate_size (olmoe: the experts')
+    w.add_head_count(s.heads)
+    w.add_head_count_kv(s.kv_heads)
+    w.add_rope_freq_base(float(s.rope_theta))
+    w.add_layer_norm_rms_eps(1e-5 if s.family == "olmoe" else float(s.eps))  # OlmoeModel forces 1e-5
+    w.add_expert_count(s.experts)
+    w.add_expert_used_count(s.top_k)
+    if s.family == "qwen3_moe":  # written when config.json has head_dim; Qwen3-MoE's has, the others' not
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
+    w.add_file_type(ftype)
+    if s.family in ("qwen3_moe", "qwen2_moe"):  # Qwen2MoeModel.set_gguf_parameters
+        w.add_expert_feed_forward_length(s.intermediate)
+        if s.shared:
+            w.add_expert_shared_feed_forward_length(s.shared)
+    w.add_quantization_version(GGML_QUANT_VERSION)
+    return w
+
+
+def resolve_types(shape: Shape, mix: str | None = None, expert_quant: str | None = None,
+                  dense_quant: str | None = None) -> tuple[str, str]:
+    """(expert type, dense type): explicit types over the mix, the mix over the preset's default (q4_k_m for
+    the Qwen and OLMoE families, legacy Q4_0/Q8_0 for Mixtral)."""
+    default = "legacy" if shape.family == "mixtral" else "q4_k_m"
+    e, d = MIXES[mix or default]
+    return expert_quant or e, dense_quant or d
+
+
 def synthesize(path: str, shape: Shape, *, name: str, expert_quant: str = "Q4_0", dense_quant: str = "Q8_0",
                packed: bool = False, seed: int = 0, progress: bool | None = None) -> int:
     """Write the model at `path` (via `path.tmp`; with --packed also its manifest); return its size in bytes."""
     if expert_quant not in EXPERT_TYPES or dense_quant not in DENSE_TYPES:
         raise ValueError(f"expert quant must be one of {EXPERT_TYPES}, dense one of {DENSE_TYPES}")
+    if shape.family not in GGUF_ARCH:
+        raise ValueError(f"family must be one of {sorted(GGUF_ARCH)}, got {shape.family!r}")
+    if shape.family == "mixtral" and shape.shared:
+        raise ValueError("a Mixtral has no shared expert")
     expert_type, dense_type = Q[expert_quant], Q[dense_quant]
-    if expert_type == Q.Q4_K and (shape.hidden % 256 or shape.intermediate % 256):
-        raise ValueError("Q4_K experts need hidden and intermediate sizes that are multiples of 256")
-    writer = new_writer(shape, name, expert_type)
+    writer = new_writer(shape, name, expert_type, dense_type)
     with ThreadPoolExecutor(1) as pool:  # generates while the main thread writes (and checksums)
         return _write(path, writer, *model_jobs(shape, expert_type, dense_type, seed, packed, pool), shape=shape,
                       name=name, packed=packed, progress=progress)
@@ -217,10 +417,10 @@ def synthesize(path: str, shape: Shape, *, name: str, expert_quant: str = "Q4_0"
 def _write(path: str, writer: GGUFWriter, dense: list[TensorJob], experts: list[ExpertJobs], *, shape: Shape,
            name: str, packed: bool, progress: bool | None) -> int:
     if packed:
-        plan = PackPlan(writer, dense, experts, f"synthetic:{name}", "synthetic",
-                        {"name": name, "architecture": "llama", "num_hidden_layers": shape.layers,
-                         "num_local_experts": shape.experts, "num_experts_per_tok": shape.top_k,
-                         "hidden_size": shape.hidden, "intermediate_size": shape.intermediate})
+        model = {"name": name, "architecture": GGUF_ARCH[shape.family], "num_hidden_layers": shape.layers,
+                 "num_local_experts": shape.experts, "num_experts_per_tok": shape.top_k,
+                 "hidden_size": shape.hidden, "intermediate_size": shape.intermediate}
+        plan = PackPlan(writer, dense, experts, f"synthetic:{name}", "synthetic", model)
         return write_pack(path, plan, progress=progress)["pack_bytes"]
     tmp = path + ".tmp"
     try:
@@ -235,24 +435,36 @@ def _write(path: str, writer: GGUFWriter, dense: list[TensorJob], experts: list[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("preset", choices=sorted(PRESETS), help="model shape")
+    p.add_argument("preset", choices=sorted(PRESETS), help="model shape and family")
     p.add_argument("-o", "--output", required=True, help="GGUF file to write")
-    p.add_argument("--scale", type=float, default=1.0, help="width factor (hidden, intermediate, heads), e.g. 0.25")
+    p.add_argument("--scale", type=float, default=1.0, help="width factor (hidden, widths, heads), e.g. 0.25")
     p.add_argument("--layers", type=int, default=None, help="number of layers (default: the preset's)")
-    p.add_argument("--expert-quant", choices=EXPERT_TYPES, default="Q4_0", help="routed experts' type")
-    p.add_argument("--dense-quant", choices=DENSE_TYPES, default="Q8_0", help="attention/embedding/output type")
+    p.add_argument("--experts", type=int, default=None, help="number of routed experts (default: the preset's)")
+    p.add_argument("--mix", choices=sorted(MIXES), default=None,
+                   help="q4_k_m: Q4_K experts (Q4_0 where rows are not whole super-blocks), Q8_0 dense; legacy: "
+                        "Q4_0 experts, Q8_0 dense (default: q4_k_m for the Qwen/OLMoE presets, legacy for Mixtral)")
+    p.add_argument("--expert-quant", choices=EXPERT_TYPES, default=None, help="routed (and shared) experts' type")
+    p.add_argument("--dense-quant", choices=DENSE_TYPES, default=None, help="attention/embedding/output type")
+    p.add_argument("--as-mixtral", action="store_true",
+                   help="write the preset's shape as a Mixtral (arch llama: no q/k norms, biases or shared "
+                        "expert), the approximation BENCHMARKS.md sections 1-9 used")
     p.add_argument("--packed", action="store_true", help="write the expert-pack layout and its manifest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.as_mixtral:
+        preset = replace(preset, family="mixtral", shared=0, dense_ff=None)
     try:
-        shape = scaled(PRESETS[args.preset], args.scale, args.layers)
+        shape = scaled(preset, args.scale, args.layers, args.experts)
     except ValueError as e:
         p.error(str(e))
-    name = args.preset + (f"@{args.scale:g}x" if args.scale != 1 else "") + (f"-{shape.layers}L" if args.layers else "")
-    print(f"{name}: {shape}", file=sys.stderr)
+    expert_quant, dense_quant = resolve_types(shape, args.mix, args.expert_quant, args.dense_quant)
+    name = (args.preset + (f"@{args.scale:g}x" if args.scale != 1 else "") + (f"-{shape.layers}L" if args.layers else "")
+            + (f"-{shape.experts}E" if args.experts else "") + ("-as-mixtral" if args.as_mixtral else ""))
+    print(f"{name} ({GGUF_ARCH[shape.family]}, experts {expert_quant}, dense {dense_quant}): {shape}", file=sys.stderr)
     t0 = time.perf_counter()
-    size = synthesize(args.output, shape, name=name, expert_quant=args.expert_quant, dense_quant=args.dense_quant,
+    size = synthesize(args.output, shape, name=name, expert_quant=expert_quant, dense_quant=dense_quant,
                       packed=args.packed, seed=args.seed, progress=False if args.quiet else None)
     dt = time.perf_counter() - t0
     print(f"wrote {args.output}: {size / 1e9:.2f} GB in {dt:.1f} s ({size / 1e9 / dt:.2f} GB/s)")
