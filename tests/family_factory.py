@@ -74,6 +74,51 @@ def special_ids(vocab: int) -> dict[str, int]:
     return {"bos_token_id": endoftext, "eos_token_id": im_end, "pad_token_id": endoftext}
 
 
+def randomize(model, seed: int, std: float, extra=lambda name: None):
+    """Every parameter of `model` drawn from a NumPy generator seeded by `seed`: norm weights 1 + N(0, 0.1²),
+    the others N(0, std²), unless `extra(name)` gives another std; float32, in place."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                v = 1.0 + 0.1 * rng.standard_normal(p.shape)
+            else:
+                v = (extra(name) or std) * rng.standard_normal(p.shape)
+            p.copy_(torch.from_numpy(v.astype(np.float32)))
+    return rng
+
+
+def rewrite_gguf(src: str, out, tensor=lambda t: (np.asarray(t.data), t.tensor_type)) -> str:
+    """A copy of the GGUF file `src` at `out`, its metadata as it is and each tensor as `tensor(t)` says:
+    (data, type) for a gguf.GGUFReader tensor, or None to leave it out."""
+    from gguf import GGUFReader, GGUFWriter
+
+    from edgemoe.pack.sources import _field_value
+
+    r = GGUFReader(src)
+    w = GGUFWriter(str(out), bytes(r.fields["general.architecture"].parts[-1]).decode())
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = _field_value(key, field)
+        if value is not None:
+            w.add_key_value(key, *value)
+    for t in r.tensors:
+        got = tensor(t)
+        if got is None:
+            continue
+        data, qtype = got
+        shape = tuple(int(x) for x in reversed(t.shape))  # numpy order, in elements
+        w.add_tensor(t.name, data, raw_shape=shape if qtype == t.tensor_type else None, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(out)
+
+
 def make_hf_moe(family: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                 head_dim: int | None = None, experts: int = 4, top_k: int = 2, moe_intermediate: int = 48,
                 dense_intermediate: int = 96, vocab: int = 128, seed: int = 0, std: float = 0.08, tie: bool = False,
@@ -147,16 +192,9 @@ def make_hf_moe(family: str, *, hidden: int = 64, layers: int = 2, heads: int = 
     cfg = cfg_cls(**{**common, **kw, **extra})
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                v = 1.0 + 0.1 * rng.standard_normal(p.shape)
-            else:
-                v = std * rng.standard_normal(p.shape)
-            p.copy_(torch.from_numpy(v.astype(np.float32)))
-        if tie:
-            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    randomize(model, seed, std)
+    if tie:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     return model, cfg.to_dict()
 
 
@@ -193,12 +231,8 @@ def make_hf_deepseek(version: int, *, hidden: int = 64, layers: int = 3, heads: 
     cfg = cfg_cls(**{**common, **kw, **extra})
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
-    rng = np.random.default_rng(seed)
+    rng = randomize(model, seed, std)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            v = 1.0 + 0.1 * rng.standard_normal(p.shape) if name.endswith("norm.weight") else \
-                std * rng.standard_normal(p.shape)
-            p.copy_(torch.from_numpy(v.astype(np.float32)))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.from_numpy((0.05 * rng.standard_normal(b.shape)).astype(np.float32)))
@@ -226,14 +260,7 @@ def make_hf_gpt_oss(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_hea
         rope_parameters=rope, tie_word_embeddings=False, **special_ids(vocab)), **extra})
     torch.manual_seed(seed)
     model = transformers.GptOssForCausalLM(cfg).float().eval()
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                v = 1.0 + 0.1 * rng.standard_normal(p.shape)
-            else:
-                v = (0.5 if name.endswith("sinks") else std) * rng.standard_normal(p.shape)
-            p.copy_(torch.from_numpy(v.astype(np.float32)))
+    randomize(model, seed, std, lambda name: 0.5 if name.endswith("sinks") else None)
     return model, cfg.to_dict()
 
 

@@ -25,3 +25,17 @@ def run(llm, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
         if len(greedy) == n:
             break
     return logits, greedy
+
+
+def engine_run(path, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
+    """edgemoe on the same file, as `run` asks llama.cpp: logits (T, V) with an F32 KV cache, and greedy tokens."""
+    from edgemoe.loader import load_model
+
+    m = load_model(str(path)).model
+    cache = m.new_cache(64, "f32")
+    logits = m.forward(np.asarray(ids), cache, all_logits=True)  # (T, V)
+    greedy, last = [], logits[-1]
+    for _ in range(n):
+        greedy.append(int(np.argmax(last)))
+        last = m.forward(np.asarray(greedy[-1:]), cache)[-1]
+    return logits, greedy

@@ -25,6 +25,7 @@ from family_factory import (  # noqa: E402
     make_hf_deepseek,
     make_hf_gpt_oss,
     make_hf_moe,
+    rewrite_gguf,
     save_hf,
     special_ids,
 )
@@ -226,27 +227,8 @@ def test_what_cannot_be_honoured_is_one_line(models, tmp_path, capsys, edit, nee
 
 def test_missing_family_tensor_is_one_line(models, tmp_path, capsys):
     """A Qwen3-MoE GGUF without a layer's q_norm: named, exit 2."""
-    from gguf import GGUFReader, GGUFWriter
-
-    src = GGUFReader(models["qwen3_moe-gqa"][2])
-    out = tmp_path / "cut.gguf"
-    w = GGUFWriter(str(out), "qwen3moe")
-    from edgemoe.pack.sources import _field_value
-
-    for key, field in src.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = _field_value(key, field)
-        if value is not None:
-            w.add_key_value(key, *value)
-    for t in src.tensors:
-        if t.name != "blk.1.attn_q_norm.weight":
-            w.add_tensor(t.name, np.asarray(t.data), raw_shape=tuple(int(x) for x in reversed(t.shape)),
-                         raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    code = main(["run", "-m", str(out), "--prompt-ids", "1,2", "-n", "2"])
+    out = rewrite_gguf(models["qwen3_moe-gqa"][2], tmp_path / "cut.gguf",
+                       lambda t: None if t.name == "blk.1.attn_q_norm.weight" else (np.asarray(t.data), t.tensor_type))
+    code = main(["run", "-m", out, "--prompt-ids", "1,2", "-n", "2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "blk.1.attn_q_norm.weight" in err[0], err

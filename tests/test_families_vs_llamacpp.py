@@ -18,6 +18,7 @@ from __future__ import annotations
 import llamacpp_oracle
 import numpy as np
 import pytest
+from llamacpp_oracle import engine_run
 
 pytest.importorskip("torch")
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[bench]')")
@@ -28,10 +29,9 @@ from family_factory import (  # noqa: E402
     make_hf_deepseek,
     make_hf_gpt_oss,
     make_hf_moe,
+    rewrite_gguf,
     save_hf,
 )
-
-from edgemoe.loader import load_model  # noqa: E402
 
 IDS = [1, 45, 99, 7, 120, 3, 64, 18, 100, 11, 77, 50]
 # llama.cpp's loaders: olmoe wants as many KV heads as query heads; qwen2moe and olmoe an untied output head
@@ -62,17 +62,6 @@ def files(tmp_path_factory):
     return {family: (str(root / f"{family}.f32.gguf"), str(root / f"{family}.q8.gguf")) for family in BUILD}
 
 
-def engine_run(path, ids, n):
-    m = load_model(str(path)).model
-    cache = m.new_cache(64, "f32")  # as the oracle's
-    logits = m.forward(np.asarray(ids), cache, all_logits=True)  # (T, V)
-    greedy, last = [], logits[-1]
-    for _ in range(n):
-        greedy.append(int(np.argmax(last)))
-        last = m.forward(np.asarray(greedy[-1:]), cache)[-1]
-    return logits, greedy
-
-
 @pytest.mark.parametrize("family", list(BUILD))
 def test_f32_matches_llama_cpp(files, family):
     path = files[family][0]
@@ -85,33 +74,18 @@ def test_f32_matches_llama_cpp(files, family):
 
 
 def mxfp4_experts(src: str, out) -> str:
-    """`src` with its merged expert matrices re-encoded as MXFP4 by gguf-py's quantiser (what gpt-oss files hold;
-    llama.cpp's converter writes MXFP4 only from checkpoints already in MXFP4), everything else copied."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+    """`src` (F32) with its merged expert matrices re-encoded as MXFP4 by gguf-py's quantiser (what gpt-oss files
+    hold; llama.cpp's converter writes MXFP4 only from checkpoints already in MXFP4), the rest copied."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    from edgemoe.pack.sources import _field_value
+    def tensor(t):
+        if not t.name.endswith("_exps.weight"):
+            return np.asarray(t.data), t.tensor_type
+        rows = np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        return quantize(rows, GGMLQuantizationType.MXFP4), GGMLQuantizationType.MXFP4
 
-    r = GGUFReader(src)
-    w = GGUFWriter(str(out), bytes(r.fields["general.architecture"].parts[-1]).decode())
-    for key, field in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = _field_value(key, field)
-        if value is not None:
-            w.add_key_value(key, *value)
-    for t in r.tensors:
-        shape = tuple(int(x) for x in reversed(t.shape))
-        if t.name.endswith("_exps.weight"):
-            q = quantize(np.asarray(t.data, dtype=np.float32).reshape(shape), GGMLQuantizationType.MXFP4)  # F32 src
-            w.add_tensor(t.name, q, raw_dtype=GGMLQuantizationType.MXFP4)
-        else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_shape=shape, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(out)
+    return rewrite_gguf(src, out, tensor)
 
 
 @pytest.mark.parametrize("family", [*BUILD, "gpt_oss-mxfp4"])

@@ -11,10 +11,10 @@ from __future__ import annotations
 import llamacpp_oracle
 import numpy as np
 import pytest
+from llamacpp_oracle import engine_run
 from mixtral_factory import make_hf_mixtral
 
 from edgemoe.formats.gguf_export import export_mixtral_gguf
-from edgemoe.loader import load_model
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[bench]')")
 
@@ -29,17 +29,6 @@ CASES = {  # dense type, expert type, tolerance: max |Δ| / scale for F32, relat
 
 def llama_run(path, ids, n):
     return llamacpp_oracle.run(llamacpp_oracle.load(path), ids, n)
-
-
-def engine_run(path, ids, n):
-    m = load_model(str(path)).model
-    cache = m.new_cache(64, "f32")  # as the oracle's (llamacpp_oracle asks llama.cpp for an F32 cache)
-    logits = m.forward(np.asarray(ids), cache, all_logits=True)
-    greedy, last = [], logits[-1]
-    for _ in range(n):
-        greedy.append(int(np.argmax(last)))
-        last = m.forward(np.asarray(greedy[-1:]), cache)[-1]
-    return logits, greedy
 
 
 @pytest.mark.parametrize("case", list(CASES))
