@@ -207,7 +207,8 @@ def model_checks(path: str, cfg, seconds: float) -> tuple[list[Check], dict]:
         return out, figures
     a = loaded.args
     sizes = model_sizes(loaded)
-    out.append(Check("model loads", True, f"{loaded.format}, {a.num_hidden_layers} layers, {a.num_local_experts} "
+    out.append(Check("model loads", True, f"{loaded.model.spec.title} ({loaded.format}), {a.num_hidden_layers} layers, "
+                     f"{a.num_local_experts} "
                      f"experts (top-{a.num_experts_per_tok}), dense {sizes['dense_bytes'] / 2**20:.0f} MB, "
                      f"experts {sizes['expert_bytes'] / 2**20:.0f} MB"))
     out.append(layout_check(loaded.model, cfg))
