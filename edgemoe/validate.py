@@ -38,6 +38,14 @@ LIMITS = {  # field → (smallest, largest) accepted; beyond these a file is cor
     "max_position_embeddings": (1, 1 << 24),
     "shared_expert_intermediate_size": (0, 1 << 18),
     "dense_intermediate_size": (0, 1 << 18),
+    "kv_lora_rank": (0, 1 << 16),  # DeepSeek's latent attention (0: none)
+    "q_lora_rank": (1, 1 << 16),
+    "qk_nope_head_dim": (0, 4096),
+    "qk_rope_head_dim": (0, 4096),
+    "v_head_dim": (0, 4096),
+    "n_group": (1, 4096),
+    "topk_group": (1, 4096),
+    "sliding_window": (0, 1 << 24),
 }
 FLOATS = ("rms_norm_eps", "rope_theta")
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

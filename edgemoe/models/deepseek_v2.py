@@ -270,6 +270,9 @@ def gguf_config(cfg: dict, meta: dict, tensors: dict, where: str) -> dict:
     if None in (kv_rank, rope_dim, k_mla, v_mla):
         raise UnsupportedError(f"{where}: this deepseek2 file lacks the MLA keys (attention.kv_lora_rank, "
                                "key_length_mla, value_length_mla); convert it with a current llama.cpp")
+    if not (0 < kv_rank and 0 < rope_dim < k_mla and rope_dim % 2 == 0 and 0 < v_mla):
+        raise ModelFormatError(f"{where}: MLA sizes kv_lora_rank {kv_rank}, rope.dimension_count {rope_dim}, "
+                               f"key_length_mla {k_mla}, value_length_mla {v_mla} are inconsistent; the file is corrupt")
     yarn = None
     if meta.get(a + "rope.scaling.type") == "yarn":
         log_mul = key("rope.scaling.yarn_log_multiplier", 0.0, float)
