@@ -195,8 +195,10 @@ def test_disconnect_cancels_a_whole_reply_request(server):
         before = _health(c)["requests"]["cancelled"]
         with httpx.Client(transport=httpx.HTTPTransport(uds=server), base_url="http://edgemoe",
                          timeout=httpx.Timeout(60, read=0.05)) as impatient:
-            with pytest.raises(httpx.ReadTimeout):  # gives up long before 126 tokens: closes the connection
-                impatient.post("/v1/completions", json={"prompt": [1, 6], "max_tokens": CTX - 2})
+            with pytest.raises(httpx.ReadTimeout):  # gives up long before the reply's end: closes the connection
+                # end-of-sequence (id 2) barred so that the reply runs to max_tokens, whatever is sampled
+                impatient.post("/v1/completions", json={"prompt": [1, 6], "max_tokens": CTX - 2,
+                                                        "logit_bias": {"2": -100}})
         _wait_for(lambda: _health(c)["requests"]["cancelled"] > before, "the cancellation")
 
 
