@@ -20,7 +20,7 @@ from ..kernels import ops, routing
 from ..kernels.sink_attention import sink_attention
 from ..kv_cache import KVCache
 from ..qtensor import QTensor
-from .arch import ArchSpec, refuse_activation, renamed
+from .arch import ArchSpec, refuse_activation
 from .base import linear
 from .deepseek_v2 import yarn_of
 from .rope import yarn_tables
@@ -56,9 +56,8 @@ def hf_config(cfg: dict, where: str) -> dict:
     window = cfg.get("sliding_window") or 0
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ModelFormatError(f"{where}: sliding_window must be a non-negative integer")
-    out = renamed(cfg, {"intermediate_size": "intermediate_size"})
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    return {**out, **swiglu(cfg, where), "qkv_bias": True, "o_bias": True, "sliding_window": window,
+    return {**cfg, **swiglu(cfg, where), "qkv_bias": True, "o_bias": True, "sliding_window": window,
             "sliding_layers": tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
             "yarn": yarn_of(cfg, where), "yarn_truncate": bool(rope.get("truncate", True)) if isinstance(rope, dict)
             else True, "norm_topk_prob": True}

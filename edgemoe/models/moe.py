@@ -82,6 +82,7 @@ class Model:
     def __init__(self, args: ModelArgs, weights: Weights, experts: ExpertStore, embed_rows):
         self.args = args
         self.spec = spec_of(args)
+        self._want = None  # the KV cache shape forward_batch checks callers' caches against
         self.weights = weights
         self.experts = experts
         self.embed_rows = embed_rows  # ids (T,) → (T, D) float32, dequantising only those rows
@@ -196,6 +197,13 @@ class Model:
         if layer.o_bias is not None:
             o += layer.o_bias
         return o
+
+    def _cache_shape(self) -> tuple[int, int, int]:
+        """(layers, KV heads, row values) of this model's KV caches, worked out once (a one-position cache)."""
+        if self._want is None:
+            one = self.new_cache(1)
+            self._want = (*one.k.shape[:2], one.head_dim)
+        return self._want
 
     def _extras(self, layer: Layer) -> tuple:
         """(qkv_bias, q_norm, k_norm, clip, o_bias) of the layer's attention, empty arrays for what it lacks."""
@@ -339,8 +347,7 @@ class Model:
             cache.reserve(n)
         if len({id(c) for *_, c in seqs}) != len(seqs):
             raise ValueError("forward_batch: a cache appears twice in one batch")
-        one_slot = self.new_cache(1)
-        want = (*one_slot.k.shape[:2], one_slot.head_dim)
+        want = self._cache_shape()
         for *_, c in seqs:  # the kernels write into the cache unchecked: it must be this model's
             if (c.k.shape[0], c.k.shape[1], c.head_dim) != want:
                 raise ValueError(f"forward_batch: a KV cache of shape {c.k.shape} is not this model's {want}")
