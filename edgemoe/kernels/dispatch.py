@@ -288,7 +288,7 @@ _KERNELS = {
     QT.Q6_K: ("q8_k", _q8_k, (matmul_q6_k, matmul_q6_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
     QT.MXFP4: ("q8_0ps", _q8_0_sums, (matmul_mxfp4, matmul_mxfp4_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
 }
-assert set(_KERNELS) == set(SUPPORTED_TYPES), "every supported type needs a matrix kernel"
+assert set(SUPPORTED_TYPES) <= set(_KERNELS), "every supported type needs a matrix kernel"
 
 
 # 8-row interleaved Q4_0 (kernels/q4x8.py), Q4_K (q4kx8.py) and Q8_0 (q8x8.py), chosen by QTensor.interleave == 8.
