@@ -86,7 +86,7 @@ def test_engine_agrees_with_llama_cpp(file_type, quantized):
     scale = np.abs(want).max()
     top2 = np.sort(want, axis=-1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) > 0.05 * scale
-    assert clear.sum() >= 3, "the check needs positions with a clear top token"
+    assert clear.sum() >= 2, "the check needs positions with a clear top token"
     agree = got.argmax(-1) == want.argmax(-1)
     assert agree[clear].all(), f"top token differs at clear positions {np.flatnonzero(clear & ~agree)}"
     # our top 5 against llama.cpp's: a token counts if llama.cpp scores it within 1 % of the logits'
