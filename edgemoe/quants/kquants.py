@@ -28,6 +28,47 @@ def _q4_k_nibbles(qs: np.ndarray) -> np.ndarray:
     return ((qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F).reshape(-1, 8, 32)
 
 
+def _q2_groups(qs: np.ndarray) -> np.ndarray:
+    """(B, 64) bytes -> (B, 16, 16) 2-bit levels of the 16 sub-blocks: value 128n + 32k + l is
+    bits 2k, 2k+1 of qs[32n + l] (Q2_K's quants and Q3_K's low bits)."""
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 16, 16)
+
+
+def _dequantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+    """block_q2_K: scales[16] (low nibble scale | high nibble min, per 16 values) | qs[64] | d | dmin;
+    y = d*sc * q - dmin*m."""
+    sc = blocks[:, 0:16]  # (B, 16)
+    d = f16(blocks[:, 80:82])  # (B, 1)
+    dmin = f16(blocks[:, 82:84])  # (B, 1)
+    dl = (d * (sc & 0x0F).astype(np.float32))[:, :, None]  # (B, 16, 1)
+    ml = (dmin * (sc >> 4).astype(np.float32))[:, :, None]  # (B, 16, 1)
+    q = _q2_groups(blocks[:, 16:80]).astype(np.float32)  # (B, 16, 16)
+    return (dl * q - ml).reshape(-1, QK_K)
+
+
+def _scales_q3_k(scales: np.ndarray) -> np.ndarray:
+    """12 bytes -> (B, 16) 6-bit scales: scale i has its low 4 bits in byte i % 8 (the low nibble for
+    i < 8, the high one after) and its top 2 bits at bits 2(i // 4) of byte 8 + i % 4."""
+    lo = scales[:, 0:8]
+    nibbles = np.concatenate([lo & 0x0F, lo >> 4], axis=1)  # (B, 16)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
+    top = ((scales[:, None, 8:12] >> shifts) & 3).reshape(-1, 16)  # (B, 16)
+    return nibbles | (top << 4)
+
+
+def _dequantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+    """block_q3_K: hmask[32] | qs[64] | scales[12] | d; y = d*(sc - 32) * q per 16 values, where
+    q = low 2 bits - 4, plus 4 again when the value's hmask bit is set: bit j of hmask[l] belongs to
+    value 32j + l."""
+    hbit = (blocks[:, None, 0:32] >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1  # (B, 8, 32)
+    low = _q2_groups(blocks[:, 32:96]).astype(np.int8)  # (B, 16, 16)
+    q = (low - (4 * (1 - hbit)).astype(np.int8).reshape(-1, 16, 16)).astype(np.float32)  # (B, 16, 16)
+    sc = (_scales_q3_k(blocks[:, 96:108]).astype(np.int8) - np.int8(32)).astype(np.float32)  # (B, 16)
+    d = f16(blocks[:, 108:110])  # (B, 1)
+    return ((d * sc)[:, :, None] * q).reshape(-1, QK_K)
+
+
 def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     """block_q4_K: d (f16) | dmin (f16) | scales[12] | qs[128]; y = d*sc * q - dmin*m per 32 values."""
     d = f16(blocks[:, 0:2])  # (B, 1)
@@ -67,6 +108,11 @@ def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return ((d * scales)[:, :, None] * q).reshape(-1, QK_K)
 
 
-
-DEQUANTIZE = {T.Q4_K: _dequantize_q4_k, T.Q5_K: _dequantize_q5_k, T.Q6_K: _dequantize_q6_k}
+DEQUANTIZE = {
+    T.Q2_K: _dequantize_q2_k,
+    T.Q3_K: _dequantize_q3_k,
+    T.Q4_K: _dequantize_q4_k,
+    T.Q5_K: _dequantize_q5_k,
+    T.Q6_K: _dequantize_q6_k,
+}
 QUANTIZE = {T.Q4_K: quantize_q4_k}  # Numba port of quantize_row_q4_K_ref

@@ -1,0 +1,539 @@
+"""Q2_K and Q3_K (the 2- and 3-bit K super-blocks of Q2_K / Q3_K_S/M/L files) against gguf-py and ggml.
+
+- Dequantisation bit-identical to gguf.quants: random bytes (every f16 d and dmin, subnormals, inf and
+  NaN included), all-zero blocks, chosen edge scales, and the output of ggml's own quantisers
+  (ggml_quantize_chunk, with and without an importance matrix), which ggml's dequantize_row_q2_K /
+  q3_K (the compiled C, through ctypes) decode to the same bits.
+- The kernels (kernels/k23matmul.py) against (a) the dequantised weights in float64; (b) a NumPy
+  emulation of ggml's AVX2 vec_dot_q2_K_q8_K / vec_dot_q3_K_q8_K written from
+  ggml-cpu/arch/x86/quants.c: per super-block 8 lanes of exact integer sums weighted by the sub-block
+  scales (Q2_K: and 8 lanes of mins x activation sums), one fma per lane into an f32 accumulator, then
+  hsum_float_8's order; the kernels reproduce it bit for bit on every variant; (c) ggml's compiled
+  vec_dot itself: bit for bit when the library is an AVX2 build, and its generic C (same integers,
+  other lanes) within the bound of f32 summation order.
+- Batch rows bit-identical to the row alone, serial and parallel, 1 and 2 threads; the row-range kinds
+  and the fused expert block; a GGUF file holding each type through the loader's path to `linear`.
+Every kernel test runs on each variant `dispatch.supported_variants()` offers on this CPU (it prints
+which); without VNNI, the vnni kernels are still compiled for an AVX-512 CPU to check they lower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import gguf.quants as gq
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as QT
+
+from edgemoe.errors import UnsupportedError
+from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, rows, set_threads
+from edgemoe.kernels.k23matmul import matmul_q2_k, matmul_q2_k_serial, matmul_q3_k, matmul_q3_k_serial
+from edgemoe.kernels.q8act import quantize_q8_k
+from edgemoe.qtensor import FORMATS, QTensor, check_supported
+from edgemoe.quants import dequantize, quantize
+
+TYPES = (QT.Q2_K, QT.Q3_K)
+KERNELS = {QT.Q2_K: (matmul_q2_k_serial, matmul_q2_k), QT.Q3_K: (matmul_q3_k_serial, matmul_q3_k)}
+F16_FIELDS = {QT.Q2_K: (80, 82), QT.Q3_K: (108,)}  # byte offsets of d (, dmin) in a block
+VARIANTS = dispatch.supported_variants()
+MARKERS = {v: dispatch._MARKERS[v] for v in VARIANTS}
+# f16 bit patterns: +-0, the smallest and largest subnormals, the smallest normal, 1, the largest
+# finite, +-inf, NaN
+EDGE_HALVES = (0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0x7C00, 0xFC00, 0x7E00)
+# (rows, cols): one super-block, 3, 11 (Qwen1.5-MoE-like 2816-wide rows)
+SHAPES = ((37, 256), (6, 768), (9, 2816))
+TOKENS = (1, 3, 4, 5, 9, 70)  # single, remainder only, one tile, tile + 1, two tiles + 1, two chunks
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    dispatch.force_variant(request.param)
+    names = kernel_names()
+    print(f"variant {request.param}: " + ", ".join(f"{t.name} {names[t.name]!r}" for t in TYPES))
+    yield request.param
+    dispatch.force_variant(None)
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(np.ascontiguousarray(a).view(np.uint32), b.view(np.uint32))
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-identical, except that any NaN equals any NaN (payloads are not compared)."""
+    nan = np.isnan(a)
+    return np.array_equal(nan, np.isnan(b)) and _bits_equal(np.where(nan, 0, a), np.where(nan, 0, b))
+
+
+def random_blocks(qt: QT, rng, rows: int, cols: int, scales=(1e-3, 2e-2)) -> np.ndarray:
+    """(rows, row bytes) uint8: random bytes, each f16 field drawn from `scales` (None: random bits too)."""
+    size = GGML_QUANT_SIZES[qt][1]
+    raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    if scales is not None:
+        for off in F16_FIELDS[qt]:
+            d = rng.uniform(*scales, (rows, cols // 256)).astype(np.float16)
+            raw[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, cols // 256, 2)
+    return raw.reshape(rows, -1)
+
+
+def weight(qt: QT, raw: np.ndarray) -> QTensor:
+    return QTensor.from_array(raw, qt, raw.shape[0], raw.shape[1] // GGML_QUANT_SIZES[qt][1] * 256)
+
+
+# ---- ggml's compiled C, through ctypes (llama-cpp-python's libggml) --------------------------------
+
+
+class Ggml:
+    """ggml's quantisers, dequantisers and dot products for Q2_K / Q3_K, as built into llama-cpp-python."""
+
+    def __init__(self, lib_dir: Path):
+        self.base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+        self.cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
+        self.cpu.ggml_cpu_init()  # fills ggml's f16 tables, which the dot products read
+        self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
+        self.base.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
+        self.avx2 = bool(self.cpu.ggml_cpu_has_avx2() and self.cpu.ggml_cpu_has_fma())
+
+    def quantize(self, qt: QT, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """ggml's quantiser (quantize_q2_K / q3_K) on the rows of x (R, C) f32 -> (R, row bytes)."""
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.zeros((x.shape[0], x.shape[1] // 256 * GGML_QUANT_SIZES[qt][1]), np.uint8)
+        im = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
+        n = self.base.ggml_quantize_chunk(
+            int(qt), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None if im is None else im.ctypes.data
+        )
+        assert n == out.nbytes
+        return out
+
+    def dequantize(self, qt: QT, raw: np.ndarray) -> np.ndarray:
+        fn = getattr(self.base, f"dequantize_row_{qt.name[:2].lower()}_K")
+        raw = np.ascontiguousarray(raw)
+        out = np.zeros(raw.size // GGML_QUANT_SIZES[qt][1] * 256, np.float32)
+        fn(ctypes.c_void_p(raw.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(out.size))
+        return out.reshape(*raw.shape[:-1], -1)
+
+    def q8_k(self, x: np.ndarray) -> np.ndarray:
+        """quantize_row_q8_K (x86: the reference C) on the rows of x (T, C) -> block_q8_K bytes (T, C / 256 * 292)."""
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.zeros((x.shape[0], x.shape[1] // 256 * 292), np.uint8)
+        for t in range(x.shape[0]):
+            self.cpu.quantize_row_q8_K(
+                ctypes.c_void_p(x[t].ctypes.data), ctypes.c_void_p(out[t].ctypes.data), ctypes.c_int64(x.shape[1])
+            )
+        return out
+
+    def vec_dot(self, qt: QT, raw: np.ndarray, act: np.ndarray, generic: bool = False) -> np.ndarray:
+        """out (T, R) = ggml_vec_dot_{q2,q3}_K_q8_K[_generic] of each weight row with each activation row."""
+        fn = getattr(self.cpu, f"ggml_vec_dot_{qt.name[:2].lower()}_K_q8_K" + ("_generic" if generic else ""))
+        raw, act = np.ascontiguousarray(raw), np.ascontiguousarray(act)
+        cols = raw.shape[1] // GGML_QUANT_SIZES[qt][1] * 256
+        out = np.zeros((act.shape[0], raw.shape[0]), np.float32)
+        s = ctypes.c_float()
+        for t in range(act.shape[0]):
+            for r in range(raw.shape[0]):
+                fn(
+                    ctypes.c_int(cols),
+                    ctypes.byref(s),
+                    ctypes.c_size_t(0),
+                    ctypes.c_void_p(raw[r].ctypes.data),
+                    ctypes.c_size_t(0),
+                    ctypes.c_void_p(act[t].ctypes.data),
+                    ctypes.c_size_t(0),
+                    ctypes.c_int(1),
+                )
+                out[t, r] = s.value
+        return out
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed")
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    if not (lib_dir / "libggml-cpu.so").exists():
+        pytest.skip(f"no libggml-cpu.so in {lib_dir}")
+    return Ggml(lib_dir)
+
+
+def q8_k_blocks(xq: np.ndarray, xd: np.ndarray, xb: np.ndarray) -> np.ndarray:
+    """The engine's Q8_K activations as ggml's block_q8_K bytes: d f32 | qs[256] | bsums int16[16]."""
+    n_tok, n_sb = xd.shape
+    out = np.zeros((n_tok, n_sb, 292), np.uint8)
+    out[:, :, 0:4] = xd.astype(np.float32).view(np.uint8).reshape(n_tok, n_sb, 4)
+    out[:, :, 4:260] = xq.view(np.uint8).reshape(n_tok, n_sb, 256)
+    out[:, :, 260:292] = xb.astype(np.int16).view(np.uint8).reshape(n_tok, n_sb, 32)
+    return out.reshape(n_tok, -1)
+
+
+def engine_q8_k(x: np.ndarray):
+    xq = np.empty(x.shape, np.int8)
+    xd = np.empty((x.shape[0], x.shape[1] // 256), np.float32)
+    xb = np.empty((x.shape[0], x.shape[1] // 16), np.int32)
+    quantize_q8_k(xq, xd, xb, np.ascontiguousarray(x, np.float32))
+    return xq, xd, xb
+
+
+# ---- block format: dequantisation ------------------------------------------------------------------
+
+
+def test_format_rows():
+    assert FORMATS[QT.Q2_K] == (256, 84, "f16", (80, 82))
+    assert FORMATS[QT.Q3_K] == (256, 110, "f16", (108,))
+    for qt in TYPES:
+        assert check_supported(int(qt), "t") == qt
+        assert rows.KINDS[(qt, 1)].act == "q8_k"
+        with pytest.raises(UnsupportedError, match="not implemented"):  # gguf-py has no quantiser for them
+            quantize(np.zeros((1, 256), np.float32), qt)
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf(qt, ggml):
+    rng = np.random.default_rng(int(qt))
+    size = GGML_QUANT_SIZES[qt][1]
+    raw = random_blocks(qt, rng, 64, 16 * 256, scales=None)  # random bits: every f16 field, NaN and inf too
+    blocks = raw.reshape(-1, size)
+    blocks[:8] = 0  # all-zero blocks
+    for i, h in enumerate(EDGE_HALVES):  # each edge scale in d (and dmin) of a block of random quants
+        for k, off in enumerate(F16_FIELDS[qt]):
+            blocks[16 + 2 * i + k, off : off + 2] = np.array([h], np.uint16).view(np.uint8)
+    with np.errstate(all="ignore"):
+        ref = gq.dequantize(raw, qt)
+        ours = dequantize(raw, qt, 16 * 256)
+        c = ggml.dequantize(qt, raw)
+    assert ours.dtype == np.float32 and _bits_equal(ours, ref)
+    assert _same(c, ours)  # ggml's C agrees (NaN payloads aside)
+    assert not np.any(ours[0, :2048]) and np.isnan(ours).any() and np.isinf(ours).any()
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_dequantize_ggml_quantiser_output(qt, ggml):
+    rng = np.random.default_rng(2 + int(qt))
+    x = rng.standard_normal((24, 2048)).astype(np.float32)
+    x[3] *= np.float32(1e-3)
+    x[4, :256] = 0  # an all-zero super-block
+    x[5] = np.where(rng.random(2048) < 0.01, 50, 1).astype(np.float32) * x[5]  # outliers
+    for imatrix in (None, (0.1 + rng.random(2048)).astype(np.float32)):
+        raw = ggml.quantize(qt, x, imatrix)
+        ours = dequantize(raw, qt, 2048)
+        assert _bits_equal(ours, gq.dequantize(raw, qt)) and _bits_equal(ours, ggml.dequantize(qt, raw))
+        assert np.corrcoef(ours.ravel(), x.ravel())[0, 1] > 0.9  # it is a quantisation of x
+        assert not np.any(ours[4, :256])
+
+
+# ---- NumPy emulation of ggml's AVX2 vec_dot_q2_K_q8_K / vec_dot_q3_K_q8_K -------------------------
+
+
+def fma32(a, b, c) -> np.ndarray:
+    """f32 a * b + c with one rounding (_mm256_fmadd_ps): the exact sum rounded to odd in float64, then
+    to nearest in float32, which is correctly rounded as float64 has more than 24 + 2 bits."""
+    a64, b64, c64 = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = a64 * b64  # exact: 24 + 24 bits
+        s = p + c64
+        t = s - p
+        err = (p - (s - t)) + (c64 - t)  # TwoSum: s + err == p + c exactly
+        odd = (np.ascontiguousarray(s).view(np.uint64) & 1) == 1
+        fix = (err != 0) & np.isfinite(s) & ~odd
+        s = np.where(fix, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+        return s.astype(np.float32)
+
+
+def _round_f32(v: Fraction) -> np.float32:
+    """The float32 nearest to the exact value v (ties to even)."""
+    f = np.float32(float(v))
+    cands = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
+    return min(cands, key=lambda c: (abs(Fraction(float(c)) - v), int(np.array(c).view(np.uint32)) & 1))
+
+
+def test_fma32_is_one_rounding():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(3000).astype(np.float32)
+    b = rng.standard_normal(3000).astype(np.float32)
+    c = (-(a.astype(np.float64) * b) * (1 + rng.standard_normal(3000) * 2.0**-20)).astype(np.float32)
+    got = fma32(a, b, c)  # near-cancellation: the product's low bits decide the result
+    exact = [_round_f32(Fraction(float(p)) * Fraction(float(q)) + Fraction(float(r))) for p, q, r in zip(a, b, c)]
+    assert _bits_equal(got, np.array(exact, np.float32))
+    assert not _bits_equal(got, a * b + c)  # two roundings differ
+
+
+def _levels_2bit(qs: np.ndarray) -> np.ndarray:
+    """(..., 64) bytes -> (..., 256): element 128n + 32k + l = (qs[32n + l] >> 2k) & 3 (ggml's loops)."""
+    out = np.empty(qs.shape[:-1] + (256,), np.int64)
+    for n in range(2):
+        for k in range(4):
+            out[..., 128 * n + 32 * k : 128 * n + 32 * k + 32] = (qs[..., 32 * n : 32 * n + 32] >> (2 * k)) & 3
+    return out
+
+
+def _q3_k_scales(sc: np.ndarray) -> np.ndarray:
+    """(..., 12) bytes -> (..., 16) scales - 32, by ggml's kmask unpacking on 32-bit words."""
+    aux = np.ascontiguousarray(sc).view(np.uint32).astype(np.int64)  # (..., 3)
+    a0, a1, a2 = aux[..., 0], aux[..., 1], aux[..., 2]
+    k1, k2 = 0x03030303, 0x0F0F0F0F
+    words = np.stack(
+        [
+            (a0 & k2) | (((a2 >> 0) & k1) << 4),
+            (a1 & k2) | (((a2 >> 2) & k1) << 4),
+            ((a0 >> 4) & k2) | (((a2 >> 4) & k1) << 4),
+            ((a1 >> 4) & k2) | (((a2 >> 6) & k1) << 4),
+        ],
+        -1,
+    )
+    return words.astype(np.uint32).view(np.uint8).astype(np.int64) - 32  # (..., 16)
+
+
+def ggml_avx2(qt: QT, raw: np.ndarray, xq: np.ndarray, xd: np.ndarray, xb: np.ndarray) -> np.ndarray:
+    """(T, R) f32: ggml's AVX2 vec_dot of weights raw (R, S * size) with activations (xq, xd, xb).
+
+    Lane m of a super-block's integer sum takes bytes 4m .. 4m+3 of each 32-value group g, weighted by
+    the scale of sub-block 2g (m < 4) or 2g + 1 (m >= 4) (vpmaddubsw, then vpmaddwd by the shuffled
+    scales); Q2_K's mins lane m = m[2m] * bsum[2m] + m[2m+1] * bsum[2m+1] (vpmaddwd of int16s).
+    """
+    n_row, n_tok, n_sb = raw.shape[0], xq.shape[0], xd.shape[1]
+    blocks = raw.reshape(n_row, n_sb, -1)
+    if qt == QT.Q2_K:
+        scales = (blocks[..., 0:16] & 15).astype(np.int64)  # (R, S, 16)
+        mins = (blocks[..., 0:16] >> 4).astype(np.int64)
+        q = _levels_2bit(blocks[..., 16:80])  # (R, S, 256)
+        d, dmin = (blocks[..., o : o + 2].copy().view(np.float16)[..., 0].astype(np.float32) for o in (80, 82))
+    else:
+        low = _levels_2bit(blocks[..., 32:96])
+        hm = blocks[..., 0:32].astype(np.int64)
+        high = np.concatenate([(hm >> j) & 1 for j in range(8)], axis=-1)  # element 32j + l: bit j of hmask[l]
+        q = low - 4 * (1 - high)
+        scales = _q3_k_scales(blocks[..., 96:108])
+        d = blocks[..., 108:110].copy().view(np.float16)[..., 0].astype(np.float32)
+    lane_scale = np.repeat(scales.reshape(n_row, n_sb, 8, 2), 4, axis=-1)  # (R, S, g, m)
+    prods = np.einsum("rsgmb,tsgmb->trsgm", q.reshape(n_row, n_sb, 8, 8, 4), xq.reshape(n_tok, n_sb, 8, 8, 4).astype(np.int64))
+    sumi = (prods * lane_scale[None]).sum(axis=3)  # (T, R, S, 8) exact
+    assert np.abs(sumi).max() < 2**31
+    acc = np.zeros((n_tok, n_row, 8), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(n_sb):
+            if qt == QT.Q2_K:
+                bs = xb[:, s * 16 : s * 16 + 16].astype(np.int64)  # (T, 16)
+                pm = (mins[None, :, s] * bs[:, None]).reshape(n_tok, n_row, 8, 2).sum(axis=-1)  # (T, R, 8)
+                neg = (-xd[:, s])[:, None] * dmin[None, :, s]  # -y.d * dmin
+                acc = fma32(pm.astype(np.float32), neg[..., None], acc)
+            dd = xd[:, s][:, None] * d[None, :, s]  # y.d * d
+            acc = fma32(sumi[:, :, s].astype(np.float32), dd[..., None], acc)
+        a = acc.transpose(2, 0, 1)
+        return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))  # hsum_float_8
+
+
+def test_emulation_is_ggml_avx2(ggml):
+    """The emulation above against ggml's compiled AVX2 vec_dot (bit for bit) on random and real blocks."""
+    if not ggml.avx2:
+        pytest.skip("this llama-cpp-python build has no AVX2 vec_dot")
+    rng = np.random.default_rng(6)
+    for qt in TYPES:
+        x = rng.standard_normal((3, 1024), dtype=np.float32)
+        for raw in (random_blocks(qt, rng, 7, 1024), ggml.quantize(qt, rng.standard_normal((7, 1024), dtype=np.float32))):
+            xq, xd, xb = engine_q8_k(x)
+            assert _bits_equal(ggml.vec_dot(qt, raw, q8_k_blocks(xq, xd, xb)), ggml_avx2(qt, raw, xq, xd, xb)), qt
+
+
+def test_activations_are_ggml_q8_k(ggml):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 768), dtype=np.float32)
+    x[1, 256:512] = 0  # an all-zero super-block
+    x[2, 7] = -30.0  # the largest |x| negative
+    assert np.array_equal(q8_k_blocks(*engine_q8_k(x)), ggml.q8_k(x))
+
+
+# ---- kernel tests ----------------------------------------------------------------------------------
+
+
+def use(monkeypatch, threads: int, twin: str) -> None:
+    set_threads(threads)
+    monkeypatch.setattr(dispatch, "PARALLEL_MIN_BYTES", 1 << 62 if twin == "serial" else 0)
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_matmul_matches_dequantised_and_ggml(qt, variant, monkeypatch, ggml):
+    rng = np.random.default_rng(10 + int(qt))
+    try:
+        for n_row, cols in SHAPES:
+            raw = random_blocks(qt, rng, n_row, cols)
+            w, wd = weight(qt, raw), gq.dequantize(raw, qt).astype(np.float64)  # (R, C)
+            x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)  # (T, C)
+            use(monkeypatch, 2, "parallel")
+            single = np.empty((len(x), n_row), np.float32)  # (T, R) token by token
+            for t in range(len(x)):
+                matvec(single[t], w, x[t])
+            # (a) the dequantised weights in float64: error of rounding x to int8 (1/254 of a block's max)
+            xf = x.astype(np.float64)
+            err = np.abs(single - xf @ wd.T) / (np.abs(xf) @ np.abs(wd).T)
+            assert err.max() < 1e-2, (n_row, cols)
+            # (b) ggml's AVX2 arithmetic, emulated, and (c) ggml's compiled C on the same activation blocks
+            xq, xd, xb = engine_q8_k(x)
+            want = ggml_avx2(qt, raw, xq, xd, xb)
+            assert _bits_equal(single, want), (n_row, cols)
+            act = q8_k_blocks(xq[:9], xd[:9], xb[:9])
+            if ggml.avx2:
+                assert _bits_equal(single[:9], ggml.vec_dot(qt, raw, act)), (n_row, cols)
+            generic = ggml.vec_dot(qt, raw, act, generic=True)  # the same integers summed in other lanes
+            bound = (8 * cols / 256 + 8) * 2.0**-23 * (np.abs(xf[:9]) @ np.abs(wd).T)
+            assert np.all(np.abs(single[:9].astype(np.float64) - generic) <= bound), (n_row, cols)
+            # batch rows bit-identical to the row alone: serial and parallel twins, 1 and 2 threads
+            for threads, twin in ((1, "serial"), (1, "parallel"), (2, "parallel")):
+                use(monkeypatch, threads, twin)
+                for n_tok in TOKENS:
+                    out = np.full((n_tok, n_row), np.nan, np.float32)
+                    matmul(out, w, x[:n_tok])
+                    bad = np.argwhere(out != single[:n_tok])
+                    assert not len(bad), f"{n_row}x{cols} T={n_tok} {threads} thread(s) {twin}: {bad[:5].tolist()}"
+    finally:
+        set_threads(dispatch.numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_kernel_at_the_edges(qt, variant, ggml):
+    """Edge f16 scales (subnormal, largest finite, inf, NaN, -0) and all-zero blocks into the raw kernels,
+    on ggml's own activation blocks: the emulation's bits (NaN where it has NaN), and ggml's."""
+    rng = np.random.default_rng(12 + int(qt))
+    marker = MARKERS[variant]
+    n_row, cols = 24, 1280
+    raw = random_blocks(qt, rng, n_row, cols).reshape(n_row, 5, -1)
+    for r in range(1, n_row):  # row r: edge half r % 10 in one field of super-block r % 5
+        off = F16_FIELDS[qt][r % len(F16_FIELDS[qt])]
+        raw[r, r % 5, off : off + 2] = np.array([EDGE_HALVES[r % len(EDGE_HALVES)]], np.uint16).view(np.uint8)
+    raw[0] = 0
+    raw = raw.reshape(n_row, -1)
+    raw.setflags(write=False)  # as QTensor holds weights: the same compiled kernels as matmul's
+    x = rng.standard_normal((6, cols), dtype=np.float32) * np.float32(3)
+    x[1, :256] = 0
+    act = ggml.q8_k(x)
+    blocks = act.reshape(6, -1, 292)
+    xd = blocks[:, :, 0:4].copy().view(np.float32)[..., 0]
+    xq = np.ascontiguousarray(blocks[:, :, 4:260]).view(np.int8).reshape(6, cols)
+    xb = blocks[:, :, 260:292].copy().view(np.int16).reshape(6, -1).astype(np.int32)
+    want = ggml_avx2(qt, raw, xq, xd, xb)
+    for kernel in KERNELS[qt]:
+        out = np.full((6, n_row), -1.0, np.float32)
+        kernel(out, raw, xq, xd, xb, marker)
+        assert _same(out, want), kernel
+    if ggml.avx2:
+        assert _same(want, ggml.vec_dot(qt, raw, act))
+    assert np.isnan(want).any() and not np.any(want[:, 0])
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_weights_quantised_by_ggml(qt, variant, ggml):
+    """ggml's quantiser output through the public matmul: ggml's AVX2 bits, and close to x @ W.T."""
+    rng = np.random.default_rng(14 + int(qt))
+    n_row, cols = 40, 2048
+    raw = ggml.quantize(qt, rng.standard_normal((n_row, cols), dtype=np.float32) * np.float32(0.02))
+    x = rng.standard_normal((6, cols), dtype=np.float32)
+    out = np.empty((6, n_row), np.float32)
+    matmul(out, weight(qt, raw), x)
+    assert _bits_equal(out, ggml_avx2(qt, raw, *engine_q8_k(x)))
+    wd = gq.dequantize(raw, qt).astype(np.float64)
+    err = np.abs(out - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
+    assert err.max() < 1e-2
+
+
+def test_row_ranges_and_fused_expert_block(variant):
+    """rows.KINDS computes row ranges with matvec's bits; experts of Q3_K gate/up and Q2_K down run in
+    the fused one-token expert block with the separate kernels' bits."""
+    from edgemoe.experts.store import Expert
+    from edgemoe.kernels import fused, ops
+    from edgemoe.models.base import linear
+
+    rng = np.random.default_rng(16)
+    marker = MARKERS[variant]
+    for qt in TYPES:
+        kind = rows.KINDS[(qt, 1)]
+        w = weight(qt, random_blocks(qt, rng, 21, 512))
+        x = rng.standard_normal((1, 512), dtype=np.float32)
+        whole = np.empty(21, np.float32)
+        matvec(whole, w, x[0])
+        xq, xd, xb = engine_q8_k(x)
+        part = np.full(21, np.nan, np.float32)
+        for r0, r1 in ((0, 5), (5, 6), (6, 21)):
+            kind.rows(part, r0, r1, w.data, xq, xd, xb, marker)
+        assert _bits_equal(part, whole), qt
+
+    D, n_i, A = 256, 512, 3
+    shapes = ((QT.Q3_K, n_i, D), (QT.Q3_K, n_i, D), (QT.Q2_K, D, n_i))
+    experts = [Expert(*(weight(qt, random_blocks(qt, rng, r, c)) for qt, r, c in shapes)) for _ in range(A)]
+    kinds = fused.moe_kinds(None, experts[0].gate, experts[0].down)
+    assert kinds is not None and (kinds[0].name, kinds[1].name) == ("Q3_K", "Q2_K")
+    x, h = rng.standard_normal((2, D), dtype=np.float32)
+    wts = np.array([0.5, 0.3, 0.2], np.float32)
+    got = fused.moe_block(x, h, experts, wts, kinds)
+    acc = np.zeros(D, np.float32)
+    for a, ex in enumerate(experts):
+        hb = np.empty((1, n_i), np.float32)
+        ops.silu_mul(hb, linear(h[None], ex.gate), linear(h[None], ex.up))
+        acc = acc + wts[a] * linear(hb, ex.down)[0]
+    assert _bits_equal(got, x + acc)
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_gguf_file_to_linear(qt, tmp_path, ggml):
+    """A GGUF holding a Q2_K / Q3_K 2-D tensor passes check_supported and to_qtensor; linear gives the product."""
+    from edgemoe.formats.gguf import to_qtensor
+    from edgemoe.models.base import linear
+
+    rng = np.random.default_rng(18)
+    n_row, cols = 24, 1024
+    raw = ggml.quantize(qt, rng.standard_normal((n_row, cols), dtype=np.float32))
+    path = tmp_path / f"{qt.name}.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=qt)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (t,) = GGUFReader(str(path)).tensors
+    assert check_supported(t.tensor_type, "test") == qt
+    w = to_qtensor(t)
+    assert isinstance(w, QTensor) and w.qtype == qt and w.shape == (n_row, cols)
+    np.testing.assert_array_equal(w.data, raw)
+    for n_tok in (1, 5):
+        x = rng.standard_normal((n_tok, cols), dtype=np.float32)
+        y = linear(x, w)
+        assert _bits_equal(y, ggml_avx2(qt, raw, *engine_q8_k(x)))
+        wd = dequantize(w.data, qt, cols).astype(np.float64)
+        err = np.abs(y - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
+        assert err.max() < 1e-2
+
+
+# Compiles (never runs) the VNNI kernels for an AVX-512 CPU, as test_kernels does for Q4_0 and Q6_K.
+_VNNI_COMPILE = """
+from numba import types as T
+from edgemoe.kernels import k23matmul
+a = lambda dt: T.Array(dt, 2, "C")
+sig = (a(T.float32), T.Array(T.uint8, 2, "C", readonly=True), a(T.int8), a(T.float32), a(T.int32), T.int32)
+for fn in (k23matmul.matmul_q2_k_serial, k23matmul.matmul_q3_k_serial):
+    fn.compile(sig)
+    assert "vpdpbusd" in fn.inspect_asm(sig), fn
+"""
+_ZEN4 = "+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx512vnni,+avx2,+fma,+f16c,+avx,+bmi2"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+def test_vnni_kernels_compile_for_avx512(tmp_path):
+    if "vnni" in VARIANTS:
+        pytest.skip("this CPU runs the vnni kernels in the tests above")
+    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4, NUMBA_CACHE_DIR=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", _VNNI_COMPILE], env=env, cwd=root, check=True, timeout=600)
