@@ -19,7 +19,7 @@ class BlockFormat(NamedTuple):
     values: int  # values per block (1 for the float types)
     bytes: int  # bytes per block
     scale: str | None  # the per-block scale field: "f16" (IEEE half), "e8m0" (a power of two), None (floats)
-    scale_offsets: tuple[int, ...]  # byte offsets of the scale fields in a block (d, then dmin for Q4_K/Q5_K)
+    scale_offsets: tuple[int, ...]  # byte offsets of the f16/e8m0 scale fields in a block (d, then m/dmin)
 
 
 def _fmt(qtype: QT, scale: str | None = None, *offsets: int) -> BlockFormat:
@@ -34,9 +34,23 @@ FORMATS: dict[QT, BlockFormat] = {
     QT.BF16: _fmt(QT.BF16),
     QT.Q8_0: _fmt(QT.Q8_0, "f16", 0),  # d | qs[32] int8
     QT.Q4_0: _fmt(QT.Q4_0, "f16", 0),  # d | qs[16] nibbles
+    QT.Q4_1: _fmt(QT.Q4_1, "f16", 0, 2),  # d | m | qs[16] nibbles
+    QT.Q5_0: _fmt(QT.Q5_0, "f16", 0),  # d | qh[4] fifth bits | qs[16] nibbles
+    QT.Q5_1: _fmt(QT.Q5_1, "f16", 0, 2),  # d | m | qh[4] | qs[16]
+    QT.Q2_K: _fmt(QT.Q2_K, "f16", 80, 82),  # scales[16] (scale | min << 4) | qs[64] | d | dmin
+    QT.Q3_K: _fmt(QT.Q3_K, "f16", 108),  # hmask[32] | qs[64] | scales[12] (6-bit, packed) | d
     QT.Q4_K: _fmt(QT.Q4_K, "f16", 0, 2),  # d | dmin | scales[12] | qs[128]
     QT.Q5_K: _fmt(QT.Q5_K, "f16", 0, 2),  # d | dmin | scales[12] | qh[32] | qs[128]
     QT.Q6_K: _fmt(QT.Q6_K, "f16", 208),  # ql[128] | qh[64] | scales[16] | d
+    QT.IQ1_S: _fmt(QT.IQ1_S, "f16", 0),  # d | qs[32] | qh uint16[8]
+    QT.IQ1_M: _fmt(QT.IQ1_M, "f16"),  # qs[32] | qh[16] | scales uint16[4]: no d field, its 4 nibbles top the scales
+    QT.IQ2_XXS: _fmt(QT.IQ2_XXS, "f16", 0),  # d | qs uint16[32]: grid indices, signs, scales (quants/iquants.py)
+    QT.IQ2_XS: _fmt(QT.IQ2_XS, "f16", 0),  # d | qs uint16[32] | scales[8]
+    QT.IQ2_S: _fmt(QT.IQ2_S, "f16", 0),  # d | qs[32] | signs[32] | qh[8] | scales[8]
+    QT.IQ3_XXS: _fmt(QT.IQ3_XXS, "f16", 0),  # d | qs[64] | scales and signs uint32[8]
+    QT.IQ3_S: _fmt(QT.IQ3_S, "f16", 0),  # d | qs[64] | qh[8] | signs[32] | scales[4]
+    QT.IQ4_NL: _fmt(QT.IQ4_NL, "f16", 0),  # d | qs[16] nibbles: indices into kvalues_iq4nl
+    QT.IQ4_XS: _fmt(QT.IQ4_XS, "f16", 0),  # d | scales_h | scales_l[4] | qs[128] nibbles as IQ4_NL's
     QT.MXFP4: _fmt(QT.MXFP4, "e8m0", 0),  # e | qs[16] nibbles of E2M1 codes
 }
 SUPPORTED_TYPES = tuple(FORMATS)

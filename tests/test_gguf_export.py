@@ -244,8 +244,10 @@ def test_rejections(tmp_path, tiny):
         export_mixtral_gguf(path, cfg, hf, tokenizer_from=__file__)
     with pytest.raises(UnsupportedError, match="Q6_K"):
         export_mixtral_gguf(path, cfg, hf, expert_qtype="Q6_K")
-    with pytest.raises(UsageError, match="Q3_K"):
+    with pytest.raises(UnsupportedError, match="Q3_K"):  # loadable, but edgemoe has no quantiser for it
         export_mixtral_gguf(path, cfg, hf, qtype="Q3_K")
+    with pytest.raises(UsageError, match="Q9_K"):
+        export_mixtral_gguf(path, cfg, hf, qtype="Q9_K")
     with pytest.raises(ModelFormatError, match="unexpected tensors"):
         export_mixtral_gguf(path, cfg, {**hf, "model.extra.weight": np.zeros(3, np.float32)})
     missing = dict(hf)

@@ -74,6 +74,9 @@ def random_weight(qt: QT, rows: int, cols: int, rng: np.random.Generator) -> QTe
         scales = rng.uniform(1e-3, 1e-2, (rows, n_blocks)).astype(np.float16).view(np.uint8).reshape(rows, n_blocks, 2)
     for off in fmt.scale_offsets:
         blocks[:, :, off : off + scales.shape[2]] = scales
+    if qt == QT.IQ1_M:  # no d field: its 4 nibbles are the tops of the four uint16 scales at 48
+        sc, d = blocks[:, :, 48:56].copy().view(np.uint16), scales.copy().view(np.uint16)  # (R, B, 4), (R, B, 1)
+        blocks[:, :, 48:56] = ((sc & 0x0FFF) | (((d >> np.arange(0, 16, 4, dtype=np.uint16)) & 0xF) << 12)).view(np.uint8)
     return QTensor.from_array(blocks, qt, rows, cols)
 
 

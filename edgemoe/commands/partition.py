@@ -13,8 +13,8 @@ def setup_arg_parser(p) -> None:
     p.add_argument("source", help="GGUF file of any supported family, or an HF Mixtral checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="pack to write, e.g. model.pack.gguf; the manifest "
                    "goes beside it (model.pack.manifest.json)")
-    p.add_argument("--quant", help="storage of the routed experts: Q4_K, Q4_0, Q8_0, F16 (default: as in the "
-                   "source; a GGUF's tensors are then copied byte for byte)")
+    p.add_argument("--quant", help="storage of the routed experts: Q4_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, "
+                   "F16, BF16, F32 (default: as in the source; a GGUF's tensors are then copied byte for byte)")
     p.add_argument("--dense-quant", metavar="TYPE", help="storage of the other matrices (attention, embeddings, "
                    "output); norms and the router stay F32 (default: as in the source)")
     p.add_argument("--vocab-from", metavar="GGUF", help="HF source only: a GGUF file whose tokenizer (same "

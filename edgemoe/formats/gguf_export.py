@@ -27,7 +27,8 @@ from gguf import (
 
 from ..errors import ModelFormatError, UnsupportedError, UsageError
 from ..models.mixtral import SPEC as MIXTRAL
-from ..quants import quantize
+from ..qtensor import FORMATS
+from ..quants import QUANTIZE, quantize
 from .names import (
     GGUF_EXPERT_SPLIT,
     GGUF_EXPERTS,
@@ -37,14 +38,15 @@ from .names import (
 )
 
 Q = GGMLQuantizationType
-# Types this exporter accepts by name; Q5_K / Q6_K are readable by the engine but we have no quantiser.
-EXPORT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
-_NO_QUANTISER = (Q.Q5_K, Q.Q6_K)
+# Types this exporter writes: those edgemoe has a quantiser for (quants.QUANTIZE).
+EXPORT_TYPES = tuple(t.name for t in QUANTIZE)
 # general.file_type names the type of the bulk of the weights (the experts). Pure Q4_K is closest to
 # llama-quantize's Q4_K_S recipe.
 _FILE_TYPE = {
     Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
-    Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
+    Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    Q.Q5_0: LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: LlamaFileType.MOSTLY_Q5_1, Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
+    Q.MXFP4: LlamaFileType.MOSTLY_MXFP4_MOE,
 }
 # HF tensors the converter drops.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -273,13 +275,12 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 def _parse_qtype(q: str | GGMLQuantizationType, what: str) -> GGMLQuantizationType:
     name = q.name if isinstance(q, GGMLQuantizationType) else str(q).upper()
-    if name not in EXPORT_TYPES:
-        raise UsageError(f"{what}={q!r} is not an export type; use one of {', '.join(EXPORT_TYPES)}")
-    qt = Q[name]
-    if qt in _NO_QUANTISER:
-        raise UnsupportedError(f"{what}={name}: edgemoe has no {name} quantiser; export as Q4_K, Q8_0 or F16, "
-                               "or re-quantise an F16 export with llama-quantize")
-    return qt
+    if name in EXPORT_TYPES:
+        return Q[name]
+    if name in Q.__members__ and Q[name] in FORMATS:
+        raise UnsupportedError(f"{what}={name}: edgemoe has no {name} quantiser; export as one of "
+                               f"{', '.join(EXPORT_TYPES)}, or re-quantise an F16 export with llama-quantize")
+    raise UsageError(f"{what}={q!r} is not an export type; use one of {', '.join(EXPORT_TYPES)}")
 
 
 def _storage_type(qtype: GGMLQuantizationType, n_cols: int) -> GGMLQuantizationType:

@@ -5,8 +5,9 @@
     set_threads(n)       kernel threads, 1 .. numba.config.NUMBA_NUM_THREADS
     kernel_names()       {"Q4_0": "avx2 int8", ...}: the variant this CPU uses per weight type
 
-W is a `QTensor` of type F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K or MXFP4. See `dispatch` for the
-variant choice (AVX-512 VNNI, AVX2, portable) and the files it imports for the kernels.
+W is a `QTensor` of any type in `qtensor.FORMATS` (F32, F16, BF16, the legacy, K and IQ block types,
+MXFP4). See `dispatch` for the variant choice (AVX-512 VNNI, AVX2, portable) and the files it imports
+for the kernels.
 """
 
 from .dispatch import kernel_names, matmul, matvec, set_threads

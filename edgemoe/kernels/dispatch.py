@@ -19,12 +19,31 @@ from ..errors import UnsupportedError, UsageError
 from ..qtensor import SUPPORTED_TYPES, QTensor, row_bytes
 from . import intrinsics
 from .fmatmul import matmul_float, matmul_float_serial
+from .iq4 import matmul_iq4_nl, matmul_iq4_nl_serial, matmul_iq4_xs, matmul_iq4_xs_serial
+from .iquants import (
+    matmul_iq1_m,
+    matmul_iq1_m_serial,
+    matmul_iq1_s,
+    matmul_iq1_s_serial,
+    matmul_iq2_s,
+    matmul_iq2_s_serial,
+    matmul_iq2_xs,
+    matmul_iq2_xs_serial,
+    matmul_iq2_xxs,
+    matmul_iq2_xxs_serial,
+    matmul_iq3_s,
+    matmul_iq3_s_serial,
+    matmul_iq3_xxs,
+    matmul_iq3_xxs_serial,
+)
+from .k23matmul import matmul_q2_k, matmul_q2_k_serial, matmul_q3_k, matmul_q3_k_serial
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
 from .mxfp4 import matmul_mxfp4, matmul_mxfp4_serial
 from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
 from .q8act import activations, quantize_q8_0, quantize_q8_0_sums, quantize_q8_k
 from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
+from .q451 import FMT_Q4_1, FMT_Q5_0, FMT_Q5_1, matmul_q451, matmul_q451_serial
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
 VARIANTS = ("generic", "avx2", "vnni")
@@ -121,11 +140,8 @@ _F16_DESC = {
 
 def kernel_names() -> dict[str, str]:
     """For each supported weight type, the kernel variant this CPU uses."""
-    names = {"F32": "f32 simd", "F16": _F16_DESC[current_variant("F16")], "BF16": "bf16 (shift) f32"}
-    for qt, (kind, *_) in _KERNELS.items():
-        if kind is not None:  # the int8 kernels
-            names[qt.name] = _INT8_DESC[current_variant(qt.name)]
-    return names
+    floats = {"F32": "f32 simd", "F16": _F16_DESC[current_variant("F16")], "BF16": "bf16 (shift) f32"}
+    return {t.name: floats.get(t.name) or _INT8_DESC[current_variant(t.name)] for t in SUPPORTED_TYPES}
 
 
 def _scratch(kind: str, n_tok: int, cols: int):
@@ -274,6 +290,10 @@ def _float(fmt):
     return lambda k, o, w, x, m: k(o, w, x, fmt, m)
 
 
+def _q451(fmt):
+    return lambda k, o, w, q, d, s, m: k(o, w, q, d, s, fmt, m)
+
+
 # Per weight type: (activation scratch kind, its quantiser; None for f32 activations),
 # (parallel, serial) kernels, and the kernel call (type sizes and offsets as constants).
 _FLOAT = (matmul_float, matmul_float_serial)
@@ -287,6 +307,20 @@ _KERNELS = {
     QT.Q5_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 176, 16, 48, m)),
     QT.Q6_K: ("q8_k", _q8_k, (matmul_q6_k, matmul_q6_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
     QT.MXFP4: ("q8_0ps", _q8_0_sums, (matmul_mxfp4, matmul_mxfp4_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.Q2_K: ("q8_k", _q8_k, (matmul_q2_k, matmul_q2_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.Q3_K: ("q8_k", _q8_k, (matmul_q3_k, matmul_q3_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.IQ4_NL: ("q8_0p", _q8_0_pairs, (matmul_iq4_nl, matmul_iq4_nl_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.IQ4_XS: ("q8_k", _q8_k, (matmul_iq4_xs, matmul_iq4_xs_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.Q4_1: ("q8_0p", _q8_0_pairs, (matmul_q451, matmul_q451_serial), _q451(FMT_Q4_1)),
+    QT.Q5_0: ("q8_0ps", _q8_0_sums, (matmul_q451, matmul_q451_serial), _q451(FMT_Q5_0)),
+    QT.Q5_1: ("q8_0p", _q8_0_pairs, (matmul_q451, matmul_q451_serial), _q451(FMT_Q5_1)),
+    QT.IQ2_XXS: ("q8_k", _q8_k, (matmul_iq2_xxs, matmul_iq2_xxs_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.IQ2_XS: ("q8_k", _q8_k, (matmul_iq2_xs, matmul_iq2_xs_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.IQ2_S: ("q8_k", _q8_k, (matmul_iq2_s, matmul_iq2_s_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.IQ3_XXS: ("q8_k", _q8_k, (matmul_iq3_xxs, matmul_iq3_xxs_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.IQ3_S: ("q8_k", _q8_k, (matmul_iq3_s, matmul_iq3_s_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.IQ1_S: ("q8_k", _q8_k, (matmul_iq1_s, matmul_iq1_s_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
+    QT.IQ1_M: ("q8_k", _q8_k, (matmul_iq1_m, matmul_iq1_m_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
 }
 assert set(SUPPORTED_TYPES) <= set(_KERNELS), "every supported type needs a matrix kernel"
 

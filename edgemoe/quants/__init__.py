@@ -22,7 +22,8 @@ from . import floats, iq4, iquants, kquants, legacy, mxfp4
 from .mxfp4 import KVALUES_MXFP4, e8m0_to_fp32_half
 
 __all__ = [
-    "KVALUES_MXFP4", "QUANT_SIZES", "dequantize", "dequantize_qtensor", "e8m0_to_fp32_half", "quantize", "quantize_qtensor",
+    "KVALUES_MXFP4", "QUANTIZE", "QUANT_SIZES", "dequantize", "dequantize_qtensor", "e8m0_to_fp32_half", "quantize",
+    "quantize_qtensor",
 ]
 
 _FAMILIES = (floats, legacy, kquants, iq4, iquants, mxfp4)
@@ -30,8 +31,9 @@ _DEQUANTIZE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     t: fn for m in _FAMILIES for t, fn in m.DEQUANTIZE.items()
 }
 _QUANTIZE: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
-    t: fn for m in _FAMILIES for t, fn in m.QUANTIZE.items() if t in FORMATS
+    t: fn for t in FORMATS for m in _FAMILIES for u, fn in m.QUANTIZE.items() if u == t
 }
+QUANTIZE = tuple(_QUANTIZE)  # the types `quantize` writes, in FORMATS order
 
 # (values per block, bytes per block) of each supported type.
 QUANT_SIZES: dict[GGMLQuantizationType, tuple[int, int]] = {t: (f.values, f.bytes) for t, f in FORMATS.items()}
@@ -67,10 +69,11 @@ def dequantize_qtensor(w: QTensor) -> np.ndarray:
 
 
 def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Encode rows of values as `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_K or MXFP4).
+    """Encode rows of values as `qtype` (one of QUANTIZE: the float types, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+    Q4_K, MXFP4).
 
-    x: (..., cols), converted to float32 first. Returns uint8 (..., row_bytes). F16, BF16, Q8_0, Q4_0
-    and MXFP4 are bit-identical to gguf.quants.quantize; Q4_K ports llama.cpp's quantize_row_q4_K_ref.
+    x: (..., cols), converted to float32 first. Returns uint8 (..., row_bytes). All but Q4_K are
+    bit-identical to gguf.quants.quantize; Q4_K ports llama.cpp's quantize_row_q4_K_ref.
     """
     qtype = check_supported(qtype, "quantize")
     fn = _QUANTIZE.get(qtype)
