@@ -47,7 +47,8 @@ def test_seed_reproducible(capsys, model_gguf):
 
 def _write_gguf(path, arch="llama", tensor_type=GGMLQuantizationType.F32, experts=4):
     w = GGUFWriter(str(path), arch)
-    for k, v in {"embedding_length": 64, "block_count": 1, "feed_forward_length": 96,
+    width = 64 if tensor_type == GGMLQuantizationType.F32 else 256  # one block of any type
+    for k, v in {"embedding_length": width, "block_count": 1, "feed_forward_length": 96,
                  "attention.head_count": 4, "attention.head_count_kv": 2, "context_length": 64,
                  "expert_used_count": 2, "vocab_size": 32}.items():
         w.add_uint32(f"{arch}.{k}", v)
@@ -57,6 +58,7 @@ def _write_gguf(path, arch="llama", tensor_type=GGMLQuantizationType.F32, expert
     if tensor_type == GGMLQuantizationType.F32:
         w.add_tensor("blk.0.attn_norm.weight", x[0])
     else:
+        x = np.ones((1, width), np.float32)
         w.add_tensor("blk.0.attn_norm.weight", quantize(x, tensor_type)[0], raw_dtype=tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -79,8 +81,8 @@ def bad_inputs(tmp, model):
         "truncated": (["-m", str(trunc), "-p", "x"], "truncated or corrupt"),
         "unknown arch": (["-m", _write_gguf(tmp / "a.gguf", arch="bert"), "-p", "x"], "architecture bert"),
         "dense llama": (["-m", _write_gguf(tmp / "d.gguf", experts=0), "-p", "x"], "dense"),
-        "tensor type": (["-m", _write_gguf(tmp / "q.gguf", tensor_type=GGMLQuantizationType.Q4_1), "--prompt-ids",
-                         "1"], "Q4_1 is not supported"),
+        "tensor type": (["-m", _write_gguf(tmp / "q.gguf", tensor_type=GGMLQuantizationType.TQ2_0), "--prompt-ids",
+                         "1"], "TQ2_0 is not supported"),
         "context": (["-m", model, "--prompt-ids", ",".join(["5"] * 60), "-n", "8", "--ctx", "32"], "context"),
         "bad ids": (["-m", model, "--prompt-ids", "1,x"], "comma-separated"),
         "id range": (["-m", model, "--prompt-ids", "1,99999"], "outside the vocabulary"),

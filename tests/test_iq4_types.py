@@ -19,15 +19,13 @@ which); without VNNI, the vnni kernels are still compiled for an AVX-512 CPU to 
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import os
 import platform
 import subprocess
 import sys
 from fractions import Fraction
-from pathlib import Path
 
+import ggml_lib
 import gguf.quants as gq
 import numpy as np
 import pytest
@@ -99,67 +97,10 @@ def use(monkeypatch, threads: int, twin: str) -> None:
     monkeypatch.setattr(dispatch, "PARALLEL_MIN_BYTES", 1 << 62 if twin == "serial" else 0)
 
 
-# ---- ggml's compiled C, through ctypes (llama-cpp-python's libggml) --------------------------------
-
-
-class Ggml:
-    """The few ggml C functions the tests ask: quantisers, dequantisers and vec_dot kernels."""
-
-    def __init__(self, lib_dir: Path):
-        self.base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-        self.cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
-        self.cpu.ggml_cpu_init()  # fills the f16 tables the generic C may read
-        self.has_avx2 = bool(self.cpu.ggml_cpu_has_avx2()) and bool(self.cpu.ggml_cpu_has_fma())
-        self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
-        self.base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-
-    def quantize(self, qt: QT, x: np.ndarray) -> np.ndarray:
-        """ggml_quantize_chunk (llama-quantize's path, no importance matrix) of x (rows, cols) f32."""
-        x = np.ascontiguousarray(x, np.float32)
-        values, size = BLOCK[qt] if qt in BLOCK else gq.GGML_QUANT_SIZES[qt]
-        out = np.zeros((x.shape[0], x.shape[1] // values * size), np.uint8)
-        n = self.base.ggml_quantize_chunk(int(qt), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
-        assert n == out.nbytes
-        return out
-
-    def dequantize(self, qt: QT, raw: np.ndarray, cols: int) -> np.ndarray:
-        """ggml's dequantize_row_iq4_nl / _xs of each row."""
-        fn = getattr(self.base, f"dequantize_row_{qt.name.lower()}")
-        out = np.zeros((raw.shape[0], cols), np.float32)
-        for r in range(raw.shape[0]):
-            fn(ctypes.c_void_p(raw[r].ctypes.data), ctypes.c_void_p(out[r].ctypes.data), ctypes.c_int64(cols))
-        return out
-
-    def q8_k(self, x: np.ndarray) -> np.ndarray:
-        """quantize_row_q8_K_ref of each row: (rows, S * 292) uint8 block_q8_K (d f32 | qs[256] | bsums i16[16])."""
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros((x.shape[0], x.shape[1] // 256 * 292), np.uint8)
-        for r in range(x.shape[0]):
-            self.base.quantize_row_q8_K_ref(ctypes.c_void_p(x[r].ctypes.data), ctypes.c_void_p(out[r].ctypes.data),
-                                            ctypes.c_int64(x.shape[1]))
-        return out
-
-    def vec_dot(self, name: str, raw: np.ndarray, act: np.ndarray, cols: int) -> np.ndarray:
-        """ggml_vec_dot_<name>(n, &s, 0, weight row, 0, activation row, 0, 1) for every (token, row): (T, R)."""
-        fn = getattr(self.cpu, f"ggml_vec_dot_{name}")
-        s = ctypes.c_float()
-        out = np.zeros((act.shape[0], raw.shape[0]), np.float32)
-        for t in range(act.shape[0]):
-            for r in range(raw.shape[0]):
-                fn(ctypes.c_int(cols), ctypes.byref(s), ctypes.c_size_t(0), ctypes.c_void_p(raw[r].ctypes.data),
-                   ctypes.c_size_t(0), ctypes.c_void_p(act[t].ctypes.data), ctypes.c_size_t(0), ctypes.c_int(1))
-                out[t, r] = s.value
-        return out
-
-
 @pytest.fixture(scope="module")
 def ggml():
-    spec = importlib.util.find_spec("llama_cpp")
-    lib = Path(spec.origin).parent / "lib" if spec and spec.origin else None
-    if lib is None or not (lib / "libggml-cpu.so").exists():
-        pytest.skip("llama-cpp-python's libggml is not installed")
-    return Ggml(lib)
+    """ggml's compiled C (llama-cpp-python's libggml, through ctypes), or a skip."""
+    return ggml_lib.load_or_skip()
 
 
 # ---- block format: dequantisation ----------------------------------------------------------------
@@ -205,7 +146,7 @@ def test_dequantize_matches_gguf(qt, ggml):
     ours = dequantize(raw, qt, values)
     assert ours.dtype == np.float32 and _bits_equal(ours, ref)
     assert not np.any(ours[:4]) and np.isnan(ours).any() and np.isinf(ours).any()
-    assert _same(ggml.dequantize(qt, raw, values), ours)  # ggml's own C agrees too
+    assert _same(ggml.dequantize(qt, raw), ours)  # ggml's own C agrees too
     # whole rows of several blocks (the per-row path of `dequantize`)
     rows_raw = random_blocks(rng, qt, 6, 8 * values)
     assert _bits_equal(dequantize(rows_raw, qt, 8 * values), gq.dequantize(rows_raw, qt).reshape(6, -1))
@@ -228,7 +169,7 @@ def test_dequantize_ggml_quantiser_output(qt, ggml):
         raw = ggml.quantize(qt, x)
         ours = dequantize(raw, qt, 1024)
         assert _bits_equal(ours, gq.dequantize(raw, qt).reshape(ours.shape)), name
-        assert _bits_equal(ours, ggml.dequantize(qt, raw, 1024)), name
+        assert _bits_equal(ours, ggml.dequantize(qt, raw)), name
         if name == "gaussian":  # a sanity check of the quantiser call itself: ~4.5 bits per weight
             assert np.abs(ours - x).max() < 0.2 * np.abs(x).max()
 
@@ -436,17 +377,17 @@ def test_emulations_match_ggml_c(qt, ggml):
     if qt == QT.IQ4_NL:
         act, xq, xd = ggml_q8_0(x)
         terms = nl_terms(raw, xq, xd)
-        assert _bits_equal(ggml.vec_dot("iq4_nl_q8_0_generic", raw, act, cols), sum_block_order(terms))
-        arch = ggml.vec_dot("iq4_nl_q8_0", raw, act, cols)  # 2 x 8 lanes of FMAs on AVX2: summation order only
+        assert _bits_equal(ggml.vec_dot(qt, raw, act, generic=True), sum_block_order(terms))
+        arch = ggml.vec_dot(qt, raw, act)  # 2 x 8 lanes of FMAs on AVX2: summation order only
         bound = 2 * terms.shape[2] * 2.0**-24 * np.abs(terms).astype(np.float64).sum(axis=2)
         assert np.all(np.abs(arch.astype(np.float64) - sum_block_order(terms)) <= bound)
     else:
-        act = ggml.q8_k(x)
+        act = ggml.quantize_q8(QT.Q8_K, x, ref=True)
         xq, xd = ggml_q8_k(act, 3)
-        assert _bits_equal(ggml.vec_dot("iq4_xs_q8_K_generic", raw, act, cols), xs_generic(raw, xq, xd))
-        if not ggml.has_avx2:
+        assert _bits_equal(ggml.vec_dot(qt, raw, act, generic=True), xs_generic(raw, xq, xd))
+        if not ggml.avx2:
             pytest.skip("libggml-cpu was built without AVX2: its IQ4_XS kernel is the generic one")
-        assert _bits_equal(ggml.vec_dot("iq4_xs_q8_K", raw, act, cols), xs_avx2(raw, xq, xd))
+        assert _bits_equal(ggml.vec_dot(qt, raw, act), xs_avx2(raw, xq, xd))
 
 
 def test_activations_are_ggml_blocks(ggml):
@@ -462,7 +403,7 @@ def test_activations_are_ggml_blocks(ggml):
     quantize_q8_0(xp, np.empty_like(xd), np.empty_like(xd), x, 1)
     np.testing.assert_array_equal(xp, pair_layout(xq))
     kq, kd, kb = engine_q8_k(x)
-    raw = ggml.q8_k(x).reshape(3, -1, 292)
+    raw = ggml.quantize_q8(QT.Q8_K, x, ref=True).reshape(3, -1, 292)
     q, d = ggml_q8_k(raw, 3)
     np.testing.assert_array_equal(kq, q)
     assert _bits_equal(kd, d)
@@ -537,7 +478,7 @@ def test_kernel_on_ggml_blocks_at_the_edges(qt, variant, ggml):
             want = nl_kernel_order(nl_terms(raw, xq, xd))
             args, kernels = (pair_layout(xq), xd, np.zeros_like(xd)), (matmul_iq4_nl_serial, matmul_iq4_nl)
         else:
-            xq, xd = ggml_q8_k(ggml.q8_k(x), 5)
+            xq, xd = ggml_q8_k(ggml.quantize_q8(QT.Q8_K, x, ref=True), 5)
             want = xs_avx2(raw, xq, xd)
             args, kernels = (xq, xd, np.zeros((5, cols // 16), np.int32)), (matmul_iq4_xs_serial, matmul_iq4_xs)
         for kernel in kernels:
@@ -552,14 +493,14 @@ def test_kernel_on_ggml_blocks_at_the_edges(qt, variant, ggml):
 def test_iq4_xs_equals_ggml_library(variant, ggml):
     """The engine's IQ4_XS matmul has the bits of llama.cpp's own: ggml_vec_dot_iq4_xs_q8_K on
     quantize_row_q8_K_ref activations, on weights from ggml's quantiser."""
-    if not ggml.has_avx2:
+    if not ggml.avx2:
         pytest.skip("libggml-cpu was built without AVX2")
     rng = np.random.default_rng(13)
     raw = ggml.quantize(QT.IQ4_XS, rng.standard_normal((40, 2816)).astype(np.float32) * np.float32(0.02))
     x = rng.standard_normal((6, 2816)).astype(np.float32)
     out = np.empty((6, 40), np.float32)
     matmul(out, weight(raw, QT.IQ4_XS), x)
-    assert _bits_equal(out, ggml.vec_dot("iq4_xs_q8_K", raw, ggml.q8_k(x), 2816))
+    assert _bits_equal(out, ggml.vec_dot(QT.IQ4_XS, raw, ggml.quantize_q8(QT.Q8_K, x, ref=True)))
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
@@ -578,7 +519,7 @@ def test_weights_quantised_by_ggml(qt, variant, ggml):
     assert (np.abs(out - xf @ wd.T) / (np.abs(xf) @ np.abs(wd).T)).max() < 1e-2
     if qt == QT.IQ4_NL:  # ggml on its f16-scaled Q8_0 blocks: the same integer dots, scales within 2**-11
         act, _, _ = ggml_q8_0(x)
-        ref = ggml.vec_dot("iq4_nl_q8_0", raw, act, cols)
+        ref = ggml.vec_dot(qt, raw, act)
         assert (np.abs(out - ref) / (np.abs(xf) @ np.abs(wd).T)).max() < 2e-3
 
 

@@ -21,8 +21,6 @@ when this one lacks VNNI.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import os
 import pathlib
 import platform
@@ -32,6 +30,7 @@ import sys
 import tarfile
 import tempfile
 
+import ggml_lib
 import gguf.quants as gq
 import numpy as np
 import pytest
@@ -299,28 +298,19 @@ def test_dequantize_matches_gguf():
 # ---- llama.cpp's compiled C (ctypes) ----------------------------------------------------------------
 
 
-def _ggml_libs():
-    """(libggml-base, libggml-cpu) of llama-cpp-python, or skip."""
-    spec = importlib.util.find_spec("llama_cpp")
-    lib = pathlib.Path(spec.submodule_search_locations[0], "lib") if spec else None
-    if lib is None or not (lib / "libggml-cpu.so").exists():
-        pytest.skip("llama-cpp-python (with its ggml libraries) is not installed")
-    base, cpu = ctypes.CDLL(str(lib / "libggml-base.so")), ctypes.CDLL(str(lib / "libggml-cpu.so"))
-    cpu.ggml_cpu_init()  # the f16 tables the generic C reads
-    return base, cpu
+@pytest.fixture(scope="module")
+def ggml():
+    """ggml's compiled C (llama-cpp-python's libggml, through ctypes), or a skip."""
+    return ggml_lib.load_or_skip()
 
 
-def test_dequantize_matches_llama_cpp():
+def test_dequantize_matches_llama_cpp(ggml):
     """Many random blocks (every grid point of every table with near certainty) through llama.cpp's
     dequantize_row_*: the same floats. (gcc turns `* -1.f` into a sign flip, which flips NaN's sign too.)"""
-    base, _ = _ggml_libs()
     rng = np.random.default_rng(2)
     for qt in TYPES:
         raw = np.concatenate([_edge_blocks(rng, qt), random_blocks(rng, qt, 4096, 256)])
-        fn = getattr(base, f"dequantize_row_{qt.name.lower()}")
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-        ref = np.empty((raw.shape[0], 256), np.float32)
-        fn(raw.ctypes.data, ref.ctypes.data, ref.size)
+        ref = ggml.dequantize(qt, raw)  # (blocks, 256)
         ours = dequantize(raw, qt, 256)
         nan = np.isnan(ref)
         np.testing.assert_array_equal(np.isnan(ours), nan, err_msg=qt.name)
@@ -337,41 +327,23 @@ def _q8_k_blocks(xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return b
 
 
-def _vec_dot(fn, raw: np.ndarray, yb: np.ndarray) -> np.ndarray:
-    """(T, R) from a ggml vec_dot function, one call per (token, row)."""
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                   ctypes.c_size_t, ctypes.c_int]
-    out = np.empty((yb.shape[0], raw.shape[0]), np.float32)
-    s = np.zeros(1, np.float32)
-    n = yb.shape[1] * 256
-    for t in range(yb.shape[0]):
-        for r in range(raw.shape[0]):
-            fn(n, s.ctypes.data, 0, raw[r].ctypes.data, 0, yb[t].ctypes.data, 0, 1)
-            out[t, r] = s[0]
-    return out
-
-
-def test_kernels_match_llama_cpp(variant):
+def test_kernels_match_llama_cpp(variant, ggml):
     """The engine's Q8_K activations are ggml's (quantize_row_q8_K_ref); the kernels give the compiled generic
     C's bits (IQ1's FMA included), and agree with llama.cpp's AVX2 functions within their summation order."""
-    base, cpu = _ggml_libs()
     rng = np.random.default_rng(3)
     rows, cols, n_tok = 11, 1792, 5
     x = rng.standard_normal((n_tok, cols), dtype=np.float32)
     x[1, :256] = 0
     xq, xd, xs = q8_k(x)
     yb = _q8_k_blocks(xq, xd, xs)
-    ref_q8 = np.zeros_like(yb)  # an all-zero block gets d and qs, its bsums are left as they were
-    base.quantize_row_q8_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    base.quantize_row_q8_K_ref(x.ctypes.data, ref_q8.ctypes.data, x.size)
-    np.testing.assert_array_equal(yb, ref_q8)
+    ref_q8 = ggml.quantize_q8(QT.Q8_K, x, ref=True)  # zeros to start with: an all-zero block's bsums stay 0
+    np.testing.assert_array_equal(yb, ref_q8.reshape(yb.shape))
     for qt in TYPES:
         raw = random_blocks(rng, qt, rows, cols)
         out = np.empty((n_tok, rows), np.float32)
         matmul(out, weight(raw, qt), x)
-        name = qt.name.lower()
-        assert _bits_equal(out, _vec_dot(getattr(cpu, f"ggml_vec_dot_{name}_q8_K_generic"), raw, yb)), qt.name
-        native = _vec_dot(getattr(cpu, f"ggml_vec_dot_{name}_q8_K"), raw, yb)
+        assert _bits_equal(out, ggml.vec_dot(qt, raw, yb, generic=True)), qt.name
+        native = ggml.vec_dot(qt, raw, yb)
         # bound: a few roundings of every partial sum, each below sum_s |d_s| * sum |q| |x|
         mags = np.einsum("rsk,tsk->trs", np.abs(integer_weights(raw, qt)), np.abs(xq.reshape(n_tok, -1, 256).astype(np.int64)))
         bound = 4 * cols / 256 * 2.0**-24 * (np.abs(scale_d(raw, qt)[None] * xd[:, None, :]) * mags).sum(-1) / FACTOR[qt]

@@ -19,14 +19,13 @@ which); without VNNI, the vnni kernels are still compiled for an AVX-512 CPU to 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import subprocess
 import sys
 from fractions import Fraction
-from pathlib import Path
 
+import ggml_lib
 import gguf.quants as gq
 import numpy as np
 import pytest
@@ -87,89 +86,10 @@ def weight(qt: QT, raw: np.ndarray) -> QTensor:
     return QTensor.from_array(raw, qt, raw.shape[0], raw.shape[1] // GGML_QUANT_SIZES[qt][1] * 256)
 
 
-# ---- ggml's compiled C, through ctypes (llama-cpp-python's libggml) --------------------------------
-
-
-class Ggml:
-    """ggml's quantisers, dequantisers and dot products for Q2_K / Q3_K, as built into llama-cpp-python."""
-
-    def __init__(self, lib_dir: Path):
-        self.base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-        self.cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
-        self.cpu.ggml_cpu_init()  # fills ggml's f16 tables, which the dot products read
-        self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
-        self.base.ggml_quantize_chunk.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-        ]
-        self.avx2 = bool(self.cpu.ggml_cpu_has_avx2() and self.cpu.ggml_cpu_has_fma())
-
-    def quantize(self, qt: QT, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-        """ggml's quantiser (quantize_q2_K / q3_K) on the rows of x (R, C) f32 -> (R, row bytes)."""
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros((x.shape[0], x.shape[1] // 256 * GGML_QUANT_SIZES[qt][1]), np.uint8)
-        im = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
-        n = self.base.ggml_quantize_chunk(
-            int(qt), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None if im is None else im.ctypes.data
-        )
-        assert n == out.nbytes
-        return out
-
-    def dequantize(self, qt: QT, raw: np.ndarray) -> np.ndarray:
-        fn = getattr(self.base, f"dequantize_row_{qt.name[:2].lower()}_K")
-        raw = np.ascontiguousarray(raw)
-        out = np.zeros(raw.size // GGML_QUANT_SIZES[qt][1] * 256, np.float32)
-        fn(ctypes.c_void_p(raw.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(out.size))
-        return out.reshape(*raw.shape[:-1], -1)
-
-    def q8_k(self, x: np.ndarray) -> np.ndarray:
-        """quantize_row_q8_K (x86: the reference C) on the rows of x (T, C) -> block_q8_K bytes (T, C / 256 * 292)."""
-        x = np.ascontiguousarray(x, np.float32)
-        out = np.zeros((x.shape[0], x.shape[1] // 256 * 292), np.uint8)
-        for t in range(x.shape[0]):
-            self.cpu.quantize_row_q8_K(
-                ctypes.c_void_p(x[t].ctypes.data), ctypes.c_void_p(out[t].ctypes.data), ctypes.c_int64(x.shape[1])
-            )
-        return out
-
-    def vec_dot(self, qt: QT, raw: np.ndarray, act: np.ndarray, generic: bool = False) -> np.ndarray:
-        """out (T, R) = ggml_vec_dot_{q2,q3}_K_q8_K[_generic] of each weight row with each activation row."""
-        fn = getattr(self.cpu, f"ggml_vec_dot_{qt.name[:2].lower()}_K_q8_K" + ("_generic" if generic else ""))
-        raw, act = np.ascontiguousarray(raw), np.ascontiguousarray(act)
-        cols = raw.shape[1] // GGML_QUANT_SIZES[qt][1] * 256
-        out = np.zeros((act.shape[0], raw.shape[0]), np.float32)
-        s = ctypes.c_float()
-        for t in range(act.shape[0]):
-            for r in range(raw.shape[0]):
-                fn(
-                    ctypes.c_int(cols),
-                    ctypes.byref(s),
-                    ctypes.c_size_t(0),
-                    ctypes.c_void_p(raw[r].ctypes.data),
-                    ctypes.c_size_t(0),
-                    ctypes.c_void_p(act[t].ctypes.data),
-                    ctypes.c_size_t(0),
-                    ctypes.c_int(1),
-                )
-                out[t, r] = s.value
-        return out
-
-
 @pytest.fixture(scope="module")
 def ggml():
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed")
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    if not (lib_dir / "libggml-cpu.so").exists():
-        pytest.skip(f"no libggml-cpu.so in {lib_dir}")
-    return Ggml(lib_dir)
+    """ggml's compiled C (llama-cpp-python's libggml, through ctypes), or a skip."""
+    return ggml_lib.load_or_skip()
 
 
 def q8_k_blocks(xq: np.ndarray, xd: np.ndarray, xb: np.ndarray) -> np.ndarray:
@@ -355,7 +275,7 @@ def test_activations_are_ggml_q8_k(ggml):
     x = rng.standard_normal((4, 768), dtype=np.float32)
     x[1, 256:512] = 0  # an all-zero super-block
     x[2, 7] = -30.0  # the largest |x| negative
-    assert np.array_equal(q8_k_blocks(*engine_q8_k(x)), ggml.q8_k(x))
+    assert np.array_equal(q8_k_blocks(*engine_q8_k(x)), ggml.quantize_q8(QT.Q8_K, x))
 
 
 # ---- kernel tests ----------------------------------------------------------------------------------
@@ -420,7 +340,7 @@ def test_kernel_at_the_edges(qt, variant, ggml):
     raw.setflags(write=False)  # as QTensor holds weights: the same compiled kernels as matmul's
     x = rng.standard_normal((6, cols), dtype=np.float32) * np.float32(3)
     x[1, :256] = 0
-    act = ggml.q8_k(x)
+    act = ggml.quantize_q8(QT.Q8_K, x)
     blocks = act.reshape(6, -1, 292)
     xd = blocks[:, :, 0:4].copy().view(np.float32)[..., 0]
     xq = np.ascontiguousarray(blocks[:, :, 4:260]).view(np.int8).reshape(6, cols)

@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 
+import ggml_lib
 import gguf.quants as gq
 import numpy as np
 import pytest
@@ -480,46 +481,29 @@ def test_gguf_file_to_linear(tmp_path):
             assert err.max() < 1e-2
 
 
-def _libggml_cpu():
-    """ggml's CPU library as llama-cpp-python ships it (ctypes), or a skip."""
-    import ctypes
-
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[bench]')")
-    path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so")
-    if not os.path.exists(path):
-        pytest.skip(f"no {path}")
-    lib = ctypes.CDLL(path)
-    lib.ggml_cpu_init()  # fills ggml's f16 tables
-    p = ctypes.c_void_p
-    for name in ("quantize_row_q8_0", "quantize_row_q8_1"):
-        getattr(lib, name).argtypes = [p, p, ctypes.c_int64]
-    for name in ("q4_1_q8_1", "q5_0_q8_0", "q5_1_q8_1"):
-        for suffix in ("", "_generic"):
-            fn = getattr(lib, f"ggml_vec_dot_{name}{suffix}")
-            fn.argtypes = [ctypes.c_int, p, ctypes.c_size_t, p, ctypes.c_size_t, p, ctypes.c_size_t, ctypes.c_int]
-    return lib
+@pytest.fixture(scope="module")
+def ggml():
+    """ggml's compiled C (llama-cpp-python's libggml, through ctypes), or a skip."""
+    return ggml_lib.load_or_skip()
 
 
-_GGML_DOT = {QT.Q4_1: ("q4_1_q8_1", 36), QT.Q5_0: ("q5_0_q8_0", 34), QT.Q5_1: ("q5_1_q8_1", 36)}
+_Y_SIZE = {QT.Q4_1: 36, QT.Q5_0: 34, QT.Q5_1: 36}  # bytes of ggml's block_q8_1 / block_q8_0 activation blocks
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
-def test_against_ggml_compiled(qt):
+def test_against_ggml_compiled(qt, ggml):
     """ggml's own compiled C (libggml-cpu of llama-cpp-python) as the oracle: its activation quantiser
     (quantize_row_q8_0 / q8_1) and ggml_vec_dot_*_generic for every (token, row). The emulation's
     block-order sum has the generic C's bits; the kernel, fed the same C activation blocks, is within
     summation-order error of the generic C and of ggml's own SIMD dot (this library's build)."""
-    lib = _libggml_cpu()
-    name, y_size = _GGML_DOT[qt]
+    y_size = _Y_SIZE[qt]
     rng = np.random.default_rng(16)
     n_row, cols, n_tok = 12, 1408, 3
     raw = np.asarray(gq.quantize(rng.standard_normal((n_row, cols), dtype=np.float32) * 0.05, qt)).view(np.uint8)
     raw = np.ascontiguousarray(raw)
     x = rng.standard_normal((n_tok, cols), dtype=np.float32)
-    y = np.zeros((n_tok, cols // 32, y_size), np.uint8)  # ggml's block_q8_0 / block_q8_1 rows
-    quant = lib.quantize_row_q8_0 if y_size == 34 else lib.quantize_row_q8_1
-    for t in range(n_tok):
-        quant(x[t].ctypes.data, y[t].ctypes.data, cols)
+    # ggml's block_q8_0 / block_q8_1 rows, from libggml-cpu's quantize_row_q8_0 / q8_1
+    y = ggml.quantize_q8(ggml_lib.VEC_DOT_TYPE[qt], x).reshape(n_tok, cols // 32, y_size)
     yd = y[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (T, B)
     ys = y[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if y_size == 36 else None
     yq = y[..., y_size - 32 :].copy().view(np.int8).reshape(n_tok, cols)
@@ -528,16 +512,7 @@ def test_against_ggml_compiled(qt):
     np.testing.assert_array_equal(yd, gq_d)
     if ys is not None:
         np.testing.assert_array_equal(ys, gq_s)
-    c_generic, c_native = np.zeros((n_tok, n_row), np.float32), np.zeros((n_tok, n_row), np.float32)
-    out1 = np.zeros(1, np.float32)
-    for t in range(n_tok):
-        for r in range(n_row):
-            for fn, dst in (
-                (getattr(lib, f"ggml_vec_dot_{name}_generic"), c_generic),
-                (getattr(lib, f"ggml_vec_dot_{name}"), c_native),
-            ):
-                fn(cols, out1.ctypes.data, 0, raw[r].ctypes.data, 0, y[t].ctypes.data, 0, 1)
-                dst[t, r] = out1[0]
+    c_generic, c_native = ggml.vec_dot(qt, raw, y, generic=True), ggml.vec_dot(qt, raw, y)  # (T, R)
     terms = ggml_terms(raw, qt, yq, yd, ys)
     assert _bits_equal(sum_block_order(terms), c_generic)
     xp, sums = kernel_layout(yq)
