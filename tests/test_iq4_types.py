@@ -19,28 +19,22 @@ which); without VNNI, the vnni kernels are still compiled for an AVX-512 CPU to 
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-import sys
 from fractions import Fraction
 
-import ggml_lib
 import gguf.quants as gq
 import numpy as np
 import pytest
+import type_checks as tc
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFWriter
 
-from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, rows, set_threads
+from edgemoe.kernels import dispatch, matmul, rows
 from edgemoe.kernels.iq4 import matmul_iq4_nl, matmul_iq4_nl_serial, matmul_iq4_xs, matmul_iq4_xs_serial
-from edgemoe.kernels.q8act import quantize_q8_0, quantize_q8_k
+from edgemoe.kernels.q8act import quantize_q8_0
 from edgemoe.qtensor import FORMATS, QTensor, check_supported
 from edgemoe.quants import dequantize
 from edgemoe.quants.iq4 import KVALUES_IQ4NL
 
-VARIANTS = dispatch.supported_variants()
-MARKERS = {v: dispatch._MARKERS[v] for v in VARIANTS}
+MARKERS = tc.MARKERS
 BLOCK = {QT.IQ4_NL: (32, 18), QT.IQ4_XS: (256, 136)}  # (values, bytes), ggml-common.h
 # f16 bit patterns of d: +-0, the smallest subnormal, the largest subnormal, the smallest normal, 1,
 # +-65504, +-inf, NaN
@@ -49,28 +43,11 @@ SHAPES = {  # (rows, cols)
     QT.IQ4_NL: ((37, 96), (5, 288), (3, 608), (16, 2880)),  # 3 blocks (tail only), 8 + 1, 2 x 8 + 3, 11 x 8 + 2
     QT.IQ4_XS: ((37, 256), (5, 768), (16, 2816)),  # 1, 3 and 11 super-blocks
 }
-TOKENS = (1, 3, 4, 5, 9, 70)  # single, remainder only, one tile, tile + 1, two tiles + 1, two chunks
+TOKENS = tc.TOKENS
 TYPES = (QT.IQ4_NL, QT.IQ4_XS)
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    dispatch.force_variant(request.param)
-    names = kernel_names()
-    print(f"variant {request.param}: IQ4_NL {names['IQ4_NL']!r}, IQ4_XS {names['IQ4_XS']!r}")
-    yield request.param
-    dispatch.force_variant(None)
-
-
-def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    """Bit-identical, except that any NaN equals any NaN."""
-    nan = np.isnan(a)
-    return np.array_equal(nan, np.isnan(b)) and _bits_equal(np.where(nan, 0, a), np.where(nan, 0, b))
+_bits_equal, _same = tc.bits_equal, tc.same
+variant = tc.variant_fixture(tuple(t.name for t in TYPES))
+ggml = tc.ggml_fixture()
 
 
 def _halves(rng, n, lo=1e-3, hi=1e-2) -> np.ndarray:
@@ -90,17 +67,6 @@ def random_blocks(rng, qt: QT, n_row: int, cols: int) -> np.ndarray:
 def weight(raw: np.ndarray, qt: QT) -> QTensor:
     values, size = BLOCK[qt]
     return QTensor.from_array(raw, qt, raw.shape[0], raw.shape[1] // size * values)
-
-
-def use(monkeypatch, threads: int, twin: str) -> None:
-    set_threads(threads)
-    monkeypatch.setattr(dispatch, "PARALLEL_MIN_BYTES", 1 << 62 if twin == "serial" else 0)
-
-
-@pytest.fixture(scope="module")
-def ggml():
-    """ggml's compiled C (llama-cpp-python's libggml, through ctypes), or a skip."""
-    return ggml_lib.load_or_skip()
 
 
 # ---- block format: dequantisation ----------------------------------------------------------------
@@ -220,29 +186,7 @@ def nl_terms(raw: np.ndarray, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
         return (xd[:, None, :] * dw[None]) * sumi.astype(np.float32)
 
 
-def sum_block_order(terms: np.ndarray) -> np.ndarray:
-    """ggml's generic loop: sumf += term, block by block, in f32."""
-    acc = np.zeros(terms.shape[:2], np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for b in range(terms.shape[2]):
-            acc = acc + terms[:, :, b]
-    return acc
-
-
-def nl_kernel_order(terms: np.ndarray) -> np.ndarray:
-    """kernels/iq4.py (IQ4_NL): lane k adds blocks 8g + k; the lanes in order from 0; then the tail blocks."""
-    nb = terms.shape[2]
-    n8 = nb // 8 * 8
-    lanes = np.zeros(terms.shape[:2] + (8,), np.float32)
-    out = np.zeros(terms.shape[:2], np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for b in range(0, n8, 8):
-            lanes = lanes + terms[:, :, b : b + 8]
-        for k in range(8):
-            out = out + lanes[:, :, k]
-        for b in range(n8, nb):
-            out = out + terms[:, :, b]
-    return out
+sum_block_order, nl_kernel_order = tc.sum_block_order, tc.sum_kernel_order
 
 
 def _xs_parts(raw: np.ndarray, xq: np.ndarray):
@@ -289,43 +233,17 @@ def xs_generic(raw: np.ndarray, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
     return acc
 
 
-def ggml_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's own Q8_0 activation blocks (gguf-py's quantiser = quantize_row_q8_0_ref): raw (T, B*34),
-    qs (T, C) int8 and d (T, B) f32 holding the f16 values."""
-    raw = np.asarray(gq.quantize(x, QT.Q8_0)).view(np.uint8).reshape(x.shape[0], -1)
-    blocks = raw.reshape(x.shape[0], -1, 34)
-    qs = blocks[:, :, 2:].copy().view(np.int8).reshape(x.shape)
-    return raw, qs, blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+ggml_q8_0, engine_q8_k, pair_layout = tc.ggml_q8_0, tc.engine_q8_k, tc.pair_layout
 
 
 def ggml_q8_k(raw: np.ndarray, n_tok: int) -> tuple[np.ndarray, np.ndarray]:
     """block_q8_K rows (T, S * 292) -> qs (T, C) int8, d (T, S) f32."""
-    blocks = raw.reshape(n_tok, -1, 292)
-    return blocks[:, :, 4:260].copy().view(np.int8).reshape(n_tok, -1), blocks[:, :, :4].copy().view(np.float32)[..., 0]
+    return tc.unpack_q8_k(raw, n_tok)[:2]
 
 
 def engine_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The engine's Q8_0 activation blocks (q8act), plain layout: xq (T, C), xd (T, B) f32."""
-    xq = np.empty(x.shape, np.int8)
-    xd, xs = (np.empty((x.shape[0], x.shape[1] // 32), np.float32) for _ in range(2))
-    quantize_q8_0(xq, xd, xs, np.ascontiguousarray(x), 0)
-    return xq, xd
-
-
-def engine_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The engine's Q8_K activation blocks (q8act): xq (T, C), xd (T, S) f32, xb (T, C/16) int32."""
-    xq, xd = np.empty(x.shape, np.int8), np.empty((x.shape[0], x.shape[1] // 256), np.float32)
-    xb = np.empty((x.shape[0], x.shape[1] // 16), np.int32)
-    quantize_q8_k(xq, xd, xb, np.ascontiguousarray(x))
-    return xq, xd, xb
-
-
-def pair_layout(xq: np.ndarray) -> np.ndarray:
-    """Plain int8 blocks (T, C) -> the pair layout of quantize_q8_0(..., pairs=1) (a last odd block stays plain)."""
-    n_tok, cols = xq.shape
-    paired = cols // 64 * 64
-    pairs = xq[:, :paired].reshape(n_tok, -1, 2, 2, 16).transpose(0, 1, 3, 2, 4).reshape(n_tok, paired)
-    return np.ascontiguousarray(np.concatenate([pairs, xq[:, paired:]], axis=1))
+    return tc.engine_q8_0(x)[:2]
 
 
 def emulate(qt: QT, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -379,8 +297,7 @@ def test_emulations_match_ggml_c(qt, ggml):
         terms = nl_terms(raw, xq, xd)
         assert _bits_equal(ggml.vec_dot(qt, raw, act, generic=True), sum_block_order(terms))
         arch = ggml.vec_dot(qt, raw, act)  # 2 x 8 lanes of FMAs on AVX2: summation order only
-        bound = 2 * terms.shape[2] * 2.0**-24 * np.abs(terms).astype(np.float64).sum(axis=2)
-        assert np.all(np.abs(arch.astype(np.float64) - sum_block_order(terms)) <= bound)
+        assert np.all(np.abs(arch.astype(np.float64) - sum_block_order(terms)) <= tc.order_bound(terms))
     else:
         act = ggml.quantize_q8(QT.Q8_K, x, ref=True)
         xq, xd = ggml_q8_k(act, 3)
@@ -421,30 +338,19 @@ def test_matmul_matches_dequantised_and_ggml(qt, variant, monkeypatch):
             raw = random_blocks(rng, qt, n_row, cols)
             w, wd = weight(raw, qt), gq.dequantize(raw, qt).reshape(n_row, cols).astype(np.float64)  # (R, C)
             x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)  # (T, C)
-            use(monkeypatch, 2, "parallel")
-            single = np.empty((len(x), n_row), np.float32)  # (T, R) token by token
-            for t in range(len(x)):
-                matvec(single[t], w, x[t])
+            single = tc.rows_alone(monkeypatch, w, x)  # (T, R) token by token
             # (a) the dequantised weights in float64: error of rounding x to int8 (1/254 of a block's max)
-            xf = x.astype(np.float64)
-            err = np.abs(single - xf @ wd.T) / (np.abs(xf) @ np.abs(wd).T)
-            assert err.max() < 1e-2, (n_row, cols)
+            assert tc.relative_error(single, x, wd).max() < 1e-2, (n_row, cols)
             # (b) ggml's arithmetic on the same activation blocks, in the kernel's order
             assert _bits_equal(single, emulate(qt, raw, x)), (n_row, cols)
             if qt == QT.IQ4_NL:  # and ggml's generic order, within its summation error
                 terms = nl_terms(raw, *engine_q8_0(x))
-                bound = 2 * terms.shape[2] * 2.0**-24 * np.abs(terms).astype(np.float64).sum(axis=2)
+                bound = tc.order_bound(terms)
                 assert np.all(np.abs(single.astype(np.float64) - sum_block_order(terms)) <= bound), (n_row, cols)
             # batch rows bit-identical to the row alone: serial and parallel twins, 1 and 2 threads
-            for threads, twin in ((1, "serial"), (1, "parallel"), (2, "parallel")):
-                use(monkeypatch, threads, twin)
-                for n_tok in TOKENS:
-                    out = np.full((n_tok, n_row), np.nan, np.float32)
-                    matmul(out, w, x[:n_tok])
-                    bad = np.argwhere(out != single[:n_tok])
-                    assert not len(bad), f"{n_row}x{cols} T={n_tok} {threads} thread(s) {twin}: {bad[:5].tolist()}"
+            tc.check_batch_rows(monkeypatch, w, x, single, f"{n_row}x{cols}")
     finally:
-        set_threads(dispatch.numba.config.NUMBA_NUM_THREADS)
+        tc.reset_threads()
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
@@ -532,88 +438,43 @@ def test_row_kinds(qt, variant):
     w = weight(raw, qt)
     kind = rows.KINDS[(qt, 1)]
     x = rng.standard_normal((1, cols), dtype=np.float32)
-    want = np.empty(n_row, np.float32)
-    matvec(want, w, x[0])
     xq, xd, xs = dispatch.activations(kind.act, 1, cols)
     kind.quant(xq, xd, xs, x)
-    out = np.full(n_row, np.nan, np.float32)
-    for r0, r1 in ((0, 5), (5, 17), (17, 24)):
-        kind.rows(out, r0, r1, w.data, xq, xd, xs, dispatch.variant_marker(qt))
-    assert _bits_equal(out, want)
+    tc.check_row_ranges(kind, w, x[0], (xq, xd, xs), ((0, 5), (5, 17), (17, 24)), dispatch.variant_marker(qt))
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_fused_expert_block(qt, variant):
     """IQ4 experts run in the fused one-token expert block, with the bits of the separate kernels."""
     from edgemoe.experts.store import Expert
-    from edgemoe.kernels import fused, ops
-    from edgemoe.models.base import linear
 
     rng = np.random.default_rng(16)
     D, n_i, A = 256, 512, 3
     experts = [Expert(*(weight(random_blocks(rng, qt, r, c), qt) for r, c in ((n_i, D), (n_i, D), (D, n_i))))
                for _ in range(A)]
-    kinds = fused.moe_kinds(None, experts[0].gate, experts[0].down)
+    kinds = tc.moe_kinds(experts)
     assert kinds is not None and kinds[0].name == kinds[1].name == qt.name
-    x, h = rng.standard_normal((2, D), dtype=np.float32)
-    wts = np.array([0.5, 0.3, 0.2], np.float32)
-    got = fused.moe_block(x, h, experts, wts, kinds)
-    acc = np.zeros(D, np.float32)
-    for a, ex in enumerate(experts):
-        hb = np.empty((1, n_i), np.float32)
-        ops.silu_mul(hb, linear(h[None], ex.gate), linear(h[None], ex.up))
-        acc = acc + wts[a] * linear(hb, ex.down)[0]
-    assert _bits_equal(got, x + acc)
+    tc.check_fused_block(rng, experts, kinds)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_gguf_file_to_linear(qt, tmp_path):
     """A GGUF holding a 2-D tensor of the type passes check_supported and to_qtensor; linear gives the product."""
-    from edgemoe.formats.gguf import to_qtensor
-    from edgemoe.models.base import linear
-
     rng = np.random.default_rng(17)
     n_row, cols = 24, 2816 if qt == QT.IQ4_XS else 2880
     raw = random_blocks(rng, qt, n_row, cols)
-    path = tmp_path / f"{qt.name}.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=qt)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    (t,) = GGUFReader(str(path)).tensors
-    assert check_supported(t.tensor_type, "test") == qt
-    w = to_qtensor(t)
-    assert isinstance(w, QTensor) and w.qtype == qt and w.shape == (n_row, cols)
-    np.testing.assert_array_equal(w.data, raw)
+    (t,) = tc.write_gguf(tmp_path / f"{qt.name}.gguf", {"blk.0.ffn_down.weight": (raw, qt)})
+    w = tc.loaded(t, qt, raw, cols)
     wd = dequantize(w.data, qt, cols).astype(np.float64)
-    for n_tok in (1, 3):
-        x = rng.standard_normal((n_tok, cols), dtype=np.float32)
-        y = linear(x, w)
-        assert _bits_equal(y, emulate(qt, raw, x))
-        err = np.abs(y - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
-        assert err.max() < 1e-2
+    tc.check_linear(rng, w, lambda x: emulate(qt, raw, x), wd)
 
 
 # Compiles (never runs) the VNNI kernels for an AVX-512 CPU, as test_kernels does for Q4_0 and Q6_K.
-_VNNI_COMPILE = """
-from numba import types as T
-from edgemoe.kernels import iq4
-a = lambda dt: T.Array(dt, 2, "C")
-w = T.Array(T.uint8, 2, "C", readonly=True)
-for k, xs in ((iq4.matmul_iq4_nl_serial, T.float32), (iq4.matmul_iq4_xs_serial, T.int32)):
-    sig = (a(T.float32), w, a(T.int8), a(T.float32), a(xs), T.int32)
-    k.compile(sig)
-    assert "vpdpbusd" in k.inspect_asm(sig)
-"""
-_ZEN4 = "+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx512vnni,+avx2,+fma,+f16c,+avx,+bmi2"
+_VNNI_COMPILE = tc.compile_script(
+    "iq4", [("matmul_iq4_nl_serial", tc.kernel_sig("float32")), ("matmul_iq4_xs_serial", tc.kernel_sig("int32"))]
+)
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+@tc.x86_only
 def test_vnni_kernels_compile_for_avx512(tmp_path):
-    if "vnni" in VARIANTS:
-        pytest.skip("this CPU runs the vnni kernels in the tests above")
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4, NUMBA_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", _VNNI_COMPILE], env=env, cwd=root, check=True, timeout=600)
+    tc.compile_for_zen4(tmp_path, _VNNI_COMPILE)

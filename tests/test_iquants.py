@@ -23,30 +23,28 @@ from __future__ import annotations
 
 import os
 import pathlib
-import platform
 import re
 import subprocess
 import sys
 import tarfile
 import tempfile
 
-import ggml_lib
 import gguf.quants as gq
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+import type_checks as tc
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, set_threads
 from edgemoe.kernels import iquants as kiq
-from edgemoe.kernels.q8act import activations, quantize_q8_k
+from edgemoe.kernels import matmul
+from edgemoe.kernels.q8act import activations
 from edgemoe.qtensor import FORMATS, QTensor, check_supported
 from edgemoe.quants import dequantize
 from edgemoe.quants.iquants import grids
 
 TYPES = (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M)
-VARIANTS = dispatch.supported_variants()
-MARKERS = {v: dispatch._MARKERS[v] for v in VARIANTS}
+MARKERS = tc.MARKERS
 # The generic C's constants: gguf-py's value with d = 1 times FACTOR is the integer (2s + 1) * weight
 # (IQ1: (2s + 1) * (8 grid + delta)); the C multiplies its sum by FINAL at the end.
 FACTOR = {QT.IQ2_XXS: 8, QT.IQ2_XS: 8, QT.IQ2_S: 8, QT.IQ3_XXS: 4, QT.IQ3_S: 1, QT.IQ1_S: 8, QT.IQ1_M: 8}
@@ -55,21 +53,10 @@ ONE = 0x3C00  # f16 bits of 1.0
 # f16 bits of d: 0, -0, the smallest and largest subnormal, the smallest normal, +-65504, +-inf, NaN
 F16_EDGES = (0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00)
 SHAPES = ((37, 256), (5, 1792), (16, 2048))  # (rows, cols): 1, 7 and 8 super-blocks
-TOKENS = (1, 3, 4, 5, 9, 70)  # single, remainder only, one tile, tile + 1, two tiles + 1, two chunks
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    dispatch.force_variant(request.param)
-    names = kernel_names()
-    print(f"variant {request.param}: " + ", ".join(f"{t.name} {names[t.name]!r}" for t in TYPES))
-    yield request.param
-    dispatch.force_variant(None)
-
-
-def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+TOKENS = tc.TOKENS
+_bits_equal = tc.bits_equal
+variant = tc.variant_fixture(tuple(t.name for t in TYPES))
+ggml = tc.ggml_fixture()
 
 
 # ---- blocks ----------------------------------------------------------------------------------------
@@ -187,16 +174,7 @@ def ggml_dot(raw: np.ndarray, qt: QT, xq: np.ndarray, xd: np.ndarray) -> np.ndar
         return np.float32(FINAL[qt]) * sumf if qt in FINAL else sumf
 
 
-def q8_k(x: np.ndarray):
-    """The engine's Q8_K activations of x (T, C): xq int8, xd (T, C/256) f32, xs (T, C/16) int32 sums."""
-    xq, xd, xs = activations("q8_k", x.shape[0], x.shape[1])
-    quantize_q8_k(xq, xd, xs, x)
-    return xq, xd, xs
-
-
-def use(monkeypatch, threads: int, twin: str) -> None:
-    set_threads(threads)
-    monkeypatch.setattr(dispatch, "PARALLEL_MIN_BYTES", 1 << 62 if twin == "serial" else 0)
+q8_k = tc.engine_q8_k  # xq int8, xd (T, C/256) f32, xs (T, C/16) int32 sums
 
 
 # ---- tables and dequantisation ----------------------------------------------------------------------
@@ -298,12 +276,6 @@ def test_dequantize_matches_gguf():
 # ---- llama.cpp's compiled C (ctypes) ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ggml():
-    """ggml's compiled C (llama-cpp-python's libggml, through ctypes), or a skip."""
-    return ggml_lib.load_or_skip()
-
-
 def test_dequantize_matches_llama_cpp(ggml):
     """Many random blocks (every grid point of every table with near certainty) through llama.cpp's
     dequantize_row_*: the same floats. (gcc turns `* -1.f` into a sign flip, which flips NaN's sign too.)"""
@@ -317,14 +289,7 @@ def test_dequantize_matches_llama_cpp(ggml):
         assert _bits_equal(np.where(nan, 0, ours), np.where(nan, 0, ref)), qt.name
 
 
-def _q8_k_blocks(xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """(T, S, 292) ggml block_q8_K bytes: d f32 | qs[256] | bsums int16[16]."""
-    n_tok, n_sb = xd.shape
-    b = np.zeros((n_tok, n_sb, 292), np.uint8)
-    b[:, :, 0:4] = xd.reshape(n_tok, n_sb, 1).view(np.uint8)
-    b[:, :, 4:260] = xq.reshape(n_tok, n_sb, 256).view(np.uint8)
-    b[:, :, 260:292] = xs.astype(np.int16).reshape(n_tok, n_sb, 16).view(np.uint8)
-    return b
+_q8_k_blocks = tc.q8_k_blocks
 
 
 def test_kernels_match_llama_cpp(variant, ggml):
@@ -361,27 +326,17 @@ def test_matmul_matches_dequantised_and_ggml(variant, monkeypatch):
                 raw = random_blocks(rng, qt, rows, cols)
                 w, wd = weight(raw, qt), gq.dequantize(raw, qt).astype(np.float64)  # (R, C)
                 x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)  # (T, C)
-                use(monkeypatch, 2, "parallel")
-                single = np.empty((len(x), rows), np.float32)  # (T, R) token by token
-                for t in range(len(x)):
-                    matvec(single[t], w, x[t])
+                single = tc.rows_alone(monkeypatch, w, x)  # (T, R) token by token
                 # (a) the dequantised weights in float64: the error of rounding x to int8 (1/254 of its max)
-                xf = x.astype(np.float64)
-                err = np.abs(single - xf @ wd.T) / (np.abs(xf) @ np.abs(wd).T)
+                err = tc.relative_error(single, x, wd)
                 assert err.max() < 1e-2, (qt.name, rows, cols, err.max())
                 # (b) ggml's arithmetic on the same activations, bit for bit
                 xq, xd, _ = q8_k(x)
                 assert _bits_equal(single, ggml_dot(raw, qt, xq, xd)), (qt.name, rows, cols)
                 # batch rows bit-identical to the row alone: serial and parallel twins, 1 and 2 threads
-                for threads, twin in ((1, "serial"), (1, "parallel"), (2, "parallel")):
-                    use(monkeypatch, threads, twin)
-                    for n_tok in TOKENS:
-                        out = np.full((n_tok, rows), np.nan, np.float32)
-                        matmul(out, w, x[:n_tok])
-                        bad = np.argwhere(out != single[:n_tok])
-                        assert not len(bad), f"{qt.name} {rows}x{cols} T={n_tok} {threads} thread(s) {twin}: {bad[:5].tolist()}"
+                tc.check_batch_rows(monkeypatch, w, x, single, f"{qt.name} {rows}x{cols}")
     finally:
-        set_threads(dispatch.numba.config.NUMBA_NUM_THREADS)
+        tc.reset_threads()
 
 
 def test_kernels_at_the_edges(variant):
@@ -422,86 +377,45 @@ def test_row_kinds(variant):
         kind = KINDS[(qt, 1)]
         assert kind.name == qt.name and kind.act == "q8_k"
         w = weight(random_blocks(rng, qt, rows, cols), qt)
-        want = np.empty(rows, np.float32)
-        matvec(want, w, x)
         xq, xd, xs = activations(kind.act, 1, cols)
         kind.quant(xq, xd, xs, x[None])
-        got = np.full(rows, np.nan, np.float32)
-        for r0, r1 in ((0, 8), (8, 9), (9, 21)):
-            kind.rows(got, r0, r1, w.data, xq, xd, xs, MARKERS[variant])
-        assert _bits_equal(got, want), qt.name
+        tc.check_row_ranges(kind, w, x, (xq, xd, xs), ((0, 8), (8, 9), (9, 21)), MARKERS[variant], qt.name)
 
 
 def test_fused_expert_block(variant):
     """Lattice-type experts (IQ2_XXS gate/up, IQ1_M down) in the fused one-token expert block: the bits of
     the separate kernels."""
     from edgemoe.experts.store import Expert
-    from edgemoe.kernels import fused, ops
-    from edgemoe.models.base import linear
 
     rng = np.random.default_rng(14)
     D, n_i, A = 256, 512, 3
     experts = [Expert(weight(random_blocks(rng, QT.IQ2_XXS, n_i, D), QT.IQ2_XXS),
                       weight(random_blocks(rng, QT.IQ2_XXS, n_i, D), QT.IQ2_XXS),
                       weight(random_blocks(rng, QT.IQ1_M, D, n_i), QT.IQ1_M)) for _ in range(A)]
-    kinds = fused.moe_kinds(None, experts[0].gate, experts[0].down)
+    kinds = tc.moe_kinds(experts)
     assert kinds is not None and (kinds[0].name, kinds[1].name) == ("IQ2_XXS", "IQ1_M")
-    x, h = rng.standard_normal((2, D), dtype=np.float32)
-    wts = np.array([0.5, 0.3, 0.2], np.float32)
-    got = fused.moe_block(x, h, experts, wts, kinds)
-    acc = np.zeros(D, np.float32)
-    for a, ex in enumerate(experts):
-        hb = np.empty((1, n_i), np.float32)
-        ops.silu_mul(hb, linear(h[None], ex.gate), linear(h[None], ex.up))
-        acc = acc + wts[a] * linear(hb, ex.down)[0]
-    assert _bits_equal(got, x + acc)
+    tc.check_fused_block(rng, experts, kinds)
 
 
 def test_gguf_file_to_linear(tmp_path):
     """A GGUF holding a tensor of each type passes check_supported and to_qtensor; linear gives ggml's dot."""
-    from edgemoe.formats.gguf import to_qtensor
-    from edgemoe.models.base import linear
-
     rng = np.random.default_rng(15)
     rows, cols = 24, 768
     raws = {qt: random_blocks(rng, qt, rows, cols) for qt in TYPES}
-    path = tmp_path / "lattice.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    for qt, raw in raws.items():
-        writer.add_tensor(f"blk.0.{qt.name.lower()}.weight", raw, raw_dtype=qt)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tensors = GGUFReader(str(path)).tensors
+    names = {f"blk.0.{qt.name.lower()}.weight": (raw, qt) for qt, raw in raws.items()}
+    tensors = tc.write_gguf(tmp_path / "lattice.gguf", names)
     assert [t.tensor_type for t in tensors] == list(TYPES)
     for t, (qt, raw) in zip(tensors, raws.items()):
-        w = to_qtensor(t)
-        assert isinstance(w, QTensor) and w.qtype == qt and w.shape == (rows, cols)
-        np.testing.assert_array_equal(w.data, raw)
-        for n_tok in (1, 3):
-            x = rng.standard_normal((n_tok, cols), dtype=np.float32)
-            xq, xd, _ = q8_k(x)
-            assert _bits_equal(linear(x, w), ggml_dot(raw, qt, xq, xd)), qt.name
+        w = tc.loaded(t, qt, raw, cols, supported=False)
+        tc.check_linear(rng, w, lambda x, raw=raw, qt=qt: ggml_dot(raw, qt, *q8_k(x)[:2]), what=qt.name)
 
 
 # Compiles (never runs) a vnni kernel for an AVX-512 CPU, as test_kernels does for Q4_0 and Q6_K.
-_VNNI_COMPILE = """
-from numba import types as T
-from edgemoe.kernels import iquants
-a = lambda dt: T.Array(dt, 2, "C")
-sig = (a(T.float32), T.Array(T.uint8, 2, "C", readonly=True), a(T.int8), a(T.float32), a(T.int32), T.int32)
-for k in (iquants.matmul_iq2_xs_serial, iquants.matmul_iq1_s_serial):
-    k.compile(sig)
-    assert "vpdpbusd" in k.inspect_asm(sig)
-"""
-_ZEN4 = "+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx512vnni,+avx2,+fma,+f16c,+avx,+bmi2"
+_VNNI_COMPILE = tc.compile_script(
+    "iquants", [("matmul_iq2_xs_serial", tc.kernel_sig("int32")), ("matmul_iq1_s_serial", tc.kernel_sig("int32"))]
+)
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+@tc.x86_only
 def test_vnni_kernels_compile_for_avx512(tmp_path):
-    if "vnni" in VARIANTS:
-        pytest.skip("this CPU runs the vnni kernels in the tests above")
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4, NUMBA_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", _VNNI_COMPILE], env=env, cwd=root, check=True, timeout=900)
+    tc.compile_for_zen4(tmp_path, _VNNI_COMPILE, timeout=900)

@@ -19,56 +19,35 @@ which); without VNNI, the vnni kernels are still compiled for an AVX-512 CPU to 
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-import sys
 from fractions import Fraction
 
-import ggml_lib
 import gguf.quants as gq
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+import type_checks as tc
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from edgemoe.errors import UnsupportedError
-from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, rows, set_threads
+from edgemoe.kernels import matmul, rows
 from edgemoe.kernels.k23matmul import matmul_q2_k, matmul_q2_k_serial, matmul_q3_k, matmul_q3_k_serial
-from edgemoe.kernels.q8act import quantize_q8_k
 from edgemoe.qtensor import FORMATS, QTensor, check_supported
 from edgemoe.quants import dequantize, quantize
 
 TYPES = (QT.Q2_K, QT.Q3_K)
 KERNELS = {QT.Q2_K: (matmul_q2_k_serial, matmul_q2_k), QT.Q3_K: (matmul_q3_k_serial, matmul_q3_k)}
 F16_FIELDS = {QT.Q2_K: (80, 82), QT.Q3_K: (108,)}  # byte offsets of d (, dmin) in a block
-VARIANTS = dispatch.supported_variants()
-MARKERS = {v: dispatch._MARKERS[v] for v in VARIANTS}
+MARKERS = tc.MARKERS
 # f16 bit patterns: +-0, the smallest and largest subnormals, the smallest normal, 1, the largest
 # finite, +-inf, NaN
 EDGE_HALVES = (0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0x7C00, 0xFC00, 0x7E00)
 # (rows, cols): one super-block, 3, 11 (Qwen1.5-MoE-like 2816-wide rows)
 SHAPES = ((37, 256), (6, 768), (9, 2816))
-TOKENS = (1, 3, 4, 5, 9, 70)  # single, remainder only, one tile, tile + 1, two tiles + 1, two chunks
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    dispatch.force_variant(request.param)
-    names = kernel_names()
-    print(f"variant {request.param}: " + ", ".join(f"{t.name} {names[t.name]!r}" for t in TYPES))
-    yield request.param
-    dispatch.force_variant(None)
-
-
-def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and np.array_equal(np.ascontiguousarray(a).view(np.uint32), b.view(np.uint32))
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    """Bit-identical, except that any NaN equals any NaN (payloads are not compared)."""
-    nan = np.isnan(a)
-    return np.array_equal(nan, np.isnan(b)) and _bits_equal(np.where(nan, 0, a), np.where(nan, 0, b))
+TOKENS = tc.TOKENS
+_bits_equal, _same = tc.bits_equal, tc.same
+variant = tc.variant_fixture(tuple(t.name for t in TYPES))
+ggml = tc.ggml_fixture()
+q8_k_blocks, engine_q8_k = tc.q8_k_blocks, tc.engine_q8_k
 
 
 def random_blocks(qt: QT, rng, rows: int, cols: int, scales=(1e-3, 2e-2)) -> np.ndarray:
@@ -84,30 +63,6 @@ def random_blocks(qt: QT, rng, rows: int, cols: int, scales=(1e-3, 2e-2)) -> np.
 
 def weight(qt: QT, raw: np.ndarray) -> QTensor:
     return QTensor.from_array(raw, qt, raw.shape[0], raw.shape[1] // GGML_QUANT_SIZES[qt][1] * 256)
-
-
-@pytest.fixture(scope="module")
-def ggml():
-    """ggml's compiled C (llama-cpp-python's libggml, through ctypes), or a skip."""
-    return ggml_lib.load_or_skip()
-
-
-def q8_k_blocks(xq: np.ndarray, xd: np.ndarray, xb: np.ndarray) -> np.ndarray:
-    """The engine's Q8_K activations as ggml's block_q8_K bytes: d f32 | qs[256] | bsums int16[16]."""
-    n_tok, n_sb = xd.shape
-    out = np.zeros((n_tok, n_sb, 292), np.uint8)
-    out[:, :, 0:4] = xd.astype(np.float32).view(np.uint8).reshape(n_tok, n_sb, 4)
-    out[:, :, 4:260] = xq.view(np.uint8).reshape(n_tok, n_sb, 256)
-    out[:, :, 260:292] = xb.astype(np.int16).view(np.uint8).reshape(n_tok, n_sb, 32)
-    return out.reshape(n_tok, -1)
-
-
-def engine_q8_k(x: np.ndarray):
-    xq = np.empty(x.shape, np.int8)
-    xd = np.empty((x.shape[0], x.shape[1] // 256), np.float32)
-    xb = np.empty((x.shape[0], x.shape[1] // 16), np.int32)
-    quantize_q8_k(xq, xd, xb, np.ascontiguousarray(x, np.float32))
-    return xq, xd, xb
 
 
 # ---- block format: dequantisation ------------------------------------------------------------------
@@ -281,11 +236,6 @@ def test_activations_are_ggml_q8_k(ggml):
 # ---- kernel tests ----------------------------------------------------------------------------------
 
 
-def use(monkeypatch, threads: int, twin: str) -> None:
-    set_threads(threads)
-    monkeypatch.setattr(dispatch, "PARALLEL_MIN_BYTES", 1 << 62 if twin == "serial" else 0)
-
-
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_matmul_matches_dequantised_and_ggml(qt, variant, monkeypatch, ggml):
     rng = np.random.default_rng(10 + int(qt))
@@ -294,14 +244,9 @@ def test_matmul_matches_dequantised_and_ggml(qt, variant, monkeypatch, ggml):
             raw = random_blocks(qt, rng, n_row, cols)
             w, wd = weight(qt, raw), gq.dequantize(raw, qt).astype(np.float64)  # (R, C)
             x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)  # (T, C)
-            use(monkeypatch, 2, "parallel")
-            single = np.empty((len(x), n_row), np.float32)  # (T, R) token by token
-            for t in range(len(x)):
-                matvec(single[t], w, x[t])
+            single = tc.rows_alone(monkeypatch, w, x)  # (T, R) token by token
             # (a) the dequantised weights in float64: error of rounding x to int8 (1/254 of a block's max)
-            xf = x.astype(np.float64)
-            err = np.abs(single - xf @ wd.T) / (np.abs(xf) @ np.abs(wd).T)
-            assert err.max() < 1e-2, (n_row, cols)
+            assert tc.relative_error(single, x, wd).max() < 1e-2, (n_row, cols)
             # (b) ggml's AVX2 arithmetic, emulated, and (c) ggml's compiled C on the same activation blocks
             xq, xd, xb = engine_q8_k(x)
             want = ggml_avx2(qt, raw, xq, xd, xb)
@@ -310,18 +255,12 @@ def test_matmul_matches_dequantised_and_ggml(qt, variant, monkeypatch, ggml):
             if ggml.avx2:
                 assert _bits_equal(single[:9], ggml.vec_dot(qt, raw, act)), (n_row, cols)
             generic = ggml.vec_dot(qt, raw, act, generic=True)  # the same integers summed in other lanes
-            bound = (8 * cols / 256 + 8) * 2.0**-23 * (np.abs(xf[:9]) @ np.abs(wd).T)
+            bound = (8 * cols / 256 + 8) * 2.0**-23 * (np.abs(x[:9].astype(np.float64)) @ np.abs(wd).T)
             assert np.all(np.abs(single[:9].astype(np.float64) - generic) <= bound), (n_row, cols)
             # batch rows bit-identical to the row alone: serial and parallel twins, 1 and 2 threads
-            for threads, twin in ((1, "serial"), (1, "parallel"), (2, "parallel")):
-                use(monkeypatch, threads, twin)
-                for n_tok in TOKENS:
-                    out = np.full((n_tok, n_row), np.nan, np.float32)
-                    matmul(out, w, x[:n_tok])
-                    bad = np.argwhere(out != single[:n_tok])
-                    assert not len(bad), f"{n_row}x{cols} T={n_tok} {threads} thread(s) {twin}: {bad[:5].tolist()}"
+            tc.check_batch_rows(monkeypatch, w, x, single, f"{n_row}x{cols}")
     finally:
-        set_threads(dispatch.numba.config.NUMBA_NUM_THREADS)
+        tc.reset_threads()
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
@@ -341,10 +280,7 @@ def test_kernel_at_the_edges(qt, variant, ggml):
     x = rng.standard_normal((6, cols), dtype=np.float32) * np.float32(3)
     x[1, :256] = 0
     act = ggml.quantize_q8(QT.Q8_K, x)
-    blocks = act.reshape(6, -1, 292)
-    xd = blocks[:, :, 0:4].copy().view(np.float32)[..., 0]
-    xq = np.ascontiguousarray(blocks[:, :, 4:260]).view(np.int8).reshape(6, cols)
-    xb = blocks[:, :, 260:292].copy().view(np.int16).reshape(6, -1).astype(np.int32)
+    xq, xd, xb = tc.unpack_q8_k(act, 6)
     want = ggml_avx2(qt, raw, xq, xd, xb)
     for kernel in KERNELS[qt]:
         out = np.full((6, n_row), -1.0, np.float32)
@@ -366,16 +302,13 @@ def test_weights_quantised_by_ggml(qt, variant, ggml):
     matmul(out, weight(qt, raw), x)
     assert _bits_equal(out, ggml_avx2(qt, raw, *engine_q8_k(x)))
     wd = gq.dequantize(raw, qt).astype(np.float64)
-    err = np.abs(out - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
-    assert err.max() < 1e-2
+    assert tc.relative_error(out, x, wd).max() < 1e-2
 
 
 def test_row_ranges_and_fused_expert_block(variant):
     """rows.KINDS computes row ranges with matvec's bits; experts of Q3_K gate/up and Q2_K down run in
     the fused one-token expert block with the separate kernels' bits."""
     from edgemoe.experts.store import Expert
-    from edgemoe.kernels import fused, ops
-    from edgemoe.models.base import linear
 
     rng = np.random.default_rng(16)
     marker = MARKERS[variant]
@@ -383,77 +316,34 @@ def test_row_ranges_and_fused_expert_block(variant):
         kind = rows.KINDS[(qt, 1)]
         w = weight(qt, random_blocks(qt, rng, 21, 512))
         x = rng.standard_normal((1, 512), dtype=np.float32)
-        whole = np.empty(21, np.float32)
-        matvec(whole, w, x[0])
-        xq, xd, xb = engine_q8_k(x)
-        part = np.full(21, np.nan, np.float32)
-        for r0, r1 in ((0, 5), (5, 6), (6, 21)):
-            kind.rows(part, r0, r1, w.data, xq, xd, xb, marker)
-        assert _bits_equal(part, whole), qt
+        tc.check_row_ranges(kind, w, x[0], engine_q8_k(x), ((0, 5), (5, 6), (6, 21)), marker, qt)
 
     D, n_i, A = 256, 512, 3
     shapes = ((QT.Q3_K, n_i, D), (QT.Q3_K, n_i, D), (QT.Q2_K, D, n_i))
     experts = [Expert(*(weight(qt, random_blocks(qt, rng, r, c)) for qt, r, c in shapes)) for _ in range(A)]
-    kinds = fused.moe_kinds(None, experts[0].gate, experts[0].down)
+    kinds = tc.moe_kinds(experts)
     assert kinds is not None and (kinds[0].name, kinds[1].name) == ("Q3_K", "Q2_K")
-    x, h = rng.standard_normal((2, D), dtype=np.float32)
-    wts = np.array([0.5, 0.3, 0.2], np.float32)
-    got = fused.moe_block(x, h, experts, wts, kinds)
-    acc = np.zeros(D, np.float32)
-    for a, ex in enumerate(experts):
-        hb = np.empty((1, n_i), np.float32)
-        ops.silu_mul(hb, linear(h[None], ex.gate), linear(h[None], ex.up))
-        acc = acc + wts[a] * linear(hb, ex.down)[0]
-    assert _bits_equal(got, x + acc)
+    tc.check_fused_block(rng, experts, kinds)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_gguf_file_to_linear(qt, tmp_path, ggml):
     """A GGUF holding a Q2_K / Q3_K 2-D tensor passes check_supported and to_qtensor; linear gives the product."""
-    from edgemoe.formats.gguf import to_qtensor
-    from edgemoe.models.base import linear
-
     rng = np.random.default_rng(18)
     n_row, cols = 24, 1024
     raw = ggml.quantize(qt, rng.standard_normal((n_row, cols), dtype=np.float32))
-    path = tmp_path / f"{qt.name}.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=qt)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    (t,) = GGUFReader(str(path)).tensors
-    assert check_supported(t.tensor_type, "test") == qt
-    w = to_qtensor(t)
-    assert isinstance(w, QTensor) and w.qtype == qt and w.shape == (n_row, cols)
-    np.testing.assert_array_equal(w.data, raw)
-    for n_tok in (1, 5):
-        x = rng.standard_normal((n_tok, cols), dtype=np.float32)
-        y = linear(x, w)
-        assert _bits_equal(y, ggml_avx2(qt, raw, *engine_q8_k(x)))
-        wd = dequantize(w.data, qt, cols).astype(np.float64)
-        err = np.abs(y - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
-        assert err.max() < 1e-2
+    (t,) = tc.write_gguf(tmp_path / f"{qt.name}.gguf", {"blk.0.ffn_down.weight": (raw, qt)})
+    w = tc.loaded(t, qt, raw, cols)
+    wd = dequantize(w.data, qt, cols).astype(np.float64)
+    tc.check_linear(rng, w, lambda x: ggml_avx2(qt, raw, *engine_q8_k(x)), wd, tokens=(1, 5))
 
 
 # Compiles (never runs) the VNNI kernels for an AVX-512 CPU, as test_kernels does for Q4_0 and Q6_K.
-_VNNI_COMPILE = """
-from numba import types as T
-from edgemoe.kernels import k23matmul
-a = lambda dt: T.Array(dt, 2, "C")
-sig = (a(T.float32), T.Array(T.uint8, 2, "C", readonly=True), a(T.int8), a(T.float32), a(T.int32), T.int32)
-for fn in (k23matmul.matmul_q2_k_serial, k23matmul.matmul_q3_k_serial):
-    fn.compile(sig)
-    assert "vpdpbusd" in fn.inspect_asm(sig), fn
-"""
-_ZEN4 = "+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx512vnni,+avx2,+fma,+f16c,+avx,+bmi2"
+_VNNI_COMPILE = tc.compile_script(
+    "k23matmul", [("matmul_q2_k_serial", tc.kernel_sig("int32")), ("matmul_q3_k_serial", tc.kernel_sig("int32"))]
+)
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+@tc.x86_only
 def test_vnni_kernels_compile_for_avx512(tmp_path):
-    if "vnni" in VARIANTS:
-        pytest.skip("this CPU runs the vnni kernels in the tests above")
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4, NUMBA_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", _VNNI_COMPILE], env=env, cwd=root, check=True, timeout=600)
+    tc.compile_for_zen4(tmp_path, _VNNI_COMPILE)

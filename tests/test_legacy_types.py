@@ -19,19 +19,15 @@ which); without VNNI, the vnni kernel is still compiled for an AVX-512 CPU to ch
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-import sys
-
 import ggml_lib
 import gguf.quants as gq
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+import type_checks as tc
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, rows, set_threads
+from edgemoe.kernels import dispatch, kernel_names, matmul, rows
 from edgemoe.kernels.q8act import quantize_q8_0, quantize_q8_0_sums
 from edgemoe.kernels.q451 import FMT_Q4_1, FMT_Q5_0, FMT_Q5_1, matmul_q451, matmul_q451_serial
 from edgemoe.qtensor import FORMATS, QTensor, check_supported
@@ -39,27 +35,15 @@ from edgemoe.quants import dequantize, quantize
 
 TYPES = (QT.Q4_1, QT.Q5_0, QT.Q5_1)
 FMT = {QT.Q4_1: FMT_Q4_1, QT.Q5_0: FMT_Q5_0, QT.Q5_1: FMT_Q5_1}
-VARIANTS = dispatch.supported_variants()
-MARKERS = {v: dispatch._MARKERS[v] for v in VARIANTS}
+VARIANTS, MARKERS = tc.VARIANTS, tc.MARKERS
 # f16 bit patterns: +-0, the smallest subnormal, the largest subnormal, the smallest normal, 1, the
 # largest finite, +-inf, NaN
 EDGE_HALVES = (0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0x7C00, 0xFC00, 0x7E00)
 # (rows, cols): 3 blocks (a pair, an odd one), 8 + 1, 2 x 8 + 3, the 1408-wide experts (5 x 8 + 4)
 SHAPES = ((37, 96), (5, 288), (3, 608), (16, 1408))
-TOKENS = (1, 3, 4, 5, 9, 70)  # single, remainder only, one tile, tile + 1, two tiles + 1, two chunks
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    dispatch.force_variant(request.param)
-    names = kernel_names()
-    print(f"variant {request.param}: " + ", ".join(f"{t.name} {names[t.name]!r}" for t in TYPES))
-    yield request.param
-    dispatch.force_variant(None)
-
-
-def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and np.array_equal(np.ascontiguousarray(a).view(np.uint32), b.view(np.uint32))
+TOKENS = tc.TOKENS
+_bits_equal = tc.bits_equal
+variant = tc.variant_fixture(tuple(t.name for t in TYPES))
 
 
 def _block_bytes(qt: QT) -> int:
@@ -228,58 +212,19 @@ def ggml_terms(raw: np.ndarray, qt: QT, yq: np.ndarray, yd: np.ndarray, ys: np.n
         return fma32(dd, sumi.astype(np.float32), m[None] * ys[:, None, :])
 
 
-def sum_block_order(terms: np.ndarray) -> np.ndarray:
-    """ggml's generic loop: sumf += term, block by block, in f32."""
-    acc = np.zeros(terms.shape[:2], np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for b in range(terms.shape[2]):
-            acc = acc + terms[:, :, b]
-    return acc
-
-
-def sum_kernel_order(terms: np.ndarray) -> np.ndarray:
-    """kernels/q451.py: lane k adds blocks 8g + k; the lanes in order from 0; then the tail blocks."""
-    nb = terms.shape[2]
-    n8 = nb // 8 * 8
-    lanes = np.zeros(terms.shape[:2] + (8,), np.float32)
-    out = np.zeros(terms.shape[:2], np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for b in range(0, n8, 8):
-            lanes = lanes + terms[:, :, b : b + 8]
-        for k in range(8):
-            out = out + lanes[:, :, k]
-        for b in range(n8, nb):
-            out = out + terms[:, :, b]
-    return out
+sum_block_order, sum_kernel_order, kernel_layout = tc.sum_block_order, tc.sum_kernel_order, tc.kernel_layout
 
 
 def ggml_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml's own activation blocks: qs (T, C) int8 and d (T, B) by gguf-py's Q8_0 quantiser (f16 values),
     and quantize_row_q8_1_ref's s = f16(sum * d) with d = amax / 127 unrounded (ggml-quants.c)."""
-    blocks = np.asarray(gq.quantize(x, QT.Q8_0)).view(np.uint8).reshape(x.shape[0], -1, 34)
-    qs = blocks[:, :, 2:].copy().view(np.int8).reshape(x.shape)
-    d = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    _, qs, d = tc.ggml_q8_0(x)
     d32 = np.abs(x.reshape(x.shape[0], -1, 32)).max(axis=2) / np.float32(127)
     s = (qs.reshape(x.shape[0], -1, 32).sum(axis=2).astype(np.float32) * d32).astype(np.float16).astype(np.float32)
     return qs, d, s
 
 
-def engine_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The engine's activation blocks (q8act), plain layout: ggml's int8 values, d = amax / 127 and
-    s = d * sum kept in f32."""
-    xq = np.empty(x.shape, np.int8)
-    xd, xs = (np.empty((x.shape[0], x.shape[1] // 32), np.float32) for _ in range(2))
-    quantize_q8_0(xq, xd, xs, x, 0)
-    return xq, xd, xs
-
-
-def kernel_layout(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Plain int8 blocks (T, C) -> the kernel's (pair layout, int32 block sums (T, B))."""
-    n_tok, cols = xq.shape
-    paired = cols // 64 * 64
-    pairs = xq[:, :paired].reshape(n_tok, -1, 2, 2, 16).transpose(0, 1, 3, 2, 4).reshape(n_tok, paired)
-    sums = xq.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.int32)
-    return np.ascontiguousarray(np.concatenate([pairs, xq[:, paired:]], axis=1)), sums
+engine_q8 = tc.engine_q8_0
 
 
 def expected(raw: np.ndarray, qt: QT, x: np.ndarray) -> np.ndarray:
@@ -289,11 +234,6 @@ def expected(raw: np.ndarray, qt: QT, x: np.ndarray) -> np.ndarray:
 
 
 # ---- kernel tests --------------------------------------------------------------------------------
-
-
-def use(monkeypatch, threads: int, twin: str) -> None:
-    set_threads(threads)
-    monkeypatch.setattr(dispatch, "PARALLEL_MIN_BYTES", 1 << 62 if twin == "serial" else 0)
 
 
 def test_activations_are_ggml_q8():
@@ -329,31 +269,19 @@ def test_matmul_matches_dequantised_and_ggml(qt, variant, monkeypatch):
             raw = random_blocks(rng, qt, n_row, cols)
             w, wd = weight(raw, qt), gq.dequantize(raw, qt).astype(np.float64)  # (R, C)
             x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)  # (T, C)
-            use(monkeypatch, 2, "parallel")
-            single = np.empty((len(x), n_row), np.float32)  # (T, R) token by token
-            for t in range(len(x)):
-                matvec(single[t], w, x[t])
+            single = tc.rows_alone(monkeypatch, w, x)  # (T, R) token by token
             # (a) the dequantised weights in float64: error of rounding x to int8 (1/254 of a block's max)
-            xf = x.astype(np.float64)
-            err = np.abs(single - xf @ wd.T) / (np.abs(xf) @ np.abs(wd).T)
-            assert err.max() < 1e-2, (n_row, cols)
+            assert tc.relative_error(single, x, wd).max() < 1e-2, (n_row, cols)
             # (b) ggml's arithmetic on the same activation blocks, in the kernel's summation order
             xq, xd, xs = engine_q8(x)
             terms = ggml_terms(raw, qt, xq, xd, xs)
             assert _bits_equal(single, sum_kernel_order(terms)), (n_row, cols)
             ggml = sum_block_order(terms)  # the generic C's order: within its summation error
-            bound = 2 * terms.shape[2] * 2.0**-24 * np.abs(terms).astype(np.float64).sum(axis=2)
-            assert np.all(np.abs(single.astype(np.float64) - ggml) <= bound), (n_row, cols)
+            assert np.all(np.abs(single.astype(np.float64) - ggml) <= tc.order_bound(terms)), (n_row, cols)
             # batch rows bit-identical to the row alone: serial and parallel twins, 1 and 2 threads
-            for threads, twin in ((1, "serial"), (1, "parallel"), (2, "parallel")):
-                use(monkeypatch, threads, twin)
-                for n_tok in TOKENS:
-                    out = np.full((n_tok, n_row), np.nan, np.float32)
-                    matmul(out, w, x[:n_tok])
-                    bad = np.argwhere(out != single[:n_tok])
-                    assert not len(bad), f"{n_row}x{cols} T={n_tok} {threads} thread(s) {twin}: {bad[:5].tolist()}"
+            tc.check_batch_rows(monkeypatch, w, x, single, f"{n_row}x{cols}")
     finally:
-        set_threads(dispatch.numba.config.NUMBA_NUM_THREADS)
+        tc.reset_threads()
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
@@ -400,16 +328,13 @@ def test_weights_quantised_by_gguf(qt, variant):
     matmul(out, weight(raw, qt), x)
     assert _bits_equal(out, expected(raw, qt, x))
     wd = gq.dequantize(raw, qt).astype(np.float64)
-    err = np.abs(out - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
-    assert err.max() < 1e-2
+    assert tc.relative_error(out, x, wd).max() < 1e-2
 
 
 def test_row_ranges_and_fused_expert_block(variant):
     """rows.KINDS gives each row range the bits of matvec; the fused one-token expert block runs experts
     of these types (Q4_1 gate/up, Q5_0 or Q5_1 down, as llama.cpp's mixes do) with the separate kernels' bits."""
     from edgemoe.experts.store import Expert
-    from edgemoe.kernels import fused, ops
-    from edgemoe.models.base import linear
 
     rng = np.random.default_rng(14)
     for qt in TYPES:
@@ -419,12 +344,7 @@ def test_row_ranges_and_fused_expert_block(variant):
         assert kind is not None and kind.name == qt.name
         xq, xd, xs = (a[:1] for a in dispatch._scratch(kind.act, 1, 1408))
         kind.quant(xq, xd, xs, x[None])
-        out = np.full(24, np.nan, np.float32)
-        for r0, r1 in ((0, 5), (5, 6), (6, 24)):
-            kind.rows(out, r0, r1, w.data, xq, xd, xs, dispatch.variant_marker(qt))
-        whole = np.empty(24, np.float32)
-        matvec(whole, w, x)
-        assert _bits_equal(out, whole), qt.name
+        tc.check_row_ranges(kind, w, x, (xq, xd, xs), ((0, 5), (5, 6), (6, 24)), dispatch.variant_marker(qt), qt.name)
 
     D, n_i, A = 64, 1408, 3
     for up_type, down_type in ((QT.Q4_1, QT.Q5_0), (QT.Q5_1, QT.Q5_1)):
@@ -433,58 +353,29 @@ def test_row_ranges_and_fused_expert_block(variant):
             return weight(random_blocks(rng, qt, r, c), qt)
 
         experts = [Expert(make(up_type, n_i, D), make(up_type, n_i, D), make(down_type, D, n_i)) for _ in range(A)]
-        kinds = fused.moe_kinds(None, experts[0].gate, experts[0].down)
+        kinds = tc.moe_kinds(experts)
         assert kinds is not None and (kinds[0].name, kinds[1].name) == (up_type.name, down_type.name)
-        x, h = rng.standard_normal((2, D), dtype=np.float32)
-        wts = np.array([0.5, 0.3, 0.2], np.float32)
-        got = fused.moe_block(x, h, experts, wts, kinds)
-        acc = np.zeros(D, np.float32)
-        for a, ex in enumerate(experts):
-            hb = np.empty((1, n_i), np.float32)
-            ops.silu_mul(hb, linear(h[None], ex.gate), linear(h[None], ex.up))
-            acc = acc + wts[a] * linear(hb, ex.down)[0]
-        assert _bits_equal(got, x + acc)
+        tc.check_fused_block(rng, experts, kinds)
 
 
 def test_gguf_file_to_linear(tmp_path):
     """A GGUF holding a 2-D tensor of each type passes check_supported and to_qtensor; linear gives the
     emulation's product."""
-    from edgemoe.formats.gguf import to_qtensor
-    from edgemoe.models.base import linear
-
     rng = np.random.default_rng(15)
     n_row, cols = 24, 1408
     raws = {
         qt: np.asarray(gq.quantize(rng.standard_normal((n_row, cols), dtype=np.float32), qt)).view(np.uint8) for qt in TYPES
     }
-    path = tmp_path / "legacy.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    for i, (qt, raw) in enumerate(raws.items()):
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", raw, raw_dtype=qt)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tensors = GGUFReader(str(path)).tensors
+    names = {f"blk.{i}.ffn_down.weight": (raw, qt) for i, (qt, raw) in enumerate(raws.items())}
+    tensors = tc.write_gguf(tmp_path / "legacy.gguf", names)
     assert [t.tensor_type for t in tensors] == list(TYPES)
     for t, (qt, raw) in zip(tensors, raws.items()):
-        assert check_supported(t.tensor_type, "test") == qt
-        w = to_qtensor(t)
-        assert isinstance(w, QTensor) and w.qtype == qt and w.shape == (n_row, cols)
-        np.testing.assert_array_equal(w.data, raw)
+        w = tc.loaded(t, qt, raw, cols)
         wd = dequantize(w.data, qt, cols).astype(np.float64)
-        for n_tok in (1, 3):
-            x = rng.standard_normal((n_tok, cols), dtype=np.float32)
-            y = linear(x, w)
-            assert _bits_equal(y, expected(raw, qt, x)), qt.name
-            err = np.abs(y - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
-            assert err.max() < 1e-2
+        tc.check_linear(rng, w, lambda x, raw=raw, qt=qt: expected(raw, qt, x), wd, what=qt.name)
 
 
-@pytest.fixture(scope="module")
-def ggml():
-    """ggml's compiled C (llama-cpp-python's libggml, through ctypes), or a skip."""
-    return ggml_lib.load_or_skip()
+ggml = tc.ggml_fixture()
 
 
 _Y_SIZE = {QT.Q4_1: 36, QT.Q5_0: 34, QT.Q5_1: 36}  # bytes of ggml's block_q8_1 / block_q8_0 activation blocks
@@ -519,29 +410,19 @@ def test_against_ggml_compiled(qt, ggml):
     out = np.empty((n_tok, n_row), np.float32)
     matmul_q451_serial(out, raw, xp, yd, sums if qt == QT.Q5_0 else ys, FMT[qt], MARKERS[VARIANTS[-1]])
     assert _bits_equal(out, sum_kernel_order(terms))
-    bound = 2 * terms.shape[2] * 2.0**-24 * np.abs(terms).astype(np.float64).sum(axis=2)
+    bound = tc.order_bound(terms)
     for ref in (c_generic, c_native):
         assert np.all(np.abs(out.astype(np.float64) - ref) <= bound)
 
 
 # Compiles (never runs) the VNNI kernel for an AVX-512 CPU, as test_kernels does for Q4_0 and Q6_K: Q5_1
 # (fifth bits and minimums) and Q5_0 (integer activation sums) cover every code path of the template.
-_VNNI_COMPILE = """
-from numba import types as T
-from edgemoe.kernels import q451
-a = lambda dt: T.Array(dt, 2, "C")
-for fmt, xs in ((T.uint32, T.float32), (T.uint16, T.int32)):
-    sig = (a(T.float32), T.Array(T.uint8, 2, "C", readonly=True), a(T.int8), a(T.float32), a(xs), fmt, T.int32)
-    q451.matmul_q451_serial.compile(sig)
-    assert "vpdpbusd" in q451.matmul_q451_serial.inspect_asm(sig)
-"""
-_ZEN4 = "+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx512vnni,+avx2,+fma,+f16c,+avx,+bmi2"
+_VNNI_COMPILE = tc.compile_script(
+    "q451",
+    [("matmul_q451_serial", tc.kernel_sig("float32", "T.uint32")), ("matmul_q451_serial", tc.kernel_sig("int32", "T.uint16"))],
+)
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+@tc.x86_only
 def test_vnni_kernel_compiles_for_avx512(tmp_path):
-    if "vnni" in VARIANTS:
-        pytest.skip("this CPU runs the vnni kernel in the tests above")
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4, NUMBA_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", _VNNI_COMPILE], env=env, cwd=root, check=True, timeout=600)
+    tc.compile_for_zen4(tmp_path, _VNNI_COMPILE, "kernel")

@@ -15,42 +15,25 @@ which); without VNNI, the vnni kernel is still compiled for an AVX-512 CPU to ch
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-import sys
-
 import gguf.quants as gq
 import numpy as np
 import pytest
+import type_checks as tc
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFWriter
 
 from edgemoe.errors import UnsupportedError
-from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, set_threads
+from edgemoe.kernels import matmul
 from edgemoe.kernels.mxfp4 import matmul_mxfp4, matmul_mxfp4_serial
-from edgemoe.kernels.q8act import quantize_q8_0, quantize_q8_0_sums
+from edgemoe.kernels.q8act import quantize_q8_0_sums
 from edgemoe.qtensor import FORMATS, QTensor, check_supported
 from edgemoe.quants import KVALUES_MXFP4, dequantize, quantize
 
-VARIANTS = dispatch.supported_variants()
-MARKERS = {v: dispatch._MARKERS[v] for v in VARIANTS}
 EDGE_SCALES = (0, 1, 2, 126, 127, 128, 254, 255)  # subnormal halves, 1/2, 1, 2, the largest two
 # (rows, cols): 3 blocks (tail only), 8 + 1, 2 x 8 + 3, gpt-oss's 2880 (11 x 8 + 2)
 SHAPES = ((37, 96), (5, 288), (3, 608), (16, 2880))
-TOKENS = (1, 3, 4, 5, 9, 70)  # single, remainder only, one tile, tile + 1, two tiles + 1, two chunks
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    dispatch.force_variant(request.param)
-    print(f"variant {request.param}: MXFP4 kernel {kernel_names()['MXFP4']!r}")
-    yield request.param
-    dispatch.force_variant(None)
-
-
-def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and np.array_equal(np.ascontiguousarray(a).view(np.uint32), b.view(np.uint32))
+TOKENS = tc.TOKENS
+_bits_equal = tc.bits_equal
+variant = tc.variant_fixture(("MXFP4",))
 
 
 def random_blocks(rng, rows: int, cols: int, scales=(118, 130)) -> np.ndarray:
@@ -152,61 +135,20 @@ def ggml_terms(raw: np.ndarray, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
         return d * sumi.astype(np.float32)
 
 
-def sum_block_order(terms: np.ndarray) -> np.ndarray:
-    """ggml's generic loop: sumf += term, block by block, in f32."""
-    acc = np.zeros(terms.shape[:2], np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for b in range(terms.shape[2]):
-            acc = acc + terms[:, :, b]
-    return acc
-
-
-def sum_kernel_order(terms: np.ndarray) -> np.ndarray:
-    """kernels/mxfp4.py: lane k adds blocks 8g + k; the lanes in order from 0; then the tail blocks."""
-    nb = terms.shape[2]
-    n8 = nb // 8 * 8
-    lanes = np.zeros(terms.shape[:2] + (8,), np.float32)
-    out = np.zeros(terms.shape[:2], np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for b in range(0, n8, 8):
-            lanes = lanes + terms[:, :, b : b + 8]
-        for k in range(8):
-            out = out + lanes[:, :, k]
-        for b in range(n8, nb):
-            out = out + terms[:, :, b]
-    return out
-
-
-def ggml_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's own Q8_0 activation blocks (gguf-py's quantiser): qs (T, C) int8 and d (T, B), f16 values."""
-    blocks = np.asarray(gq.quantize(x, QT.Q8_0)).view(np.uint8).reshape(x.shape[0], -1, 34)
-    qs = blocks[:, :, 2:].copy().view(np.int8).reshape(x.shape)
-    return qs, blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+sum_block_order, sum_kernel_order = tc.sum_block_order, tc.sum_kernel_order
 
 
 def engine_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The engine's activation blocks (q8act), plain layout: ggml's int8 values, the scale amax / 127 kept in f32."""
-    xq = np.empty(x.shape, np.int8)
-    xd, xs = (np.empty((x.shape[0], x.shape[1] // 32), np.float32) for _ in range(2))
-    quantize_q8_0(xq, xd, xs, x, 0)
-    return xq, xd
+    return tc.engine_q8_0(x)[:2]
 
 
-def kernel_layout(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Plain int8 blocks (T, C) -> the MXFP4 kernel's (pair layout, int32 block sums (T, B))."""
-    n_tok, cols = xq.shape
-    paired = cols // 64 * 64
-    pairs = xq[:, :paired].reshape(n_tok, -1, 2, 2, 16).transpose(0, 1, 3, 2, 4).reshape(n_tok, paired)
-    sums = xq.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.int32)
-    return np.ascontiguousarray(np.concatenate([pairs, xq[:, paired:]], axis=1)), sums
+def ggml_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's own Q8_0 activation blocks (gguf-py's quantiser): qs (T, C) int8 and d (T, B), f16 values."""
+    return tc.ggml_q8_0(x)[1:]
 
 
 # ---- kernel tests --------------------------------------------------------------------------------
-
-
-def use(monkeypatch, threads: int, twin: str) -> None:
-    set_threads(threads)
-    monkeypatch.setattr(dispatch, "PARALLEL_MIN_BYTES", 1 << 62 if twin == "serial" else 0)
 
 
 def test_activations_are_ggml_q8_0():
@@ -220,7 +162,7 @@ def test_activations_are_ggml_q8_0():
         xp, xs = np.empty((3, cols), np.int8), np.empty((3, cols // 32), np.int32)
         xd2 = np.empty((3, cols // 32), np.float32)
         quantize_q8_0_sums(xp, xd2, xs, np.ascontiguousarray(x[:, :cols]))
-        want_q, want_s = kernel_layout(xq[:, :cols].copy())
+        want_q, want_s = tc.kernel_layout(xq[:, :cols].copy())
         np.testing.assert_array_equal(xp, want_q)
         np.testing.assert_array_equal(xs, want_s)
         np.testing.assert_array_equal(xd2, xd[:, : cols // 32])
@@ -233,31 +175,19 @@ def test_matmul_matches_dequantised_and_ggml(variant, monkeypatch):
             raw = random_blocks(rng, rows, cols)
             w, wd = weight(raw), gq.dequantize(raw, QT.MXFP4).astype(np.float64)  # (R, C)
             x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)  # (T, C)
-            use(monkeypatch, 2, "parallel")
-            single = np.empty((len(x), rows), np.float32)  # (T, R) token by token
-            for t in range(len(x)):
-                matvec(single[t], w, x[t])
+            single = tc.rows_alone(monkeypatch, w, x)  # (T, R) token by token
             # (a) the dequantised weights in float64: error of rounding x to int8 (1/254 of a block's max)
-            xf = x.astype(np.float64)
-            err = np.abs(single - xf @ wd.T) / (np.abs(xf) @ np.abs(wd).T)
-            assert err.max() < 1e-2, (rows, cols)
+            assert tc.relative_error(single, x, wd).max() < 1e-2, (rows, cols)
             # (b) ggml's arithmetic on the same activation blocks, in the kernel's summation order
             xq, xd = engine_q8_0(x)
             terms = ggml_terms(raw, xq, xd)
             assert _bits_equal(single, sum_kernel_order(terms)), (rows, cols)
             ggml = sum_block_order(terms)  # the generic C's order: within its summation error
-            bound = 2 * terms.shape[2] * 2.0**-24 * np.abs(terms).astype(np.float64).sum(axis=2)
-            assert np.all(np.abs(single.astype(np.float64) - ggml) <= bound), (rows, cols)
+            assert np.all(np.abs(single.astype(np.float64) - ggml) <= tc.order_bound(terms)), (rows, cols)
             # batch rows bit-identical to the row alone: serial and parallel twins, 1 and 2 threads
-            for threads, twin in ((1, "serial"), (1, "parallel"), (2, "parallel")):
-                use(monkeypatch, threads, twin)
-                for n_tok in TOKENS:
-                    out = np.full((n_tok, rows), np.nan, np.float32)
-                    matmul(out, w, x[:n_tok])
-                    bad = np.argwhere(out != single[:n_tok])
-                    assert not len(bad), f"{rows}x{cols} T={n_tok} {threads} thread(s) {twin}: {bad[:5].tolist()}"
+            tc.check_batch_rows(monkeypatch, w, x, single, f"{rows}x{cols}")
     finally:
-        set_threads(dispatch.numba.config.NUMBA_NUM_THREADS)
+        tc.reset_threads()
 
 
 def test_kernel_on_ggml_blocks_at_the_edges(variant):
@@ -265,7 +195,7 @@ def test_kernel_on_ggml_blocks_at_the_edges(variant):
     (subnormal scales, 2**127, overflow to inf and inf - inf = NaN) and all-zero blocks: the
     emulation's bits, NaN where it has NaN."""
     rng = np.random.default_rng(12)
-    marker = MARKERS[variant]
+    marker = tc.MARKERS[variant]
     for rows, cols in ((24, 352), (9, 2880)):
         raw = random_blocks(rng, rows, cols, scales=(0, 256)).reshape(rows, -1, 17)
         raw[:, : len(EDGE_SCALES), 0] = EDGE_SCALES
@@ -276,7 +206,7 @@ def test_kernel_on_ggml_blocks_at_the_edges(variant):
         x[1, :64] = 0
         xq, xd = ggml_q8_0(x)
         want = sum_kernel_order(ggml_terms(raw, xq, xd))
-        xp, xs = kernel_layout(xq)
+        xp, xs = tc.kernel_layout(xq)
         for kernel in (matmul_mxfp4_serial, matmul_mxfp4):
             out = np.full((5, rows), -1.0, np.float32)
             kernel(out, raw, xp, xd, xs, marker)
@@ -297,78 +227,41 @@ def test_weights_quantised_by_gguf(variant):
     xq, xd = engine_q8_0(x)
     assert _bits_equal(out, sum_kernel_order(ggml_terms(raw, xq, xd)))
     wd = gq.dequantize(raw, QT.MXFP4).astype(np.float64)
-    err = np.abs(out - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
-    assert err.max() < 1e-2
+    assert tc.relative_error(out, x, wd).max() < 1e-2
 
 
 def test_fused_expert_block(variant):
     """MXFP4 experts run in the fused one-token expert block, with the bits of the separate kernels."""
     from edgemoe.experts.store import Expert
-    from edgemoe.kernels import fused, ops
-    from edgemoe.models.base import linear
 
     rng = np.random.default_rng(14)
     D, n_i, A = 64, 96, 3
     experts = [Expert(*(weight(random_blocks(rng, r, c)) for r, c in ((n_i, D), (n_i, D), (D, n_i)))) for _ in range(A)]
-    kinds = fused.moe_kinds(None, experts[0].gate, experts[0].down)
+    kinds = tc.moe_kinds(experts)
     assert kinds is not None and kinds[0].name == kinds[1].name == "MXFP4"
-    x, h = rng.standard_normal((2, D), dtype=np.float32)
-    wts = np.array([0.5, 0.3, 0.2], np.float32)
-    got = fused.moe_block(x, h, experts, wts, kinds)
-    acc = np.zeros(D, np.float32)
-    for a, ex in enumerate(experts):
-        hb = np.empty((1, n_i), np.float32)
-        ops.silu_mul(hb, linear(h[None], ex.gate), linear(h[None], ex.up))
-        acc = acc + wts[a] * linear(hb, ex.down)[0]
-    assert _bits_equal(got, x + acc)
+    tc.check_fused_block(rng, experts, kinds)
 
 
 def test_gguf_file_to_linear(tmp_path):
     """A GGUF holding an MXFP4 2-D tensor passes check_supported and to_qtensor; linear gives the product."""
-    from edgemoe.formats.gguf import to_qtensor
-    from edgemoe.models.base import linear
-
     rng = np.random.default_rng(15)
     rows, cols = 24, 2880
     raw = np.asarray(gq.quantize(rng.standard_normal((rows, cols), dtype=np.float32), QT.MXFP4)).view(np.uint8)
-    path = tmp_path / "mxfp4.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=QT.MXFP4)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    (t,) = GGUFReader(str(path)).tensors
-    assert check_supported(t.tensor_type, "test") == QT.MXFP4
-    w = to_qtensor(t)
-    assert isinstance(w, QTensor) and w.qtype == QT.MXFP4 and w.shape == (rows, cols)
-    np.testing.assert_array_equal(w.data, raw)
+    (t,) = tc.write_gguf(tmp_path / "mxfp4.gguf", {"blk.0.ffn_down.weight": (raw, QT.MXFP4)})
+    w = tc.loaded(t, QT.MXFP4, raw, cols)
     wd = dequantize(w.data, QT.MXFP4, cols).astype(np.float64)
-    for n_tok in (1, 3):
-        x = rng.standard_normal((n_tok, cols), dtype=np.float32)
-        y = linear(x, w)
+
+    def expect(x):
         xq, xd = engine_q8_0(x)
-        assert _bits_equal(y, sum_kernel_order(ggml_terms(raw, xq, xd)))
-        err = np.abs(y - x.astype(np.float64) @ wd.T) / (np.abs(x.astype(np.float64)) @ np.abs(wd).T)
-        assert err.max() < 1e-2
+        return sum_kernel_order(ggml_terms(raw, xq, xd))
+
+    tc.check_linear(rng, w, expect, wd)
 
 
 # Compiles (never runs) the VNNI kernel for an AVX-512 CPU, as test_kernels does for Q4_0 and Q6_K.
-_VNNI_COMPILE = """
-from numba import types as T
-from edgemoe.kernels import mxfp4
-a = lambda dt: T.Array(dt, 2, "C")
-sig = (a(T.float32), T.Array(T.uint8, 2, "C", readonly=True), a(T.int8), a(T.float32), a(T.int32), T.int32)
-mxfp4.matmul_mxfp4_serial.compile(sig)
-assert "vpdpbusd" in mxfp4.matmul_mxfp4_serial.inspect_asm(sig)
-"""
-_ZEN4 = "+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx512vnni,+avx2,+fma,+f16c,+avx,+bmi2"
+_VNNI_COMPILE = tc.compile_script("mxfp4", [("matmul_mxfp4_serial", tc.kernel_sig("int32"))])
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+@tc.x86_only
 def test_vnni_kernel_compiles_for_avx512(tmp_path):
-    if "vnni" in VARIANTS:
-        pytest.skip("this CPU runs the vnni kernel in the tests above")
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4, NUMBA_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", _VNNI_COMPILE], env=env, cwd=root, check=True, timeout=600)
+    tc.compile_for_zen4(tmp_path, _VNNI_COMPILE, "kernel")
