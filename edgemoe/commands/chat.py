@@ -183,7 +183,7 @@ def loop(chat: Chat) -> int:
 
 def main(args) -> int:
     from ..engine.session import Session
-    from .repl import use_history
+    from .repl import answer_ctrl_c, use_history
 
     if args.n_predict < 1:
         raise UsageError(f"-n must be at least 1, got {args.n_predict}")
@@ -196,6 +196,7 @@ def main(args) -> int:
                              "`edgemoe run --prompt-ids`")
         session.warm_up()  # the first reply starts at once
         chat = Chat(session, session.core(), params, system=args.system, max_tokens=args.n_predict)
+        answer_ctrl_c()
         use_history()
         fmt = "its chat template" if getattr(session, "chat_template", None) is not None else "the plain chat format"
         print(f"edgemoe chat: {session.model_path} ({fmt}, context {session.n_ctx}); /help for commands, Ctrl-C "

@@ -44,6 +44,7 @@ def main(args) -> int:
                            if os.environ.get("RUNTIME_DIRECTORY") else DEFAULT_SOCKET)
     client = Client(socket=path, base_url=args.url)
     client.health()  # fail now, with the client's clear message, if nothing listens
+    answer_ctrl_c()
     use_history()
     session = Session(client, args.system, where=args.url or path)
     print(f"connected to {args.url or path}; /help for commands", file=sys.stderr)
@@ -63,6 +64,15 @@ def main(args) -> int:
                 return 0
             continue
         session.say(line)
+
+
+def answer_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt at the prompt even when this process started with SIGINT ignored (as
+    every job a non-interactive shell puts in the background does, and its children inherit): Python installs
+    its handler only over the default disposition."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def use_history() -> None:
