@@ -32,7 +32,6 @@ from .intrinsics import (
     _ptr,
     _splat,
     _variant,
-    f32x8,
     i8x32,
     i16x16,
     i32x8,
@@ -125,25 +124,6 @@ def scales_iq4_xs(typingctx, arr, off):
 
 
 @intrinsic
-def hsum_ggml(typingctx, v):
-    """The 8 lanes of an f32x8 summed in ggml's hsum_float_8 order:
-    ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
-    if v != f32x8:
-        return None
-
-    def codegen(context, builder, sig, args):
-        x = args[0]
-        v4 = ir.VectorType(_I32, 4)
-        s = builder.fadd(builder.shuffle_vector(x, x, ir.Constant(v4, [4, 5, 6, 7])),
-                         builder.shuffle_vector(x, x, ir.Constant(v4, [0, 1, 2, 3])))  # l_i + l_i+4
-        s = builder.fadd(s, builder.shuffle_vector(s, s, ir.Constant(v4, [2, 3, 2, 3])))  # movehl
-        i0, i1 = ir.Constant(_I32, 0), ir.Constant(_I32, 1)
-        return builder.fadd(builder.extract_element(s, i0), builder.extract_element(s, i1))
-
-    return types.float32(v), codegen
-
-
-@intrinsic
 def dot_signed2(typingctx, marker, w0, x0, w1, x1):
     """`w0 . x0 + w1 . x1` as 8 partial sums (lane i: bytes 4i..4i+3), for signed w, x in [-127, 127].
 
@@ -189,4 +169,3 @@ def dot_signed2(typingctx, marker, w0, x0, w1, x1):
         return total
 
     return i32x8(marker, w0, x0, w1, x1), codegen
-

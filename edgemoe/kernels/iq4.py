@@ -38,7 +38,8 @@ from numba import njit, prange
 
 from .intrinsics import get, load_f16, load_f32x8, load_i8x32, load_q4_0, load_q4_0_pair, scales8_f16
 from .intrinsics_fp4 import fmul_i32, isum
-from .intrinsics_iq4 import block_sums8, dot_signed2, hsum_ggml, kvalues_iq4, load_codes2, scales_iq4_xs
+from .intrinsics_iq4 import block_sums8, dot_signed2, kvalues_iq4, load_codes2, scales_iq4_xs
+from .intrinsics_k23 import hsum_ggml  # ggml's hsum_float_8 order
 from .ops import twins
 from .vecops import abs_sign, dot, dot_scaled_k, fadd, fma_i32, fmul, hsum, iadd, zero_f32x8, zero_i32x8
 
