@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 from typing import Any
 
 from .config_checks import cross_check
@@ -43,12 +43,10 @@ from .config_schema import (
 )
 from .config_yaml import Unreadable, load_file, load_text
 from .errors import EdgeMoEError
+from .qtensor import SUPPORTED_TYPES
 
 MB = 2**20
-QUANT_TYPES = (  # = qtensor.SUPPORTED_TYPES (a test keeps them equal)
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-    "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "MXFP4",
-)
+QUANT_TYPES = tuple(t.name for t in SUPPORTED_TYPES)  # the weight types, as qtensor.FORMATS lists them
 QUANT_ALIASES = {"Q4K": "Q4_K", "Q5K": "Q5_K", "Q6K": "Q6_K"}  # the seed article's spelling
 KERNEL_VARIANTS = ("generic", "avx2", "vnni")  # = edgemoe.kernels.dispatch.VARIANTS (a test keeps them equal)
 CACHE_POLICIES = ("temporal_lru", "lru", "lfu")
@@ -190,33 +188,10 @@ class SsdConfig:
     verify_checksums: bool = setting(True, boolean(), "check each expert's CRC32 (pack manifest) after reading")
 
 
-@dataclass(frozen=True)
-class DispatchConfig:
-    """Kernel variant per weight type: auto (the best this CPU runs), or one of KERNEL_VARIANTS."""
-
-    F32: str = setting("auto", VARIANT)
-    F16: str = setting("auto", VARIANT)
-    BF16: str = setting("auto", VARIANT)
-    Q8_0: str = setting("auto", VARIANT)
-    Q4_0: str = setting("auto", VARIANT)
-    Q4_1: str = setting("auto", VARIANT)
-    Q5_0: str = setting("auto", VARIANT)
-    Q5_1: str = setting("auto", VARIANT)
-    Q2_K: str = setting("auto", VARIANT)
-    Q3_K: str = setting("auto", VARIANT)
-    Q4_K: str = setting("auto", VARIANT)
-    Q5_K: str = setting("auto", VARIANT)
-    Q6_K: str = setting("auto", VARIANT)
-    IQ1_S: str = setting("auto", VARIANT)
-    IQ1_M: str = setting("auto", VARIANT)
-    IQ2_XXS: str = setting("auto", VARIANT)
-    IQ2_XS: str = setting("auto", VARIANT)
-    IQ2_S: str = setting("auto", VARIANT)
-    IQ3_XXS: str = setting("auto", VARIANT)
-    IQ3_S: str = setting("auto", VARIANT)
-    IQ4_NL: str = setting("auto", VARIANT)
-    IQ4_XS: str = setting("auto", VARIANT)
-    MXFP4: str = setting("auto", VARIANT)
+# Kernel variant per weight type: auto (the best this CPU runs), or one of KERNEL_VARIANTS; a key per type.
+DispatchConfig = make_dataclass("DispatchConfig", [(t, str, setting("auto", VARIANT)) for t in QUANT_TYPES], frozen=True)
+DispatchConfig.__module__ = __name__
+DispatchConfig.__doc__ = "Kernel variant per weight type: auto (the best this CPU runs), or one of KERNEL_VARIANTS."
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@
   lane, hsum_float_8), bit for bit. The emulations are themselves checked bit for bit against ggml's
   compiled C (ggml_vec_dot_*_generic and, on an AVX2 build, ggml_vec_dot_iq4_xs_q8_K) through ctypes.
 - Batch rows bit-identical to the row alone, serial and parallel, 1 and 2 threads; the row kinds of
-  `rows.KINDS`; the fused expert block; a GGUF file holding each type through the loader to `linear`.
+  `kinds.KINDS`; the fused expert block; a GGUF file holding each type through the loader to `linear`.
 Every kernel test runs on each variant `dispatch.supported_variants()` offers on this CPU (it prints
 which); without VNNI, the vnni kernels are still compiled for an AVX-512 CPU to check they lower.
 """
@@ -27,7 +27,7 @@ import pytest
 import type_checks as tc
 from gguf import GGMLQuantizationType as QT
 
-from edgemoe.kernels import dispatch, matmul, rows
+from edgemoe.kernels import dispatch, kinds, matmul
 from edgemoe.kernels.iq4 import matmul_iq4_nl, matmul_iq4_nl_serial, matmul_iq4_xs, matmul_iq4_xs_serial
 from edgemoe.kernels.q8act import quantize_q8_0
 from edgemoe.qtensor import FORMATS, QTensor, check_supported
@@ -78,7 +78,7 @@ def test_format_rows():
     for qt in TYPES:
         assert check_supported(int(qt), "t") == qt
         assert dispatch.kernel_names()[qt.name].endswith("int8")
-        assert (qt, 1) in rows.KINDS
+        assert (qt, 1) in kinds.KINDS
     np.testing.assert_array_equal(KVALUES_IQ4NL, gq.IQ4_NL.kvalues)
 
 
@@ -431,12 +431,12 @@ def test_weights_quantised_by_ggml(qt, variant, ggml):
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_row_kinds(qt, variant):
-    """rows.KINDS: the quantiser and row-range kernel give each row matvec's bits."""
+    """kinds.KINDS: the quantiser and row-range kernel give each row matvec's bits."""
     rng = np.random.default_rng(15)
     n_row, cols = 24, 512
     raw = random_blocks(rng, qt, n_row, cols)
     w = weight(raw, qt)
-    kind = rows.KINDS[(qt, 1)]
+    kind = kinds.KINDS[(qt, 1)]
     x = rng.standard_normal((1, cols), dtype=np.float32)
     xq, xd, xs = dispatch.activations(kind.act, 1, cols)
     kind.quant(xq, xd, xs, x)

@@ -10,7 +10,7 @@
   IQ1 as GCC compiles it; bit for bit. Also bit for bit against llama.cpp's compiled generic C through
   ctypes, and within summation-order error of its AVX2 functions, where llama-cpp-python is installed.
 - Batch rows bit-identical to the row alone (serial and parallel twins, 1 and 2 threads, token counts across
-  the 4-token tile and the 64-token chunk), `rows.KINDS`, the fused expert block, and a GGUF file holding
+  the 4-token tile and the 64-token chunk), `kinds.KINDS`, the fused expert block, and a GGUF file holding
   each type through the loader's path to `linear`.
 Test weights are random blocks (every index is a valid grid point) with sane f16 scales: gguf.quants cannot
 quantise these types, and llama.cpp's quantisers need seconds to minutes of table set-up (the file-type
@@ -191,7 +191,7 @@ def test_grids_are_built_on_first_use_only():
     """Importing the engine builds no table: gguf-py's grids and ours stay unbuilt until a kernel compiles
     or a dequantisation runs."""
     code = (
-        "import gguf.quants as gq, edgemoe.kernels, edgemoe.kernels.rows, edgemoe.quants\n"
+        "import gguf.quants as gq, edgemoe.kernels, edgemoe.kernels.kinds, edgemoe.quants\n"
         "from edgemoe.quants.iquants import grids\nfrom edgemoe.kernels.iquants import tables\n"
         "assert gq.IQ2_XXS.grid is None and gq.IQ1_S.grid is None\n"
         "assert grids.cache_info().currsize == 0 and tables.cache_info().currsize == 0\n"
@@ -367,8 +367,8 @@ def test_kernels_at_the_edges(variant):
 
 
 def test_row_kinds(variant):
-    """rows.KINDS: each type's row-range function on slices of the matrix gives matvec's bits."""
-    from edgemoe.kernels.rows import KINDS
+    """kinds.KINDS: each type's row-range function on slices of the matrix gives matvec's bits."""
+    from edgemoe.kernels.kinds import KINDS
 
     rng = np.random.default_rng(13)
     rows, cols = 21, 512

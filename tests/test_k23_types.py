@@ -29,7 +29,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from edgemoe.errors import UnsupportedError
-from edgemoe.kernels import matmul, rows
+from edgemoe.kernels import kinds, matmul
 from edgemoe.kernels.k23matmul import matmul_q2_k, matmul_q2_k_serial, matmul_q3_k, matmul_q3_k_serial
 from edgemoe.qtensor import FORMATS, QTensor, check_supported
 from edgemoe.quants import dequantize, quantize
@@ -73,7 +73,7 @@ def test_format_rows():
     assert FORMATS[QT.Q3_K] == (256, 110, "f16", (108,))
     for qt in TYPES:
         assert check_supported(int(qt), "t") == qt
-        assert rows.KINDS[(qt, 1)].act == "q8_k"
+        assert kinds.KINDS[(qt, 1)].act == "q8_k"
         with pytest.raises(UnsupportedError, match="not implemented"):  # gguf-py has no quantiser for them
             quantize(np.zeros((1, 256), np.float32), qt)
 
@@ -306,14 +306,14 @@ def test_weights_quantised_by_ggml(qt, variant, ggml):
 
 
 def test_row_ranges_and_fused_expert_block(variant):
-    """rows.KINDS computes row ranges with matvec's bits; experts of Q3_K gate/up and Q2_K down run in
+    """kinds.KINDS computes row ranges with matvec's bits; experts of Q3_K gate/up and Q2_K down run in
     the fused one-token expert block with the separate kernels' bits."""
     from edgemoe.experts.store import Expert
 
     rng = np.random.default_rng(16)
     marker = MARKERS[variant]
     for qt in TYPES:
-        kind = rows.KINDS[(qt, 1)]
+        kind = kinds.KINDS[(qt, 1)]
         w = weight(qt, random_blocks(qt, rng, 21, 512))
         x = rng.standard_normal((1, 512), dtype=np.float32)
         tc.check_row_ranges(kind, w, x[0], engine_q8_k(x), ((0, 5), (5, 6), (6, 21)), marker, qt)
@@ -321,9 +321,9 @@ def test_row_ranges_and_fused_expert_block(variant):
     D, n_i, A = 256, 512, 3
     shapes = ((QT.Q3_K, n_i, D), (QT.Q3_K, n_i, D), (QT.Q2_K, D, n_i))
     experts = [Expert(*(weight(qt, random_blocks(qt, rng, r, c)) for qt, r, c in shapes)) for _ in range(A)]
-    kinds = tc.moe_kinds(experts)
-    assert kinds is not None and (kinds[0].name, kinds[1].name) == ("Q3_K", "Q2_K")
-    tc.check_fused_block(rng, experts, kinds)
+    pair = tc.moe_kinds(experts)
+    assert pair is not None and (pair[0].name, pair[1].name) == ("Q3_K", "Q2_K")
+    tc.check_fused_block(rng, experts, pair)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)

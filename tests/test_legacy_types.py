@@ -27,7 +27,7 @@ import type_checks as tc
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from edgemoe.kernels import dispatch, kernel_names, matmul, rows
+from edgemoe.kernels import dispatch, kernel_names, kinds, matmul
 from edgemoe.kernels.q8act import quantize_q8_0, quantize_q8_0_sums
 from edgemoe.kernels.q451 import FMT_Q4_1, FMT_Q5_0, FMT_Q5_1, matmul_q451, matmul_q451_serial
 from edgemoe.qtensor import FORMATS, QTensor, check_supported
@@ -86,7 +86,7 @@ def test_format_rows():
 
 
 def rows_kind_names() -> set[str]:
-    return {k.name for k in rows.KINDS.values()}
+    return {k.name for k in kinds.KINDS.values()}
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
@@ -332,7 +332,7 @@ def test_weights_quantised_by_gguf(qt, variant):
 
 
 def test_row_ranges_and_fused_expert_block(variant):
-    """rows.KINDS gives each row range the bits of matvec; the fused one-token expert block runs experts
+    """kinds.KINDS gives each row range the bits of matvec; the fused one-token expert block runs experts
     of these types (Q4_1 gate/up, Q5_0 or Q5_1 down, as llama.cpp's mixes do) with the separate kernels' bits."""
     from edgemoe.experts.store import Expert
 
@@ -340,7 +340,7 @@ def test_row_ranges_and_fused_expert_block(variant):
     for qt in TYPES:
         raw = random_blocks(rng, qt, 24, 1408)
         w, x = weight(raw, qt), rng.standard_normal(1408, dtype=np.float32)
-        kind = rows.kind_of(w)
+        kind = kinds.kind_of(w)
         assert kind is not None and kind.name == qt.name
         xq, xd, xs = (a[:1] for a in dispatch._scratch(kind.act, 1, 1408))
         kind.quant(xq, xd, xs, x[None])
@@ -353,9 +353,9 @@ def test_row_ranges_and_fused_expert_block(variant):
             return weight(random_blocks(rng, qt, r, c), qt)
 
         experts = [Expert(make(up_type, n_i, D), make(up_type, n_i, D), make(down_type, D, n_i)) for _ in range(A)]
-        kinds = tc.moe_kinds(experts)
-        assert kinds is not None and (kinds[0].name, kinds[1].name) == (up_type.name, down_type.name)
-        tc.check_fused_block(rng, experts, kinds)
+        pair = tc.moe_kinds(experts)
+        assert pair is not None and (pair[0].name, pair[1].name) == (up_type.name, down_type.name)
+        tc.check_fused_block(rng, experts, pair)
 
 
 def test_gguf_file_to_linear(tmp_path):

@@ -1,6 +1,6 @@
 """The checks every weight-type test file repeats (test_mxfp4, test_legacy_types, test_iq4_types,
 test_k23_types, test_iquants): the per-variant fixture, bit comparisons, the engine's and ggml's
-activation blocks, ggml's summation orders, batch rows against the row alone, `rows.KINDS` row
+activation blocks, ggml's summation orders, batch rows against the row alone, `kinds.KINDS` row
 ranges, the fused expert block, a GGUF file through the loader, and the VNNI kernels compiled for
 an AVX-512 CPU. Each file keeps its own emulation of ggml's arithmetic; these are the parts that
 do not depend on the type.

@@ -2,6 +2,10 @@
 matmul GFLOP/s at a few batch sizes. Medians are the headline; the best run is shown too, as on a
 shared machine it approximates the uncontended speed.
 
+Each matvec run is paired with a DRAM read of 256 MiB right after it, and the share of the bandwidth
+is the median of the per-pair ratios: a shared machine's bandwidth drifts by tens of per cent within
+minutes, and a pair sees the same neighbours.
+
     python tools/bench_kernels.py [--threads 2] [--types Q4_0,Q4_K] [--repeat 15]
 
 Weights are random valid blocks (scales set to small finite values), so no model is needed. The
@@ -43,6 +47,24 @@ def timings(fn, repeat: int) -> tuple[float, float]:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), min(times)
+
+
+def paired(fn, nbytes: int, buf: np.ndarray, repeat: int) -> tuple[float, float, float]:
+    """(median GB/s of fn, median GB/s of the DRAM read, median per-pair ratio) over `repeat` pairs
+    of one fn call (`nbytes` of weights) and one parallel read of `buf`."""
+    fn()
+    _read_all(buf)
+    kern, mem = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        _read_all(buf)
+        t2 = time.perf_counter()
+        kern.append(nbytes / (t1 - t) / 1e9)
+        mem.append(buf.nbytes / (t2 - t1) / 1e9)
+    ratios = [k / m for k, m in zip(kern, mem)]
+    return statistics.median(kern), statistics.median(mem), statistics.median(ratios)
 
 
 def read_bandwidth(buf: np.ndarray, repeat: int) -> tuple[float, float]:
@@ -103,18 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     bw_runs = [read_bandwidth(buf, args.repeat)]
     print(f"DRAM read (1 GiB parallel sum): median {bw_runs[0][0]:.1f} GB/s, best {bw_runs[0][1]:.1f}")
 
-    results = []  # (type, rows, cols, median GB/s, best GB/s)
+    probe = np.ones(1 << 26, np.float32)  # 256 MiB, read after each matvec run
+    results = []  # (type, rows, cols, median GB/s, best GB/s, paired DRAM GB/s, median ratio)
     for qt in types:
         for rows, cols in SHAPES:
             w = random_weight(qt, rows, cols, rng)
             x = rng.standard_normal(cols, dtype=np.float32)
             out = np.empty(rows, np.float32)
             med, best = timings(lambda o=out, w=w, x=x: matvec(o, w, x), args.repeat)
-            results.append((qt.name, rows, cols, w.nbytes / med / 1e9, w.nbytes / best / 1e9))
+            kern, mem, ratio = paired(lambda o=out, w=w, x=x: matvec(o, w, x), w.nbytes, probe, args.repeat)
+            results.append((qt.name, rows, cols, w.nbytes / med / 1e9, w.nbytes / best / 1e9, mem, ratio))
             print(
                 f"  matvec {qt.name:5s} {rows:5d}x{cols:<5d} {w.nbytes / 1e6:6.1f} MB  "
                 f"median {w.nbytes / med / 1e9:5.1f} GB/s ({med * 1e3:6.2f} ms), "
-                f"best {w.nbytes / best / 1e9:5.1f}  [{names[qt.name]}]",
+                f"best {w.nbytes / best / 1e9:5.1f}; paired with DRAM {mem:5.1f} GB/s: {100 * ratio:3.0f} %"
+                f"  [{names[qt.name]}]",
                 flush=True,
             )
         rows, cols = SHAPES[0]
@@ -136,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     bw_best = max(r[1] for r in bw_runs)
     print(f"DRAM read again: median {bw_runs[1][0]:.1f} GB/s, best {bw_runs[1][1]:.1f}")
     print(f"load average {os.getloadavg()[0]:.1f}")
-    print(f"\nmatvec weight bytes/s vs DRAM read (median {bw_med:.1f} GB/s, best {bw_best:.1f}):")
-    print(f"{'type':5s} {'shape':>11s} {'median':>7s} {'of DRAM':>8s} {'best':>6s} {'of best':>8s}")
-    for name, rows, cols, med_gbs, best_gbs in results:
+    print(f"\nmatvec weight bytes/s vs DRAM read (whole run: median {bw_med:.1f} GB/s, best {bw_best:.1f}; "
+          "paired: each run against the read right after it, median of the ratios):")
+    print(f"{'type':6s} {'shape':>11s} {'median':>7s} {'of DRAM':>8s} {'best':>6s} {'of best':>8s} {'paired':>7s}")
+    for name, rows, cols, med_gbs, best_gbs, _mem, ratio in results:
         print(
-            f"{name:5s} {rows:5d}x{cols:<5d} {med_gbs:7.1f} {100 * med_gbs / bw_med:7.0f}% "
-            f"{best_gbs:6.1f} {100 * best_gbs / bw_best:7.0f}%"
+            f"{name:6s} {rows:5d}x{cols:<5d} {med_gbs:7.1f} {100 * med_gbs / bw_med:7.0f}% "
+            f"{best_gbs:6.1f} {100 * best_gbs / bw_best:7.0f}% {100 * ratio:6.0f}%"
         )
     return 0
 

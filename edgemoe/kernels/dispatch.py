@@ -18,33 +18,8 @@ from gguf import GGMLQuantizationType as QT
 from ..errors import UnsupportedError, UsageError
 from ..qtensor import SUPPORTED_TYPES, QTensor, row_bytes
 from . import intrinsics
-from .fmatmul import matmul_float, matmul_float_serial
-from .iq4 import matmul_iq4_nl, matmul_iq4_nl_serial, matmul_iq4_xs, matmul_iq4_xs_serial
-from .iquants import (
-    matmul_iq1_m,
-    matmul_iq1_m_serial,
-    matmul_iq1_s,
-    matmul_iq1_s_serial,
-    matmul_iq2_s,
-    matmul_iq2_s_serial,
-    matmul_iq2_xs,
-    matmul_iq2_xs_serial,
-    matmul_iq2_xxs,
-    matmul_iq2_xxs_serial,
-    matmul_iq3_s,
-    matmul_iq3_s_serial,
-    matmul_iq3_xxs,
-    matmul_iq3_xxs_serial,
-)
-from .k23matmul import matmul_q2_k, matmul_q2_k_serial, matmul_q3_k, matmul_q3_k_serial
-from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
-from .mxfp4 import matmul_mxfp4, matmul_mxfp4_serial
-from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
-from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
-from .q8act import activations, quantize_q8_0, quantize_q8_0_sums, quantize_q8_k
-from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
-from .q451 import FMT_Q4_1, FMT_Q5_0, FMT_Q5_1, matmul_q451, matmul_q451_serial
-from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
+from .kinds import INTERLEAVED, KINDS
+from .q8act import activations
 
 VARIANTS = ("generic", "avx2", "vnni")
 _TYPE_NAMES = tuple(t.name for t in SUPPORTED_TYPES)
@@ -203,7 +178,7 @@ def _storage_shape(w: QTensor) -> tuple[int, int]:
     n = _row_bytes(w.qtype, w.cols)
     if w.interleave == 1:
         return (w.rows, n)
-    if w.interleave == 8 and w.qtype in _KERNELS_X8:
+    if w.interleave == 8 and w.qtype in INTERLEAVED:
         return (w.rows // 8, 8 * n)
     raise UnsupportedError(f"no matrix kernel for {w.qtype.name} interleaved by {w.interleave}")
 
@@ -230,7 +205,7 @@ def _row_bytes(qtype: QT, cols: int) -> int:
     """Bytes per row of a (qtype, cols) weight, memoised (gguf's size table is slower to ask)."""
     n = _ROW_BYTES.get((qtype, cols))
     if n is None:
-        if qtype not in _KERNELS:
+        if (qtype, 1) not in KINDS:
             raise UnsupportedError(f"no matrix kernel for {qtype!r}; re-quantise the model to a supported type")
         n = _ROW_BYTES[(qtype, cols)] = row_bytes(qtype, cols)
     return n
@@ -262,97 +237,31 @@ def matmul(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
 PARALLEL_MIN_BYTES = 1 << 17
 
 
-def _q8_0(x, q, d, s):
-    quantize_q8_0(q, d, s, x, 0)
-
-
-def _q8_0_pairs(x, q, d, s):
-    quantize_q8_0(q, d, s, x, 1)
-
-
-def _q8_0_sums(x, q, d, s):
-    quantize_q8_0_sums(q, d, s, x)
-
-
-def _q8_k(x, q, d, s):
-    quantize_q8_k(q, d, s, x)
-
-
-def _q8_0_x8(x, q, d, s):
-    quantize_q8_0_x8(q, d, s, x)
-
-
-def _q8_k_x8(x, q, d, s):
-    quantize_q8_k_x8(q, d, s, x)
-
-
-def _float(fmt):
-    return lambda k, o, w, x, m: k(o, w, x, fmt, m)
-
-
-def _q451(fmt):
-    return lambda k, o, w, q, d, s, m: k(o, w, q, d, s, fmt, m)
-
-
-# Per weight type: (activation scratch kind, its quantiser; None for f32 activations),
-# (parallel, serial) kernels, and the kernel call (type sizes and offsets as constants).
-_FLOAT = (matmul_float, matmul_float_serial)
-_KERNELS = {
-    QT.F32: (None, None, _FLOAT, _float(intrinsics.FMT_F32)),
-    QT.F16: (None, None, _FLOAT, _float(intrinsics.FMT_F16)),
-    QT.BF16: (None, None, _FLOAT, _float(intrinsics.FMT_BF16)),
-    QT.Q8_0: ("q8_0", _q8_0, (matmul_q8_0, matmul_q8_0_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, m)),
-    QT.Q4_0: ("q8_0p", _q8_0_pairs, (matmul_q4_0, matmul_q4_0_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.Q4_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 144, 0, 16, m)),
-    QT.Q5_K: ("q8_k", _q8_k, (matmul_q45_k, matmul_q45_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, 176, 16, 48, m)),
-    QT.Q6_K: ("q8_k", _q8_k, (matmul_q6_k, matmul_q6_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.MXFP4: ("q8_0ps", _q8_0_sums, (matmul_mxfp4, matmul_mxfp4_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.Q2_K: ("q8_k", _q8_k, (matmul_q2_k, matmul_q2_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.Q3_K: ("q8_k", _q8_k, (matmul_q3_k, matmul_q3_k_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.IQ4_NL: ("q8_0p", _q8_0_pairs, (matmul_iq4_nl, matmul_iq4_nl_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.IQ4_XS: ("q8_k", _q8_k, (matmul_iq4_xs, matmul_iq4_xs_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.Q4_1: ("q8_0p", _q8_0_pairs, (matmul_q451, matmul_q451_serial), _q451(FMT_Q4_1)),
-    QT.Q5_0: ("q8_0ps", _q8_0_sums, (matmul_q451, matmul_q451_serial), _q451(FMT_Q5_0)),
-    QT.Q5_1: ("q8_0p", _q8_0_pairs, (matmul_q451, matmul_q451_serial), _q451(FMT_Q5_1)),
-    QT.IQ2_XXS: ("q8_k", _q8_k, (matmul_iq2_xxs, matmul_iq2_xxs_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.IQ2_XS: ("q8_k", _q8_k, (matmul_iq2_xs, matmul_iq2_xs_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.IQ2_S: ("q8_k", _q8_k, (matmul_iq2_s, matmul_iq2_s_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.IQ3_XXS: ("q8_k", _q8_k, (matmul_iq3_xxs, matmul_iq3_xxs_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.IQ3_S: ("q8_k", _q8_k, (matmul_iq3_s, matmul_iq3_s_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.IQ1_S: ("q8_k", _q8_k, (matmul_iq1_s, matmul_iq1_s_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.IQ1_M: ("q8_k", _q8_k, (matmul_iq1_m, matmul_iq1_m_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-}
-assert set(SUPPORTED_TYPES) <= set(_KERNELS), "every supported type needs a matrix kernel"
-
-
-# 8-row interleaved Q4_0 (kernels/q4x8.py), Q4_K (q4kx8.py) and Q8_0 (q8x8.py), chosen by QTensor.interleave == 8.
-_KERNELS_X8 = {
-    QT.Q4_0: ("q8_0x8", _q8_0_x8, (matmul_q4_0_x8, matmul_q4_0_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.Q4_K: ("q8_kx8", _q8_k_x8, (matmul_q4_k_x8, matmul_q4_k_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, s, m)),
-    QT.Q8_0: ("q8_0", _q8_0, (matmul_q8_0_x8, matmul_q8_0_x8_serial), lambda k, o, w, q, d, s, m: k(o, w, q, d, m)),
-}
+assert {(t, 1) for t in SUPPORTED_TYPES} <= set(KINDS), "every supported type needs a matrix kernel"
 
 
 def _matmul(out: np.ndarray, w: QTensor, x: np.ndarray, n_tok: int) -> None:
     qt = w.qtype
     marker = _MARKERS[_state["by_type"].get(qt) or _state["forced"] or detect_variant()]
-    kind, quantize, (parallel, serial), run = _KERNELS[qt] if w.interleave == 1 else _KERNELS_X8[qt]
+    kind = KINDS[(qt, w.interleave)]
+    parallel, serial = kind.matmul
+    run, quantize, act = kind.call, kind.quant, kind.act
     data = w.data
-    if kind is None:
-        run(serial if data.nbytes * n_tok < PARALLEL_MIN_BYTES else parallel, out, data, x, marker)
+    if act == "f32":
+        run(serial if data.nbytes * n_tok < PARALLEL_MIN_BYTES else parallel, out, data, x, None, None, marker)
         return
     cols = x.shape[1]
     step = max(4, min(_MAX_TILE_TOKENS, _ACT_BYTES // cols) // 4 * 4)
     if n_tok <= step:
-        xq, xd, xs = _scratch(kind, n_tok, cols)
-        quantize(x, xq, xd, xs)
+        xq, xd, xs = _scratch(act, n_tok, cols)
+        quantize(xq, xd, xs, x)
         run(serial if data.nbytes * n_tok < PARALLEL_MIN_BYTES else parallel, out, data, xq, xd, xs, marker)
         return
     # long inputs go in chunks of `step` tokens, each quantised just before use (bounded scratch)
-    xq, xd, xs = _scratch(kind, step, cols)
+    xq, xd, xs = _scratch(act, step, cols)
     kernel = serial if data.nbytes * step < PARALLEL_MIN_BYTES else parallel
     for t0 in range(0, n_tok, step):
         n = min(step, n_tok - t0)
         q, d, s = (xq, xd, xs) if n == step else (xq[:n], xd[:n], xs[:n])
-        quantize(x[t0 : t0 + n], q, d, s)
+        quantize(q, d, s, x[t0 : t0 + n])
         run(kernel, out[t0 : t0 + n], data, q, d, s, marker)

@@ -12,7 +12,7 @@ every other step is the same code as the separate path, so the results are bit-i
     expert block: x (D,) -> x + sum_a w_a down_a(silu(gate_a h) * up_a h), experts in the given order
         phases: gate/up rows of every expert | SwiGLU + quantise per expert | down rows + sum + residual
 
-A kernel is compiled per combination of weight kinds (`rows.KINDS`): the template's code is bound to
+A kernel is compiled per combination of weight kinds (`kinds.KINDS`): the template's code is bound to
 that kind's functions under its own name, which Numba's on-disk cache keys on.
 """
 
@@ -27,10 +27,10 @@ from numba import njit, prange
 
 from ..qtensor import QTensor
 from . import dispatch
+from .kinds import Kind, kind_of
 from .kv_access import store_kv_row
 from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs, qk_inputs
 from .q8act import activations
-from .rows import Kind, kind_of
 from .sync import SYNC_SLOTS, claim, finish, wait_done
 
 CHUNK_ROWS = 128  # matrix rows per chunk (a multiple of 8): ~35-70 KB of weights, a few µs of work

@@ -364,7 +364,7 @@ matmul_iq1_m, matmul_iq1_m_serial = _bind(
     "matmul_iq1_m", TYPE_SIZE=56, SUB=_sub_iq1_m, SCALES=_scales_iq1_m, D=_d_iq1_m, IQ1=True, FINAL=1.0)
 
 
-# Row ranges of one token for the fused blocks (`rows.KINDS`): the serial kernels on row slices.
+# Row ranges of one token for the fused blocks (`kinds.KINDS`): the serial kernels on row slices.
 
 
 @njit(cache=True, nogil=True)
