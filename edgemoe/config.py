@@ -197,7 +197,7 @@ DispatchConfig.__doc__ = "Kernel variant per weight type: auto (the best this CP
 @dataclass(frozen=True)
 class ComputeConfig:
     dispatch: DispatchConfig = section(DispatchConfig)
-    repack: bool = setting(True, boolean(), "Q4_0/Q4_K/Q8_0 weights in the 8-row interleaved layouts (memory-mapped "
+    repack: bool = setting(True, boolean(), "weights of the types with one in the 8-row interleaved layouts (memory-mapped "
                            "experts only when they fit in half of the machine's memory)")
 
 

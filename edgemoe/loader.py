@@ -47,7 +47,7 @@ def load_model(path: str, stream=None, prepare: bool = True, *, repack: bool = T
     prepare: lay the weights out for the kernels (Model.prepare); False keeps zero-copy views of the file
     (for tools that read the weights back). Dense tensors are copied out of the memory map when experts
     stream and three times their size is free (a copy changes no result).
-    repack: Q4_0/Q4_K/Q8_0 weights take the 8-row interleaved layouts (config compute.repack); streamed
+    repack: weights of the types in `kernels.layouts.X8` take the 8-row interleaved layouts (config compute.repack); streamed
     experts are repacked as they arrive, memory-mapped ones when their copy fits in half of the machine's
     memory (memory.machine_memory): the layouts round differently, so the choice depends on the model, the
     config and the machine, never the free memory.

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as QT
 from weight_factory import dequant, make_weight
 
 from edgemoe.kernels import dispatch, matmul, matvec, set_threads
-from edgemoe.kernels.q4x8 import interleave
+from edgemoe.kernels.layouts import interleave
 
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 ALL_TYPES = FLOAT_TYPES + (QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)

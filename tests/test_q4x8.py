@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from edgemoe.errors import UnsupportedError
-from edgemoe.kernels import dispatch, intrinsics, q4x8, set_threads
+from edgemoe.kernels import dispatch, intrinsics, layouts, q4x8, set_threads
 from edgemoe.qtensor import QTensor
 
 MARKERS = {"generic": intrinsics.GENERIC, "avx2": intrinsics.AVX2}
@@ -72,7 +72,7 @@ def test_matmul_matches_dequantised_weights(variant):
     for rows, cols in SHAPES:
         raw = q4_0(rows, cols, rows * cols)
         wd = dequantize(raw, QT.Q4_0).astype(np.float64).reshape(rows, cols)
-        w = q4x8.interleave(QTensor(raw, QT.Q4_0, rows, cols))
+        w = layouts.interleave(QTensor(raw, QT.Q4_0, rows, cols))
         for n_tok in (1, 5) if rows * cols > 10**5 else (1, 5, 70):
             x = rng.standard_normal((n_tok, cols), dtype=np.float32)
             out = np.full((n_tok, rows), np.nan, np.float32)
@@ -93,7 +93,7 @@ def test_rows_do_not_depend_on_batch_threads_or_variant():
     """Bit-identical rows for any batch size, thread count, serial/parallel twin and variant."""
     rows, cols = 64, 1056  # 33 blocks
     raw = q4_0(rows, cols, 7)
-    w = q4x8.interleave(QTensor(raw, QT.Q4_0, rows, cols)).data
+    w = layouts.interleave(QTensor(raw, QT.Q4_0, rows, cols)).data
     x = np.random.default_rng(3).standard_normal((max(TOKENS), cols), dtype=np.float32)
     nb = cols // 32
     xq, xd, xc = np.empty(x.shape, np.int8), np.empty((len(x), nb), np.float32), np.empty((len(x), nb), np.int32)
@@ -129,7 +129,7 @@ def test_rows_do_not_depend_on_batch_threads_or_variant():
 def test_argument_checks():
     raw = q4_0(16, 64, 4)
     plain = QTensor(raw, QT.Q4_0, 16, 64)
-    w = q4x8.interleave(plain)
+    w = layouts.interleave(plain)
     with pytest.raises(ValueError, match="storage"):  # plain storage labelled interleaved
         dispatch.matmul(np.empty((1, 16), np.float32), QTensor(raw, QT.Q4_0, 16, 64, interleave=8),
                         np.ones((1, 64), np.float32))
@@ -140,7 +140,7 @@ def test_argument_checks():
     with pytest.raises(ValueError):
         dispatch.matvec(np.empty(8, np.float32), w, np.ones(64, np.float32))
     with pytest.raises(UnsupportedError):
-        q4x8.interleave(w)
+        layouts.interleave(w)
     with pytest.raises(UnsupportedError):
         dispatch.matmul(np.empty((1, 16), np.float32), QTensor(np.zeros((16, 256), np.uint8), QT.F32, 16, 64,
                                                                interleave=8), np.ones((1, 64), np.float32))

@@ -13,7 +13,7 @@ from gguf.quants import dequantize, quantize
 from weight_factory import make_weight
 
 from edgemoe.errors import UnsupportedError
-from edgemoe.kernels import q4kx8, q4x8, q8x8
+from edgemoe.kernels import layouts, q4kx8, q8x8
 from edgemoe.kernels.q8act import quantize_q8_k
 from edgemoe.qtensor import QTensor
 
@@ -26,8 +26,8 @@ def test_layout_round_trip(rows, cols):
     back = q4kx8.unpack_q4_k_x8(packed)
     np.testing.assert_array_equal(back, raw)
     np.testing.assert_array_equal(dequantize(back, QT.Q4_K), dequantize(raw, QT.Q4_K))
-    w = q4x8.interleave(QTensor(raw, QT.Q4_K, rows, cols))
-    assert w.interleave == 8 and np.array_equal(q4x8.unpack_x8(QT.Q4_K, w.data), raw)
+    w = layouts.interleave(QTensor(raw, QT.Q4_K, rows, cols))
+    assert w.interleave == 8 and np.array_equal(layouts.unpack_x8(QT.Q4_K, w.data), raw)
 
 
 def test_byte_map():

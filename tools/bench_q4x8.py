@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgemoe.kernels import matmul, matvec, q4x8, set_threads  # noqa: E402
+from edgemoe.kernels import layouts, matmul, matvec, set_threads  # noqa: E402
 from edgemoe.qtensor import QTensor  # noqa: E402
 
 SHAPES = ((3584, 1024), (1024, 3584), (4096, 4096))  # (rows, cols)
@@ -87,7 +87,7 @@ def bench_matvec(rows: int, cols: int, threads: list[int], args, rng) -> None:
     qt = QT[args.type]
     raw = random_weights(qt, rows, cols, rng)
     plain = QTensor(raw, qt, rows, cols)
-    x8 = q4x8.interleave(plain)
+    x8 = layouts.interleave(plain)
     x = rng.standard_normal(cols, dtype=np.float32)
     o1, o2 = np.empty(rows, np.float32), np.empty(rows, np.float32)
     n_copies = 0 if args.no_dram else max(64, -(-args.dram_mb * 10**6 // raw.nbytes))
@@ -124,7 +124,7 @@ def bench_matmul(rows: int, cols: int, n_tok: int, threads: list[int], args, rng
     """Print plain vs x8 matmul GFLOP/s for `n_tok` tokens, per thread count."""
     qt = QT[args.type]
     plain = QTensor(random_weights(qt, rows, cols, rng), qt, rows, cols)
-    x8 = q4x8.interleave(plain)
+    x8 = layouts.interleave(plain)
     x = rng.standard_normal((n_tok, cols), dtype=np.float32)
     o1, o2 = np.empty((n_tok, rows), np.float32), np.empty((n_tok, rows), np.float32)
     fns = {"plain": lambda: matmul(o1, plain, x), "x8": lambda: matmul(o2, x8, x)}

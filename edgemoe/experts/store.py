@@ -6,7 +6,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from ..kernels.q4x8 import interleave, interleave_if_eligible, x8_eligible, x8_rows
+from ..kernels.layouts import interleave, interleave_if_eligible, x8_eligible, x8_rows
 from ..qtensor import QTensor
 
 
@@ -56,7 +56,7 @@ class ExpertStore(Protocol):
         """Stop background work and free buffers."""
 
     def repack_x8(self) -> None:
-        """Keep Q4_0/Q4_K/Q8_0 matrices in the 8-row interleaved layouts (kernels/q4x8.py), now and as they arrive."""
+        """Keep matrices of the types in layouts.X8 in the 8-row interleaved layouts, now and as they arrive."""
 
     def resident(self, layer: int) -> np.ndarray:
         """(E,) bool: which experts of `layer` are in RAM now (no counters change)."""
@@ -77,7 +77,7 @@ class ResidentExperts:
     wants_hints = False
 
     def repack_x8(self) -> None:
-        """Copy every Q4_0, Q4_K and Q8_0 matrix (rows divisible by 8) into the 8-row interleaved layout, gate and up of
+        """Copy every matrix of a type in layouts.X8 (rows divisible by 8) into the 8-row interleaved layout, gate and up of
         an expert stacked into one matrix."""
         self._experts = [[_x8_expert(e) for e in layer] for layer in self._experts]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels.q4x8 import repack_x8, x8_eligible
+from ..kernels.layouts import repack_x8, x8_eligible
 from ..qtensor import QTensor, row_bytes
 from .cache import ExpertCache
 from .extents import ExpertExtent
@@ -82,7 +82,7 @@ def _x8_offsets(ext: ExpertExtent) -> dict[str, int] | None:
 
 
 def _interleave_into(ext: ExpertExtent, src, dst: np.ndarray) -> None:
-    """Write an expert's parts from `src` (its Buffer as read) into `dst` (as large), Q4_0/Q4_K/Q8_0
+    """Write an expert's parts from `src` (its Buffer as read) into `dst` (as large), x8-eligible
     parts in the 8-row interleaved layout, at the offsets `_x8_offsets` gives (else where they were)."""
     offsets = _x8_offsets(ext)
     for name, part in ext.parts.items():
@@ -112,10 +112,10 @@ class StreamingExperts:
         self._demanded: dict[tuple[int, int], ReadHandle] = {}  # issued by request(), consumed by get()
         self._pending: dict[tuple[int, int], ReadHandle] = {}  # prefetches not yet demanded
         self._spill: np.ndarray | None = None  # holds an expert the cache could not take, until the next get
-        self._x8 = False  # Q4_0/Q4_K/Q8_0 parts are repacked into the 8-row interleaved layout as they arrive
+        self._x8 = False  # parts of the types in layouts.X8 are repacked into the 8-row interleaved layout as they arrive
 
     def repack_x8(self) -> None:
-        """From now on keep Q4_0/Q4_K/Q8_0 matrices (rows divisible by 8) in the 8-row interleaved layout."""
+        """From now on keep matrices of the types in layouts.X8 (rows divisible by 8) in the 8-row interleaved layout."""
         self._x8 = True
 
     @property

@@ -174,7 +174,7 @@ def _check(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
 
 
 def _storage_shape(w: QTensor) -> tuple[int, int]:
-    """The (rows, row bytes) of plain storage; (rows / 8, 8 * row bytes) of 8-row interleaved Q4_0/Q4_K/Q8_0."""
+    """The (rows, row bytes) of plain storage; (rows / 8, 8 * row bytes) of the 8-row interleaved layouts."""
     n = _row_bytes(w.qtype, w.cols)
     if w.interleave == 1:
         return (w.rows, n)

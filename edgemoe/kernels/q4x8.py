@@ -21,11 +21,9 @@ so a row's result does not depend on the batch it was computed in.
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from ..errors import UnsupportedError
-from ..qtensor import QTensor
 from .intrinsics import get
 from .intrinsics_x8 import BLOCK_BYTES, dot_x8, dot_x8_4, fma_x8, prefetch_x8, scales_x8, store_x8
 from .ops import twins
@@ -92,56 +90,6 @@ def unpack_q4_0_x8(data: np.ndarray) -> np.ndarray:
     qs = blocks[:, :, 16:].reshape(g, nb, 4, 8, 4)  # (G, B, chunk, row, byte)
     out[:, :, :, 2:] = qs.transpose(0, 3, 1, 2, 4).reshape(g, 8, nb, 16)
     return out.reshape(g * 8, nb * _Q4_0_BYTES)
-
-
-def x8_eligible(qtype, rows: int) -> bool:
-    """Whether a plain matrix of this type and row count can take the 8-row interleaved layout
-    (Q4_0 here, Q4_K in `q4kx8`, Q8_0 in `q8x8`)."""
-    return qtype in (QT.Q4_0, QT.Q4_K, QT.Q8_0) and rows % 8 == 0
-
-
-def repack_x8(qtype, data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Plain rows of `qtype` -> its x8 layout (the same number of bytes), into `out` if given."""
-    if qtype == QT.Q4_K:
-        from .q4kx8 import repack_q4_k_x8
-
-        return repack_q4_k_x8(data, out)
-    if qtype == QT.Q8_0:
-        from .q8x8 import repack_q8_0_x8
-
-        return repack_q8_0_x8(data, out)
-    return repack_q4_0_x8(data, out)
-
-
-def unpack_x8(qtype, data: np.ndarray) -> np.ndarray:
-    """x8 layout of `qtype` -> plain rows (a new array)."""
-    if qtype == QT.Q4_K:
-        from .q4kx8 import unpack_q4_k_x8
-
-        return unpack_q4_k_x8(data)
-    if qtype == QT.Q8_0:
-        from .q8x8 import unpack_q8_0_x8
-
-        return unpack_q8_0_x8(data)
-    return unpack_q4_0_x8(data)
-
-
-def interleave_if_eligible(w: QTensor) -> QTensor:
-    """`w` in the x8 layout when it is plain Q4_0, Q4_K or Q8_0 with rows divisible by 8, else `w` itself."""
-    return interleave(w) if w.interleave == 1 and x8_eligible(w.qtype, w.rows) else w
-
-
-def x8_rows(w: QTensor, r0: int, n: int) -> QTensor:
-    """Rows r0 .. r0 + n of an x8 matrix, as a view (r0 and n multiples of 8)."""
-    return QTensor(w.data[r0 // 8:(r0 + n) // 8], w.qtype, n, w.cols, 8)
-
-
-def interleave(w: QTensor) -> QTensor:
-    """A plain Q4_0, Q4_K or Q8_0 QTensor in the x8 layout (`interleave` 8)."""
-    if not x8_eligible(w.qtype, w.rows) or w.interleave != 1:
-        raise UnsupportedError(f"only plain Q4_0/Q4_K/Q8_0 weights with rows divisible by 8 can be interleaved "
-                               f"(got {w.qtype.name}, {w.rows} rows, interleave {w.interleave})")
-    return QTensor(repack_x8(w.qtype, w.data), w.qtype, w.rows, w.cols, interleave=8)
 
 
 # ---- kernels --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..experts.store import ExpertStore
 from ..kernels import fused, ops
-from ..kernels.q4x8 import interleave_if_eligible
+from ..kernels.layouts import interleave_if_eligible
 from ..kv_cache import KVCache
 from ..qtensor import QTensor
 from .arch import spec_of
@@ -108,7 +108,7 @@ class Model:
         """Lay the weights out for the kernels, once after loading.
 
         - q, k and v of a layer go into one matrix where they share a type (one kernel call for three);
-        - Q4_0, Q4_K and Q8_0 matrices go into the 8-row interleaved layouts (kernels/q4x8.py, q4kx8.py,
+        - matrices of the types in `kernels.layouts.X8` go into the 8-row interleaved layouts (kernels/q4x8.py, q4kx8.py,
           q8x8.py; 1.2-2.0x faster per core);
         - with `own_dense`, every other dense tensor a step reads is copied out of the memory-mapped file:
           when experts stream inside a memory limit the kernel reclaims clean file pages first, and a
