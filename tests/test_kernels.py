@@ -18,7 +18,7 @@ from gguf.quants import quantize
 from weight_factory import dequant, make_weight
 
 from edgemoe.errors import UsageError
-from edgemoe.kernels import dispatch, kernel_names, matmul, matvec, set_threads
+from edgemoe.kernels import dispatch, kernel_names, kinds, matmul, matvec, set_threads
 from edgemoe.kernels.q8act import quantize_q8_0, quantize_q8_k
 from edgemoe.qtensor import SUPPORTED_TYPES, QTensor
 
@@ -185,7 +185,7 @@ def test_kernel_names_and_threads():
 def test_variant_pinned_per_type():
     try:
         dispatch.force_variant("generic", "Q4_0")
-        assert kernel_names()["Q4_0"] == "int8 generic"
+        assert kernel_names()["Q4_0"] == kinds.INT8["generic"]
         assert kernel_names()["Q8_0"] == kernel_names()["Q4_K"]  # the others keep the default
         assert dispatch.current_variant("Q4_0") == "generic"
     finally:
@@ -203,28 +203,38 @@ def test_shape_and_dtype_checks():
         matvec(np.empty(4, np.float32), w, np.ones(64, np.float64))
 
 
-# Compiles (never runs) the VNNI kernels for an AVX-512 CPU, so a machine without VNNI still
-# checks that their IR lowers to vpdpbusd instead of aborting in LLVM's instruction selection.
-_VNNI_COMPILE = """
-from numba import types as T
-from edgemoe.kernels import kmatmul, qmatmul
-a = lambda dt: T.Array(dt, 2, "C")
-f32, u8, i8, i32 = a(T.float32), a(T.uint8), a(T.int8), a(T.int32)
-for fn, sig in (
-    (qmatmul.matmul_q4_0, (f32, u8, i8, f32, f32, T.int32)),
-    (kmatmul.matmul_q6_k, (f32, u8, i8, f32, i32, T.int32)),
-):
-    fn.compile(sig)
-    assert "vpdpbusd" in fn.inspect_asm(sig), fn
+# Compiles (never runs) every kind's kernel with the vnni marker for an AVX-512 CPU, so a machine without
+# VNNI still checks that the IR lowers (instead of aborting in LLVM's instruction selection) and that each
+# kind's `isa` tells the truth: vpdpbusd in the code exactly where the doctor says so, dot products 256-bit.
+_VNNI_COMPILE = r"""
+import re
+import numpy as np
+from numba import typeof
+from edgemoe.kernels import intrinsics
+from edgemoe.kernels.kinds import KINDS
+from edgemoe.kernels.q8act import activations
+for kind in KINDS.values():
+    xq, xd, xs = activations(kind.act, 1, 256)
+    args = []
+    kind.call(lambda *a: args.extend(a), np.empty((1, 8), np.float32), np.empty((8, 64), np.uint8),
+              np.empty((1, 256), np.float32) if kind.act == "f32" else xq, xd, xs, intrinsics.VNNI)
+    sig = tuple(typeof(a) for a in args)
+    serial = kind.matmul[1]
+    serial.compile(sig)
+    asm = serial.inspect_asm(sig)
+    assert ("vpdpbusd" in asm) == ("vpdpbusd" in kind.isa["vnni"]), kind.name
+    assert not re.search(r"vpdpbusd\s+%zmm|vpmaddubsw\s+%zmm", asm), kind.name  # the dot products are 256-bit
+print(len(KINDS), "kinds checked")
 """
 _ZEN4 = "+avx512f,+avx512vl,+avx512bw,+avx512dq,+avx512cd,+avx512vnni,+avx2,+fma,+f16c,+avx,+bmi2"
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
 def test_vnni_kernels_compile_for_avx512(tmp_path):
-    if "vnni" in dispatch.supported_variants():
-        pytest.skip("this CPU runs the vnni kernels in the other tests")
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4)
-    env["NUMBA_CACHE_DIR"] = str(tmp_path)  # never mix these with the host's cached kernels
+    """On a CPU without VNNI the kernels are compiled for a Zen 4; on one with it, for the CPU itself."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))  # fresh: cached code cannot be inspected
+    if "vnni" not in dispatch.supported_variants():
+        env.update(NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4)
+    print("compiled for", env.get("NUMBA_CPU_NAME", "this CPU"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", _VNNI_COMPILE], env=env, cwd=root, check=True, timeout=600)

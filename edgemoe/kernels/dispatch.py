@@ -101,22 +101,15 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(int(n))
 
 
-_INT8_DESC = {
-    "generic": "int8 generic",
-    "avx2": "avx2 int8",
-    "vnni": "avx512-vnni int8",
-}
-_F16_DESC = {
-    "generic": "f16 (bit trick) f32",
-    "avx2": "f16 (vcvtph2ps) f32",
-    "vnni": "f16 (vcvtph2ps) f32",
-}
-
-
 def kernel_names() -> dict[str, str]:
-    """For each supported weight type, the kernel variant this CPU uses."""
-    floats = {"F32": "f32 simd", "F16": _F16_DESC[current_variant("F16")], "BF16": "bf16 (shift) f32"}
-    return {t.name: floats.get(t.name) or _INT8_DESC[current_variant(t.name)] for t in SUPPORTED_TYPES}
+    """For each supported weight type, the instructions its kernels run on this CPU (the variant in use),
+    and those of its 8-row interleaved layout where that differs."""
+    out = {}
+    for t in SUPPORTED_TYPES:
+        v = current_variant(t.name)
+        plain, x8 = KINDS[(t, 1)].isa[v], KINDS.get((t, 8))
+        out[t.name] = plain if x8 is None or x8.isa[v] == plain else f"{plain}; 8-row layout: {x8.isa[v]}"
+    return out
 
 
 def _scratch(kind: str, n_tok: int, cols: int):

@@ -9,6 +9,8 @@ runs on it.
                    float kinds get x itself as xq)
     Kind.rows      njit (out, r0, r1, w, xq, xd, xs, variant): rows r0 .. r1 of one token (`rows`, `fused`)
     Kind.step      row ranges start on multiples of this (8 for the 8-row interleaved layouts)
+    Kind.isa       {variant: the instructions its kernels run}, for `edgemoe-doctor` (tests/test_kernels.py
+                   compiles every kernel for an AVX-512 VNNI CPU and checks the vnni entry against the code)
 
 The block geometry of each type is `qtensor.FORMATS`; a type is added there, here (one row per layout)
 and with its kernels.
@@ -115,6 +117,19 @@ class Kind(NamedTuple):
     call: object
     rows: object
     step: int
+    isa: dict
+
+
+_PORTABLE = "int8 portable (LLVM vectors, no x86 intrinsics)"
+_VPMADDUBSW = "int8 AVX2 vpmaddubsw (256-bit)"
+INT8 = {"generic": _PORTABLE, "avx2": _VPMADDUBSW, "vnni": "int8 VNNI vpdpbusd (256-bit)"}
+INT8_NO_VNNI = {"generic": _PORTABLE, "avx2": _VPMADDUBSW, "vnni": _VPMADDUBSW + "; no VNNI code yet"}
+FLOAT = {
+    QT.F32: dict.fromkeys(("generic", "avx2", "vnni"), "f32 vfmadd231ps (256-bit)"),
+    QT.F16: {"generic": "f16 (bit trick) to f32, vfmadd231ps", "avx2": "f16 vcvtph2ps to f32, vfmadd231ps (256-bit)",
+             "vnni": "f16 vcvtph2ps to f32, vfmadd231ps (256-bit)"},
+    QT.BF16: dict.fromkeys(("generic", "avx2", "vnni"), "bf16 (shift) to f32, vfmadd231ps (256-bit)"),
+}
 
 
 def _plain(k, o, w, q, d, s, m):
@@ -134,9 +149,10 @@ def _with(*consts):
     return lambda k, o, w, q, d, s, m: k(o, w, q, d, s, *consts, m)
 
 
-def _kind(qtype: QT, interleave: int, act: str, matmul: tuple, rows, call=_plain) -> tuple:
+def _kind(qtype: QT, interleave: int, act: str, matmul: tuple, rows, call=_plain, isa=None) -> tuple:
     name = qtype.name + ("" if interleave == 1 else f"x{interleave}")
-    return (qtype, interleave), Kind(name, act, QUANTISERS[act], matmul, call, rows, interleave)
+    isa = isa or FLOAT.get(qtype) or (INT8 if interleave == 1 else INT8_NO_VNNI)
+    return (qtype, interleave), Kind(name, act, QUANTISERS[act], matmul, call, rows, interleave, isa)
 
 
 _FLOAT = (matmul_float, matmul_float_serial)
