@@ -6,7 +6,7 @@ Each matvec run is paired with a DRAM read of 256 MiB right after it, and the sh
 is the median of the per-pair ratios: a shared machine's bandwidth drifts by tens of per cent within
 minutes, and a pair sees the same neighbours.
 
-    python tools/bench_kernels.py [--threads 2] [--types Q4_0,Q4_K] [--repeat 15]
+    python tools/bench_kernels.py [--threads 2] [--types Q4_0,Q4_K] [--repeat 15] [--layouts plain,x8]
 
 Weights are random valid blocks (scales set to small finite values), so no model is needed. The
 machine may be shared: every figure is a median, and the bandwidth is measured in the same run.
@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as QT
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgemoe.kernels import kernel_names, matmul, matvec, set_threads
+from edgemoe.kernels.layouts import X8, interleave
 from edgemoe.membw import _read_all
 from edgemoe.qtensor import FORMATS, QTensor
 
@@ -108,6 +109,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", default=",".join(TYPES), help="comma-separated weight types")
     p.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median)")
     p.add_argument("--tokens", default="8,32,64", help="batch sizes for the matmul GFLOP/s")
+    p.add_argument("--layouts", default="plain,x8", help="plain and/or x8 (the 8-row interleaved layout, where a type has one)")
     return p
 
 
@@ -127,23 +129,32 @@ def main(argv: list[str] | None = None) -> int:
 
     probe = np.ones(1 << 26, np.float32)  # 256 MiB, read after each matvec run
     results = []  # (type, rows, cols, median GB/s, best GB/s, paired DRAM GB/s, median ratio)
-    for qt in types:
-        for rows, cols in SHAPES:
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    runs = [(qt, lay) for qt in types for lay in layouts if lay == "plain" or (lay == "x8" and qt in X8)]
+    for qt, lay in runs:
+        label = qt.name + ("x8" if lay == "x8" else "")
+        kernel = names[qt.name].split("; 8-row layout: ")[-1 if lay == "x8" else 0]
+
+        def make(rows, cols, qt=qt, lay=lay):
             w = random_weight(qt, rows, cols, rng)
+            return interleave(w) if lay == "x8" else w
+
+        for rows, cols in SHAPES:
+            w = make(rows, cols)
             x = rng.standard_normal(cols, dtype=np.float32)
             out = np.empty(rows, np.float32)
             med, best = timings(lambda o=out, w=w, x=x: matvec(o, w, x), args.repeat)
             kern, mem, ratio = paired(lambda o=out, w=w, x=x: matvec(o, w, x), w.nbytes, probe, args.repeat)
-            results.append((qt.name, rows, cols, w.nbytes / med / 1e9, w.nbytes / best / 1e9, mem, ratio))
+            results.append((label, rows, cols, w.nbytes / med / 1e9, w.nbytes / best / 1e9, mem, ratio))
             print(
-                f"  matvec {qt.name:5s} {rows:5d}x{cols:<5d} {w.nbytes / 1e6:6.1f} MB  "
+                f"  matvec {label:8s} {rows:5d}x{cols:<5d} {w.nbytes / 1e6:6.1f} MB  "
                 f"median {w.nbytes / med / 1e9:5.1f} GB/s ({med * 1e3:6.2f} ms), "
                 f"best {w.nbytes / best / 1e9:5.1f}; paired with DRAM {mem:5.1f} GB/s: {100 * ratio:3.0f} %"
-                f"  [{names[qt.name]}]",
+                f"  [{kernel}]",
                 flush=True,
             )
         rows, cols = SHAPES[0]
-        w = random_weight(qt, rows, cols, rng)
+        w = make(rows, cols)
         for n_tok in tokens:
             x = rng.standard_normal((n_tok, cols), dtype=np.float32)
             out = np.empty((n_tok, rows), np.float32)
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             med, best = timings(lambda o=out, w=w, x=x: matmul(o, w, x), n)
             flop = 2 * rows * cols * n_tok
             print(
-                f"  matmul {qt.name:5s} {rows:5d}x{cols:<5d} T={n_tok:<3d} "
+                f"  matmul {label:8s} {rows:5d}x{cols:<5d} T={n_tok:<3d} "
                 f"median {flop / med / 1e9:6.1f} GFLOP/s ({med * 1e3:7.2f} ms), best {flop / best / 1e9:6.1f}",
                 flush=True,
             )
@@ -163,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {os.getloadavg()[0]:.1f}")
     print(f"\nmatvec weight bytes/s vs DRAM read (whole run: median {bw_med:.1f} GB/s, best {bw_best:.1f}; "
           "paired: each run against the read right after it, median of the ratios):")
-    print(f"{'type':6s} {'shape':>11s} {'median':>7s} {'of DRAM':>8s} {'best':>6s} {'of best':>8s} {'paired':>7s}")
+    print(f"{'type':8s} {'shape':>11s} {'median':>7s} {'of DRAM':>8s} {'best':>6s} {'of best':>8s} {'paired':>7s}")
     for name, rows, cols, med_gbs, best_gbs, _mem, ratio in results:
         print(
-            f"{name:6s} {rows:5d}x{cols:<5d} {med_gbs:7.1f} {100 * med_gbs / bw_med:7.0f}% "
+            f"{name:8s} {rows:5d}x{cols:<5d} {med_gbs:7.1f} {100 * med_gbs / bw_med:7.0f}% "
             f"{best_gbs:6.1f} {100 * best_gbs / bw_best:7.0f}% {100 * ratio:6.0f}%"
         )
     return 0
