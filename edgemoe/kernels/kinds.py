@@ -59,6 +59,7 @@ from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
 from .q8act import quantize_q8_0, quantize_q8_0_sums, quantize_q8_k
 from .q8x8 import matmul_q8_0_x8, matmul_q8_0_x8_serial
 from .q451 import FMT_Q4_1, FMT_Q5_0, FMT_Q5_1, matmul_q451, matmul_q451_serial
+from .q451x8 import matmul_q451_x8, matmul_q451_x8_serial, rows_q4_1_x8, rows_q5_0_x8, rows_q5_1_x8
 from .qmatmul import matmul_q4_0, matmul_q4_0_serial, matmul_q8_0, matmul_q8_0_serial
 
 
@@ -157,6 +158,7 @@ def _kind(qtype: QT, interleave: int, act: str, matmul: tuple, rows, call=_plain
 
 _FLOAT = (matmul_float, matmul_float_serial)
 _Q451 = (matmul_q451, matmul_q451_serial)
+_Q451X8 = (matmul_q451_x8, matmul_q451_x8_serial)
 
 KINDS: dict[tuple[QT, int], Kind] = dict([
     _kind(QT.F32, 1, "f32", _FLOAT, r.rows_f32, _float(intrinsics.FMT_F32)),
@@ -169,6 +171,9 @@ KINDS: dict[tuple[QT, int], Kind] = dict([
     _kind(QT.Q4_1, 1, "q8_0p", _Q451, r.rows_q4_1, _with(FMT_Q4_1)),
     _kind(QT.Q5_0, 1, "q8_0ps", _Q451, r.rows_q5_0, _with(FMT_Q5_0)),
     _kind(QT.Q5_1, 1, "q8_0p", _Q451, r.rows_q5_1, _with(FMT_Q5_1)),
+    _kind(QT.Q4_1, 8, "q8_0", _Q451X8, rows_q4_1_x8, _with(FMT_Q4_1)),
+    _kind(QT.Q5_0, 8, "q8_0x8", _Q451X8, rows_q5_0_x8, _with(FMT_Q5_0)),
+    _kind(QT.Q5_1, 8, "q8_0", _Q451X8, rows_q5_1_x8, _with(FMT_Q5_1)),
     _kind(QT.Q2_K, 1, "q8_k", (matmul_q2_k, matmul_q2_k_serial), r.rows_q2_k),
     _kind(QT.Q3_K, 1, "q8_k", (matmul_q3_k, matmul_q3_k_serial), r.rows_q3_k),
     _kind(QT.Q4_K, 1, "q8_k", (matmul_q45_k, matmul_q45_k_serial), r.rows_q4_k, _with(144, 0, 16)),

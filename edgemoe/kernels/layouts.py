@@ -3,10 +3,12 @@
 A plain matrix (R, row bytes) of a type in `X8` with R divisible by 8 can be repacked, at load or as a
 streamed expert arrives, into (R / 8, 8 * row bytes): the same bytes, 8 rows' blocks side by side, which
 its x8 kernel (`kinds.KINDS[(type, 8)]`) reads with one activation load for 8 rows and no horizontal
-sums. Each type's layout is described in its module (`q4x8`, `q4kx8`, `q8x8`).
+sums. Each type's layout is described in its module (`q4x8`, `q4kx8`, `q8x8`, `q451x8`).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -17,12 +19,14 @@ from .kinds import INTERLEAVED
 from .q4kx8 import repack_q4_k_x8, unpack_q4_k_x8
 from .q4x8 import repack_q4_0_x8, unpack_q4_0_x8
 from .q8x8 import repack_q8_0_x8, unpack_q8_0_x8
+from .q451x8 import repack_q451_x8, unpack_q451_x8
 
 # {type: (repack(plain (R, n) uint8, out=None) -> (R / 8, 8n), unpack(x8) -> plain)}
 X8 = {
     QT.Q4_0: (repack_q4_0_x8, unpack_q4_0_x8),
     QT.Q4_K: (repack_q4_k_x8, unpack_q4_k_x8),
     QT.Q8_0: (repack_q8_0_x8, unpack_q8_0_x8),
+    **{t: (partial(repack_q451_x8, t), partial(unpack_q451_x8, t)) for t in (QT.Q4_1, QT.Q5_0, QT.Q5_1)},
 }
 assert set(X8) == INTERLEAVED, "every x8 layout needs its kernels in kinds.KINDS, and the other way round"
 X8_NAMES = "/".join(t.name for t in X8)
