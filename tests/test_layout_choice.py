@@ -49,10 +49,10 @@ def test_repack_off_keeps_the_plain_layout(q4_model):
     assert all(e.gate_up is None for e in (model.experts.get(0, i) for i in range(4)))
 
 
-@pytest.mark.parametrize("expert_qtype", ["Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("expert_qtype", ["Q4_1", "Q5_0", "Q5_1", "MXFP4"])
 def test_interleaved_legacy_experts_agree_with_plain(expert_qtype, tmp_path):
-    """Q4_1/Q5_0/Q5_1 experts (llama.cpp's fallback types for widths not a multiple of 256) take their 8-row
-    layout, stacked gate|up included: the logits are the plain layout's up to summation order."""
+    """Q4_1/Q5_0/Q5_1 experts (llama.cpp's fallback types for widths not a multiple of 256) and MXFP4 ones take
+    their 8-row layout, stacked gate|up included: the logits are the plain layout's up to summation order."""
     _, cfg, tensors = make_hf_mixtral(hidden=128, intermediate=256, layers=2, experts=4, vocab=96, seed=9)
     path = tmp_path / "m.gguf"
     export_mixtral_gguf(path, cfg, tensors, qtype="Q8_0", expert_qtype=expert_qtype)

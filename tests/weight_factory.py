@@ -10,11 +10,12 @@ from gguf.quants import dequantize, quantize
 
 from edgemoe.qtensor import QTensor
 
-K_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}  # byte offsets of d (, dmin) in a block
+# types gguf-py cannot quantise: byte offsets of their f16 fields d (, dmin) in a block
+K_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.IQ4_NL: (0,), QT.IQ4_XS: (0,)}
 
 
 def make_weight(qt: QT, rows: int, cols: int, rng) -> QTensor:
-    """Random weights: quantised with gguf-py where it can, else random valid K blocks (small f16 scales)."""
+    """Random weights: quantised with gguf-py where it can, else random valid blocks (small f16 scales)."""
     if qt in K_F16_FIELDS:
         block, size = GGML_QUANT_SIZES[qt]
         raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)

@@ -53,6 +53,7 @@ from .iquants import (
 )
 from .k23matmul import matmul_q2_k, matmul_q2_k_serial, matmul_q3_k, matmul_q3_k_serial
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
+from .lut4x8 import FMT_IQ4_NL, FMT_MXFP4, matmul_lut4_x8, matmul_lut4_x8_serial, rows_iq4_nl_x8, rows_mxfp4_x8
 from .mxfp4 import matmul_mxfp4, matmul_mxfp4_serial
 from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
@@ -159,6 +160,7 @@ def _kind(qtype: QT, interleave: int, act: str, matmul: tuple, rows, call=_plain
 _FLOAT = (matmul_float, matmul_float_serial)
 _Q451 = (matmul_q451, matmul_q451_serial)
 _Q451X8 = (matmul_q451_x8, matmul_q451_x8_serial)
+_LUT4X8 = (matmul_lut4_x8, matmul_lut4_x8_serial)
 
 KINDS: dict[tuple[QT, int], Kind] = dict([
     _kind(QT.F32, 1, "f32", _FLOAT, r.rows_f32, _float(intrinsics.FMT_F32)),
@@ -188,8 +190,10 @@ KINDS: dict[tuple[QT, int], Kind] = dict([
     _kind(QT.IQ3_XXS, 1, "q8_k", (matmul_iq3_xxs, matmul_iq3_xxs_serial), rows_iq3_xxs),
     _kind(QT.IQ3_S, 1, "q8_k", (matmul_iq3_s, matmul_iq3_s_serial), rows_iq3_s),
     _kind(QT.IQ4_NL, 1, "q8_0p", (matmul_iq4_nl, matmul_iq4_nl_serial), r.rows_iq4_nl),
+    _kind(QT.IQ4_NL, 8, "q8_0", _LUT4X8, rows_iq4_nl_x8, _with(FMT_IQ4_NL)),
     _kind(QT.IQ4_XS, 1, "q8_k", (matmul_iq4_xs, matmul_iq4_xs_serial), r.rows_iq4_xs),
     _kind(QT.MXFP4, 1, "q8_0ps", (matmul_mxfp4, matmul_mxfp4_serial), r.rows_mxfp4),
+    _kind(QT.MXFP4, 8, "q8_0", _LUT4X8, rows_mxfp4_x8, _with(FMT_MXFP4)),
 ])
 INTERLEAVED = frozenset(qt for qt, n in KINDS if n == 8)  # types with an 8-row interleaved layout
 
