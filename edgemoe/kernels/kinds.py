@@ -28,6 +28,7 @@ from . import intrinsics
 from . import rows as r
 from .fmatmul import matmul_float, matmul_float_serial
 from .iq4 import matmul_iq4_nl, matmul_iq4_nl_serial, matmul_iq4_xs, matmul_iq4_xs_serial
+from .iq4xsx8 import matmul_iq4_xs_x8, matmul_iq4_xs_x8_serial, rows_iq4_xs_x8
 from .iquants import (
     matmul_iq1_m,
     matmul_iq1_m_serial,
@@ -192,6 +193,7 @@ KINDS: dict[tuple[QT, int], Kind] = dict([
     _kind(QT.IQ4_NL, 1, "q8_0p", (matmul_iq4_nl, matmul_iq4_nl_serial), r.rows_iq4_nl),
     _kind(QT.IQ4_NL, 8, "q8_0", _LUT4X8, rows_iq4_nl_x8, _with(FMT_IQ4_NL)),
     _kind(QT.IQ4_XS, 1, "q8_k", (matmul_iq4_xs, matmul_iq4_xs_serial), r.rows_iq4_xs),
+    _kind(QT.IQ4_XS, 8, "q8_k", (matmul_iq4_xs_x8, matmul_iq4_xs_x8_serial), rows_iq4_xs_x8),
     _kind(QT.MXFP4, 1, "q8_0ps", (matmul_mxfp4, matmul_mxfp4_serial), r.rows_mxfp4),
     _kind(QT.MXFP4, 8, "q8_0", _LUT4X8, rows_mxfp4_x8, _with(FMT_MXFP4)),
 ])
