@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from .intrinsics import _I8, _I32, _V8I32, _V16I16, _V32I8, _call, _is_bytes, _ptr, _splat, i32x8
 from .intrinsics_iq4 import KVALUES
-from .intrinsics_x8 import _is_marker, _variant
+from .intrinsics_x8 import _after, _is_marker, _lane_sums, _variant
 
 _I64 = ir.IntType(64)
 _V8I8 = ir.VectorType(_I8, 8)
@@ -70,22 +70,6 @@ def _scales(context, builder, variant: int, warr, w, bo, j: int):
         pairs = builder.shuffle_vector(ls, ls, ir.Constant(ir.VectorType(_I32, 16), [i // 2 for i in range(16)]))
         return builder.sub(builder.zext(pairs, _V16I16), ir.Constant(_V16I16, [32] * 16))
     return builder.sub(builder.zext(ls, _V8I32), ir.Constant(_V8I32, [32] * 8))
-
-
-def _lane_sums(builder, prod):
-    """<32 x i32> -> <8 x i32>: lane r = elements 4r .. 4r + 3 summed."""
-    v16 = ir.VectorType(_I32, 16)
-    pairs = builder.add(builder.shuffle_vector(prod, prod, ir.Constant(v16, list(range(0, 32, 2)))),
-                        builder.shuffle_vector(prod, prod, ir.Constant(v16, list(range(1, 32, 2)))))
-    return builder.add(builder.shuffle_vector(pairs, pairs, ir.Constant(_V8I32, list(range(0, 16, 2)))),
-                       builder.shuffle_vector(pairs, pairs, ir.Constant(_V8I32, list(range(1, 16, 2)))))
-
-
-def _after(builder, value, deps):
-    """`value` (an integer) through an empty inline asm (no instruction) that also takes `deps` (vectors):
-    what is computed from it cannot be scheduled before them."""
-    fn = ir.FunctionType(value.type, [value.type] + [d.type for d in deps])
-    return builder.call(ir.InlineAsm(fn, "", "=r,0" + ",x" * len(deps)), [value] + deps)
 
 
 def _block_sums(context, builder, variant: int, warr, w, bo, xarr, x, xos):

@@ -39,7 +39,7 @@ from .intrinsics import _I32, _V8F32, _V8I32, _V16I16, _V32I8, _call, _is_bytes,
 from .intrinsics_fp4 import KVALUES as KVALUES_MXFP4
 from .intrinsics_fp4 import _e8m0_half_bits
 from .intrinsics_iq4 import KVALUES as KVALUES_IQ4NL
-from .intrinsics_x8 import _half_to_float8, _is_marker, _variant
+from .intrinsics_x8 import _after, _half_to_float8, _is_marker, _lane_sums, _variant
 
 # Format markers: only the Numba type matters (its bit width is the width of the type's scale).
 FMT_IQ4_NL = np.uint16(0)
@@ -108,22 +108,6 @@ def _lookup(builder, variant: int, table, codes):
         on = builder.icmp_unsigned("!=", builder.and_(codes, ir.Constant(_V32I8, [1 << bit] * 32)), ir.Constant(_V32I8, None))
         level = [builder.select(on, level[i + 1], level[i]) for i in range(0, len(level), 2)]
     return level[0]
-
-
-def _lane_sums(builder, prod):
-    """<32 x i32> -> <8 x i32>: lane r = elements 4r .. 4r + 3 summed (pairs, then pairs of pairs)."""
-    v16 = ir.VectorType(_I32, 16)
-    pairs = builder.add(builder.shuffle_vector(prod, prod, ir.Constant(v16, list(range(0, 32, 2)))),
-                        builder.shuffle_vector(prod, prod, ir.Constant(v16, list(range(1, 32, 2)))))
-    return builder.add(builder.shuffle_vector(pairs, pairs, ir.Constant(_V8I32, list(range(0, 16, 2)))),
-                       builder.shuffle_vector(pairs, pairs, ir.Constant(_V8I32, list(range(1, 16, 2)))))
-
-
-def _after(builder, value, deps):
-    """`value` (an integer) through an empty inline asm that also takes `deps` (vectors): what is computed
-    from it cannot be scheduled before them."""
-    fn = ir.FunctionType(value.type, [value.type] + [d.type for d in deps])
-    return builder.call(ir.InlineAsm(fn, "", "=r,0" + ",x" * len(deps)), [value] + deps)
 
 
 def _block_dots(context, builder, lay: Layout, variant: int, warr, w, bo, xarr, x, xos):

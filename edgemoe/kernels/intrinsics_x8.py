@@ -78,6 +78,22 @@ def _half_to_float8(builder, h, variant: int):
     return builder.bitcast(builder.or_(bits, sign), _V8F32)
 
 
+def _lane_sums(builder, prod):
+    """<32 x i32> -> <8 x i32>: lane r = elements 4r .. 4r + 3 summed."""
+    v16 = ir.VectorType(_I32, 16)
+    pairs = builder.add(builder.shuffle_vector(prod, prod, ir.Constant(v16, list(range(0, 32, 2)))),
+                        builder.shuffle_vector(prod, prod, ir.Constant(v16, list(range(1, 32, 2)))))
+    return builder.add(builder.shuffle_vector(pairs, pairs, ir.Constant(_V8I32, list(range(0, 16, 2)))),
+                       builder.shuffle_vector(pairs, pairs, ir.Constant(_V8I32, list(range(1, 16, 2)))))
+
+
+def _after(builder, value, deps):
+    """`value` (an integer) through an empty inline asm (no instruction) that also takes `deps` (vectors):
+    what is computed from it cannot be scheduled before them."""
+    fn = ir.FunctionType(value.type, [value.type] + [d.type for d in deps])
+    return builder.call(ir.InlineAsm(fn, "", "=r,0" + ",x" * len(deps)), [value] + deps)
+
+
 def _block_dots(context, builder, variant: int, warr, w, wo, xarr, x, xos):
     """For each activation offset in `xos`: <8 x i32>, lane r = sum_i nibble_i(row r) * x[xo + i]
     over the 32 columns of the block whose quants start at flat offset `wo` of `w`.
