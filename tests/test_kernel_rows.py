@@ -28,7 +28,8 @@ SHAPES.update({t: ((37, 256), (5, 768), (3, 1280)) for t in (QT.Q4_K, QT.Q5_K, Q
 X8_SHAPES = {QT.Q4_0: ((40, 96), (8, 288), (16, 608)), QT.Q4_K: ((40, 256), (8, 768), (16, 1280)),
              QT.Q8_0: ((40, 96), (8, 288), (16, 608)),
              **{t: ((40, 96), (8, 288), (16, 608)) for t in (QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.IQ4_NL, QT.MXFP4)},
-             QT.IQ4_XS: ((40, 256), (8, 768), (16, 1280)), QT.Q3_K: ((40, 256), (8, 768), (16, 1280))}
+             QT.IQ4_XS: ((40, 256), (8, 768), (16, 1280)), QT.Q3_K: ((40, 256), (8, 768), (16, 1280)),
+             QT.Q2_K: ((40, 256), (8, 768), (16, 1280))}
 CASES = [(t, 1) for t in ALL_TYPES] + [(t, 8) for t in X8_SHAPES]
 # (threads, twin): the serial twin, and the parallel one on one and on two threads
 RUNS = ((1, "serial"), (1, "parallel"), (2, "parallel"))

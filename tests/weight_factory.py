@@ -12,7 +12,7 @@ from edgemoe.qtensor import QTensor
 
 # types gguf-py cannot quantise: byte offsets of their f16 fields d (, dmin) in a block
 K_F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.IQ4_NL: (0,), QT.IQ4_XS: (0,),
-                QT.Q3_K: (108,)}
+                QT.Q3_K: (108,), QT.Q2_K: (80, 82)}
 
 
 def make_weight(qt: QT, rows: int, cols: int, rng) -> QTensor:

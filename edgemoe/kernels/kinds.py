@@ -56,6 +56,7 @@ from .k23matmul import matmul_q2_k, matmul_q2_k_serial, matmul_q3_k, matmul_q3_k
 from .kmatmul import matmul_q6_k, matmul_q6_k_serial, matmul_q45_k, matmul_q45_k_serial
 from .lut4x8 import FMT_IQ4_NL, FMT_MXFP4, matmul_lut4_x8, matmul_lut4_x8_serial, rows_iq4_nl_x8, rows_mxfp4_x8
 from .mxfp4 import matmul_mxfp4, matmul_mxfp4_serial
+from .q2kx8 import matmul_q2_k_x8, matmul_q2_k_x8_serial, rows_q2_k_x8
 from .q3kx8 import matmul_q3_k_x8, matmul_q3_k_x8_serial, rows_q3_k_x8
 from .q4kx8 import matmul_q4_k_x8, matmul_q4_k_x8_serial, quantize_q8_k_x8
 from .q4x8 import matmul_q4_0_x8, matmul_q4_0_x8_serial, quantize_q8_0_x8
@@ -179,6 +180,7 @@ KINDS: dict[tuple[QT, int], Kind] = dict([
     _kind(QT.Q5_0, 8, "q8_0x8", _Q451X8, rows_q5_0_x8, _with(FMT_Q5_0)),
     _kind(QT.Q5_1, 8, "q8_0", _Q451X8, rows_q5_1_x8, _with(FMT_Q5_1)),
     _kind(QT.Q2_K, 1, "q8_k", (matmul_q2_k, matmul_q2_k_serial), r.rows_q2_k),
+    _kind(QT.Q2_K, 8, "q8_k", (matmul_q2_k_x8, matmul_q2_k_x8_serial), rows_q2_k_x8),
     _kind(QT.Q3_K, 1, "q8_k", (matmul_q3_k, matmul_q3_k_serial), r.rows_q3_k),
     _kind(QT.Q3_K, 8, "q8_k", (matmul_q3_k_x8, matmul_q3_k_x8_serial), rows_q3_k_x8),
     _kind(QT.Q4_K, 1, "q8_k", (matmul_q45_k, matmul_q45_k_serial), r.rows_q4_k, _with(144, 0, 16)),

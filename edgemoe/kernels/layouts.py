@@ -4,7 +4,7 @@ A plain matrix (R, row bytes) of a type in `X8` with R divisible by 8 can be rep
 streamed expert arrives, into (R / 8, 8 * row bytes): the same bytes, 8 rows' blocks side by side, which
 its x8 kernel (`kinds.KINDS[(type, 8)]`) reads with one activation load for 8 rows and no horizontal
 sums. Each type's layout is described in its module (`q4x8`, `q4kx8`,
-`q8x8`, `q451x8`, `lut4x8`, `iq4xsx8`, `q3kx8`).
+`q8x8`, `q451x8`, `lut4x8`, `iq4xsx8`, `q2kx8`, `q3kx8`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..qtensor import QTensor
 from .iq4xsx8 import repack_iq4_xs_x8, unpack_iq4_xs_x8
 from .kinds import INTERLEAVED
 from .lut4x8 import repack_lut4_x8, unpack_lut4_x8
+from .q2kx8 import repack_q2_k_x8, unpack_q2_k_x8
 from .q3kx8 import repack_q3_k_x8, unpack_q3_k_x8
 from .q4kx8 import repack_q4_k_x8, unpack_q4_k_x8
 from .q4x8 import repack_q4_0_x8, unpack_q4_0_x8
@@ -33,6 +34,7 @@ X8 = {
     **{t: (partial(repack_q451_x8, t), partial(unpack_q451_x8, t)) for t in (QT.Q4_1, QT.Q5_0, QT.Q5_1)},
     **{t: (partial(repack_lut4_x8, t), partial(unpack_lut4_x8, t)) for t in (QT.IQ4_NL, QT.MXFP4)},
     QT.IQ4_XS: (repack_iq4_xs_x8, unpack_iq4_xs_x8),
+    QT.Q2_K: (repack_q2_k_x8, unpack_q2_k_x8),
     QT.Q3_K: (repack_q3_k_x8, unpack_q3_k_x8),
 }
 assert set(X8) == INTERLEAVED, "every x8 layout needs its kernels in kinds.KINDS, and the other way round"

@@ -1,0 +1,167 @@
+"""Q2_K weights repacked 8 rows at a time ("Q2_Kx8", as `q3kx8` does for Q3_K), times Q8_K int8 activations.
+
+Interleaving 8 rows lets one broadcast of 4 activations serve 8 rows and makes the 8 row sums come out in
+lanes; the 8 rows' d (and dmin) sit in one 16-byte load (one vcvtph2ps) and their 4-bit scales and mins unpack
+together from 32-byte loads. The layout has exactly the size of the plain rows (672 bytes per 8 rows x 256
+columns), so a streamed expert repacks in place of its plain copy.
+
+    T = tokens, R = rows (R % 8 == 0), G = R / 8 row groups, C = columns, S = C / 256 super-blocks
+    plain Q2_K (R, S * 84 B) super-block: scales[16] | qs[64] | d f16 | dmin f16; column v = 128n + 32k + l
+        (n < 2, k < 4, l < 32) has q = qs[32n + l] >> 2k & 3 in 0..3; sub-block j = v / 16 has the scale
+        sc_j = scales[j] & 15 and the min m_j = scales[j] >> 4; value = d * sc_j * q - dmin * m_j
+    x8 layout (G, S * 672 B), super-block s of group g, 672 bytes at g * S * 672 + 672 s:
+        [0:16)       d of rows 8g .. 8g + 7 (f16, row r at 2r)
+        [16:32)      dmin of the same rows (row r at 16 + 2r)
+        [32:160)     scales: byte j (< 16) of row r at 32 + 8j + r
+        [160:672)    quant words: qs bytes 4m .. 4m + 3 (m < 16) of row r at 160 + 32m + 4r
+    activations ("q8_k", `q8act.quantize_q8_k`): xq (T, C) int8, xd (T, S) f32 scale, xs (T, C / 16) int32 the
+        exact per-16 sums of xq (the kernels use them for the mins: they must belong to xq)
+
+Arithmetic, per token t and row r, one f32 accumulator (lane r of an f32x8), super-blocks s = 0, 1, ... in order,
+the mins first as ggml's AVX2 vec_dot_q2_K_q8_K (and `k23matmul`) does:
+
+    isum = sum_j sc_j * sum_i q_ji * xq[t, 256s + 16j + i]    exact int32 (|isum| <= 16 * 15 * 16 * 3 * 128)
+    msum = sum_j m_j * xs[t, 16s + j]                          exact int32 (|msum| <= 16 * 15 * 16 * 128)
+    acc = fma(f32(msum), dmin_w[r, s] * -xd[t, s], acc)     (f32 of both sums exact: < 2**24; each product
+    acc = fma(f32(isum), d_w[r, s] * xd[t, s], acc)          rounded once)
+    out[t, r] = acc after the last super-block (no horizontal sum)
+
+ggml's AVX2 code keeps 8 partial lanes per row and sums them at the end; its generic C does
+`sumf += dall * isum - dmin * summs`: the same exact integers, other f32 roundings. The float steps per (token,
+super-block) are the same whatever T, the tile, the thread count, twin or variant, so a row's result does not
+depend on the batch it was computed in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .intrinsics import get
+from .intrinsics_q2kx8 import (
+    BLOCK_BYTES,
+    DMIN,
+    QS,
+    SCALES,
+    mins_q2kx8,
+    mins_q2kx8_4,
+    prefetch_q2kx8,
+    sums_q2kx8,
+    sums_q2kx8_4,
+)
+from .intrinsics_x8 import fma_d8, scales_x8, store_x8
+from .ops import twins
+from .q4x8 import repack_kernel, x8_output
+from .vecops import zero_f32x8
+
+__all__ = ["BLOCK_BYTES", "matmul_q2_k_x8", "matmul_q2_k_x8_serial", "repack_q2_k_x8", "rows_q2_k_x8",
+           "unpack_q2_k_x8"]
+
+_PLAIN = 84  # bytes of a plain Q2_K super-block
+_AHEAD = 2048  # prefetch distance in bytes: a thread's weights are one sequential stream
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+
+def _repack(out, out16, out32, data, data16):
+    """out (G, S * 672) <- data (8G, S * 84), through uint16 / uint32 views of out and a uint16 view of data: the
+    byte map of the module docstring, super-block by super-block."""
+    n_grp, n_sb = out.shape[0], data.shape[1] // _PLAIN
+    for g in prange(n_grp):
+        for r in range(8):
+            row = 8 * g + r
+            for s in range(n_sb):
+                o, p = s * BLOCK_BYTES, s * _PLAIN
+                out16[g, o // 2 + r] = data16[row, (p + 80) // 2]  # d
+                out16[g, (o + DMIN) // 2 + r] = data16[row, (p + 82) // 2]  # dmin
+                for j in range(16):
+                    out[g, o + SCALES + 8 * j + r] = data[row, p + j]
+                for m in range(16):  # qs words, 32 bytes apart
+                    h = (p + 16) // 2 + 2 * m
+                    word = np.uint32(data16[row, h]) | (np.uint32(data16[row, h + 1]) << np.uint32(16))
+                    out32[g, (o + QS) // 4 + 8 * m + r] = word
+
+
+_REPACK = twins(_repack)  # (parallel over row groups, serial)
+
+
+def repack_q2_k_x8(data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Plain Q2_K rows (R, S * 84) uint8 -> x8 layout (R / 8, S * 672) uint8, into `out` (a new array when
+    None; it must not overlap `data`). Rows not a multiple of 8 or bytes not uint8 super-blocks raise
+    UnsupportedError."""
+    out = x8_output(data, out, _PLAIN, "Q2_K")  # (G, S * 672)
+    want = (data.shape[0] // 8, data.shape[1] * 8)
+    if out.shape != want or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous uint8 array of shape {want}, got {out.dtype} {out.shape}")
+    data = np.ascontiguousarray(data)
+    repack_kernel(_REPACK, data)(out, out.view(np.uint16), out.view(np.uint32), data, data.view(np.uint16))
+    return out
+
+
+def unpack_q2_k_x8(data: np.ndarray) -> np.ndarray:
+    """x8 layout (R / 8, S * 672) uint8 -> plain Q2_K rows (R, S * 84) uint8 (a new array)."""
+    g, gb = data.shape
+    n_sb = gb // BLOCK_BYTES
+    blocks = data.reshape(g, n_sb, BLOCK_BYTES)  # (G, S, 672)
+    out = np.empty((g, 8, n_sb, _PLAIN), np.uint8)  # (G, 8, S, 84)
+    out[..., 80:82] = blocks[:, :, 0:DMIN].reshape(g, n_sb, 8, 2).transpose(0, 2, 1, 3)
+    out[..., 82:84] = blocks[:, :, DMIN:SCALES].reshape(g, n_sb, 8, 2).transpose(0, 2, 1, 3)
+    out[..., 0:16] = blocks[:, :, SCALES:QS].reshape(g, n_sb, 16, 8).transpose(0, 3, 1, 2)
+    words = blocks[:, :, QS:].reshape(g, n_sb, 16, 8, 4)  # (G, S, word, row, byte)
+    out[..., 16:80] = words.transpose(0, 3, 1, 2, 4).reshape(g, 8, n_sb, 64)
+    return out.reshape(g * 8, n_sb * _PLAIN)
+
+
+# ---- kernels --------------------------------------------------------------------------------
+
+
+def _matmul_q2_k_x8(out, w, xq, xd, xs, variant):
+    """out (T, R) = x @ W.T for x8-layout Q2_K weights w (G, S * 672) and Q8_K activations xq (T, C), xd (T, S),
+    xs (T, C / 16); 4 tokens per pass over a group's super-blocks, then single tokens."""
+    n_tok, n_row = out.shape
+    gb, cols, n_sb, n16 = w.shape[1], xq.shape[1], xd.shape[1], xs.shape[1]
+    for g in prange(n_row // 8):
+        go = g * gb  # offset of group g in w
+        t = 0
+        while t + 4 <= n_tok:
+            e0 = t * n_sb  # xd offset of token t
+            a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
+            for s in range(n_sb):
+                o = go + s * BLOCK_BYTES
+                prefetch_q2kx8(w, o + _AHEAD)
+                f0, f1 = get(xd, e0 + s), get(xd, e0 + n_sb + s)
+                f2, f3 = get(xd, e0 + 2 * n_sb + s), get(xd, e0 + 3 * n_sb + s)
+                m0, m1, m2, m3 = mins_q2kx8_4(variant, w, o, xs, t * n16 + s * 16, n16)
+                dm = scales_x8(variant, w, o + DMIN)  # (8,) row dmin
+                a0, a1 = fma_d8(a0, m0, dm, -f0), fma_d8(a1, m1, dm, -f1)
+                a2, a3 = fma_d8(a2, m2, dm, -f2), fma_d8(a3, m3, dm, -f3)
+                i0, i1, i2, i3 = sums_q2kx8_4(variant, w, o, xq, t * cols + s * 256, cols)
+                dw = scales_x8(variant, w, o)  # (8,) row d
+                a0, a1 = fma_d8(a0, i0, dw, f0), fma_d8(a1, i1, dw, f1)
+                a2, a3 = fma_d8(a2, i2, dw, f2), fma_d8(a3, i3, dw, f3)
+            store_x8(out, t * n_row + g * 8, a0)
+            store_x8(out, (t + 1) * n_row + g * 8, a1)
+            store_x8(out, (t + 2) * n_row + g * 8, a2)
+            store_x8(out, (t + 3) * n_row + g * 8, a3)
+            t += 4
+        while t < n_tok:  # the same per-token sequence, one token
+            a0 = zero_f32x8()
+            for s in range(n_sb):
+                o = go + s * BLOCK_BYTES
+                prefetch_q2kx8(w, o + _AHEAD)
+                f0 = get(xd, t * n_sb + s)
+                a0 = fma_d8(a0, mins_q2kx8(variant, w, o, xs, t * n16 + s * 16), scales_x8(variant, w, o + DMIN), -f0)
+                a0 = fma_d8(a0, sums_q2kx8(variant, w, o, xq, t * cols + s * 256), scales_x8(variant, w, o), f0)
+            store_x8(out, t * n_row + g * 8, a0)
+            t += 1
+
+
+# (parallel over row groups, serial) compilations of the same code: identical results.
+matmul_q2_k_x8, matmul_q2_k_x8_serial = twins(_matmul_q2_k_x8)
+
+
+@njit(cache=True, nogil=True)
+def rows_q2_k_x8(out, r0, r1, w, xq, xd, xs, variant):
+    """out[r0:r1] (out (R,) f32) for one token of Q2_Kx8 weights w (R / 8, S * 672); r0, r1 multiples of 8."""
+    matmul_q2_k_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8 : r1 // 8], xq, xd, xs, variant)

@@ -1,0 +1,248 @@
+"""The 8-row interleaved Q2_K layout and kernels (edgemoe.kernels.q2kx8): the layout round trip and byte map, the
+product against gguf-py's dequantised weights and against a NumPy emulation of the documented arithmetic (bit for
+bit), rows that do not depend on the batch, the threads, the twin or the variant, and the VNNI marker's kernels
+compiled for an AVX-512 CPU.
+
+Every kernel test runs on each variant `dispatch.supported_variants()` offers on this CPU.
+"""
+
+from __future__ import annotations
+
+import gguf.quants as gq
+import numba
+import numpy as np
+import pytest
+import type_checks as tc
+from gguf import GGMLQuantizationType as QT
+from test_iq4_types import fma32  # one f32 rounding; checked against exact rationals there
+
+from edgemoe.errors import UnsupportedError
+from edgemoe.kernels import intrinsics, q2kx8, set_threads
+
+VARIANTS = tc.VARIANTS
+MARKERS = tc.MARKERS  # {variant: marker} of this CPU's variants
+TOKENS = tc.TOKENS  # 1, 3, 4, 5, 9, 70: single, remainder only, one tile, tile + 1, two tiles + 1, many
+
+
+def decode(raw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Plain blocks raw (R, S * 84) -> q (R, S, 256) int64 in 0..3 (column order), sc and m (R, S, 16) int64,
+    d and dmin (R, S) f32, read straight from ggml's block_q2_K."""
+    n_row = raw.shape[0]
+    b = raw.reshape(n_row, -1, 84).astype(np.int64)
+    v = np.arange(256)
+    n, k, lo = v // 128, (v // 32) % 4, v % 32
+    q = (b[:, :, 16 + 32 * n + lo] >> (2 * k)) & 3
+    sc, m = b[:, :, 0:16] & 15, b[:, :, 0:16] >> 4
+    halves = raw.reshape(n_row, -1, 84)[:, :, 80:84].copy().view(np.float16).astype(np.float32)  # (R, S, 2)
+    return q, sc, m, halves[..., 0], halves[..., 1]
+
+
+def random_blocks(rng, n_row: int, cols: int) -> np.ndarray:
+    """(R, S * 84) uint8: random quant bits, small finite f16 d and dmin of either sign, and scale bytes such that
+    every sc and every m 0..15 appears at every sub-block position j once 16 super-blocks are there (block b:
+    sc_j = b + 9j, m_j = b + 5j + 3, mod 16)."""
+    n = n_row * cols // 256
+    raw = rng.integers(0, 256, (n, 84), dtype=np.uint8)
+    dd = rng.uniform(1e-3, 1e-2, (n, 2)) * rng.choice([-1, 1], (n, 2))
+    raw[:, 80:84] = dd.astype(np.float16).view(np.uint8).reshape(n, 4)
+    b, j = np.arange(n)[:, None], np.arange(16)
+    raw[:, 0:16] = ((b + 9 * j) % 16) | (((b + 5 * j + 3) % 16) << 4)
+    return raw.reshape(n_row, -1)
+
+
+def emulate(raw: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """(T, R) f32: the documented arithmetic on the plain blocks raw (R, S * 84): per super-block the exact
+    isum = sum_j sc_j * (q_j . xq_j) and msum = sum_j m_j * xs_j, then acc = fma(f32(msum), dmin_w * -d_x, acc),
+    acc = fma(f32(isum), d_w * d_x, acc), super-blocks in order."""
+    n_tok = xq.shape[0]
+    q, sc, m, dw, dm = decode(raw)
+    n_row, n_sb = dw.shape
+    x = xq.astype(np.int64).reshape(n_tok, n_sb, 16, 16)
+    sumi = np.einsum("rsjc,tsjc->trsj", q.reshape(n_row, n_sb, 16, 16), x)  # exact
+    isum = (sumi * sc[None]).sum(axis=3)  # (T, R, S) exact
+    msum = np.einsum("rsj,tsj->trs", m, xs.astype(np.int64).reshape(n_tok, n_sb, 16))  # (T, R, S) exact
+    assert np.abs(isum).max() < 2**24 and np.abs(msum).max() < 2**24  # f32 of them is exact too
+    acc = np.zeros((n_tok, n_row), np.float32)
+    for s in range(n_sb):
+        acc = fma32(msum[:, :, s].astype(np.float32), dm[None, :, s] * -xd[:, None, s], acc)
+        acc = fma32(isum[:, :, s].astype(np.float32), dw[None, :, s] * xd[:, None, s], acc)
+    return acc
+
+
+def x8_weights(raw: np.ndarray) -> np.ndarray:
+    """The x8 layout of raw, read-only as a QTensor holds it (the signature the engine compiles)."""
+    w = q2kx8.repack_q2_k_x8(raw)
+    w.setflags(write=False)
+    return w
+
+
+def run(kernel, w: np.ndarray, act, marker, n_row: int) -> np.ndarray:
+    xq, xd, xs = act
+    out = np.full((xq.shape[0], n_row), np.nan, np.float32)
+    kernel(out, w, xq, xd, xs, marker)
+    return out
+
+
+# ---- layout -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,cols", [(8, 256), (16, 768), (64, 4096), (2048, 1536)])
+def test_layout_round_trip(rows, cols):
+    """(2048, 1536) is 1.03 MB: the parallel repack twin."""
+    raw = random_blocks(np.random.default_rng(rows + cols), rows, cols)
+    packed = q2kx8.repack_q2_k_x8(raw)
+    assert packed.shape == (rows // 8, cols // 256 * 672) and packed.nbytes == raw.nbytes
+    back = q2kx8.unpack_q2_k_x8(packed)
+    np.testing.assert_array_equal(back, raw)
+    np.testing.assert_array_equal(gq.dequantize(back, QT.Q2_K), gq.dequantize(raw, QT.Q2_K))
+    again = np.full_like(packed, 0xAA)
+    assert q2kx8.repack_q2_k_x8(raw, again) is again
+    np.testing.assert_array_equal(again, packed)
+
+
+def test_byte_map():
+    """The documented positions in super-block s = 1 of group 1: d of row r at 2r, dmin at 16 + 2r, scale byte j
+    at 32 + 8j + r, qs bytes 4m .. 4m + 3 at 160 + 32m + 4r."""
+    raw = random_blocks(np.random.default_rng(0), 16, 512)
+    blk = raw.reshape(16, 2, 84)[8:, 1]  # (8 rows, 84) plain super-block 1 of rows 8..15
+    x8 = q2kx8.repack_q2_k_x8(raw)[1, 672:]
+    for r in range(8):
+        np.testing.assert_array_equal(x8[2 * r : 2 * r + 2], blk[r, 80:82])
+        np.testing.assert_array_equal(x8[16 + 2 * r : 18 + 2 * r], blk[r, 82:84])
+        for j in range(16):
+            assert x8[32 + 8 * j + r] == blk[r, j]
+        for m in range(16):
+            o = 160 + 32 * m + 4 * r
+            np.testing.assert_array_equal(x8[o : o + 4], blk[r, 16 + 4 * m : 16 + 4 * m + 4])
+
+
+def test_refused():
+    raw = random_blocks(np.random.default_rng(1), 16, 256)
+    with pytest.raises(UnsupportedError, match="divisible by 8"):
+        q2kx8.repack_q2_k_x8(raw[:12])
+    with pytest.raises(UnsupportedError):
+        q2kx8.repack_q2_k_x8(raw.view(np.int8))
+    with pytest.raises(UnsupportedError):
+        q2kx8.repack_q2_k_x8(raw[:, :80])  # not whole super-blocks
+    with pytest.raises(ValueError, match="out must be"):
+        q2kx8.repack_q2_k_x8(raw, np.empty((2, 100), np.uint8))
+
+
+def test_emulation_decodes_as_gguf():
+    """The emulation's (q, sc, m, d, dmin) give gguf-py's dequantised values: it reads the format we did not
+    write."""
+    raw = random_blocks(np.random.default_rng(7), 8, 4096)
+    q, sc, m, d, dm = decode(raw)
+    want = gq.dequantize(raw, QT.Q2_K).reshape(8, 16, 16, 16).astype(np.float64)
+    d, dm = d[:, :, None, None].astype(np.float64), dm[:, :, None, None].astype(np.float64)
+    got = d * sc[..., None] * q.reshape(8, 16, 16, 16) - dm * m[..., None]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_dequantised_weights_and_emulation(variant):
+    """Against gguf-py's dequantised weights in float64 (the int8 rounding of x: 1e-2; the same int8 values
+    exactly: 1e-5), and bit for bit against `emulate`; 64 super-blocks carry every scale and min at every
+    position."""
+    rng = np.random.default_rng(2)
+    marker = MARKERS[variant]
+    for n_row, cols in ((16, 1024), (40, 2816), (8, 256), (8, 16384)):
+        raw = random_blocks(rng, n_row, cols)
+        wd = gq.dequantize(raw, QT.Q2_K).reshape(n_row, cols).astype(np.float64)  # (R, C)
+        w = x8_weights(raw)
+        x = rng.standard_normal((6, cols), dtype=np.float32)  # (T, C): a tile of 4, then 2 single tokens
+        act = tc.engine_q8_k(x)
+        xq, xd, xs = act
+        xe = (xq.reshape(6, -1, 256) * xd[:, :, None].astype(np.float64)).reshape(6, cols)  # the int8 values
+        want = emulate(raw, xq, xd, xs)
+        for kernel in (q2kx8.matmul_q2_k_x8, q2kx8.matmul_q2_k_x8_serial):
+            out = run(kernel, w, act, marker, n_row)
+            assert tc.relative_error(out, x, wd).max() < 1e-2, (n_row, cols)
+            assert tc.relative_error(out, xe, wd).max() < 1e-5, (n_row, cols)
+            assert tc.bits_equal(out, want), (n_row, cols, kernel)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_extreme_sums(variant):
+    """The largest |isum| and |msum| a super-block can give (every q 3 or 0, every activation -127 or -128,
+    sc and m 0 or 15) and mixed signs: no overflow or saturation, the emulation's bits."""
+    n_row, cols = 16, 512
+    raw = random_blocks(np.random.default_rng(3), n_row, cols).reshape(n_row, 2, 84)
+    raw[:8, :, 16:80] = 0xFF  # q = 3
+    raw[8:12, :, 16:80] = 0  # q = 0
+    raw[:4, :, 0:16] = 0  # sc = m = 0
+    raw[4:12, :, 0:16] = 0xFF  # sc = m = 15
+    raw[12:, :, 0:16] = 0xF0  # sc = 0, m = 15
+    raw = raw.reshape(n_row, -1)
+    x = np.ones((5, cols), np.float32)  # Q8_K: every value -127
+    x[1] = -1
+    x[2:] = np.random.default_rng(4).standard_normal((3, cols), dtype=np.float32)
+    xq, xd, xs = tc.engine_q8_k(x)
+    assert (xq[:2] == -127).all()
+    xq[1] = -128  # beyond quantize_q8_k's range: the unsigned x signed products take it; xs follows xq
+    xs[1] = -128 * 16
+    want = emulate(raw, xq, xd, xs)
+    for kernel in (q2kx8.matmul_q2_k_x8, q2kx8.matmul_q2_k_x8_serial):
+        assert tc.bits_equal(run(kernel, x8_weights(raw), (xq, xd, xs), MARKERS[variant], n_row), want)
+
+
+def test_rows_do_not_depend_on_batch_threads_twin_or_variant():
+    """Bit-identical rows for every batch size, 1 and 2 threads, both twins and every variant (and the VNNI
+    marker, which takes the AVX2 code); rows_q2_k_x8 over row ranges gives the same bits."""
+    n_row, cols = 40, 1280  # 5 groups, 5 super-blocks
+    rng = np.random.default_rng(5)
+    raw = random_blocks(rng, n_row, cols)
+    w = x8_weights(raw)
+    x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)
+    xq, xd, xs = tc.engine_q8_k(x)
+    ref = np.empty((len(x), n_row), np.float32)  # one token per call
+    first = MARKERS[VARIANTS[-1]]
+    for t in range(len(x)):
+        q2kx8.matmul_q2_k_x8_serial(ref[t : t + 1], w, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], first)
+    assert tc.bits_equal(ref, emulate(raw, xq, xd, xs))
+    markers = dict(MARKERS)
+    if "avx2" in VARIANTS:
+        markers["vnni marker"] = intrinsics.VNNI
+    try:
+        for n_thr in (1, 2):
+            set_threads(min(n_thr, numba.config.NUMBA_NUM_THREADS))
+            for kernel in (q2kx8.matmul_q2_k_x8, q2kx8.matmul_q2_k_x8_serial):
+                for name, marker in markers.items():
+                    for n_tok in TOKENS:
+                        out = run(kernel, w, (xq[:n_tok], xd[:n_tok], xs[:n_tok]), marker, n_row)
+                        assert tc.bits_equal(out, ref[:n_tok]), (n_thr, kernel, name, n_tok)
+    finally:
+        set_threads(numba.config.NUMBA_NUM_THREADS)
+    for name, marker in markers.items():
+        for t in (0, 5):
+            one = np.full(n_row, np.nan, np.float32)
+            for r0, r1 in ((0, 8), (8, 24), (24, 40)):
+                q2kx8.rows_q2_k_x8(one, r0, r1, w, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], marker)
+            assert tc.bits_equal(one, ref[t]), (name, t)
+
+
+# Compiles (never runs) both twins and rows with the VNNI marker for an AVX-512 CPU: the IR lowers there, the
+# dot products stay 256-bit AVX2 (vpmaddubsw on ymm) and no vpdpbusd is claimed or emitted.
+_VNNI_COMPILE = r"""
+import re
+from numba import types as T
+from edgemoe.kernels import q2kx8
+a = lambda dt: T.Array(dt, 2, "C")
+w = T.Array(T.uint8, 2, "C", readonly=True)
+sig = (a(T.float32), w, a(T.int8), a(T.float32), a(T.int32), T.int32)
+for fn in (q2kx8.matmul_q2_k_x8, q2kx8.matmul_q2_k_x8_serial):
+    fn.compile(sig)
+    asm = fn.inspect_asm(sig)
+    assert re.search(r"vpmaddubsw\s+%ymm", asm) and "vpdpbusd" not in asm, fn
+    assert not re.search(r"vpmaddubsw\s+%zmm|vpmaddwd\s+%zmm", asm), fn
+rsig = (T.Array(T.float32, 1, "C"), T.int64, T.int64, w, a(T.int8), a(T.float32), a(T.int32), T.int32)
+q2kx8.rows_q2_k_x8.compile(rsig)
+"""
+
+
+@tc.x86_only
+def test_vnni_marker_compiles_for_avx512(tmp_path):
+    tc.compile_for_zen4(tmp_path, _VNNI_COMPILE)
