@@ -264,25 +264,3 @@ def test_ggml_generic_c(ggml):
     ref = ggml.vec_dot(QT.IQ4_NL, raw, act, generic=True)
     sumi, d = parts(QT.IQ4_NL, raw, xq, xd)
     assert np.all(np.abs(out.astype(np.float64) - ref) <= tc.order_bound(d * sumi.astype(np.float32)))
-
-
-# Compiles (never runs) the kernel with the vnni marker for an AVX-512 VNNI CPU: it lowers, and it is the
-# AVX2 code (vpmaddubsw on 256-bit registers, no vpdpbusd), as the module says.
-_ZEN4_COMPILE = r"""
-import re
-from numba import types as T
-from edgemoe.kernels import lut4x8
-a = lambda dt: T.Array(dt, 2, "C")
-for fmt in (T.uint16, T.uint8):
-    sig = (a(T.float32), a(T.uint8), a(T.int8), a(T.float32), a(T.float32), fmt, T.int32)
-    lut4x8.matmul_lut4_x8_serial.compile(sig)
-    asm = lut4x8.matmul_lut4_x8_serial.inspect_asm(sig)
-    assert re.search(r"vpmaddubsw\s+%ymm", asm) and re.search(r"vpshufb\s+%ymm", asm), fmt
-    assert "vpdpbusd" not in asm, fmt
-print("lut4x8 vnni-marker kernels compiled")
-"""
-
-
-@tc.x86_only
-def test_vnni_marker_compiles_for_avx512(tmp_path):
-    tc.compile_for_zen4(tmp_path, _ZEN4_COMPILE, "lut4x8 kernels")

@@ -1,7 +1,7 @@
 """The 8-row interleaved Q2_K layout and kernels (edgemoe.kernels.q2kx8): the layout round trip and byte map, the
 product against gguf-py's dequantised weights and against a NumPy emulation of the documented arithmetic (bit for
-bit), rows that do not depend on the batch, the threads, the twin or the variant, and the VNNI marker's kernels
-compiled for an AVX-512 CPU.
+bit), rows that do not depend on the batch, the threads, the twin or the variant (the VNNI marker included;
+tests/test_kernels.py compiles every kind's kernel for an AVX-512 CPU).
 
 Every kernel test runs on each variant `dispatch.supported_variants()` offers on this CPU.
 """
@@ -222,27 +222,3 @@ def test_rows_do_not_depend_on_batch_threads_twin_or_variant():
             for r0, r1 in ((0, 8), (8, 24), (24, 40)):
                 q2kx8.rows_q2_k_x8(one, r0, r1, w, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], marker)
             assert tc.bits_equal(one, ref[t]), (name, t)
-
-
-# Compiles (never runs) both twins and rows with the VNNI marker for an AVX-512 CPU: the IR lowers there, the
-# dot products stay 256-bit AVX2 (vpmaddubsw on ymm) and no vpdpbusd is claimed or emitted.
-_VNNI_COMPILE = r"""
-import re
-from numba import types as T
-from edgemoe.kernels import q2kx8
-a = lambda dt: T.Array(dt, 2, "C")
-w = T.Array(T.uint8, 2, "C", readonly=True)
-sig = (a(T.float32), w, a(T.int8), a(T.float32), a(T.int32), T.int32)
-for fn in (q2kx8.matmul_q2_k_x8, q2kx8.matmul_q2_k_x8_serial):
-    fn.compile(sig)
-    asm = fn.inspect_asm(sig)
-    assert re.search(r"vpmaddubsw\s+%ymm", asm) and "vpdpbusd" not in asm, fn
-    assert not re.search(r"vpmaddubsw\s+%zmm|vpmaddwd\s+%zmm", asm), fn
-rsig = (T.Array(T.float32, 1, "C"), T.int64, T.int64, w, a(T.int8), a(T.float32), a(T.int32), T.int32)
-q2kx8.rows_q2_k_x8.compile(rsig)
-"""
-
-
-@tc.x86_only
-def test_vnni_marker_compiles_for_avx512(tmp_path):
-    tc.compile_for_zen4(tmp_path, _VNNI_COMPILE)

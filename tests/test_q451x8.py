@@ -8,7 +8,7 @@
   blocks (small finite d and m, every fifth-bit pattern); bit for bit against a NumPy emulation of the
   documented arithmetic: integer sumi, then f32 products and FMAs in block order.
 - Rows bit-identical for every batch size, twin, thread count and variant, and the rows_* kernels on row
-  ranges; the vnni kernels compiled for a Zen 4 CPU.
+  ranges. (tests/test_kernels.py compiles every kind's kernel for a Zen 4 CPU.)
 Variants: those `dispatch.supported_variants()` offers, plus the VNNI marker on any AVX2 CPU, since the x8
 kernels run the AVX2 code for it (intrinsics_x8).
 """
@@ -222,31 +222,3 @@ def test_rows_do_not_depend_on_batch_threads_twin_or_variant(qt):
             for r0, r1 in ((0, 8), (8, 40), (40, 64)):
                 rows_fn(out, r0, r1, packed, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], MARKERS[variant])
             assert tc.bits_equal(out, ref[t]), (variant, t)
-
-
-# Compiles (never runs) the vnni-marker kernels for an AVX-512 (Zen 4) CPU. The x8 kernels take the AVX2
-# code for that marker (the tests above run it and check its bits), so the check is that it lowers there
-# with vpmaddubsw, not vpdpbusd. Q4_1 (minimums), Q5_0 (H, integer sums) and Q5_1 (both) cover the template.
-_FMTS = {QT.Q4_1: "T.uint8", QT.Q5_0: "T.uint16", QT.Q5_1: "T.uint32"}
-_VNNI_COMPILE = (
-    "\n".join(
-        [
-            "from numba import types as T",
-            "from edgemoe.kernels import q451x8",
-            'a = lambda dt: T.Array(dt, 2, "C")',
-            'w = T.Array(T.uint8, 2, "C", readonly=True)',
-            "fn = q451x8.matmul_q451_x8_serial",
-        ]
-        + [
-            f"sig = {tc.kernel_sig('int32' if qt == QT.Q5_0 else 'float32', fmt)}\n"
-            f'fn.compile(sig)\nassert "vpmaddubsw" in fn.inspect_asm(sig), "{qt.name}"'
-            for qt, fmt in _FMTS.items()
-        ]
-    )
-    + "\n"
-)
-
-
-@tc.x86_only
-def test_vnni_kernels_compile_for_zen4(tmp_path):
-    tc.compile_for_zen4(tmp_path, _VNNI_COMPILE, "x8 kernels")
