@@ -1,7 +1,7 @@
-"""Benchmark Q4_0, Q4_K or Q8_0 matvec / matmul: the plain-layout kernel (`edgemoe.kernels.matvec`) against
-the 8-row interleaved layout (`edgemoe.kernels.q4x8`, `q4kx8`, `q8x8`), per thread count.
+"""Benchmark matvec / matmul of one weight type: the plain-layout kernel against its 8-row interleaved layout
+(any type of `edgemoe.kernels.layouts.X8`), per thread count.
 
-    python tools/bench_q4x8.py [--type Q4_K|Q8_0] [--threads 1,2] [--repeat 9] [--dram-mb 600]
+    python tools/bench_q4x8.py [--type Q4_0|Q3_K|IQ4_XS|...] [--threads 1,2] [--repeat 9] [--dram-mb 600]
 
 "L3" runs one matrix over and over (it stays in the 32 MB L3); "DRAM" cycles through enough
 copies (64 for the small shapes, at least --dram-mb MB in all) that each is read from memory.
@@ -24,35 +24,13 @@ from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_kernels import random_weight  # noqa: E402
+
 from edgemoe.kernels import layouts, matmul, matvec, set_threads  # noqa: E402
 from edgemoe.qtensor import QTensor  # noqa: E402
 
 SHAPES = ((3584, 1024), (1024, 3584), (4096, 4096))  # (rows, cols)
 TOKENS = (8, 64)
-
-
-def random_q4_0(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """(rows, cols / 32 * 18) uint8: random Q4_0 blocks with small finite f16 scales."""
-    nb = cols // 32
-    blocks = rng.integers(0, 256, (rows, nb, 18), dtype=np.uint8)
-    scales = rng.uniform(1e-3, 1e-2, (rows, nb)).astype(np.float16)
-    blocks[:, :, :2] = scales.view(np.uint8).reshape(rows, nb, 2)
-    return blocks.reshape(rows, nb * 18)
-
-
-def random_weights(qtype: QT, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random blocks of `qtype`: Q4_0 as above; Q4_K and Q8_0 random bytes with small finite f16 scales."""
-    if qtype == QT.Q4_0:
-        return random_q4_0(rows, cols, rng)
-    if qtype == QT.Q8_0:
-        blocks = rng.integers(0, 256, (rows, cols // 32, 34), dtype=np.uint8)
-        blocks[:, :, :2] = rng.uniform(1e-3, 1e-2, (rows, cols // 32)).astype(np.float16).view(np.uint8).reshape(
-            rows, cols // 32, 2)
-        return blocks.reshape(rows, -1)
-    blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
-    blocks[:, :, :4] = rng.uniform(1e-3, 1e-2, (rows, cols // 256, 2)).astype(np.float16).view(np.uint8).reshape(
-        rows, cols // 256, 4)
-    return blocks.reshape(rows, -1)
 
 
 def alternate(fns: dict, repeat: int) -> dict:
@@ -74,7 +52,7 @@ def alternate(fns: dict, repeat: int) -> dict:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--type", default="Q4_0", choices=("Q4_0", "Q4_K", "Q8_0"), help="weight type (default Q4_0)")
+    p.add_argument("--type", default="Q4_0", choices=[t.name for t in layouts.X8], help="weight type (default Q4_0)")
     p.add_argument("--threads", default="1,2", help="thread counts to test (default 1,2)")
     p.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median; >= 7)")
     p.add_argument("--dram-mb", type=int, default=600, help="least MB of copies for the DRAM runs")
@@ -85,8 +63,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def bench_matvec(rows: int, cols: int, threads: list[int], args, rng) -> None:
     """Print plain vs x8 matvec µs and GB/s, L3-resident and from DRAM, per thread count."""
     qt = QT[args.type]
-    raw = random_weights(qt, rows, cols, rng)
-    plain = QTensor(raw, qt, rows, cols)
+    plain = random_weight(qt, rows, cols, rng)
+    raw = plain.data
     x8 = layouts.interleave(plain)
     x = rng.standard_normal(cols, dtype=np.float32)
     o1, o2 = np.empty(rows, np.float32), np.empty(rows, np.float32)
@@ -123,7 +101,7 @@ def bench_matvec(rows: int, cols: int, threads: list[int], args, rng) -> None:
 def bench_matmul(rows: int, cols: int, n_tok: int, threads: list[int], args, rng) -> None:
     """Print plain vs x8 matmul GFLOP/s for `n_tok` tokens, per thread count."""
     qt = QT[args.type]
-    plain = QTensor(random_weights(qt, rows, cols, rng), qt, rows, cols)
+    plain = random_weight(qt, rows, cols, rng)
     x8 = layouts.interleave(plain)
     x = rng.standard_normal((n_tok, cols), dtype=np.float32)
     o1, o2 = np.empty((n_tok, rows), np.float32), np.empty((n_tok, rows), np.float32)
