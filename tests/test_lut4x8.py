@@ -104,14 +104,7 @@ def test_layout_round_trip(qt):
     for rows, cols in SHAPES + ((512, 4096),):  # the last is over 1 MB: the parallel repack twin
         raw = random_blocks(rng, qt, rows, cols)
         raw.setflags(write=False)  # as a memory-mapped file's or a streamed expert's bytes
-        packed = lut4x8.repack_lut4_x8(qt, raw)
-        assert packed.shape == (rows // 8, cols // 32 * lut4x8.block_bytes(qt)) and packed.nbytes == raw.nbytes
-        back = lut4x8.unpack_lut4_x8(qt, packed)
-        np.testing.assert_array_equal(back, raw)
-        with np.errstate(all="ignore"):
-            assert tc.same(gq.dequantize(back, qt), gq.dequantize(raw, qt))
-        into = np.zeros_like(packed)
-        assert lut4x8.repack_lut4_x8(qt, raw, into) is into and np.array_equal(into, packed)
+        tc.check_x8_round_trip(qt, raw)
     assert lut4x8.block_bytes(QT.IQ4_NL) == 144 and lut4x8.block_bytes(QT.MXFP4) == 136
 
 

@@ -83,14 +83,7 @@ def test_layout_round_trip(qt):
     rng = np.random.default_rng(int(qt))
     for rows, cols in SHAPES + ((512, 4096),):  # the last one >= 1 MB: the parallel repack twin
         for source in ("gguf", "random"):
-            raw = weights(qt, rows, cols, rng, source)
-            packed = q451x8.repack_q451_x8(qt, raw)
-            assert packed.shape == (rows // 8, cols // 32 * 8 * _size(qt)) and packed.dtype == np.uint8
-            back = q451x8.unpack_q451_x8(qt, packed)
-            np.testing.assert_array_equal(back, raw)
-            into = np.empty_like(packed)
-            assert q451x8.repack_q451_x8(qt, raw, into) is into and np.array_equal(into, packed)
-    assert np.array_equal(dequantize(back, qt), dequantize(raw, qt))
+            tc.check_x8_round_trip(qt, weights(qt, rows, cols, rng, source))
 
 
 def _fifth_bits(raw_blocks: np.ndarray, qh: int) -> np.ndarray:

@@ -63,6 +63,25 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(nan, np.isnan(b)) and bits_equal(np.where(nan, 0, a), np.where(nan, 0, b))
 
 
+def check_x8_round_trip(qt: QT, raw: np.ndarray) -> None:
+    """Plain rows `raw` (R, n) of type `qt` through its 8-row layout (`layouts.X8`, as the loader uses it): the
+    same bytes in (R / 8, 8n), back bit for bit (gguf-py dequantises both alike), and the same when written
+    into a given array."""
+    import gguf.quants as gq
+
+    from edgemoe.kernels import layouts
+
+    packed = layouts.repack_x8(qt, raw)
+    assert packed.shape == (raw.shape[0] // 8, 8 * raw.shape[1]) and packed.dtype == np.uint8
+    back = layouts.unpack_x8(qt, packed)
+    np.testing.assert_array_equal(back, raw)
+    with np.errstate(all="ignore"):
+        assert same(gq.dequantize(back, qt), gq.dequantize(raw, qt))
+    into = np.full_like(packed, 0xAA)
+    assert layouts.repack_x8(qt, raw, into) is into
+    np.testing.assert_array_equal(into, packed)
+
+
 def relative_error(y: np.ndarray, x: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """(T, R) |y - x @ wd.T| relative to |x| @ |wd|.T, in float64 (wd the dequantised weights, float64)."""
     xf = x.astype(np.float64)
