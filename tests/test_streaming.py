@@ -98,3 +98,19 @@ def test_cli_json_reports_streaming(model_file, capsys):
     assert set(r["cache"]) >= {"hit_rate", "hits", "misses", "bytes_read", "direct_io"}
     assert set(r["io"]) >= {"read_gb_s", "latency_ms_p50", "latency_ms_p99"}
     assert r["cache"]["bytes_read"] > 0 and "issued" in r["prefetch"]
+
+
+@pytest.mark.parametrize("expert_qtype", ["Q5_0", "MXFP4"])
+def test_other_interleaved_types_stream_bit_identical(expert_qtype, tmp_path):
+    """Experts of the other types with an 8-row layout are repacked as they arrive, gate|up stacked: the logits
+    are the memory-mapped model's (repacked at load) bit for bit."""
+    _, cfg, tensors = make_hf_mixtral(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, experts=4,
+                                      top_k=2, vocab=256, seed=6)
+    path = tmp_path / "m.gguf"
+    export_mixtral_gguf(path, cfg, tensors, qtype="Q8_0", expert_qtype=expert_qtype)
+    resident = load_model(str(path))
+    assert resident.model.experts.get(0, 0).gate_up.interleave == 8
+    streamed = load_model(str(path), StreamOptions.from_budget(1))
+    e = streamed.model.experts.get(0, 0)
+    assert e.gate_up is not None and e.gate_up.interleave == 8 and e.down.interleave == 8
+    np.testing.assert_array_equal(run(streamed), run(resident))
