@@ -73,20 +73,6 @@ def emulate(raw: np.ndarray, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
     return acc
 
 
-def x8_weights(raw: np.ndarray) -> np.ndarray:
-    """The x8 layout of raw, read-only as a QTensor holds it (the signature the engine compiles)."""
-    w = iq4xsx8.repack_iq4_xs_x8(raw)
-    w.setflags(write=False)
-    return w
-
-
-def run(kernel, w: np.ndarray, act, marker, n_row: int) -> np.ndarray:
-    xq, xd, xs = act
-    out = np.full((xq.shape[0], n_row), np.nan, np.float32)
-    kernel(out, w, xq, xd, xs, marker)
-    return out
-
-
 # ---- layout -------------------------------------------------------------------------------------
 
 
@@ -140,11 +126,11 @@ def test_matches_dequantised_weights_and_emulation(variant):
     for n_row, cols in ((16, 1024), (40, 2816), (8, 256)):
         raw = random_blocks(rng, n_row, cols)
         wd = gq.dequantize(raw, QT.IQ4_XS).reshape(n_row, cols).astype(np.float64)  # (R, C)
-        w = x8_weights(raw)
+        w = tc.x8_weights(QT.IQ4_XS, raw)
         x = rng.standard_normal((6, cols), dtype=np.float32)  # (T, C): a tile of 4, then 2 single tokens
         act = activations(x)
         for kernel in (iq4xsx8.matmul_iq4_xs_x8, iq4xsx8.matmul_iq4_xs_x8_serial):
-            out = run(kernel, w, act, marker, n_row)
+            out = tc.run_x8(kernel, w, act, marker, n_row)
             assert tc.relative_error(out, x, wd).max() < 1e-2, (n_row, cols)
             xq, xd, _ = act
             xe = (xq.reshape(6, -1, 256) * xd[:, :, None].astype(np.float64)).reshape(6, cols)  # the int8 values
@@ -166,7 +152,7 @@ def test_extreme_sums(variant):
     x[1:] = np.random.default_rng(4).standard_normal((4, cols), dtype=np.float32)
     xq, xd, xs = activations(x)
     assert (xq[0] == -127).all()
-    out = run(iq4xsx8.matmul_iq4_xs_x8_serial, x8_weights(raw), (xq, xd, xs), MARKERS[variant], n_row)
+    out = tc.run_x8(iq4xsx8.matmul_iq4_xs_x8_serial, tc.x8_weights(QT.IQ4_XS, raw), (xq, xd, xs), MARKERS[variant], n_row)
     want = emulate(raw, xq, xd)
     assert tc.bits_equal(out, want)
 
@@ -177,7 +163,7 @@ def test_rows_do_not_depend_on_batch_threads_twin_or_variant():
     n_row, cols = 40, 1280  # 5 groups, 5 super-blocks
     rng = np.random.default_rng(5)
     raw = random_blocks(rng, n_row, cols)
-    w = x8_weights(raw)
+    w = tc.x8_weights(QT.IQ4_XS, raw)
     x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)
     xq, xd, xs = activations(x)
     ref = np.empty((len(x), n_row), np.float32)  # one token per call
@@ -194,7 +180,7 @@ def test_rows_do_not_depend_on_batch_threads_twin_or_variant():
             for kernel in (iq4xsx8.matmul_iq4_xs_x8, iq4xsx8.matmul_iq4_xs_x8_serial):
                 for name, marker in markers.items():
                     for n_tok in TOKENS:
-                        out = run(kernel, w, (xq[:n_tok], xd[:n_tok], xs[:n_tok]), marker, n_row)
+                        out = tc.run_x8(kernel, w, (xq[:n_tok], xd[:n_tok], xs[:n_tok]), marker, n_row)
                         assert tc.bits_equal(out, ref[:n_tok]), (n_thr, kernel, name, n_tok)
     finally:
         set_threads(numba.config.NUMBA_NUM_THREADS)

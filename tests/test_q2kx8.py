@@ -69,20 +69,6 @@ def emulate(raw: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> 
     return acc
 
 
-def x8_weights(raw: np.ndarray) -> np.ndarray:
-    """The x8 layout of raw, read-only as a QTensor holds it (the signature the engine compiles)."""
-    w = q2kx8.repack_q2_k_x8(raw)
-    w.setflags(write=False)
-    return w
-
-
-def run(kernel, w: np.ndarray, act, marker, n_row: int) -> np.ndarray:
-    xq, xd, xs = act
-    out = np.full((xq.shape[0], n_row), np.nan, np.float32)
-    kernel(out, w, xq, xd, xs, marker)
-    return out
-
-
 # ---- layout -------------------------------------------------------------------------------------
 
 
@@ -146,14 +132,14 @@ def test_matches_dequantised_weights_and_emulation(variant):
     for n_row, cols in ((16, 1024), (40, 2816), (8, 256), (8, 16384)):
         raw = random_blocks(rng, n_row, cols)
         wd = gq.dequantize(raw, QT.Q2_K).reshape(n_row, cols).astype(np.float64)  # (R, C)
-        w = x8_weights(raw)
+        w = tc.x8_weights(QT.Q2_K, raw)
         x = rng.standard_normal((6, cols), dtype=np.float32)  # (T, C): a tile of 4, then 2 single tokens
         act = tc.engine_q8_k(x)
         xq, xd, xs = act
         xe = (xq.reshape(6, -1, 256) * xd[:, :, None].astype(np.float64)).reshape(6, cols)  # the int8 values
         want = emulate(raw, xq, xd, xs)
         for kernel in (q2kx8.matmul_q2_k_x8, q2kx8.matmul_q2_k_x8_serial):
-            out = run(kernel, w, act, marker, n_row)
+            out = tc.run_x8(kernel, w, act, marker, n_row)
             assert tc.relative_error(out, x, wd).max() < 1e-2, (n_row, cols)
             assert tc.relative_error(out, xe, wd).max() < 1e-5, (n_row, cols)
             assert tc.bits_equal(out, want), (n_row, cols, kernel)
@@ -180,7 +166,7 @@ def test_extreme_sums(variant):
     xs[1] = -128 * 16
     want = emulate(raw, xq, xd, xs)
     for kernel in (q2kx8.matmul_q2_k_x8, q2kx8.matmul_q2_k_x8_serial):
-        assert tc.bits_equal(run(kernel, x8_weights(raw), (xq, xd, xs), MARKERS[variant], n_row), want)
+        assert tc.bits_equal(tc.run_x8(kernel, tc.x8_weights(QT.Q2_K, raw), (xq, xd, xs), MARKERS[variant], n_row), want)
 
 
 def test_rows_do_not_depend_on_batch_threads_twin_or_variant():
@@ -189,7 +175,7 @@ def test_rows_do_not_depend_on_batch_threads_twin_or_variant():
     n_row, cols = 40, 1280  # 5 groups, 5 super-blocks
     rng = np.random.default_rng(5)
     raw = random_blocks(rng, n_row, cols)
-    w = x8_weights(raw)
+    w = tc.x8_weights(QT.Q2_K, raw)
     x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)
     xq, xd, xs = tc.engine_q8_k(x)
     ref = np.empty((len(x), n_row), np.float32)  # one token per call
@@ -206,7 +192,7 @@ def test_rows_do_not_depend_on_batch_threads_twin_or_variant():
             for kernel in (q2kx8.matmul_q2_k_x8, q2kx8.matmul_q2_k_x8_serial):
                 for name, marker in markers.items():
                     for n_tok in TOKENS:
-                        out = run(kernel, w, (xq[:n_tok], xd[:n_tok], xs[:n_tok]), marker, n_row)
+                        out = tc.run_x8(kernel, w, (xq[:n_tok], xd[:n_tok], xs[:n_tok]), marker, n_row)
                         assert tc.bits_equal(out, ref[:n_tok]), (n_thr, kernel, name, n_tok)
     finally:
         set_threads(numba.config.NUMBA_NUM_THREADS)

@@ -63,6 +63,23 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(nan, np.isnan(b)) and bits_equal(np.where(nan, 0, a), np.where(nan, 0, b))
 
 
+def x8_weights(qt: QT, raw: np.ndarray) -> np.ndarray:
+    """The 8-row layout of plain rows `raw`, read-only as a QTensor holds it (the signature the engine compiles)."""
+    from edgemoe.kernels import layouts
+
+    w = layouts.repack_x8(qt, raw)
+    w.setflags(write=False)
+    return w
+
+
+def run_x8(kernel, w: np.ndarray, act, marker, n_row: int) -> np.ndarray:
+    """(T, n_row) f32: `kernel(out, w, xq, xd, xs, marker)` on activations act = (xq, xd, xs), out NaN-filled."""
+    xq, xd, xs = act
+    out = np.full((xq.shape[0], n_row), np.nan, np.float32)
+    kernel(out, w, xq, xd, xs, marker)
+    return out
+
+
 def check_x8_round_trip(qt: QT, raw: np.ndarray) -> None:
     """Plain rows `raw` (R, n) of type `qt` through its 8-row layout (`layouts.X8`, as the loader uses it): the
     same bytes in (R / 8, 8n), back bit for bit (gguf-py dequantises both alike), and the same when written
