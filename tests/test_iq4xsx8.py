@@ -9,7 +9,6 @@ Every kernel test runs on each variant `dispatch.supported_variants()` offers on
 from __future__ import annotations
 
 import gguf.quants as gq
-import numba
 import numpy as np
 import pytest
 import type_checks as tc
@@ -17,7 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from test_iq4_types import fma32  # one f32 rounding; checked against exact rationals there
 
 from edgemoe.errors import UnsupportedError
-from edgemoe.kernels import intrinsics, iq4xsx8, set_threads
+from edgemoe.kernels import iq4xsx8
 from edgemoe.kernels.q8act import quantize_q8_k
 
 VARIANTS = tc.VARIANTS
@@ -166,30 +165,9 @@ def test_rows_do_not_depend_on_batch_threads_twin_or_variant():
     w = tc.x8_weights(QT.IQ4_XS, raw)
     x = rng.standard_normal((max(TOKENS), cols), dtype=np.float32)
     xq, xd, xs = activations(x)
-    ref = np.empty((len(x), n_row), np.float32)  # one token per call
-    first = MARKERS[VARIANTS[-1]]
-    for t in range(len(x)):
-        iq4xsx8.matmul_iq4_xs_x8_serial(ref[t : t + 1], w, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], first)
+    pair = (iq4xsx8.matmul_iq4_xs_x8, iq4xsx8.matmul_iq4_xs_x8_serial)
+    ref = tc.check_x8_rows(pair, iq4xsx8.rows_iq4_xs_x8, w, (xq, xd, xs), n_row)
     assert tc.bits_equal(ref, emulate(raw, xq, xd))
-    markers = dict(MARKERS)
-    if "avx2" in VARIANTS:
-        markers["vnni marker"] = intrinsics.VNNI
-    try:
-        for n_thr in (1, 2):
-            set_threads(min(n_thr, numba.config.NUMBA_NUM_THREADS))
-            for kernel in (iq4xsx8.matmul_iq4_xs_x8, iq4xsx8.matmul_iq4_xs_x8_serial):
-                for name, marker in markers.items():
-                    for n_tok in TOKENS:
-                        out = tc.run_x8(kernel, w, (xq[:n_tok], xd[:n_tok], xs[:n_tok]), marker, n_row)
-                        assert tc.bits_equal(out, ref[:n_tok]), (n_thr, kernel, name, n_tok)
-    finally:
-        set_threads(numba.config.NUMBA_NUM_THREADS)
-    for name, marker in markers.items():
-        for t in (0, 5):
-            one = np.full(n_row, np.nan, np.float32)
-            for r0, r1 in ((0, 8), (8, 24), (24, 40)):
-                iq4xsx8.rows_iq4_xs_x8(one, r0, r1, w, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], marker)
-            assert tc.bits_equal(one, ref[t]), (name, t)
 
 
 def test_activations_are_q8_k():

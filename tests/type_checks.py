@@ -80,6 +80,41 @@ def run_x8(kernel, w: np.ndarray, act, marker, n_row: int) -> np.ndarray:
     return out
 
 
+def check_x8_rows(pair, rows_fn, w: np.ndarray, act, n_row: int) -> np.ndarray:
+    """An x8 kernel pair (parallel, serial) `(out, w, xq, xd, xs, marker)` and its `rows_fn`: every row bit-identical
+    for each batch size of TOKENS, thread count, twin and variant (the VNNI marker included, which the x8 kernels
+    run as AVX2 code), and over row ranges. n_row = 40. Returns the rows computed one token per call (T, n_row)."""
+    import numba
+
+    from edgemoe.kernels import intrinsics
+
+    xq, xd, xs = act
+    ref = np.empty((len(xq), n_row), np.float32)
+    first = MARKERS[VARIANTS[-1]]
+    for t in range(len(xq)):
+        pair[1](ref[t : t + 1], w, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], first)
+    markers = dict(MARKERS)
+    if "avx2" in VARIANTS:
+        markers["vnni marker"] = intrinsics.VNNI
+    try:
+        for n_thr in (1, 2):
+            set_threads(min(n_thr, numba.config.NUMBA_NUM_THREADS))
+            for kernel in pair:
+                for name, marker in markers.items():
+                    for n_tok in TOKENS:
+                        out = run_x8(kernel, w, (xq[:n_tok], xd[:n_tok], xs[:n_tok]), marker, n_row)
+                        assert bits_equal(out, ref[:n_tok]), (n_thr, kernel, name, n_tok)
+    finally:
+        set_threads(numba.config.NUMBA_NUM_THREADS)
+    for name, marker in markers.items():
+        for t in (0, 5):
+            one = np.full(n_row, np.nan, np.float32)
+            for r0, r1 in ((0, 8), (8, 24), (24, 40)):
+                rows_fn(one, r0, r1, w, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], marker)
+            assert bits_equal(one, ref[t]), (name, t)
+    return ref
+
+
 def check_x8_round_trip(qt: QT, raw: np.ndarray) -> None:
     """Plain rows `raw` (R, n) of type `qt` through its 8-row layout (`layouts.X8`, as the loader uses it): the
     same bytes in (R / 8, 8n), back bit for bit (gguf-py dequantises both alike), and the same when written
