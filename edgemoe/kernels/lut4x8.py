@@ -72,9 +72,6 @@ def repack_lut4_x8(qtype, data: np.ndarray, out: np.ndarray | None = None) -> np
     array when None; it must not overlap `data`)."""
     plain, _ = _sizes(qtype)
     out = x8_output(data, out, plain, qtype.name)  # (G, B * 8 * S)
-    want = (data.shape[0] // 8, data.shape[1] * 8)
-    if out.shape != want or out.dtype != np.uint8 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous uint8 array of shape {want}, got {out.dtype} {out.shape}")
     repack_kernel(_REPACK, data)(out, np.ascontiguousarray(data), FORMATS[qtype])
     return out
 

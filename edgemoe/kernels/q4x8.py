@@ -37,15 +37,19 @@ _Q4_0_BYTES = 18  # plain Q4_0 block: f16 scale + 16 quant bytes
 
 
 def x8_output(data: np.ndarray, out: np.ndarray | None, block: int, name: str) -> np.ndarray:
-    """Check plain rows `data` (R, n * block) of type `name` for repacking; `out`, or a new (R / 8,
-    8 * row bytes) array, to repack them into."""
+    """Check plain rows `data` (R, n * block) of type `name` for repacking (UnsupportedError) and `out`, a C-contiguous
+    uint8 (R / 8, 8 * row bytes) array (ValueError); `out`, or a new such array, to repack them into."""
     rows, rb = data.shape
     if data.dtype != np.uint8 or rb % block or rows % 8:
         raise UnsupportedError(
             f"cannot interleave {name} storage {data.shape} {data.dtype}: need uint8 rows of {block}-byte "
             "blocks and a row count divisible by 8; keep this weight in the plain layout"
         )
-    return np.empty((rows // 8, rb * 8), np.uint8) if out is None else out
+    if out is None:
+        return np.empty((rows // 8, rb * 8), np.uint8)
+    if out.shape != (rows // 8, rb * 8) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous uint8 array of shape {(rows // 8, rb * 8)}, got {out.dtype} {out.shape}")
+    return out
 
 
 def repack_kernel(pair, data: np.ndarray):
