@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from .intrinsics import _I8, _I32, _V8I32, _V16I16, _V32I8, _call, _is_bytes, _ptr, _splat, i32x8
 from .intrinsics_iq4 import KVALUES
-from .intrinsics_x8 import _after, _is_marker, _lane_sums, _variant
+from .intrinsics_x8 import _after, _is_marker, _lane_sums, _variant, prefetch_span
 
 _I64 = ir.IntType(64)
 _V8I8 = ir.VectorType(_I8, 8)
@@ -146,21 +146,5 @@ def sums_iq4x8_4(typingctx, marker, w, bo, x, xo, stride):
     return types.UniTuple(i32x8, 4)(marker, w, bo, x, xo, stride), codegen
 
 
-@intrinsic
-def prefetch_iq4x8(typingctx, w, off):
-    """Hint the CPU to fetch the 1088-byte block at w[off:] (one prefetch per 64 bytes; no effect on results,
-    no fault past the array's end)."""
-    if not (_is_bytes(w) and isinstance(off, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        off_v = context.cast(builder, args[1], sig.args[1], types.intp)
-        hints = [ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)]  # read, keep in all levels, data
-        for k in range(0, BLOCK_BYTES, 64):
-            o = builder.add(off_v, ir.Constant(off_v.type, k))
-            p = _ptr(context, builder, sig.args[0], args[0], types.intp, o, _I8)
-            _call(builder, "llvm.prefetch.p0", ir.VoidType(), [p] + hints)
-        return context.get_dummy_value()
-
-    return types.void(w, off), codegen
+prefetch_iq4x8 = prefetch_span(BLOCK_BYTES)  # one prefetch per 64 bytes of a block
 
