@@ -26,7 +26,9 @@ from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgemoe.kernels import kernel_names, matmul, matvec, set_threads
+from edgemoe.kernels import matmul, matvec, set_threads
+from edgemoe.kernels.dispatch import current_variant
+from edgemoe.kernels.kinds import KINDS
 from edgemoe.kernels.layouts import X8, interleave
 from edgemoe.membw import _read_all
 from edgemoe.qtensor import FORMATS, QTensor
@@ -119,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     set_threads(args.threads)
     rng = np.random.default_rng(0)
-    names = kernel_names()
     print(f"threads {args.threads}, repeat {args.repeat}")
 
     print(f"load average {os.getloadavg()[0]:.1f} (other processes skew shared-machine figures)")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(qt, lay) for qt in types for lay in layouts if lay == "plain" or (lay == "x8" and qt in X8)]
     for qt, lay in runs:
         label = qt.name + ("x8" if lay == "x8" else "")
-        kernel = names[qt.name].split("; 8-row layout: ")[-1 if lay == "x8" else 0]
+        kernel = KINDS[(qt, 8 if lay == "x8" else 1)].isa[current_variant(qt.name)]
 
         def make(rows, cols, qt=qt, lay=lay):
             w = random_weight(qt, rows, cols, rng)
