@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT
 from ..errors import UnsupportedError, UsageError
 from ..qtensor import SUPPORTED_TYPES, QTensor, row_bytes
 from . import intrinsics
-from .kinds import INTERLEAVED, KINDS
+from .kinds import KINDS
 from .q8act import activations
 
 VARIANTS = ("generic", "avx2", "vnni")
@@ -169,11 +169,9 @@ def _check(out: np.ndarray, w: QTensor, x: np.ndarray) -> None:
 def _storage_shape(w: QTensor) -> tuple[int, int]:
     """The (rows, row bytes) of plain storage; (rows / 8, 8 * row bytes) of the 8-row interleaved layouts."""
     n = _row_bytes(w.qtype, w.cols)
-    if w.interleave == 1:
-        return (w.rows, n)
-    if w.interleave == 8 and w.qtype in INTERLEAVED:
-        return (w.rows // 8, 8 * n)
-    raise UnsupportedError(f"no matrix kernel for {w.qtype.name} interleaved by {w.interleave}")
+    if (w.qtype, w.interleave) not in KINDS:
+        raise UnsupportedError(f"no matrix kernel for {w.qtype.name} interleaved by {w.interleave}")
+    return (w.rows // w.interleave, w.interleave * n)
 
 
 def _check_arrays(out, w, x) -> None:
