@@ -143,23 +143,7 @@ def test_dequantize_ggml_quantiser_output(qt, ggml):
 # ---- NumPy emulations of ggml's arithmetic --------------------------------------------------------
 
 
-def fma32(a, b, c) -> np.ndarray:
-    """a * b + c rounded once to f32 (vfmadd), for f32 arrays: the product is exact in f64, the sum is
-    made exact with TwoSum, and a sum that f64 rounded onto an f32 midpoint is moved to the side of its
-    rounding error, so the one f32 rounding is that of the exact value."""
-    a, b, c = (np.asarray(v, np.float32) for v in (a, b, c))
-    with np.errstate(over="ignore", invalid="ignore"):
-        p = a.astype(np.float64) * b.astype(np.float64)  # exact: 24 + 24 bits
-        c64 = c.astype(np.float64)
-        s = p + c64
-        bb = s - p
-        err = (p - (s - bb)) + (c64 - bb)  # s + err == p + c exactly
-        r = s.astype(np.float32)
-        r64 = r.astype(np.float64)
-        other = np.nextafter(r, np.where(s > r64, np.float32(np.inf), np.float32(-np.inf))).astype(np.float64)
-        mid = np.isfinite(r) & np.isfinite(other) & (s != r64) & (s - r64 == other - s)
-        away = mid & (err != 0) & ((err > 0) == (other > r64))
-    return np.where(away, other.astype(np.float32), r)
+fma32 = tc.fma32  # one f32 rounding, as vfmadd
 
 
 def hsum_float_8(lanes: np.ndarray) -> np.ndarray:

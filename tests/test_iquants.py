@@ -111,20 +111,7 @@ def integer_weights(raw: np.ndarray, qt: QT) -> np.ndarray:
     return q.reshape(raw.shape[0], -1, 256)
 
 
-def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """a * b + c rounded once to f32, as vfmadd does. a * b is exact in f64; TwoSum gives the f64 sum s and
-    its error e exactly; s rounds to the f32 of the exact value except when s lies exactly halfway between
-    two f32, where e decides."""
-    with np.errstate(all="ignore"):
-        p = a.astype(np.float64) * b.astype(np.float64)
-        c = c.astype(np.float64)
-        s = p + c
-        bb = s - p
-        e = (p - (s - bb)) + (c - bb)
-        r = s.astype(np.float32)
-        up, down = np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf))
-        half_up, half_down = s == (r.astype(np.float64) + up) / 2, s == (r.astype(np.float64) + down) / 2
-        return np.where(half_up & (e > 0), up, np.where(half_down & (e < 0), down, r))
+fma32 = tc.fma32  # one f32 rounding, as vfmadd
 
 
 def _round_f32(v) -> np.float32:

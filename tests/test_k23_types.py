@@ -115,19 +115,7 @@ def test_dequantize_ggml_quantiser_output(qt, ggml):
 # ---- NumPy emulation of ggml's AVX2 vec_dot_q2_K_q8_K / vec_dot_q3_K_q8_K -------------------------
 
 
-def fma32(a, b, c) -> np.ndarray:
-    """f32 a * b + c with one rounding (_mm256_fmadd_ps): the exact sum rounded to odd in float64, then
-    to nearest in float32, which is correctly rounded as float64 has more than 24 + 2 bits."""
-    a64, b64, c64 = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = a64 * b64  # exact: 24 + 24 bits
-        s = p + c64
-        t = s - p
-        err = (p - (s - t)) + (c64 - t)  # TwoSum: s + err == p + c exactly
-        odd = (np.ascontiguousarray(s).view(np.uint64) & 1) == 1
-        fix = (err != 0) & np.isfinite(s) & ~odd
-        s = np.where(fix, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
-        return s.astype(np.float32)
+fma32 = tc.fma32  # one f32 rounding, as vfmadd
 
 
 def _round_f32(v: Fraction) -> np.float32:

@@ -181,20 +181,7 @@ def ggml_values(raw: np.ndarray, qt: QT) -> tuple[np.ndarray, np.ndarray, np.nda
     return np.concatenate([v0, v1], axis=-1).astype(np.int64), d, m
 
 
-def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Correctly rounded f32 a * b + c (one rounding), as the FMA instruction: the product of two f32 is
-    exact in f64; the sum is rounded to odd in f64 (exact TwoSum error, then the odd neighbour when
-    inexact), after which rounding to f32 cannot double-round."""
-    a, b, c = (np.asarray(v, np.float64) for v in np.broadcast_arrays(a, b, c))
-    p = a * b  # exact: 24 + 24 bits
-    s = p + c
-    with np.errstate(invalid="ignore"):
-        t = s - p
-        err = (p - (s - t)) + (c - t)  # s + err == p + c exactly (finite values)
-        inexact = np.isfinite(s) & (err != 0) & ((s.view(np.uint64) & 1) == 0)
-        s = np.where(inexact, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
-    with np.errstate(over="ignore"):
-        return s.astype(np.float32)
+fma32 = tc.fma32  # one f32 rounding, as vfmadd
 
 
 def ggml_terms(raw: np.ndarray, qt: QT, yq: np.ndarray, yd: np.ndarray, ys: np.ndarray | None) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import type_checks as tc
 from gguf import GGMLQuantizationType as QT
-from test_iq4_types import fma32  # a * b + c rounded once to f32 (checked there against exact rationals)
+from type_checks import fma32
 
 from edgemoe.errors import UnsupportedError
 from edgemoe.kernels import intrinsics, lut4x8, set_threads

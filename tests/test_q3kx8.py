@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import type_checks as tc
 from gguf import GGMLQuantizationType as QT
-from test_iq4_types import fma32  # one f32 rounding; checked against exact rationals there
+from type_checks import fma32
 
 from edgemoe.errors import UnsupportedError
 from edgemoe.kernels import q3kx8

@@ -22,8 +22,9 @@ import type_checks as tc
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
-from test_legacy_types import fma32, random_blocks  # fma32: one rounding, checked against ggml's C there
+from test_legacy_types import random_blocks
 from test_q4x8 import int8_values
+from type_checks import fma32
 
 from edgemoe.errors import UnsupportedError
 from edgemoe.kernels import intrinsics, q4x8, q451x8, set_threads

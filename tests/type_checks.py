@@ -63,6 +63,22 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(nan, np.isnan(b)) and bits_equal(np.where(nan, 0, a), np.where(nan, 0, b))
 
 
+def fma32(a, b, c) -> np.ndarray:
+    """Correctly rounded f32 a * b + c (one rounding, as vfmadd) for f32 operands: the product is exact in f64,
+    the sum is rounded to odd in f64 (TwoSum's exact error, then the odd neighbour when inexact), after which
+    rounding to f32 cannot double-round. Checked against exact rationals in test_iq4_types, test_iquants and
+    test_k23_types."""
+    with np.errstate(all="ignore"):
+        a, b, c = (np.asarray(v, np.float32).astype(np.float64) for v in np.broadcast_arrays(a, b, c))
+        p = a * b  # exact: 24 + 24 bits
+        s = np.ascontiguousarray(p + c)
+        t = s - p
+        err = (p - (s - t)) + (c - t)  # s + err == p + c exactly (finite values)
+        inexact = np.isfinite(s) & (err != 0) & ((s.view(np.uint64) & 1) == 0)
+        s = np.where(inexact, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+        return s.astype(np.float32)
+
+
 def x8_weights(qt: QT, raw: np.ndarray) -> np.ndarray:
     """The 8-row layout of plain rows `raw`, read-only as a QTensor holds it (the signature the engine compiles)."""
     from edgemoe.kernels import layouts
