@@ -199,6 +199,9 @@ class ComputeConfig:
     dispatch: DispatchConfig = section(DispatchConfig)
     repack: bool = setting(True, boolean(), "weights of the types with one in the 8-row interleaved layouts (memory-mapped "
                            "experts only when they fit in half of the machine's memory)")
+    fused_compile: str = setting("background", choice("background", "foreground"),
+                                 "fused decode kernels missing from Numba's cache: compiled by a background process "
+                                 "while steps run kernel by kernel, or before the first step (bench always waits)")
 
 
 @dataclass(frozen=True)

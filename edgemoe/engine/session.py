@@ -11,6 +11,7 @@ the SSD thermal governor, speculative decoding, and the warm-up that compiles th
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -83,9 +84,10 @@ class SpecOptions:
 class Session:
     """A loaded model with everything that decides how it runs; `core()` makes the engine that steps it."""
 
-    def __init__(self, args, cfg, *, progress: bool = True):
+    def __init__(self, args, cfg, *, progress: bool = True, compile_wait: bool | None = None):
         """progress: show slow loading and warm-up phases on stderr (edgemoe.progress); False for a caller that
-        reports them itself (serve's log, bench's bar)."""
+        reports them itself (serve's log, bench's bar). compile_wait: fused kernels missing from Numba's cache
+        are compiled before the first step (True) or in the background (False); None: `compute.fused_compile`."""
         from ..loader import load_model
         from ..progress import Phases
 
@@ -121,6 +123,8 @@ class Session:
         self.model = self.loaded.model
         self.cache_type = getattr(args, "cache_type", None) or cfg.inference.kv_cache_type
         self.model.cache_type = self.cache_type  # every cache the engine makes (requests, drafts, warm-up)
+        self.compile_wait = cfg.compute.fused_compile == "foreground" if compile_wait is None else compile_wait
+        self.model.compile_wait = self.compile_wait
         self.tokenizer = self.loaded.tokenizer
         from ..chat import load_chat_template
 
@@ -178,6 +182,7 @@ class Session:
             path = draft_model_path()
         draft = load_model(path, None, repack=self.cfg.compute.repack)
         draft.model.cache_type = self.cache_type
+        draft.model.compile_wait = self.compile_wait
         diff = first_difference(self.tokenizer, draft.tokenizer)
         if diff is not None:
             raise UsageError(f"the draft model {path} does not share the target's tokenizer: {diff}; use a draft "
@@ -202,17 +207,25 @@ class Session:
 
     def warm_up(self) -> None:
         """Compile (or load from Numba's cache) the kernels a request will use, before the first one (a
-        self-draft's kernels compile when `core()` times a drafting round)."""
+        self-draft's kernels compile when `core()` times a drafting round). Without `compile_wait`, fused
+        kernels missing from the cache go to a background process (`kernels.compile_ahead`), said on stderr."""
+        from ..kernels import compile_ahead
         from ..progress import Phases
 
         models = [("", self.model)] + ([("the draft's ", self.draft.model)] if self.draft is not None else [])
+        first = "~10 s" if not self.compile_wait else "~40 s"
         with Phases("warming up", enabled=self.progress) as phase:
             for whose, model in models:
                 cache = model.new_cache(3)
-                phase(f"{whose}prompt kernels (compiled on the first run after an install, ~30 s)")
+                phase(f"{whose}prompt kernels (compiled on the first run after an install, {first})")
                 model.forward(np.zeros(2, dtype=np.int64), cache)  # matrix kernels (prompts, batched steps)
                 phase(f"{whose}one-token kernels")
                 model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
+        pid, left = compile_ahead.pending()
+        if left and self.progress:
+            print(f"edgemoe: the fused decode kernels are compiling in a background process (pid {pid}, ~30-40 s, "
+                  "once: Numba's cache keeps them); until then each step runs kernel by kernel (the same output, "
+                  "slower)", file=sys.stderr, flush=True)
 
     def _seed_costs(self, core: EngineCore) -> None:
         """Time passes of 1..k+1 rows on a scratch cache, so the gate starts from this machine's costs

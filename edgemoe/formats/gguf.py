@@ -22,12 +22,31 @@ def is_gguf(path: str) -> bool:
         return False
 
 
+_KEYS_SEEN: dict[tuple, frozenset] = {}  # file identity -> its metadata keys, for every GGUF opened here
+
+
+def _file_identity(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def metadata_keys(path: str) -> frozenset | None:
+    """The metadata keys of a GGUF file this process has opened (and that has not changed since); None
+    otherwise. Parsing a file again costs seconds with a large vocabulary."""
+    try:
+        return _KEYS_SEEN.get(_file_identity(path))
+    except OSError:
+        return None
+
+
 def open_gguf(path: str) -> GGUFReader:
     """Memory-map a GGUF file; a truncated or corrupt file raises ModelFormatError, not a traceback."""
     if not is_gguf(path):
         raise ModelFormatError(f"{path}: not a GGUF file (no 'GGUF' magic); pass a .gguf file or an HF checkpoint directory")
     try:
-        return GGUFReader(path, "r")
+        reader = GGUFReader(path, "r")
+        _KEYS_SEEN[_file_identity(path)] = frozenset(reader.fields)
+        return reader
     except (ValueError, IndexError, OverflowError, KeyError, AssertionError, TypeError, MemoryError) as e:
         size = os.path.getsize(path)
         raise ModelFormatError(

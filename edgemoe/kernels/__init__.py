@@ -10,6 +10,14 @@ MXFP4). See `dispatch` for the variant choice (AVX-512 VNNI, AVX2, portable) and
 for the kernels.
 """
 
-from .dispatch import kernel_names, matmul, matvec, set_threads
-
 __all__ = ["kernel_names", "matmul", "matvec", "set_threads"]
+
+
+def __getattr__(name: str):
+    """The package's names come from `dispatch`, imported on first use (it imports Numba: a module of this
+    package that needs none, such as the background compiler's waiting worker, stays light)."""
+    if name in __all__:
+        from . import dispatch
+
+        return getattr(dispatch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

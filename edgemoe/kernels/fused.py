@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..qtensor import QTensor
-from . import dispatch
+from . import compile_ahead, dispatch
 from .kinds import Kind, kind_of
 from .kv_access import store_kv_row
 from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs, qk_inputs
@@ -328,6 +328,28 @@ def _specialise(template, tag: str, **bound):
     return fn
 
 
+# block -> (template, the names its two matrix stages' functions are bound to)
+_BLOCKS = {"moe": (_moe_template, "GU", "DOWN"), "attention": (_attention_template, "QKV", "O"),
+           "moe_rows": (_moe_rows_template, "GU", "DOWN"), "attention_rows": (_attention_rows_template, "QKV", "O")}
+
+
+def kernel_for(block: str, first: Kind, second: Kind):
+    """The compiled (or cached) kernel of `block` for the kinds of its two matrix stages."""
+    template, r1, r2 = _BLOCKS[block]
+    return _specialise(template, f"{first.name}_{second.name}", **{
+        f"{r1}_QUANT": first.quant, f"{r1}_ROWS": first.rows, f"{r2}_QUANT": second.quant, f"{r2}_ROWS": second.rows})
+
+
+def _launch(block: str, kinds: tuple[Kind, Kind], args: tuple, wait: bool) -> bool:
+    """Run `block`'s kernel on `args`; without `wait`, only if it needs no compiling (else False, and it
+    compiles in the background: `compile_ahead`)."""
+    kernel = kernel_for(block, *kinds)
+    if not wait and not compile_ahead.ready(kernel, (block, kinds[0].name, kinds[1].name), args):
+        return False
+    kernel(*args)
+    return True
+
+
 _local = threading.local()
 
 
@@ -371,11 +393,13 @@ def moe_kinds(gate_up: QTensor | None, gate: QTensor, down: QTensor) -> tuple[Ki
     return _kinds(gate_up if gate_up is not None else gate, down)
 
 
-def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, kinds: tuple[Kind, Kind]) -> np.ndarray:
+def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, kinds: tuple[Kind, Kind],
+              wait: bool = True) -> np.ndarray | None:
     """x + the weighted sum of `experts` applied to h, for one token.   x, h: (D,) → (D,)
 
     experts: Expert tuples of one layer with the same types and shapes, in the order their outputs
-    are summed; weights: (A,) f32; kinds: from `moe_kinds` on the first expert.
+    are summed; weights: (A,) f32; kinds: from `moe_kinds` on the first expert. Without `wait`, None
+    (nothing done) while the kernel is compiling in the background.
     """
     k1, k2 = kinds
     e0 = experts[0]
@@ -385,37 +409,35 @@ def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, 
         mats, n_per = tuple(e.gate_up.data for e in experts), 1
     else:
         mats, n_per = tuple(m for e in experts for m in (e.gate.data, e.up.data)), 2
-    kernel = _specialise(_moe_template, f"{k1.name}_{k2.name}", GU_QUANT=k1.quant, GU_ROWS=k1.rows,
-                         DOWN_QUANT=k2.quant, DOWN_ROWS=k2.rows)
     xq, xd, xs = _scratch("moe_h", k1.act, 1, D)
     hq, hd, hs = _scratch("moe_down", k2.act, A, n_i)
     out = np.empty(D, np.float32)
-    kernel(numba.get_num_threads(), out, x, h, mats, n_per, weights, xq, xd, xs, _f32("moe_gu", A * 2 * n_i),
-           _f32("moe_hb", A, n_i), hq, hd, hs, _f32("moe_ys", A, D), tuple(e.down.data for e in experts),
-           _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
-           np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
-    return out
+    args = (numba.get_num_threads(), out, x, h, mats, n_per, weights, xq, xd, xs, _f32("moe_gu", A * 2 * n_i),
+            _f32("moe_hb", A, n_i), hq, hd, hs, _f32("moe_ys", A, D), tuple(e.down.data for e in experts),
+            _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
+            np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+    return out if _launch("moe", kinds, args, wait) else None
 
 
 MOE_GROUP = 4  # experts per call of the several-token expert block
 
 
 def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarray, slot_tok: np.ndarray,
-                   slot_exp: np.ndarray, tok_start: np.ndarray, kinds: tuple[Kind, Kind]) -> np.ndarray:
+                   slot_exp: np.ndarray, tok_start: np.ndarray, kinds: tuple[Kind, Kind],
+                   wait: bool = True) -> np.ndarray | None:
     """x + each token's weighted sum of its experts applied to h, for T tokens; every row gets the bits
     `moe_block` gives it alone.   x, h: (T, D) → (T, D)
 
     experts: the U distinct Expert tuples in increasing expert id (same types and shapes); slots grouped by
     token as tok_start (T+1,) says, each with its weight slot_w (S,) f32, token slot_tok (S,) and expert
     index slot_exp (S,) into `experts`; kinds: from `moe_kinds` on the first expert. The experts run in
-    groups of MOE_GROUP, one parallel region each.
+    groups of MOE_GROUP, one parallel region each. Without `wait`, None while the kernel is compiling in
+    the background.
     """
     k1, k2 = kinds
     e0 = experts[0]
     T, D = x.shape
     n_i = e0.down.cols
-    kernel = _specialise(_moe_rows_template, f"{k1.name}_{k2.name}", GU_QUANT=k1.quant, GU_ROWS=k1.rows,
-                         DOWN_QUANT=k2.quant, DOWN_ROWS=k2.rows)
     out = np.empty((T, D), np.float32)
     acc = np.zeros((T, D), np.float32)
     U = len(experts)
@@ -437,11 +459,13 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
             mats, n_per = tuple(m for e in group for m in (e.gate.data, e.up.data)), 2
         xq, xd, xs = _scratch("moe_rows_h", k1.act, T, D)
         hq, hd, hs = _scratch("moe_rows_down", k2.act, S, n_i)
-        kernel(numba.get_num_threads(), out, acc, g0 + MOE_GROUP >= U, x, h, mats, n_per, g_w, g_tok, exp_start,
-               exp_slots, g_start, xq, xd, xs, _f32("moe_rows_gu", S * 2 * n_i), _f32("moe_rows_hb", S, n_i), hq,
-               hd, hs, _f32("moe_rows_ys", S, D), tuple(e.down.data for e in group),
-               _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
-               np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+        args = (numba.get_num_threads(), out, acc, g0 + MOE_GROUP >= U, x, h, mats, n_per, g_w, g_tok, exp_start,
+                exp_slots, g_start, xq, xd, xs, _f32("moe_rows_gu", S * 2 * n_i), _f32("moe_rows_hb", S, n_i), hq,
+                hd, hs, _f32("moe_rows_ys", S, D), tuple(e.down.data for e in group),
+                _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
+                np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+        if not _launch("moe_rows", kinds, args, wait):
+            return None  # only ever at the first group: the same kernel runs every group
     return out
 
 
@@ -464,41 +488,38 @@ def attention_kinds(w_qkv: QTensor, w_o: QTensor) -> tuple[Kind, Kind] | None:
 def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
                     n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
                     k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale, kinds: tuple[Kind, Kind],
-                    extras: tuple = None) -> np.ndarray:
+                    extras: tuple = None, wait: bool = True) -> np.ndarray | None:
     """x + the attention block of one token at position `pos` (its k, v written to the caches).
     x: (D,); cos, sin: (1, d/2); k_cache, v_cache: (K, S, d) → (D,)
-    extras: (qkv_bias, q_norm, k_norm, clip, o_bias) of the family (`attention_extras`)."""
+    extras: (qkv_bias, q_norm, k_norm, clip, o_bias) of the family (`attention_extras`). Without `wait`,
+    None (the caches untouched) while the kernel is compiling in the background."""
     k1, k2 = kinds
     D = x.shape[0]
-    kernel = _specialise(_attention_template, f"{k1.name}_{k2.name}", QKV_QUANT=k1.quant, QKV_ROWS=k1.rows,
-                         O_QUANT=k2.quant, O_ROWS=k2.rows)
     xq, xd, xs = _scratch("att_x", k1.act, 1, D)
     aq, ad, as_ = _scratch("att_o", k2.act, 1, n_heads * head_dim)
     out = np.empty(D, np.float32)
-    kernel(numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("att_qkv", w_qkv.rows),
-           n_heads, n_kv, cos, sin, k_cache, v_cache, pos, scale, _f32("att_att", 1, n_heads, head_dim), aq, ad, as_,
-           w_o.data, _f32("att_o", D), _variant(w_qkv), _variant(w_o), _f32("att_h", 1, D),
-           np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
-    return out
+    args = (numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("att_qkv", w_qkv.rows),
+            n_heads, n_kv, cos, sin, k_cache, v_cache, pos, scale, _f32("att_att", 1, n_heads, head_dim), aq, ad, as_,
+            w_o.data, _f32("att_o", D), _variant(w_qkv), _variant(w_o), _f32("att_h", 1, D),
+            np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
+    return out if _launch("attention", kinds, args, wait) else None
 
 
 def attention_rows_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
                          n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
                          k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale,
-                         kinds: tuple[Kind, Kind], extras: tuple = None) -> np.ndarray:
+                         kinds: tuple[Kind, Kind], extras: tuple = None, wait: bool = True) -> np.ndarray | None:
     """x + the attention block of T consecutive tokens of one sequence at positions pos.. (their k, v written
     to the caches), in one parallel region.   x: (T, D); cos, sin: (T, d/2); k_cache, v_cache: (K, S, d)
-    → (T, D)"""
+    → (T, D); without `wait`, None (the caches untouched) while the kernel is compiling in the background."""
     k1, k2 = kinds
     T, D = x.shape
-    kernel = _specialise(_attention_rows_template, f"{k1.name}_{k2.name}", QKV_QUANT=k1.quant, QKV_ROWS=k1.rows,
-                         O_QUANT=k2.quant, O_ROWS=k2.rows)
     xq, xd, xs = _scratch("attr_x", k1.act, T, D)
     aq, ad, as_ = _scratch("attr_o", k2.act, T, n_heads * head_dim)
     out = np.empty((T, D), np.float32)
-    kernel(numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("attr_qkv", T, w_qkv.rows),
-           _f32("attr_q", T, n_heads, head_dim), _f32("attr_k", T, n_kv, head_dim), _f32("attr_v", T, n_kv, head_dim),
-           cos, sin, k_cache, v_cache, pos, scale, _f32("attr_att", T, n_heads, head_dim), aq, ad, as_, w_o.data,
-           _f32("attr_obuf", T, D), _variant(w_qkv), _variant(w_o), _f32("attr_h", T, D),
-           np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
-    return out
+    args = (numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs,
+            _f32("attr_qkv", T, w_qkv.rows), _f32("attr_q", T, n_heads, head_dim), _f32("attr_k", T, n_kv, head_dim),
+            _f32("attr_v", T, n_kv, head_dim), cos, sin, k_cache, v_cache, pos, scale,
+            _f32("attr_att", T, n_heads, head_dim), aq, ad, as_, w_o.data, _f32("attr_obuf", T, D), _variant(w_qkv),
+            _variant(w_o), _f32("attr_h", T, D), np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
+    return out if _launch("attention_rows", kinds, args, wait) else None

@@ -89,6 +89,7 @@ class Model:
         scale = self.spec.softmax_scale(args) if self.spec.softmax_scale else 1.0 / math.sqrt(args.head_dim)
         self.scale = np.float32(scale)
         self.fused = True  # one-token steps run each layer's blocks as single kernels (kernels/fused.py)
+        self.compile_wait = True  # False: a fused kernel not compiled yet compiles in the background (compile_ahead)
         self.cache_type = "f16"  # KV caches new_cache() makes: "f16" or "f32" (kv_cache.CACHE_TYPES)
         self.layout = "plain dense, plain experts"  # set by prepare
 
@@ -185,7 +186,8 @@ class Model:
             q, k, v = q.reshape(T, H, d), k.reshape(T, K, d), v.reshape(T, K, d)  # (T, H, d), (T, K, d) x2
         q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
         extras = self._extras(layer)
-        ops.qk_inputs(q, k, v, extras[1], extras[2], a.rms_norm_eps, extras[3])  # the family's q/k norms, clamp
+        if extras[1].shape[0] or extras[3] > 0:  # the family's q/k norms, clamp (none: nothing to compile)
+            ops.qk_inputs(q, k, v, extras[1], extras[2], a.rms_norm_eps, extras[3])
         ops.rope_inplace(q, cos, sin)
         ops.rope_inplace(k, cos, sin)
         out = np.empty_like(q)  # (T, H, d)
@@ -282,8 +284,10 @@ class Model:
             experts.request(i, ids[0, order])
             chosen = [experts.get(i, int(e)) for e in ids[0, order]]
             kinds = fused.moe_kinds(chosen[0].gate_up, chosen[0].gate, chosen[0].down)
-            if kinds is not None:
-                return fused.moe_block(x[0], h[0], chosen, np.ascontiguousarray(w[0, order]), kinds)[None]
+            out = kinds and fused.moe_block(x[0], h[0], chosen, np.ascontiguousarray(w[0, order]), kinds,
+                                            self.compile_wait)
+            if out is not None:
+                return out[None]
         if self.fused and x.shape[0] <= FUSED_ROWS:
             fused_out = self._moe_rows(x, h, ids, w, experts, i)
             if fused_out is not None:
@@ -292,7 +296,7 @@ class Model:
 
     def _moe_rows(self, x, h, ids, w, experts, i):
         """The fused expert block for a few tokens (verification passes, batched decode steps); None when the
-        experts' kinds cannot run fused.   x, h: (T, D); ids, w: (T, A) → (T, D)"""
+        experts' kinds cannot run fused (or its kernel is still compiling).   x, h: (T, D); ids, w: (T, A) → (T, D)"""
         T, A = ids.shape
         order = np.argsort(ids, axis=1, kind="stable")  # (T, A): each token sums in increasing expert id
         sorted_ids = np.take_along_axis(ids, order, 1).reshape(-1)  # (S,)
@@ -306,7 +310,7 @@ class Model:
         slot_tok = np.repeat(np.arange(T, dtype=np.int64), A)  # (S,)
         tok_start = np.arange(T + 1, dtype=np.int64) * A  # (T + 1,)
         return fused.moe_rows_block(np.ascontiguousarray(x), np.ascontiguousarray(h), chosen, slot_w, slot_tok,
-                                    slot_exp.astype(np.int64).reshape(-1), tok_start, kinds)
+                                    slot_exp.astype(np.int64).reshape(-1), tok_start, kinds, self.compile_wait)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` (T,) at the next positions of `cache`; logits (T, V), or (1, V) of the last token."""
@@ -366,13 +370,16 @@ class Model:
             if draft is not None and i in draft.skip_layers:
                 continue
             kinds = one and plain and layer.qkv_proj is not None and fused.attention_kinds(layer.qkv_proj, layer.o_proj)
+            out = None
             if kinds:
                 cache = seqs[0][2]
                 block = fused.attention_block if T == 1 else fused.attention_rows_block
-                x = block(x[0] if T == 1 else x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj, layer.o_proj,
-                          a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin, cache.k[i], cache.v[i],
-                          cache.length, self.scale, kinds, self._extras(layer))
-                x = x[None] if T == 1 else x
+                out = block(x[0] if T == 1 else x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
+                            layer.o_proj, a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin,
+                            cache.k[i], cache.v[i], cache.length, self.scale, kinds, self._extras(layer),
+                            self.compile_wait)
+            if out is not None:
+                x = out[None] if T == 1 else out
             else:
                 attend = self.attention if self.spec.attention is None else \
                     (lambda *args: self.spec.attention(self, *args))

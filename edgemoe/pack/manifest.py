@@ -129,6 +129,11 @@ def is_pack(path: str | os.PathLike) -> bool:
     """Whether a GGUF file carries the pack's version key (asked only when a manifest is missing)."""
     from gguf import GGUFReader
 
+    from ..formats.gguf import metadata_keys
+
+    keys = metadata_keys(os.fspath(path))  # the loader has read it already
+    if keys is not None:
+        return KEY_VERSION in keys
     try:
         return KEY_VERSION in GGUFReader(os.fspath(path), "r").fields
     except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError, AssertionError):

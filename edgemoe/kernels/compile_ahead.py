@@ -1,0 +1,214 @@
+"""The fused decode kernels compiled by a background process when Numba's cache lacks them.
+
+Each fused block (`fused`) is one large parallel kernel per pair of weight kinds, and compiling the four of a
+model takes ~30-40 s on a small box: a first start would spend most of its time there. A model whose
+`compile_wait` is off asks `ready()` before it runs a block; when the kernel is neither compiled in this
+process nor in Numba's on-disk cache, the block runs kernel by kernel instead (the same serial kernels: the
+same bits), and the kernel's signature goes to one worker process that compiles it into the cache. The first
+call after the worker has stored a kernel loads it from there, so a long-running process (`serve`, `chat`)
+switches to the fused blocks on its own, and a short `run` leaves them to the next start.
+
+    parent                                       worker (python -m edgemoe.kernels.compile_ahead)
+    ready(kernel, key, args) -> False  ──key──▶  nice 19; one-token blocks first; under a file lock (several
+    (next calls: ready once reported)  ◀─key──   starts compile each kernel once) compile into Numba's cache
+
+The worker has its own session (a terminal's Ctrl-C does not reach it), reads keys until the parent's end
+of the pipe closes, and finishes its queue even after the parent has exited.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+
+log = logging.getLogger(__name__)
+
+_ready: set = set()  # keys whose kernel this process has compiled or loaded
+_worker: _Worker | None = None
+_lock = threading.Lock()
+
+
+class _Worker:
+    """The parent's end: the worker process, the keys sent to it and the ones it has reported."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.asked: set = set()
+        self.done: set = set()
+        self.failed: dict = {}
+        self._partial = b""
+
+    def ask(self, key: tuple, sig: tuple) -> None:
+        if key in self.asked:
+            return
+        self.asked.add(key)
+        line = json.dumps([list(key), base64.b64encode(pickle.dumps(sig)).decode()])
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:  # the worker is gone: the key stays unfused
+            self.failed[key] = "the compile worker exited"
+
+    def poll(self) -> None:
+        """Take in what the worker has reported since the last call (never blocks)."""
+        try:
+            data = self.proc.stdout.read()
+        except OSError:
+            data = None
+        if not data:
+            if self.proc.poll() is not None:  # gone: whatever it has not reported will not come
+                for key in self.asked - self.done - set(self.failed):
+                    self.failed[key] = f"the compile worker exited with status {self.proc.returncode}"
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for raw in lines:
+            status, key, why = json.loads(raw)
+            key = tuple(key)
+            if status == "done":
+                self.done.add(key)
+            else:
+                self.failed[key] = why
+                log.warning("compiling the fused kernel %s in the background failed (%s); it keeps running kernel "
+                            "by kernel", "/".join(key), why)
+
+
+def ready(kernel, key: tuple, args: tuple) -> bool:
+    """Whether `kernel` (a Numba dispatcher, `key` naming it) can run on `args` now without compiling: it is
+    compiled in this process or stored in Numba's cache (then loaded here). Otherwise its compilation is
+    handed to the worker, and False until the worker reports it."""
+    if key in _ready:
+        return True
+    global _worker
+    with _lock:
+        if _worker is not None:
+            _worker.poll()
+            if key in _worker.failed or key in _worker.asked and key not in _worker.done:
+                return False
+            if key in _worker.done and not _load(kernel, args):
+                _worker.failed[key] = "not in Numba's cache after compiling"
+                log.warning("the fused kernel %s was compiled in the background but is not in Numba's cache (is "
+                            "its directory writable? NUMBA_CACHE_DIR sets it); it keeps running kernel by kernel",
+                            "/".join(key))
+                return False
+        if key in getattr(_worker, "done", ()) or _load(kernel, args):
+            _ready.add(key)
+            return True
+        if _worker is None:
+            _worker = _Worker()
+        _worker.ask(key, _signature(args))
+        return False
+
+
+def _signature(args: tuple) -> tuple:
+    import numba
+
+    return tuple(numba.typeof(a) for a in args)
+
+
+def _load(kernel, args: tuple) -> bool:
+    """Load `kernel`'s overload for `args` from Numba's cache into this process if it is there."""
+    sig = _signature(args)
+    if sig in kernel.overloads:
+        return True
+    if kernel._cache.load_overload(sig, kernel.targetctx) is None:
+        return False
+    kernel.compile(sig)  # registers it (loading it again from the cache)
+    return True
+
+
+def pending() -> tuple[int | None, list[str]]:
+    """(the worker's pid, the kernels it is still compiling for this process); (None, []) without one."""
+    with _lock:
+        if _worker is None:
+            return None, []
+        _worker.poll()
+        left = _worker.asked - _worker.done - set(_worker.failed)
+        return _worker.proc.pid, sorted("/".join(k) for k in left)
+
+
+# The worker.
+
+PRIORITY = ("moe", "attention", "moe_rows", "attention_rows")  # decode's one-token blocks first
+
+
+def _lock_path() -> str:
+    """One lock per Numba cache (NUMBA_CACHE_DIR, else the package's own): workers wait on it before they
+    import the compiler, so a queue of them costs little memory."""
+    where = os.environ.get("NUMBA_CACHE_DIR") or tempfile.gettempdir()
+    return os.path.join(where, f"edgemoe-compile-{os.getuid()}.lock")
+
+
+def _reader(queue: list, cond: threading.Condition) -> None:
+    """Move the parent's lines into `queue` until its end closes (then append None)."""
+    for raw in sys.stdin.buffer:
+        key, sig = json.loads(raw)
+        with cond:
+            queue.append((tuple(key), sig))  # unpickled after the lock: it imports Numba
+            cond.notify()
+    with cond:
+        queue.append(None)
+        cond.notify()
+
+
+def _report(status: str, key: tuple, why: str = "") -> None:
+    try:
+        sys.stdout.write(json.dumps([status, list(key), why]) + "\n")
+        sys.stdout.flush()
+    except OSError:  # the parent has exited: the kernel is in the cache for the next start
+        pass
+
+
+def _compile(key: tuple, sig: str) -> None:
+    import fcntl
+
+    os.makedirs(os.path.dirname(_lock_path()), exist_ok=True)
+    with open(_lock_path(), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another start's worker may be compiling the same kernel
+        from . import fused
+        from .kinds import KINDS
+
+        block, k1, k2 = key
+        by_name = {k.name: k for k in KINDS.values()}
+        kernel = fused.kernel_for(block, by_name[k1], by_name[k2])
+        kernel.compile(pickle.loads(base64.b64decode(sig)))  # loaded if another worker stored it, else compiled
+
+
+def main() -> None:
+    try:
+        os.nice(19)  # the parent's decode keeps the cores it wants
+    except OSError:
+        pass
+    queue: list = []
+    cond = threading.Condition()
+    threading.Thread(target=_reader, args=(queue, cond), daemon=True).start()
+    closed = False
+    while True:
+        with cond:
+            while not queue and not closed:
+                cond.wait()
+            if None in queue:
+                closed = True
+                queue.remove(None)
+            if not queue:
+                return  # the parent's end is closed and everything it asked for is done
+            key, sig = min(queue, key=lambda q: PRIORITY.index(q[0][0]) if q[0][0] in PRIORITY else len(PRIORITY))
+            queue.remove((key, sig))
+        try:
+            _compile(key, sig)
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which keeps the block unfused
+            _report("failed", key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        else:
+            _report("done", key)
+
+
+if __name__ == "__main__":
+    main()
