@@ -184,6 +184,7 @@ def main(args) -> int:
     import uvicorn
 
     from ..engine.session import Session
+    from ..kernels import compile_ahead
     from ..server import sdnotify
     from ..server.app import Service, build_app
     from ..server.engine import Engine
@@ -228,9 +229,14 @@ def main(args) -> int:
         log.info("loading %s", model)  # one log line per phase: loading, warming up, serving
         sdnotify.notify(f"STATUS=loading {model}")
         session = Session(args, cfg, progress=False)
-        log.info("warming up: compiling the kernels (the first run after an install takes ~30 s)")
+        log.info("warming up: compiling the kernels (the first run after an install takes ~%s)",
+                 "40 s" if session.compile_wait else "10 s; the fused decode kernels compile in the background")
         sdnotify.notify("STATUS=compiling kernels")
         session.warm_up()
+        pid, left = compile_ahead.pending()
+        if left:
+            log.info("the fused decode kernels (%s) are compiling in a background process (pid %d, ~30-40 s); "
+                     "until then steps run kernel by kernel", ", ".join(left), pid)
         b = cfg.batching
         engine = Engine(session.core(Metrics()), Scheduler(dict(b.admission), b.max_batch, b.max_queue),
                         bind_thread=session.bind_thread)

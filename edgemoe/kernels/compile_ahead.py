@@ -101,6 +101,8 @@ def ready(kernel, key: tuple, args: tuple) -> bool:
                 return False
         if key in getattr(_worker, "done", ()) or _load(kernel, args):
             _ready.add(key)
+            if key in getattr(_worker, "done", ()):
+                log.info("the fused kernel %s compiled in the background is in use", "/".join(key))
             return True
         if _worker is None:
             _worker = _Worker()
