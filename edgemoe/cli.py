@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "partition": "Write an expert pack (aligned per-expert layout + manifest) from a GGUF or HF model",
     "config": "Check a configuration file or print the effective configuration",
     "bench": "Measure prefill and decode speed against the memory and disk bandwidth bound",
+    "warmup": "Compile every kernel a model runs into Numba's cache (an image's or appliance's first start is then warm)",
     "serve": "Serve OpenAI-style completions over a UNIX socket (continuous batching)",
     "repl": "Chat with a running server interactively",
     "service": "Install the systemd units and the configuration of an appliance (edgemoe service install)",

@@ -152,3 +152,15 @@ def test_kernel_for_builds_each_block_from_the_kind_table():
     for block in compile_ahead.PRIORITY:
         assert fused.kernel_for(block, q8, q8) is fused.kernel_for(block, q8, q8)
         assert fused.kernel_for(block, q8, q8).py_func.__name__.endswith("__Q8_0_Q8_0")
+
+
+def test_warmup_command_compiles_in_the_foreground(capsys):
+    """`edgemoe warmup` (for images and appliances) leaves every kernel of the model in the cache: it waits for
+    the fused ones instead of handing them to a worker."""
+    from edgemoe.cli import main
+
+    before = compile_ahead.pending()
+    assert main(["warmup"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("edgemoe: the kernels of default-moe.gguf are in Numba's cache"), out
+    assert compile_ahead.pending() == before
