@@ -21,6 +21,7 @@ from mixtral_factory import make_hf_mixtral
 from edgemoe.formats.gguf_export import export_mixtral_gguf
 from edgemoe.kernels import compile_ahead, fused
 from edgemoe.loader import load_model
+from tools.bench_startup import wait_for_exit
 
 
 def _run(env, *extra):
@@ -31,19 +32,6 @@ def _run(env, *extra):
     return json.loads(r.stdout), r.stderr
 
 
-def _wait_gone(pid: int, timeout: float = 600.0) -> None:
-    end = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ")[1].startswith("Z"):
-                    return
-        except OSError:
-            return
-        time.sleep(0.5)
-    assert not os.path.exists(f"/proc/{pid}"), f"the compile worker {pid} still runs after {timeout} s"
-
-
 def test_first_start_compiles_fused_kernels_in_the_background(tmp_path):
     """An empty Numba cache (a fresh install): `run` answers with the kernel-by-kernel steps and says that a
     worker compiles the fused ones; the worker stores them and exits; the next start runs them fused (nothing
@@ -52,7 +40,7 @@ def test_first_start_compiles_fused_kernels_in_the_background(tmp_path):
     first, err = _run(env)
     assert "compiling in a background process (pid " in err, err
     pid = int(err.split("(pid ")[1].split(",")[0])
-    _wait_gone(pid)
+    assert wait_for_exit(pid, timeout=600), f"the compile worker {pid} still runs after 600 s"
     stored = {name.split("__")[0] for _, _, files in os.walk(tmp_path / "numba") for name in files
               if name.startswith("fused.") and name.endswith(".nbi")}
     assert stored == {"fused._moe_template", "fused._attention_template", "fused._moe_rows_template",
@@ -114,7 +102,7 @@ def test_a_block_still_compiling_runs_kernel_by_kernel_with_the_same_bits(model,
     fused_logits = _decode(model)
     asked = []
 
-    def not_yet(kernel, key, args):
+    def not_yet(kernel, key, args, state):
         asked.append(key[0])
         return False
 
@@ -133,13 +121,13 @@ def test_worker_reports_a_failure_and_exits_when_the_parent_closes(tmp_path, mon
     worker exits once the parent's end of the pipe is closed."""
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     w = compile_ahead._Worker()
-    key = ("no_such_block", "Q8_0", "Q8_0")
-    w.ask(key, ())
+    job = (("no_such_block", "Q8_0", "Q8_0"), "")
+    w.ask(job)
     end = time.monotonic() + 120
-    while key not in w.failed and time.monotonic() < end:
+    while job not in w.failed and time.monotonic() < end:
         w.poll()
         time.sleep(0.1)
-    assert "KeyError" in w.failed[key]
+    assert "KeyError" in w.failed[job]
     w.proc.stdin.close()
     assert w.proc.wait(timeout=60) == 0
 

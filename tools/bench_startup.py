@@ -38,19 +38,27 @@ def _run(cache: str, model: str | None, n: int, *extra: str) -> tuple[float, str
     return wall, r.stderr, json.loads(r.stdout)
 
 
-def _worker_done(stderr: str, t_start: float) -> float | None:
-    """Seconds from the run's start until its compile worker exited (None without one)."""
-    if "(pid " not in stderr:
-        return None
-    pid = int(stderr.split("(pid ")[1].split(",")[0])
+def wait_for_exit(pid: int, timeout: float | None = None) -> bool:
+    """Wait until process `pid` (not a child of ours) has exited; False if it still runs after `timeout` s."""
+    end = None if timeout is None else time.monotonic() + timeout
     while os.path.exists(f"/proc/{pid}"):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().split(") ")[1].startswith("Z"):
-                    break
+                    return True
         except OSError:
-            break
+            return True
+        if end is not None and time.monotonic() > end:
+            return False
         time.sleep(0.1)
+    return True
+
+
+def _worker_done(stderr: str, t_start: float) -> float | None:
+    """Seconds from the run's start until its compile worker exited (None without one)."""
+    if "(pid " not in stderr:
+        return None
+    wait_for_exit(int(stderr.split("(pid ")[1].split(",")[0]))
     return time.perf_counter() - t_start
 
 

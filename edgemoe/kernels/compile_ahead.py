@@ -30,13 +30,13 @@ import threading
 
 log = logging.getLogger(__name__)
 
-_ready: set = set()  # keys whose kernel this process has compiled or loaded
 _worker: _Worker | None = None
 _lock = threading.Lock()
 
 
 class _Worker:
-    """The parent's end: the worker process, the keys sent to it and the ones it has reported."""
+    """The parent's end: the worker process, the jobs sent to it and the ones it has reported. A job is
+    (key, signature): the key names the kernel, the pickled Numba signature says what to compile."""
 
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
@@ -47,16 +47,15 @@ class _Worker:
         self.failed: dict = {}
         self._partial = b""
 
-    def ask(self, key: tuple, sig: tuple) -> None:
-        if key in self.asked:
+    def ask(self, job: tuple) -> None:
+        if job in self.asked:
             return
-        self.asked.add(key)
-        line = json.dumps([list(key), base64.b64encode(pickle.dumps(sig)).decode()])
+        self.asked.add(job)
         try:
-            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.write(json.dumps([list(job[0]), job[1]]).encode() + b"\n")
             self.proc.stdin.flush()
-        except OSError:  # the worker is gone: the key stays unfused
-            self.failed[key] = "the compile worker exited"
+        except OSError:  # the worker is gone: the block stays unfused
+            self.failed[job] = "the compile worker exited"
 
     def poll(self) -> None:
         """Take in what the worker has reported since the last call (never blocks)."""
@@ -66,48 +65,55 @@ class _Worker:
             data = None
         if not data:
             if self.proc.poll() is not None:  # gone: whatever it has not reported will not come
-                for key in self.asked - self.done - set(self.failed):
-                    self.failed[key] = f"the compile worker exited with status {self.proc.returncode}"
+                for job in self.asked - self.done - set(self.failed):
+                    self.failed[job] = f"the compile worker exited with status {self.proc.returncode}"
             return
         *lines, self._partial = (self._partial + data).split(b"\n")
         for raw in lines:
-            status, key, why = json.loads(raw)
-            key = tuple(key)
+            status, key, sig, why = json.loads(raw)
+            job = (tuple(key), sig)
             if status == "done":
-                self.done.add(key)
+                self.done.add(job)
             else:
-                self.failed[key] = why
+                self.failed[job] = why
                 log.warning("compiling the fused kernel %s in the background failed (%s); it keeps running kernel "
-                            "by kernel", "/".join(key), why)
+                            "by kernel", "/".join(job[0]), why)
 
 
-def ready(kernel, key: tuple, args: tuple) -> bool:
+def ready(kernel, key: tuple, args: tuple, state: dict) -> bool:
     """Whether `kernel` (a Numba dispatcher, `key` naming it) can run on `args` now without compiling: it is
     compiled in this process or stored in Numba's cache (then loaded here). Otherwise its compilation is
-    handed to the worker, and False until the worker reports it."""
-    if key in _ready:
+    handed to the worker, and False until the worker reports it.
+
+    state: the caller's own, kept across calls (key -> True once ready, else its pending job): the signature
+    of `args` is worked out once per key (it costs more than a block), so a caller's calls must agree on it."""
+    got = state.get(key)
+    if got is True:
         return True
     global _worker
     with _lock:
-        if _worker is not None:
-            _worker.poll()
-            if key in _worker.failed or key in _worker.asked and key not in _worker.done:
-                return False
-            if key in _worker.done and not _load(kernel, args):
-                _worker.failed[key] = "not in Numba's cache after compiling"
-                log.warning("the fused kernel %s was compiled in the background but is not in Numba's cache (is "
-                            "its directory writable? NUMBA_CACHE_DIR sets it); it keeps running kernel by kernel",
-                            "/".join(key))
-                return False
-        if key in getattr(_worker, "done", ()) or _load(kernel, args):
-            _ready.add(key)
-            if key in getattr(_worker, "done", ()):
-                log.info("the fused kernel %s compiled in the background is in use", "/".join(key))
-            return True
-        if _worker is None:
-            _worker = _Worker()
-        _worker.ask(key, _signature(args))
-        return False
+        if got is None:  # first call: compiled here or in the cache, else a job for the worker
+            sig = _signature(args)
+            if _load(kernel, sig):
+                state[key] = True
+                return True
+            if _worker is None:
+                _worker = _Worker()
+            got = state[key] = (key, base64.b64encode(pickle.dumps(sig)).decode())
+            _worker.ask(got)
+            return False
+        _worker.poll()
+        if got in _worker.failed or got not in _worker.done:
+            return False
+        if not _load(kernel, pickle.loads(base64.b64decode(got[1]))):
+            _worker.failed[got] = "not in Numba's cache after compiling"
+            log.warning("the fused kernel %s was compiled in the background but is not in Numba's cache (is its "
+                        "directory writable? NUMBA_CACHE_DIR sets it); it keeps running kernel by kernel",
+                        "/".join(key))
+            return False
+        log.info("the fused kernel %s compiled in the background is in use", "/".join(key))
+        state[key] = True
+        return True
 
 
 def _signature(args: tuple) -> tuple:
@@ -116,9 +122,8 @@ def _signature(args: tuple) -> tuple:
     return tuple(numba.typeof(a) for a in args)
 
 
-def _load(kernel, args: tuple) -> bool:
-    """Load `kernel`'s overload for `args` from Numba's cache into this process if it is there."""
-    sig = _signature(args)
+def _load(kernel, sig: tuple) -> bool:
+    """Load `kernel`'s overload for `sig` from Numba's cache into this process if it is there."""
     if sig in kernel.overloads:
         return True
     if kernel._cache.load_overload(sig, kernel.targetctx) is None:
@@ -134,7 +139,7 @@ def pending() -> tuple[int | None, list[str]]:
             return None, []
         _worker.poll()
         left = _worker.asked - _worker.done - set(_worker.failed)
-        return _worker.proc.pid, sorted("/".join(k) for k in left)
+        return _worker.proc.pid, sorted({"/".join(key) for key, _ in left})
 
 
 # The worker.
@@ -161,9 +166,9 @@ def _reader(queue: list, cond: threading.Condition) -> None:
         cond.notify()
 
 
-def _report(status: str, key: tuple, why: str = "") -> None:
+def _report(status: str, key: tuple, sig: str, why: str = "") -> None:
     try:
-        sys.stdout.write(json.dumps([status, list(key), why]) + "\n")
+        sys.stdout.write(json.dumps([status, list(key), sig, why]) + "\n")
         sys.stdout.flush()
     except OSError:  # the parent has exited: the kernel is in the cache for the next start
         pass
@@ -207,9 +212,9 @@ def main() -> None:
         try:
             _compile(key, sig)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which keeps the block unfused
-            _report("failed", key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            _report("failed", key, sig, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         else:
-            _report("done", key)
+            _report("done", key, sig)
 
 
 if __name__ == "__main__":

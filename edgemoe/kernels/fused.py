@@ -340,11 +340,12 @@ def kernel_for(block: str, first: Kind, second: Kind):
         f"{r1}_QUANT": first.quant, f"{r1}_ROWS": first.rows, f"{r2}_QUANT": second.quant, f"{r2}_ROWS": second.rows})
 
 
-def _launch(block: str, kinds: tuple[Kind, Kind], args: tuple, wait: bool) -> bool:
-    """Run `block`'s kernel on `args`; without `wait`, only if it needs no compiling (else False, and it
-    compiles in the background: `compile_ahead`)."""
+def _launch(block: str, kinds: tuple[Kind, Kind], args: tuple, ahead: dict | None) -> bool:
+    """Run `block`'s kernel on `args`. ahead: None compiles it first if need be; else the caller's state for
+    `compile_ahead.ready`: the kernel runs only if it needs no compiling (else False, and it compiles in the
+    background)."""
     kernel = kernel_for(block, *kinds)
-    if not wait and not compile_ahead.ready(kernel, (block, kinds[0].name, kinds[1].name), args):
+    if ahead is not None and not compile_ahead.ready(kernel, (block, kinds[0].name, kinds[1].name), args, ahead):
         return False
     kernel(*args)
     return True
@@ -394,12 +395,12 @@ def moe_kinds(gate_up: QTensor | None, gate: QTensor, down: QTensor) -> tuple[Ki
 
 
 def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, kinds: tuple[Kind, Kind],
-              wait: bool = True) -> np.ndarray | None:
+              ahead: dict | None = None) -> np.ndarray | None:
     """x + the weighted sum of `experts` applied to h, for one token.   x, h: (D,) → (D,)
 
     experts: Expert tuples of one layer with the same types and shapes, in the order their outputs
-    are summed; weights: (A,) f32; kinds: from `moe_kinds` on the first expert. Without `wait`, None
-    (nothing done) while the kernel is compiling in the background.
+    are summed; weights: (A,) f32; kinds: from `moe_kinds` on the first expert. With `ahead` (the caller's
+    compile_ahead state), None (nothing done) while the kernel is compiling in the background.
     """
     k1, k2 = kinds
     e0 = experts[0]
@@ -416,7 +417,7 @@ def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, 
             _f32("moe_hb", A, n_i), hq, hd, hs, _f32("moe_ys", A, D), tuple(e.down.data for e in experts),
             _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
             np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
-    return out if _launch("moe", kinds, args, wait) else None
+    return out if _launch("moe", kinds, args, ahead) else None
 
 
 MOE_GROUP = 4  # experts per call of the several-token expert block
@@ -424,15 +425,15 @@ MOE_GROUP = 4  # experts per call of the several-token expert block
 
 def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarray, slot_tok: np.ndarray,
                    slot_exp: np.ndarray, tok_start: np.ndarray, kinds: tuple[Kind, Kind],
-                   wait: bool = True) -> np.ndarray | None:
+                   ahead: dict | None = None) -> np.ndarray | None:
     """x + each token's weighted sum of its experts applied to h, for T tokens; every row gets the bits
     `moe_block` gives it alone.   x, h: (T, D) → (T, D)
 
     experts: the U distinct Expert tuples in increasing expert id (same types and shapes); slots grouped by
     token as tok_start (T+1,) says, each with its weight slot_w (S,) f32, token slot_tok (S,) and expert
     index slot_exp (S,) into `experts`; kinds: from `moe_kinds` on the first expert. The experts run in
-    groups of MOE_GROUP, one parallel region each. Without `wait`, None while the kernel is compiling in
-    the background.
+    groups of MOE_GROUP, one parallel region each. With `ahead`, None while the kernel is compiling in the
+    background.
     """
     k1, k2 = kinds
     e0 = experts[0]
@@ -464,7 +465,7 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
                 hd, hs, _f32("moe_rows_ys", S, D), tuple(e.down.data for e in group),
                 _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
                 np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
-        if not _launch("moe_rows", kinds, args, wait):
+        if not _launch("moe_rows", kinds, args, ahead):
             return None  # only ever at the first group: the same kernel runs every group
     return out
 
@@ -488,10 +489,10 @@ def attention_kinds(w_qkv: QTensor, w_o: QTensor) -> tuple[Kind, Kind] | None:
 def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
                     n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
                     k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale, kinds: tuple[Kind, Kind],
-                    extras: tuple = None, wait: bool = True) -> np.ndarray | None:
+                    extras: tuple = None, ahead: dict | None = None) -> np.ndarray | None:
     """x + the attention block of one token at position `pos` (its k, v written to the caches).
     x: (D,); cos, sin: (1, d/2); k_cache, v_cache: (K, S, d) → (D,)
-    extras: (qkv_bias, q_norm, k_norm, clip, o_bias) of the family (`attention_extras`). Without `wait`,
+    extras: (qkv_bias, q_norm, k_norm, clip, o_bias) of the family (`attention_extras`). With `ahead`,
     None (the caches untouched) while the kernel is compiling in the background."""
     k1, k2 = kinds
     D = x.shape[0]
@@ -502,16 +503,16 @@ def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTenso
             n_heads, n_kv, cos, sin, k_cache, v_cache, pos, scale, _f32("att_att", 1, n_heads, head_dim), aq, ad, as_,
             w_o.data, _f32("att_o", D), _variant(w_qkv), _variant(w_o), _f32("att_h", 1, D),
             np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
-    return out if _launch("attention", kinds, args, wait) else None
+    return out if _launch("attention", kinds, args, ahead) else None
 
 
 def attention_rows_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
                          n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
                          k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale,
-                         kinds: tuple[Kind, Kind], extras: tuple = None, wait: bool = True) -> np.ndarray | None:
+                         kinds: tuple[Kind, Kind], extras: tuple = None, ahead: dict | None = None) -> np.ndarray | None:
     """x + the attention block of T consecutive tokens of one sequence at positions pos.. (their k, v written
     to the caches), in one parallel region.   x: (T, D); cos, sin: (T, d/2); k_cache, v_cache: (K, S, d)
-    → (T, D); without `wait`, None (the caches untouched) while the kernel is compiling in the background."""
+    → (T, D); with `ahead`, None (the caches untouched) while the kernel is compiling in the background."""
     k1, k2 = kinds
     T, D = x.shape
     xq, xd, xs = _scratch("attr_x", k1.act, T, D)
@@ -522,4 +523,4 @@ def attention_rows_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: Q
             _f32("attr_v", T, n_kv, head_dim), cos, sin, k_cache, v_cache, pos, scale,
             _f32("attr_att", T, n_heads, head_dim), aq, ad, as_, w_o.data, _f32("attr_obuf", T, D), _variant(w_qkv),
             _variant(w_o), _f32("attr_h", T, D), np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
-    return out if _launch("attention_rows", kinds, args, wait) else None
+    return out if _launch("attention_rows", kinds, args, ahead) else None

@@ -90,8 +90,13 @@ class Model:
         self.scale = np.float32(scale)
         self.fused = True  # one-token steps run each layer's blocks as single kernels (kernels/fused.py)
         self.compile_wait = True  # False: a fused kernel not compiled yet compiles in the background (compile_ahead)
+        self._compile_state: dict = {}  # compile_ahead's record of this model's fused kernels
         self.cache_type = "f16"  # KV caches new_cache() makes: "f16" or "f32" (kv_cache.CACHE_TYPES)
         self.layout = "plain dense, plain experts"  # set by prepare
+
+    def _ahead(self) -> dict | None:
+        """What the fused blocks take as `ahead`: None (compile before running) or this model's state."""
+        return None if self.compile_wait else self._compile_state
 
     def dense_nbytes(self) -> int:
         """Bytes of the dense tensors a forward pass reads (all but the embedding, of which a step reads rows)."""
@@ -285,7 +290,7 @@ class Model:
             chosen = [experts.get(i, int(e)) for e in ids[0, order]]
             kinds = fused.moe_kinds(chosen[0].gate_up, chosen[0].gate, chosen[0].down)
             out = kinds and fused.moe_block(x[0], h[0], chosen, np.ascontiguousarray(w[0, order]), kinds,
-                                            self.compile_wait)
+                                            self._ahead())
             if out is not None:
                 return out[None]
         if self.fused and x.shape[0] <= FUSED_ROWS:
@@ -310,7 +315,7 @@ class Model:
         slot_tok = np.repeat(np.arange(T, dtype=np.int64), A)  # (S,)
         tok_start = np.arange(T + 1, dtype=np.int64) * A  # (T + 1,)
         return fused.moe_rows_block(np.ascontiguousarray(x), np.ascontiguousarray(h), chosen, slot_w, slot_tok,
-                                    slot_exp.astype(np.int64).reshape(-1), tok_start, kinds, self.compile_wait)
+                                    slot_exp.astype(np.int64).reshape(-1), tok_start, kinds, self._ahead())
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` (T,) at the next positions of `cache`; logits (T, V), or (1, V) of the last token."""
@@ -377,7 +382,7 @@ class Model:
                 out = block(x[0] if T == 1 else x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
                             layer.o_proj, a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin,
                             cache.k[i], cache.v[i], cache.length, self.scale, kinds, self._extras(layer),
-                            self.compile_wait)
+                            self._ahead())
             if out is not None:
                 x = out[None] if T == 1 else out
             else:
