@@ -108,3 +108,12 @@ def tiny_gguf_with_vocab(directory, qtype: str = "F32", expert_qtype: str | None
         f"{directory}/tiny-{qtype}-{expert_qtype or qtype}.gguf"
     export_mixtral_gguf(path, cfg, tensors, qtype=qtype, expert_qtype=expert_qtype, tokenizer_from=vocab)
     return path, hf, tok
+
+
+def mixtral_gguf(path, qtype: str = "Q8_0", expert_qtype: str = "Q4_0", **shape) -> str:
+    """A random Mixtral (`make_hf_mixtral(**shape)`) written as a GGUF file at `path` with these tensor types."""
+    from edgemoe.formats.gguf_export import export_mixtral_gguf
+
+    _, cfg, tensors = make_hf_mixtral(**shape)
+    export_mixtral_gguf(path, cfg, tensors, qtype=qtype, expert_qtype=expert_qtype)
+    return str(path)

@@ -16,9 +16,8 @@ import time
 
 import numpy as np
 import pytest
-from mixtral_factory import make_hf_mixtral
+from mixtral_factory import mixtral_gguf
 
-from edgemoe.formats.gguf_export import export_mixtral_gguf
 from edgemoe.kernels import compile_ahead, fused
 from edgemoe.loader import load_model
 from tools.bench_startup import wait_for_exit
@@ -81,11 +80,9 @@ def test_config_key_decides_and_bench_always_waits():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    _, cfg, tensors = make_hf_mixtral(hidden=256, intermediate=512, heads=4, kv_heads=2, experts=6, top_k=2,
-                                      vocab=96, seed=5, head_dim=64)
-    path = tmp_path_factory.mktemp("ahead") / "m.gguf"
-    export_mixtral_gguf(path, cfg, tensors, qtype="Q8_0", expert_qtype="Q4_0")
-    return load_model(str(path)).model
+    path = mixtral_gguf(tmp_path_factory.mktemp("ahead") / "m.gguf", hidden=256, intermediate=512, heads=4,
+                        kv_heads=2, experts=6, top_k=2, vocab=96, seed=5, head_dim=64)
+    return load_model(path).model
 
 
 def _decode(m) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mixtral_factory import make_hf_mixtral
+from mixtral_factory import make_hf_mixtral, mixtral_gguf
 
 from edgemoe.experts.setup import StreamOptions
 from edgemoe.formats.gguf_export import export_mixtral_gguf
@@ -15,11 +15,8 @@ PROMPT = [1, 17, 43, 99, 120, 7, 64, 3, 88, 250, 12]
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    _, cfg, tensors = make_hf_mixtral(hidden=256, intermediate=512, layers=3, heads=4, kv_heads=2, experts=8,
-                                      top_k=2, vocab=256, seed=5)
-    path = tmp_path_factory.mktemp("stream") / "m.gguf"
-    export_mixtral_gguf(path, cfg, tensors, qtype="Q8_0", expert_qtype="Q4_0")
-    return str(path)
+    return mixtral_gguf(tmp_path_factory.mktemp("stream") / "m.gguf", hidden=256, intermediate=512, layers=3,
+                        heads=4, kv_heads=2, experts=8, top_k=2, vocab=256, seed=5)
 
 
 def run(loaded, n=12):
