@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-
 from ..config import add_config_arguments, config_from_args
 
 
@@ -30,16 +28,8 @@ def main(args) -> int:
     t0 = time.perf_counter()
     session = Session(args, cfg, compile_wait=True)
     try:
-        session.warm_up()  # the fused prompt and one-token kernels of the model and its draft
+        session.warm_up(separate=True)  # fused and separate kernels of the model and its draft
         session.core()  # a self-draft's, which its first timed round compiles
-        for model in [session.model] + ([session.draft.model] if session.draft is not None else []):
-            model.fused = False  # the separate kernels: steps of several sequences run attention with them
-            try:
-                cache = model.new_cache(3)
-                model.forward(np.zeros(2, dtype=np.int64), cache)
-                model.forward(np.zeros(1, dtype=np.int64), cache)
-            finally:
-                model.fused = True
     finally:
         session.close()
     where = os.environ.get("NUMBA_CACHE_DIR") or "next to the package's modules (__pycache__)"

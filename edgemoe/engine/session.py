@@ -205,10 +205,11 @@ class Session:
             core.prefix_cache = PrefixCache(budget)
         return core
 
-    def warm_up(self) -> None:
+    def warm_up(self, separate: bool = False) -> None:
         """Compile (or load from Numba's cache) the kernels a request will use, before the first one (a
         self-draft's kernels compile when `core()` times a drafting round). Without `compile_wait`, fused
-        kernels missing from the cache go to a background process (`kernels.compile_ahead`), said on stderr."""
+        kernels missing from the cache go to a background process (`kernels.compile_ahead`), said on stderr.
+        separate: also the kernels of the unfused path (steps of several sequences run attention with them)."""
         from ..kernels import compile_ahead
         from ..progress import Phases
 
@@ -221,6 +222,15 @@ class Session:
                 model.forward(np.zeros(2, dtype=np.int64), cache)  # matrix kernels (prompts, batched steps)
                 phase(f"{whose}one-token kernels")
                 model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
+                if separate:
+                    phase(f"{whose}separate kernels")
+                    model.fused = False
+                    try:
+                        cache = model.new_cache(3)
+                        model.forward(np.zeros(2, dtype=np.int64), cache)
+                        model.forward(np.zeros(1, dtype=np.int64), cache)
+                    finally:
+                        model.fused = True
         pid, left = compile_ahead.pending()
         if left and self.progress:
             print(f"edgemoe: the fused decode kernels are compiling in a background process (pid {pid}, ~30-40 s, "

@@ -8,9 +8,11 @@ same bits), and the kernel's signature goes to one worker process that compiles 
 call after the worker has stored a kernel loads it from there, so a long-running process (`serve`, `chat`)
 switches to the fused blocks on its own, and a short `run` leaves them to the next start.
 
-    parent                                       worker (python -m edgemoe.kernels.compile_ahead)
-    ready(kernel, key, args) -> False  ──key──▶  nice 19; one-token blocks first; under a file lock (several
-    (next calls: ready once reported)  ◀─key──   starts compile each kernel once) compile into Numba's cache
+    parent                                              worker (python -m edgemoe.kernels.compile_ahead)
+    ready(kernel, key, args, state) -> False  ──job──▶  nice 19; one-token blocks first; under a file lock
+    (next calls: ready once reported)         ◀─job──   (several starts compile each kernel once) compile
+                                                        into Numba's cache
+    a job: (the kernel's key, its pickled Numba signature)
 
 The worker has its own session (a terminal's Ctrl-C does not reach it), reads keys until the parent's end
 of the pipe closes, and finishes its queue even after the parent has exited.
@@ -85,11 +87,12 @@ def ready(kernel, key: tuple, args: tuple, state: dict) -> bool:
     compiled in this process or stored in Numba's cache (then loaded here). Otherwise its compilation is
     handed to the worker, and False until the worker reports it.
 
-    state: the caller's own, kept across calls (key -> True once ready, else its pending job): the signature
-    of `args` is worked out once per key (it costs more than a block), so a caller's calls must agree on it."""
+    state: the caller's own, kept across calls (key -> True once ready, False once failed, else its pending
+    job): the signature of `args` is worked out once per key (it costs more than a block), so a caller's calls
+    must agree on it."""
     got = state.get(key)
-    if got is True:
-        return True
+    if got is True or got is False:  # ready, or failed for good
+        return got
     global _worker
     with _lock:
         if got is None:  # first call: compiled here or in the cache, else a job for the worker
@@ -103,10 +106,14 @@ def ready(kernel, key: tuple, args: tuple, state: dict) -> bool:
             _worker.ask(got)
             return False
         _worker.poll()
-        if got in _worker.failed or got not in _worker.done:
+        if got in _worker.failed:
+            state[key] = False  # stays unfused; no more polling for it
+            return False
+        if got not in _worker.done:
             return False
         if not _load(kernel, pickle.loads(base64.b64decode(got[1]))):
             _worker.failed[got] = "not in Numba's cache after compiling"
+            state[key] = False
             log.warning("the fused kernel %s was compiled in the background but is not in Numba's cache (is its "
                         "directory writable? NUMBA_CACHE_DIR sets it); it keeps running kernel by kernel",
                         "/".join(key))
