@@ -91,9 +91,15 @@ def test_load_reads_other_processes_time(tmp_path, monkeypatch):
     write(1000 + int(1.5 * tick), 5000 + int(2.2 * tick))  # 0.2 busy in 1 s, all ours
     own[0] += 0.2
     assert load.free_cores() == 2
+    clock[0] += 5.0  # a pause of ours (a server between requests) while another process took both cores:
+    write(1000 + int(11.5 * tick), 5000 + int(2.2 * tick))  # not taken as the load now
+    assert load.free_cores() == 2
+    clock[0] += 0.1
+    write(1000 + int(11.7 * tick), 5000 + int(2.2 * tick))  # the next window says it: both cores busy
+    assert load.free_cores() == 1
     clock[0] += MIN_WINDOW / 2  # within a window: the last figure, no read
     stat.unlink()
-    assert load.free_cores() == 2
+    assert load.free_cores() == 1
     assert Load(2, str(tmp_path / "missing")).free_cores() == 2  # no /proc/stat: every core
 
 

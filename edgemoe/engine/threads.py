@@ -35,12 +35,18 @@ LATE = 3.0  # a pass this many times its count's median brings the next trial fo
 BEHIND = 1.5  # a trial pass this many times the fastest count's mean ends its count's part of the trial
 TRIAL_SHARE = 0.02  # trials may cost this share of the time: a count 30x slower is tried every ~1,500 passes
 MIN_WINDOW = 0.05  # seconds of wall time over which other processes' CPU use is measured (/proc/stat: 10 ms ticks)
+STALE_WINDOW = 1.0  # a window this long spans a pause of ours (no passes): it tells of the past, not of now
 FREE = 0.5  # a core counts as taken when other processes used more than this share of it
 
 
 class Load:
     """Cores' worth of CPU time other processes used, from /proc/stat (all CPUs' busy time) less this
-    process's own (os.times), over windows of at least MIN_WINDOW s. None: no window has passed yet."""
+    process's own (os.times), over windows of at least MIN_WINDOW s. None: no window has passed yet.
+
+    A window longer than STALE_WINDOW spans a pause in our passes (a server between requests), when other
+    processes may have had the cores to themselves; it starts the next window and keeps the figure from before
+    the pause (it is taken only when there is none), so a burst of work while we waited does not hold the
+    first passes after it to one thread."""
 
     def __init__(self, cores: int, stat_path: str = "/proc/stat"):
         self.cores = cores
@@ -69,7 +75,8 @@ class Load:
             if now is None:
                 return self.cores
             dt = now[0] - self._last[0]
-            self.others = max(0.0, ((now[1] - self._last[1]) - (now[2] - self._last[2])) / dt)
+            if dt <= STALE_WINDOW or self.others is None:
+                self.others = max(0.0, ((now[1] - self._last[1]) - (now[2] - self._last[2])) / dt)
             self._last = now
         if self.others is None:
             return None

@@ -1,7 +1,10 @@
 """HTTP routes (starlette): validate, tokenize, hand the job to the engine, relay its events.
 
 The event loop never runs the model: it only enqueues jobs and streams what the engine thread emits
-(through loop.call_soon_threadsafe into an asyncio.Queue per request).
+(through a Channel per request, server/channel.py). A stream writes every event that has arrived in one write,
+then pauses STREAM_INTERVAL_S before the next: each token is still its own SSE event, sent at most that much
+later, and a fast stream costs the loop (which shares the interpreter lock with the engine's Python) a wake-up
+and a write per few tokens instead of per token.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..errors import EdgeMoEError
 from ..sampling import SamplingParams
 from .auth import ApiKeyAuth
 from .body import decode_json, read_body
+from .channel import Channel
 from .choices import choice_seed, make_jobs, submit_all
 from .constraints import json_grammar, tool_grammar
 from .engine import Engine
@@ -38,6 +42,7 @@ from .tokens_api import detokenize, route, tokenize
 
 DEFAULT_MAX_TOKENS = 16  # completions, as OpenAI's API
 DEFAULT_CHAT_MAX_TOKENS = 512  # chat: this or the rest of the context, whichever is smaller
+STREAM_INTERVAL_S = 0.004  # a stream's writes are at least this far apart (the events in between go together)
 
 log = logging.getLogger("edgemoe.server")
 
@@ -168,15 +173,11 @@ def build_app(service: Service, api_key: str | None = None):
         except ClientDisconnect:
             noise.note("client hang-ups", "a client hung up while sending its request")
             return Response(status_code=499)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()  # (choice index, event)
+        channel = Channel(asyncio.get_running_loop())  # (choice index, event)
 
         def emit_for(index: int):
             def emit(event: dict) -> None:  # engine thread → event loop
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-                except RuntimeError:  # the loop is gone (shutdown)
-                    pass
+                channel.put((index, event))
 
             return emit
 
@@ -201,7 +202,7 @@ def build_app(service: Service, api_key: str | None = None):
                       include_usage=req.stream and req.include_usage, tools=service.tool_reply(req))
         reply.prompt_tokens = prompt_tokens
         if req.stream:
-            return StreamingResponse(_sse(service, jobs, queue, reply), media_type="text/event-stream",
+            return StreamingResponse(_sse(service, jobs, channel, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
 
         async def watch() -> None:  # the client hanging up ends the request at the engine's next step
@@ -209,21 +210,21 @@ def build_app(service: Service, api_key: str | None = None):
                 pass
             for job in jobs:
                 engine.cancel(job)
-            queue.put_nowait((None, {"type": "disconnected"}))
+            channel.put((None, {"type": "disconnected"}))
 
         watcher = asyncio.create_task(watch())
         try:
             while True:
-                index, event = await queue.get()
-                if event["type"] == "disconnected":
-                    noise.note("client hang-ups", "a client hung up waiting for its reply; request %d cancelled",
-                               jobs[0].id)
-                    return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
-                if event["type"] == "error":
-                    return _reply(_engine_error(service, jobs[index], event))
-                reply.add(index, event)
-                if reply.finished:
-                    return JSONResponse(reply.final())
+                for index, event in await channel.get():
+                    if event["type"] == "disconnected":
+                        noise.note("client hang-ups", "a client hung up waiting for its reply; request %d cancelled",
+                                   jobs[0].id)
+                        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+                    if event["type"] == "error":
+                        return _reply(_engine_error(service, jobs[index], event))
+                    reply.add(index, event)
+                    if reply.finished:
+                        return JSONResponse(reply.final())
         finally:
             watcher.cancel()
             for job in jobs:  # the client left, or one choice failed: the others end too
@@ -291,42 +292,26 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(service: Service, jobs: list[Job], queue: asyncio.Queue, reply: Reply):
+async def _sse(service: Service, jobs: list[Job], channel: Channel, reply: Reply):
     """Server-sent events: a chunk per token of each choice (interleaved as they come), a last chunk per choice
     with its finish_reason, the usage (in a chunk of its own with stream_options.include_usage, else in the
-    last choice's last chunk), then [DONE]."""
+    last choice's last chunk), then [DONE]. The events that arrived together go out in one write."""
     engine = service.engine
     finished = False  # the reply ran to its end (else the client went away, or the server is stopping)
     try:
-        for c in reply.choices:  # completions with echo: the prompt first
-            if c.echo:
-                yield _data(reply.chunk(c.index, [], text=c.echo))
-        while True:
-            index, event = await queue.get()
-            if event["type"] == "token":
-                for body in reply.token_chunks(index, event):
-                    yield _data(body)
-            elif event["type"] == "error":
-                finished = True
-                yield _data(_engine_error(service, jobs[index], event).body())
-                yield "data: [DONE]\n\n"
-                return
-            else:
-                reply.add(index, event)
-                for body in reply.end_chunks(index):
-                    yield _data(body)
-                last = reply.chunk(index, [], finish_reason=reply.finish_reason(reply.choices[index]))
-                if not reply.finished:
-                    yield _data(last)
-                    continue
-                finished = True
-                if reply.include_usage:
-                    yield _data(last)
-                    yield _data(reply.usage_chunk())
-                else:
-                    yield _data({**last, "usage": reply.usage()})
-                yield "data: [DONE]\n\n"
-                return
+        echo = [_data(reply.chunk(c.index, [], text=c.echo)) for c in reply.choices if c.echo]  # completions' echo
+        if echo:
+            yield "".join(echo)
+        while not finished:
+            out: list[str] = []
+            for index, event in await channel.get():
+                finished = _sse_event(service, jobs, reply, index, event, out)
+                if finished:
+                    break
+            if out:  # (tokens of a tool call are held back until it is complete)
+                yield "".join(out)
+            if not finished:
+                await asyncio.sleep(STREAM_INTERVAL_S)
     finally:
         unfinished = [job for job in jobs if not job.done]
         if unfinished:  # the client went away (the stream was cancelled), the server is stopping, or a choice failed
@@ -335,3 +320,27 @@ async def _sse(service: Service, jobs: list[Job], queue: asyncio.Queue, reply: R
                                    "cancelled", jobs[0].id)
             for job in unfinished:
                 engine.cancel(job)
+
+
+def _sse_event(service: Service, jobs: list[Job], reply: Reply, index: int, event: dict, out: list[str]) -> bool:
+    """Append to `out` what choice `index`'s `event` sends; True once the stream is over."""
+    if event["type"] == "token":
+        out.extend(_data(body) for body in reply.token_chunks(index, event))
+        return False
+    if event["type"] == "error":
+        out.append(_data(_engine_error(service, jobs[index], event).body()))
+        out.append("data: [DONE]\n\n")
+        return True
+    reply.add(index, event)
+    out.extend(_data(body) for body in reply.end_chunks(index))
+    last = reply.chunk(index, [], finish_reason=reply.finish_reason(reply.choices[index]))
+    if not reply.finished:
+        out.append(_data(last))
+        return False
+    if reply.include_usage:
+        out.append(_data(last))
+        out.append(_data(reply.usage_chunk()))
+    else:
+        out.append(_data({**last, "usage": reply.usage()}))
+    out.append("data: [DONE]\n\n")
+    return True
