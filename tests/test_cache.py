@@ -20,7 +20,8 @@ def blob(key, n=U) -> np.ndarray:
 
 
 def one_tier(policy, slots, **kw) -> ExpertCache:
-    return ExpertCache([TierSpec("warm", slots * U, policy)], **kw)
+    """A cache whose eviction order is under test: no admission rule (test_admission_* cover it)."""
+    return ExpertCache([TierSpec("warm", slots * U, policy)], **{"admission": False, **kw})
 
 
 # -- reference policies, straight from the definitions ---------------------------------------------
@@ -101,7 +102,7 @@ def test_temporal_keeps_frequent_old_entry_then_forgets_it():
 
 
 def test_promotion_and_demotion_lru():
-    cache = ExpertCache([TierSpec("hot", 2 * U, "lru", pin_threshold=2), TierSpec("warm", 2 * U, "lru")])
+    cache = ExpertCache([TierSpec("hot", 2 * U, "lru", pin_threshold=2), TierSpec("warm", 2 * U, "lru")], admission=False)
     a, b, c = (0, 0), (0, 1), (0, 2)
     for k in (a, b, c):
         cache.put(k, blob(k))
@@ -117,7 +118,8 @@ def test_promotion_and_demotion_lru():
 
 
 def test_hot_victim_dropped_when_warm_is_full_of_pinned():
-    cache = ExpertCache([TierSpec("hot", 2 * U, "lru", pin_threshold=2), TierSpec("warm", 3 * U, "lru")], pin_layers=(9,))
+    cache = ExpertCache([TierSpec("hot", 2 * U, "lru", pin_threshold=2), TierSpec("warm", 3 * U, "lru")], pin_layers=(9,),
+                        admission=False)
     a = (0, 0)
     cache.put(a, blob(a, 2 * U))
     cache.get(a)
@@ -135,7 +137,7 @@ def test_hot_victim_dropped_when_warm_is_full_of_pinned():
 def test_temporal_promotion_needs_recent_reuse():
     cache = ExpertCache(
         [TierSpec("hot", 4 * U, "temporal_lru", pin_threshold=1.5), TierSpec("warm", 4 * U, "temporal_lru")],
-        half_life=4.0,
+        half_life=4.0, admission=False,
     )
     a, b = (0, 0), (0, 1)
     cache.put(a, blob(a))
@@ -149,7 +151,7 @@ def test_temporal_promotion_needs_recent_reuse():
 
 
 def test_history_outlives_eviction_and_misses_count():
-    cache = ExpertCache([TierSpec("hot", U, "lfu", pin_threshold=3), TierSpec("warm", U, "lfu")])
+    cache = ExpertCache([TierSpec("hot", U, "lfu", pin_threshold=3), TierSpec("warm", U, "lfu")], admission=False)
     a, b = (0, 0), (0, 1)
     cache.put(b, blob(b))
     for _ in range(3):
@@ -178,7 +180,7 @@ def test_too_large_slots_and_bad_arguments():
     cache = one_tier("lfu", 2)
     assert cache.put((0, 0), blob((0, 0), 2 * U + 1)) is None
     assert cache.stats()["rejected_too_large"] == 1
-    slotted = ExpertCache([TierSpec("warm", 3 * 128, "lru")], slot_bytes=128)
+    slotted = ExpertCache([TierSpec("warm", 3 * 128, "lru")], slot_bytes=128, admission=False)
     assert slotted.put((0, 0), blob((0, 0), 100)) is not None
     assert slotted.put((0, 1), blob((0, 1), 129)) is None
     with pytest.raises(UsageError):
@@ -276,7 +278,8 @@ def test_random_workload_budgets_counters_bytes(seed):
 
 
 def test_two_threads():
-    cache = ExpertCache([TierSpec("hot", 6 * U, "temporal_lru", 1.5), TierSpec("warm", 10 * U, "lfu")], pin_layers=(0,))
+    cache = ExpertCache([TierSpec("hot", 6 * U, "temporal_lru", 1.5), TierSpec("warm", 10 * U, "lfu")], pin_layers=(0,),
+                        admission=False)
     counts = [0, 0]
     errors: list = []
     blobs = {(l, e): blob((l, e)) for l in range(4) for e in range(8)}
@@ -305,3 +308,74 @@ def test_two_threads():
     assert s["gets"] == sum(counts) == s["hits"] + s["misses"]
     assert s["tiers"]["hot"]["resident_bytes"] <= 6 * U and s["tiers"]["warm"]["resident_bytes"] <= 10 * U
     assert s["resident_bytes"] == sum(U for l in range(4) for e in range(8) if cache.contains((l, e)))
+
+
+def _sweep_hit_rate(cache, keys) -> float:
+    hits = 0
+    for key in keys:
+        if cache.get(key) is not None:
+            hits += 1
+        else:
+            cache.put(key, blob(key))
+    return hits / len(keys)
+
+
+def _belady_hit_rate(keys, slots) -> float:
+    """The offline optimum (evict, or do not cache, whatever is next used farthest in the future)."""
+    nxt, last = [0] * len(keys), {}
+    for i in range(len(keys) - 1, -1, -1):
+        nxt[i], last[keys[i]] = last.get(keys[i], len(keys) + 1), i
+    held: dict = {}
+    hits = 0
+    for i, key in enumerate(keys):
+        if key in held:
+            hits += 1
+        elif len(held) >= slots:
+            far = max(held, key=held.get)
+            if held[far] <= nxt[i]:
+                continue
+            del held[far]
+        held[key] = nxt[i]
+    return hits / len(keys)
+
+
+@pytest.mark.parametrize("policy", ["temporal_lru", "lru", "lfu"])
+def test_admission_keeps_a_share_through_batch_sweeps(policy):
+    """A batched step needs nearly every expert of every layer in order: a cache smaller than that sweep
+    evicts each entry just before its next use. Admission keeps a fixed share, near the offline optimum."""
+    rng = np.random.default_rng(0)
+    keys = []
+    for _ in range(300):  # steps of a batch: each layer's experts (most of them), layers in order
+        for layer in range(8):
+            keys += [(layer, int(e)) for e in np.sort(rng.choice(8, size=7, replace=False))]
+    slots = 16  # a quarter of the 64 experts
+    plain = _sweep_hit_rate(one_tier(policy, slots), keys)
+    admitted = _sweep_hit_rate(one_tier(policy, slots, admission=True), keys)
+    best = _belady_hit_rate(keys, slots)
+    assert admitted > 0.75 * best, (plain, admitted, best)
+    assert admitted > plain + 0.05, (plain, admitted, best)
+
+
+def test_admission_lets_a_newly_popular_expert_in():
+    cache = ExpertCache([TierSpec("warm", 4 * U, "temporal_lru")], half_life=32.0)
+    for _ in range(50):  # four experts in steady use fill the cache
+        for e in range(4):
+            _sweep_hit_rate(cache, [(0, e)])
+    new = (0, 9)
+    assert cache.get(new) is None and cache.put(new, blob(new)) is None  # one access: no history to show
+    assert cache.stats()["rejected_admission"] == 1
+    for _ in range(100):  # the others fall out of use while the new one is used every time
+        if cache.get(new) is None:
+            cache.put(new, blob(new))
+    assert cache.contains(new)
+
+
+def test_admission_leaves_room_and_pins_alone():
+    cache = ExpertCache([TierSpec("warm", 2 * U, "temporal_lru")], pin_layers=(5,))
+    assert cache.put((0, 0), blob((0, 0))) is not None  # room left: nothing to compare with
+    assert cache.put((0, 1), blob((0, 1))) is not None
+    for _ in range(5):
+        cache.get((0, 0))
+        cache.get((0, 1))
+    assert cache.put((0, 2), blob((0, 2))) is None  # full, and its history is empty
+    assert cache.put((5, 0), blob((5, 0))) is not None  # a pinned layer's expert is always kept

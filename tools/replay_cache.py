@@ -2,7 +2,7 @@
 
     python tools/replay_cache.py TRACE.jsonl [--budgets 0.1,0.25,0.5] [--hot-fraction 0.25]
     python tools/replay_cache.py --synthetic [--layers 32 --experts 8 --top-k 2 --tokens 2000]
-                                 [--zipf 1.0 --repeat 0.25 --phase 500 --seed 0] [--write-trace OUT]
+                                 [--zipf 1.0 --repeat 0.25 --phase 500 --seed 0] [--batch 1] [--write-trace OUT]
 
 A trace is JSON lines `{"layer": L, "experts": [e, ...]}`, one line per layer per token, in execution
 order. Each routed expert is a get(); a miss inserts it. Budgets are fractions of all experts
@@ -11,7 +11,10 @@ budget, an upper bound. Hit rate is not speed: a policy has to win end to end (S
 
 The synthetic trace draws experts per layer from a Zipf popularity, repeats the previous token's
 first choice with probability --repeat (Mixtral: 24-28 % in middle layers vs 1/8 at random), and
-reshuffles each layer's popularity every --phase tokens (a topic change).
+reshuffles each layer's popularity every --phase tokens (a topic change). With --batch B, B such streams
+(seeds seed … seed+B-1) decode together: each step's line for a layer is the union of their experts, as a
+batched engine step fetches them. Each policy runs with the cache's admission rule (the default) and without
+(`-adm`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ def synthetic_trace(layers, experts, top_k, tokens, zipf, repeat, phase, seed) -
     return trace
 
 
+def batched_trace(batch: int, layers, experts, top_k, tokens, zipf, repeat, phase, seed) -> list:
+    """`batch` synthetic streams stepped together: per step and layer, the union of their experts."""
+    streams = [synthetic_trace(layers, experts, top_k, tokens, zipf, repeat, phase, seed + b) for b in range(batch)]
+    return [(i % layers, list(dict.fromkeys(e for s in streams for e in s[i][1]))) for i in range(tokens * layers)]
+
+
 def read_trace(path: str) -> list[tuple[int, list[int]]]:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -65,12 +74,12 @@ def accesses(trace) -> list[tuple[int, int]]:
     return [(layer, e) for layer, experts in trace for e in dict.fromkeys(experts)]
 
 
-def replay(keys, policy, slots, hot_fraction, pin_threshold, half_life) -> dict:
+def replay(keys, policy, slots, hot_fraction, pin_threshold, half_life, admission: bool = True) -> dict:
     hot = int(round(slots * hot_fraction))
     tiers = [TierSpec("warm", (slots - hot) * UNIT, policy)]
     if hot:
         tiers.insert(0, TierSpec("hot", hot * UNIT, policy, pin_threshold))
-    kw = {} if half_life is None else {"half_life": half_life}
+    kw = {"admission": admission} if half_life is None else {"half_life": half_life, "admission": admission}
     cache = ExpertCache(tiers, **kw)
     blob = np.zeros(UNIT, np.uint8)
     for key in keys:
@@ -115,6 +124,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=float, default=0.25, help="P(first choice = previous token's)")
     p.add_argument("--phase", type=int, default=500, help="tokens between popularity reshuffles")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="streams decoding together (synthetic)")
     p.add_argument("--write-trace", help="also save the synthetic trace here")
     p.add_argument("--budgets", default="0.1,0.25,0.5,0.75", help="fractions of all experts")
     p.add_argument("--hot-fraction", type=float, default=0.25, help="share of the budget in the hot tier")
@@ -135,15 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         print("give a trace file or --synthetic (not both)", file=sys.stderr)
         return 2
     if args.synthetic:
-        trace = synthetic_trace(
-            args.layers, args.experts, args.top_k, args.tokens, args.zipf, args.repeat, args.phase, args.seed
-        )
+        trace = batched_trace(args.batch, args.layers, args.experts, args.top_k, args.tokens, args.zipf,
+                              args.repeat, args.phase, args.seed)
         if args.write_trace:
             with open(args.write_trace, "w") as f:
                 f.writelines(json.dumps({"layer": layer, "experts": ex}) + "\n" for layer, ex in trace)
         what = (
             f"synthetic: {args.tokens} tokens x {args.layers} layers, top-{args.top_k} of {args.experts}, "
-            f"zipf {args.zipf}, repeat {args.repeat}, phase {args.phase}, seed {args.seed}"
+            f"zipf {args.zipf}, repeat {args.repeat}, phase {args.phase}, seed {args.seed}, batch {args.batch}"
         )
     else:
         trace = read_trace(args.trace)
@@ -154,14 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         f"trace {what}\n{len(keys)} expert uses over {universe} distinct experts; "
         f"hot tier = {args.hot_fraction:.0%} of the budget"
     )
-    print(f"{'budget':>7} {'slots':>6} " + " ".join(f"{p:>13}" for p in POLICIES) + f" {'belady':>8}")
+    names = [p + suffix for p in POLICIES for suffix in ("", "-adm")]
+    print(f"{'budget':>7} {'slots':>6} " + " ".join(f"{p:>16}" for p in names) + f" {'belady':>8}")
     for frac in (float(x) for x in args.budgets.split(",")):
         slots = max(1, int(round(frac * universe)))
         cells = []
         for policy in POLICIES:
             thr = args.pin_threshold if args.pin_threshold is not None else (1.5 if policy == "temporal_lru" else 2.0)
-            s = replay(keys, policy, slots, args.hot_fraction, thr, args.half_life)
-            cells.append(f"{s['hit_rate']:13.1%}")
+            for admission in (False, True):
+                s = replay(keys, policy, slots, args.hot_fraction, thr, args.half_life, admission)
+                cells.append(f"{s['hit_rate']:16.1%}")
         best = belady_hits(keys, slots) / len(keys)
         print(f"{frac:7.0%} {slots:6d} " + " ".join(cells) + f" {best:8.1%}")
     return 0

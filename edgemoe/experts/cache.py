@@ -11,6 +11,14 @@ up one tier (an insert whose history already scores that high goes straight ther
 must make room demotes its victim one tier down if it fits there, and the coldest tier drops it.
 Entries of `pin_layers` are never evicted.
 
+Admission: a new entry that would push an entry out of the cache (its tier must make room and the coldest
+tier is full) is cached only if its history before this access has a higher decayed access count (temporal_lru's score,
+whatever the tiers' policies) than the coldest tier's victim — TinyLFU's rule; otherwise the caller uses it
+once and it is not kept. A batch of tokens sweeps nearly
+every expert of every layer in order each step, and a cache smaller than the sweep then evicts each
+entry just before its next use (no hits at all); with admission the cache keeps a share of the experts
+through the sweep, as the offline optimum does (`tools/replay_cache.py --batch`).
+
 Memory: one anonymous mmap (the arena) of the tiers' summed capacities, carved by a best-fit free
 list; tiers are byte budgets over it, so moving an entry between tiers copies nothing and the view a
 caller holds stays valid. With equal-size experts (or `slot_bytes`) every hole fits the next blob,
@@ -36,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
-from .policies import Usage, make_policy
+from .policies import Usage, decayed, make_policy
 
 Key = tuple[int, int]  # (layer, expert)
 HITS, MISSES, EVICTIONS, BYTES_INSERTED, REJECTED = range(5)  # per-layer counter slots
@@ -153,6 +161,7 @@ class ExpertCache:
         half_life: float = 1024.0,
         slot_bytes: int | None = None,
         align: int = 64,
+        admission: bool = True,
     ):
         if not tiers:
             raise UsageError("the expert cache needs at least one tier")
@@ -168,6 +177,7 @@ class ExpertCache:
         if slot_bytes is not None and slot_bytes < 1:
             raise UsageError(f"cache slot_bytes must be >= 1, got {slot_bytes}")
         self._align = align
+        self._admission = admission
         self._slot = None if slot_bytes is None else -(-slot_bytes // align) * align
         unit = self._slot or align
         self._tiers = [_Tier(t, float(half_life)) for t in tiers]
@@ -301,7 +311,7 @@ class ExpertCache:
         with self._lock:
             self._layers: dict[int, list[int]] = {}
             self._inserts = self._promotions = self._demotions = 0
-            self._rejected_too_large = self._rejected_no_space = 0
+            self._rejected_too_large = self._rejected_no_space = self._rejected_admission = 0
             for t in self._tiers:
                 t.hits = 0
 
@@ -338,6 +348,7 @@ class ExpertCache:
                 "demotions": self._demotions,
                 "rejected_too_large": self._rejected_too_large,
                 "rejected_no_space": self._rejected_no_space,
+                "rejected_admission": self._rejected_admission,
                 "entries": len(self._entries),
                 "resident_bytes": sum(t.resident for t in self._tiers),
                 "arena_bytes": self._arena.size,
@@ -386,6 +397,9 @@ class ExpertCache:
         if size > tier.capacity - tier.locked:
             self._rejected_no_space += 1
             return None
+        if not pinned and tier.used + size > tier.capacity and not self._admits(usage, size):
+            self._rejected_admission += 1
+            return None
         self._make_room(t, size)
         off = self._arena.alloc(size)
         while off is None:  # fragmented arena, or memory still held by callers' views of evicted entries
@@ -402,6 +416,18 @@ class ExpertCache:
         tier.used += size
         tier.locked += size
         return _Entry(key, off, size, nbytes, t, usage, pinned)
+
+    def _admits(self, usage: Usage, size: int) -> bool:
+        """Whether a newcomer with `usage` may push an entry out of the cache: the coldest tier's victim, when
+        that tier is full (an entry evicted from a hotter tier moves down into it). See the module docstring."""
+        cold = self._tiers[-1]
+        if not self._admission or cold.used + size <= cold.capacity:
+            return True
+        victim = cold.policy.peek_victim()
+        if victim is None:
+            return True
+        now, h = self._clock, self._half_life
+        return decayed(usage, now, h, before_last=True) > decayed(self._entries[victim].usage, now, h)
 
     def _make_room(self, t: int, size: int) -> None:
         """Evict tier t's victims until `size` more bytes fit its budget (the caller checked it can)."""

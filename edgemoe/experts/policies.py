@@ -77,6 +77,10 @@ class LRUPolicy:
     def score(self, usage: Usage, now: int) -> float:
         return float(usage.count)
 
+    def peek_victim(self) -> Hashable | None:
+        """The entry `pop_victim` would return, left in place."""
+        return next(iter(self._order), None)
+
 
 class _HeapPolicy:
     """Min-heap of (rank, key) with lazy invalidation: a touch pushes a new rank and the old heap item
@@ -112,12 +116,20 @@ class _HeapPolicy:
 
     def pop_victim(self) -> Hashable | None:
         """Remove and return the entry to evict, or None when the tier holds no evictable entry."""
+        key = self.peek_victim()
+        if key is not None:
+            heapq.heappop(self._heap)
+            del self._rank[key]
+        return key
+
+    def peek_victim(self) -> Hashable | None:
+        """The entry `pop_victim` would return, left in place (stale heap items above it are dropped)."""
         heap, ranks = self._heap, self._rank
         while heap:
-            r, _, key = heapq.heappop(heap)
+            r, _, key = heap[0]
             if ranks.get(key) == r:
-                del ranks[key]
                 return key
+            heapq.heappop(heap)
         return None
 
 
@@ -143,6 +155,12 @@ class TemporalLRUPolicy(_HeapPolicy):
 
     def score(self, usage: Usage, now: int) -> float:
         return usage.decayed * 2.0 ** ((usage.tick - now) / self.half_life)
+
+
+def decayed(usage: Usage, now: int, half_life: float, before_last: bool = False) -> float:
+    """The temporal score at `now` (see the module docstring) whatever a tier's policy; `before_last`: without
+    the key's latest access. The cache's admission rule compares a newcomer's history with a victim's by it."""
+    return (usage.decayed - before_last) * 2.0 ** ((usage.tick - now) / half_life)
 
 
 _CLASSES = {"lru": LRUPolicy, "lfu": LFUPolicy, "temporal_lru": TemporalLRUPolicy}
