@@ -60,17 +60,22 @@ def expert_mb(path):
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
-@pytest.mark.parametrize("experts_cached", [0, 1.5, 6, 1000])
+@pytest.mark.parametrize("experts_cached", [0, 1.5, 6, 16, 1000])
 def test_bit_identical_whatever_the_cache_holds(model_file, reference, experts_cached, prefetch):
     budget = experts_cached * expert_mb(model_file)
     loaded = load_model(model_file, StreamOptions.from_budget(budget, prefetch=prefetch, queue_depth=2))
     got = run(loaded)
     st = loaded.model.experts.stats()
+    spills = list(loaded.model.experts._spills)
     loaded.model.experts.close()
     assert np.array_equal(got, reference)
     assert st["io"]["reads"] > 0
-    if experts_cached <= 6:
-        assert st["cache"]["evictions"] > 0 or st["cache"]["rejected_too_large"] > 0
+    if experts_cached <= 16:  # experts evicted, or not kept (too large, or not admitted: used from a spill buffer)
+        c = st["cache"]
+        assert c["evictions"] > 0 or c["rejected_too_large"] > 0 or c["rejected_admission"] > 0
+    if experts_cached == 16:  # 16 of 24: spill buffers are reused, within their share of the budget
+        assert st["cache"]["rejected_admission"] > len(spills) > 0
+        assert sum(a.nbytes for a in spills) <= budget * 2**20 / 8
     if experts_cached >= 1000:  # everything fits: each expert is read once (again only after a wasted prefetch)
         assert st["io"]["reads"] <= 3 * 8 + st["prefetch"]["wasted"]
     if prefetch:

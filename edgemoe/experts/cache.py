@@ -233,6 +233,11 @@ class ExpertCache:
         return None if e is None else self._tiers[e.tier].name
 
     @property
+    def capacity_bytes(self) -> int:
+        """The tiers' budgets together."""
+        return sum(t.capacity for t in self._tiers)
+
+    @property
     def resident_bytes(self) -> int:
         """Blob bytes of all resident entries."""
         return sum(t.resident for t in self._tiers)
