@@ -111,7 +111,8 @@ def test_pack_streams_bit_identical(files, preset):
     got = run(loaded)
     st = loaded.model.experts.stats()
     loaded.model.experts.close()
-    assert st["io"]["reads"] > 0 and st["cache"]["evictions"] > 0
+    c = st["cache"]  # experts evicted, or not kept (the admission rule): either way read again from the pack
+    assert st["io"]["reads"] > 0 and c["evictions"] + c["rejected_admission"] > 0
     assert np.array_equal(got, reference)
 
 
