@@ -13,20 +13,15 @@ time from the model's threads, so `--client` says how light it is.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-
-import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.serve_process import start  # noqa: E402
+from tools.serve_process import start, stream_tokens  # noqa: E402
 
 PROMPT = "The king said"
 
@@ -40,58 +35,14 @@ def run_once(model: str | None, n: int, threads: int | None) -> tuple[float, int
     return t["decode_tok_s"], t["generated_tokens"]
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str):
-        super().__init__("edgemoe")
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.socket_path)
-
-
-def _lines_http(sock: str, body: dict):
-    """The response's lines through the standard library's http.client (~40 µs of CPU per token here)."""
-    c = _UnixConnection(sock)
-    try:
-        c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        r = c.getresponse()
-        if r.status != 200:
-            raise SystemExit(f"the server answered {r.status}: {r.read()[:200]!r}")
-        while line := r.readline():
-            yield line.decode().rstrip("\n")
-    finally:
-        c.close()
-
-
-def _lines_httpx(sock: str, body: dict):
-    """The same through httpx, as the openai package reads a stream (~250-330 µs of CPU per token here)."""
-    with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://edgemoe", timeout=600) as c:
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            r.raise_for_status()
-            yield from r.iter_lines()
-
-
 def serve_once(sock: str, n: int, client: str = "http") -> tuple[float, int]:
-    """Streamed tokens per second after the first (counted by the chunks' token_ids, as a token may add no text
-    of its own), and the tokens streamed."""
+    """Streamed tokens per second after the first chunk, and the tokens streamed."""
     body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "stream": True}
-    first, last, tokens, after_first = None, None, 0, 0
-    for line in (_lines_http if client == "http" else _lines_httpx)(sock, body):
-        if not line.startswith("data: {"):
-            continue
-        k = len(json.loads(line[6:])["choices"][0].get("token_ids") or [])
-        if not k:
-            continue
-        last = time.perf_counter()
-        if first is None:
-            first = last
-        else:
-            after_first += k
-        tokens += k
-    if tokens < 2 or last == first:
+    stamps = list(stream_tokens(sock, body, client))  # (time, tokens) per chunk
+    tokens = sum(k for _, k in stamps)
+    if tokens < 2 or len(stamps) < 2:
         raise SystemExit("the server streamed fewer than 2 tokens")
-    return after_first / (last - first), tokens
+    return (tokens - stamps[0][1]) / (stamps[-1][0] - stamps[0][0]), tokens
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.bench_serve_one import _lines_http as stream_lines  # noqa: E402
+from tools.serve_process import start, stream_tokens  # noqa: E402
 
 
 def one_level(sock: str, clients: int, requests: int, max_tokens: int, prompt: str) -> dict:
@@ -43,12 +43,9 @@ def one_level(sock: str, clients: int, requests: int, max_tokens: int, prompt: s
             t0 = time.perf_counter()
             t_first, n = None, 0
             body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True}
-            for line in stream_lines(sock, body):
-                if not line.startswith("data: {"):
-                    continue
-                got = len(json.loads(line[6:])["choices"][0].get("token_ids", []))
-                if got and t_first is None:
-                    t_first = time.perf_counter() - t0
+            for t, got in stream_tokens(sock, body):
+                if t_first is None:
+                    t_first = t - t0
                 n += got
             with lock:
                 latencies.append(time.perf_counter() - t0)
@@ -87,16 +84,7 @@ def expert_counters(sock: str) -> dict[str, float] | None:
 def start_server(model: str, sock: str, max_batch: int | None, extra: list[str]) -> subprocess.Popen:
     # any --set makes a configured server, which streams its experts (as `serve --config` does)
     sets = ["--set", f"batching.max_batch={max_batch}", "--set", "batching.max_queue=64"] if max_batch else []
-    proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "-m", model, "--socket", sock, *sets, *extra])
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"the server exited with {proc.returncode}")
-        try:
-            with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://edgemoe") as c:
-                if c.get("/health").status_code == 200:
-                    return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
+    return start(["-m", model, "--socket", sock, *sets, *extra], sock, sock + ".log", timeout_s=600)
 
 
 def main() -> int:
