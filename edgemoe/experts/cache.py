@@ -35,8 +35,6 @@ thread's `get` does not wait behind a prefetch thread copying a 100 MB expert.
 
 from __future__ import annotations
 
-import bisect
-import mmap
 import sys
 import threading
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
+from .arena import Arena
 from .policies import Usage, decayed, make_policy
 
 Key = tuple[int, int]  # (layer, expert)
@@ -60,49 +59,6 @@ class TierSpec:
     capacity_bytes: int
     policy: str = "temporal_lru"
     pin_threshold: float | None = None
-
-
-class _Arena:
-    """One anonymous mmap carved by a best-fit free list kept sorted by offset (coalesced on free)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._mm = mmap.mmap(-1, size) if size else None  # pages are committed only when written
-        self._mv = memoryview(self._mm) if size else None
-        self._free_off: list[int] = [0] if size else []  # sorted
-        self._free_len: list[int] = [size] if size else []
-
-    def alloc(self, n: int) -> int | None:
-        best = -1
-        for i, length in enumerate(self._free_len):
-            if length >= n and (best < 0 or length < self._free_len[best]):
-                best = i
-                if length == n:
-                    break
-        if best < 0:
-            return None
-        off = self._free_off[best]
-        if self._free_len[best] == n:
-            del self._free_off[best], self._free_len[best]
-        else:
-            self._free_off[best] += n
-            self._free_len[best] -= n
-        return off
-
-    def free(self, off: int, n: int) -> None:
-        i = bisect.bisect(self._free_off, off)
-        if i > 0 and self._free_off[i - 1] + self._free_len[i - 1] == off:  # merge with the hole before
-            i -= 1
-            self._free_len[i] += n
-        else:
-            self._free_off.insert(i, off)
-            self._free_len.insert(i, n)
-        if i + 1 < len(self._free_off) and self._free_off[i] + self._free_len[i] == self._free_off[i + 1]:
-            self._free_len[i] += self._free_len.pop(i + 1)
-            del self._free_off[i + 1]
-
-    def view(self, off: int, n: int) -> np.ndarray:
-        return np.frombuffer(self._mv[off : off + n], np.uint8)  # (n,) writable
 
 
 class _Tier:
@@ -181,7 +137,7 @@ class ExpertCache:
         self._slot = None if slot_bytes is None else -(-slot_bytes // align) * align
         unit = self._slot or align
         self._tiers = [_Tier(t, float(half_life)) for t in tiers]
-        self._arena = _Arena(sum(t.capacity_bytes // unit * unit for t in tiers))
+        self._arena = Arena(sum(t.capacity_bytes // unit * unit for t in tiers))
         self._half_life = float(half_life)
         self._pin_layers = frozenset(int(x) for x in pin_layers)
         self._entries: dict[Key, _Entry] = {}
