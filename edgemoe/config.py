@@ -149,6 +149,8 @@ class RoutingConfig:
     active_experts: int | None = setting(None, optional(POSITIVE), "experts per token (auto: the model's)")
     total_experts: int | None = setting(None, optional(POSITIVE), "experts per layer, checked against the model")
     pin_layers: tuple[int, ...] = setting((), LAYERS, "layers whose experts are never evicted")
+    prefetch_depth: int = setting(1, integer("an integer from 0 to 8 (layers ahead)", 0, 8),
+                                  "when streaming: layers ahead whose experts are predicted and prefetched (0: none)")
 
 
 @dataclass(frozen=True)

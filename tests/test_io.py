@@ -1,5 +1,5 @@
 """ExpertReader: bytes match plain `open().read()`, merging, priority, pool degradation, O_DIRECT fallback,
-checksums (against zlib.crc32) and error propagation. Every wait has a timeout, so a bug fails instead of hanging."""
+checksums (against zlib.crc32 and crc32c) and error propagation. Every wait has a timeout, so a bug fails instead of hanging."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import fcntl
 import os
 import random
 import threading
+import time
 import warnings
 import zlib
 from concurrent.futures import CancelledError
 
+import crc32c
 import numpy as np
 import pytest
 
+import edgemoe.experts.io as io_mod
 from edgemoe.errors import EdgeMoEError, ModelFormatError, UsageError
 from edgemoe.experts.io import DEMAND, PREFETCH, ChecksumError, ExpertIOError, ExpertReader
 
@@ -261,11 +264,13 @@ def test_tmpfs():
         os.unlink(path)
 
 
-def test_checksum(datafile):
+@pytest.mark.parametrize("algorithm", ["crc32c", "crc32"])
+def test_checksum(datafile, algorithm):
+    """The CRC of the bytes read (several ranges, unaligned) against crc32c's and zlib's."""
     ranges = [(1234, 20_000), (90_000, 5000)]
-    good = f"{zlib.crc32(expected(datafile, ranges)):08x}"
-    bad = f"{zlib.crc32(expected(datafile, ranges)) ^ 1:08x}"
-    with ExpertReader(datafile, buffer_bytes=65536, verify=True) as reader:
+    crc = (crc32c.crc32c if algorithm == "crc32c" else zlib.crc32)(expected(datafile, ranges))
+    good, bad = f"{crc:08x}", f"{crc ^ 1:08x}"
+    with ExpertReader(datafile, buffer_bytes=65536, verify=True, checksum_algorithm=algorithm) as reader:
         reader.read("ok", ranges, checksum=good).result(timeout=T).release()
         with pytest.raises(ChecksumError) as e:
             reader.read((5, 1), ranges, checksum=bad).result(timeout=T)
@@ -275,6 +280,8 @@ def test_checksum(datafile):
             reader.read("x", ranges, checksum="not-hex")
     with ExpertReader(datafile, buffer_bytes=65536, verify=False) as reader:  # verification is opt-in
         reader.read("unchecked", ranges, checksum=bad).result(timeout=T).release()
+    with pytest.raises(UsageError, match="unknown checksum algorithm"):
+        ExpertReader(datafile, buffer_bytes=65536, checksum_algorithm="md5")
 
 
 def test_io_error_reaches_every_waiter(datafile, monkeypatch):
@@ -363,3 +370,55 @@ def test_large_direct_reads_go_out_in_concurrent_pieces(datafile, monkeypatch):
         with pytest.raises(ExpertIOError, match="Input/output error"):
             reader.read("bad", [(0, 3 * 65536)]).result(timeout=T)
         assert reader.pool_free() == 1 and reader.stats.errors == 1
+
+
+def test_prefetch_yields_to_a_running_demand(tmp_path, monkeypatch):
+    """A prefetch reads in PREFETCH_PIECE_BYTES pieces and starts none while a demand read runs."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes())
+    events, real = [], os.preadv
+    demand_at = 3 << 20
+
+    def preadv(fd, buffers, offset, *args):
+        events.append(("start", offset))
+        if offset == demand_at:
+            time.sleep(0.3)  # a slow demand: prefetch pieces would start meanwhile if nothing held them
+        n = real(fd, buffers, offset, *args)
+        events.append(("end", offset))
+        return n
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(io_mod, "PREFETCH_PIECE_BYTES", 128 << 10)
+    with ExpertReader(path, queue_depth=4, buffer_bytes=2 << 20) as reader:
+        pre = reader.read("p", [(0, 2 << 20)], priority=PREFETCH)
+        deadline = time.monotonic() + T
+        while ("start", 0) not in events and time.monotonic() < deadline:
+            time.sleep(0.001)
+        demand = reader.read("d", [(demand_at, 65536)], priority=DEMAND)
+        assert demand.result(timeout=T).copy().tobytes() == expected(path, [(demand_at, 65536)])
+        assert pre.result(timeout=T).copy().tobytes() == expected(path, [(0, 2 << 20)])
+        demand.release()
+        pre.release()
+    window = events[events.index(("start", demand_at)):events.index(("end", demand_at))]
+    assert not [e for e in window if e[0] == "start" and e[1] < 2 << 20], events
+    assert len([e for e in events if e[0] == "start" and e[1] < 2 << 20]) >= 2 << 20 >> 17  # in 128 KB pieces
+
+
+def test_prefetches_leave_a_worker_for_demands(datafile, monkeypatch):
+    """With queue depth 4 at most 2 prefetches run at once (PREFETCH_SHARE); a demand starts beside them."""
+    gate = Gate(monkeypatch)
+    with ExpertReader(datafile, queue_depth=4, buffer_bytes=8192) as reader:
+        pre = [reader.read(k, [(k * 4096, 100)], priority=PREFETCH + k % 2) for k in range(4)]
+        deadline = time.monotonic() + T
+        while len(gate.offsets) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.1)
+        assert len(gate.offsets) == 2  # two more wait for a prefetch slot
+        demand = reader.read("d", [(8 * 4096, 100)], priority=DEMAND)
+        while len(gate.offsets) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert gate.offsets[2] == 8 * 4096
+        gate.open()
+        for h in [*pre, demand]:
+            h.result(timeout=T).release()
+        assert sorted(gate.offsets) == [k * 4096 for k in (0, 1, 2, 3, 8)]

@@ -1,5 +1,6 @@
 """`edgemoe partition` against oracles we did not write: gguf-py (reader, quantisers, the source file's bytes),
-transformers (the HF weights and its GGUF Q/K de-permutation) and zlib (checksums of the file bytes)."""
+transformers (the HF weights and its GGUF Q/K de-permutation) and the `crc32c` package (checksums of the file
+bytes; zlib for a format 1 manifest)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import zlib
 
+import crc32c
 import gguf
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ import edgemoe.pack.layout as layout_mod
 import edgemoe.pack.stream as stream_mod
 from edgemoe.cli import main as cli_main
 from edgemoe.default_model import vocabulary, write_vocab
+from edgemoe.errors import EdgeMoEError
 from edgemoe.formats.gguf_export import export_mixtral_gguf
 from edgemoe.loader import load_model
 from edgemoe.partition import manifest_path, partition, read_manifest, verify_pack
@@ -70,10 +73,11 @@ def _logits(path) -> np.ndarray:
 
 
 def _check_layout(pack: str, manifest: dict, n_layers: int, n_experts: int) -> None:
-    """Alignment, dense-first order, gate/up/down adjacency, parts, and checksums against zlib on the file bytes."""
+    """Alignment, dense-first order, gate/up/down adjacency, parts, and checksums against crc32c on the file bytes."""
     reader = GGUFReader(pack)
     assert reader.alignment == ALIGN
-    assert reader.fields["edgemoe.pack.version"].contents() == 1
+    assert reader.fields["edgemoe.pack.version"].contents() == 2
+    assert manifest["format_version"] == 2 and manifest["checksum"] == "crc32c"
     data = open(pack, "rb").read()
     assert manifest["pack_bytes"] == len(data)
     by_offset = sorted(reader.tensors, key=lambda t: t.data_offset)
@@ -103,7 +107,7 @@ def _check_layout(pack: str, manifest: dict, n_layers: int, n_experts: int) -> N
         assert x["parts"]["gate"]["offset"] == 0 and prev_end == start + length
         assert x["alignment_padding"] == length - used
         assert data[start + length : start + length + (-length % ALIGN)] == bytes(-length % ALIGN)
-        assert x["checksum"] == f"{zlib.crc32(data[start : start + length]):08x}"
+        assert x["checksum"] == f"{crc32c.crc32c(data[start : start + length]):08x}"
 
 
 # --- GGUF sources -----------------------------------------------------------------------------------
@@ -246,6 +250,52 @@ def test_hf_vocab_from(tmp_path):
 # --- integrity --------------------------------------------------------------------------------------
 
 
+def _as_format_1(pack: str) -> dict:
+    """Rewrite a pack's manifest as a format 1 pack has it: zlib CRC-32 checksums, no other change."""
+    m = read_manifest(pack)
+    data = open(pack, "rb").read()
+    m["format_version"], m["checksum"] = 1, "crc32"
+    for x in m["experts"]:
+        x["checksum"] = f"{zlib.crc32(data[x['byte_offset']:x['byte_offset'] + x['byte_length']]):08x}"
+    with open(manifest_path(pack), "w") as f:
+        json.dump(m, f)
+    return m
+
+
+def test_format_1_pack_still_verified(sources, tmp_path):
+    """A pack written before CRC-32C (format 1, zlib CRC-32) loads, streams with every read checked, and a flipped
+    byte in it is still found, by verify_pack and by the streaming reader."""
+    from edgemoe.experts.io import ChecksumError
+    from edgemoe.experts.setup import StreamOptions
+
+    pack = str(tmp_path / "p.gguf")
+    partition(sources["q4_0"], pack, progress=False)
+    model = load_model(pack).model
+    want = model.forward(np.array([1, 2, 3]), model.new_cache(8))
+    m = _as_format_1(pack)
+    assert verify_pack(pack) == []
+    loaded = load_model(pack, StreamOptions.from_budget(0.01))
+    assert loaded.model.experts.reader.checksum_algorithm == "crc32" and loaded.model.experts.checksums
+    np.testing.assert_array_equal(loaded.model.forward(np.array([1, 2, 3]), loaded.model.new_cache(8)), want)
+    loaded.model.experts.close()
+    x = m["experts"][1]
+    with open(pack, "r+b") as f:
+        f.seek(x["byte_offset"] + 100)
+        b = f.read(1)
+        f.seek(x["byte_offset"] + 100)
+        f.write(bytes([b[0] ^ 1]))
+    assert any("checksum" in p for p in verify_pack(pack))
+    store = load_model(pack, StreamOptions.from_budget(0.01)).model.experts
+    with pytest.raises(ChecksumError):
+        store.get(x["layer"], x["expert"])
+    store.close()
+    m["checksum"] = "md5"
+    with open(manifest_path(pack), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(EdgeMoEError, match="checksum 'md5'"):
+        read_manifest(pack)
+
+
 def test_verify_detects_a_flipped_byte(sources, tmp_path):
     pack = str(tmp_path / "p.gguf")
     manifest = partition(sources["q4_0"], pack, progress=False)
@@ -273,17 +323,15 @@ class _Interrupt(Exception):
 def test_interrupted_write_leaves_no_pack(sources, tmp_path, monkeypatch):
     pack = str(tmp_path / "p.gguf")
     calls = {"n": 0}
-    real_crc32 = zlib.crc32
+    real_update = stream_mod.update
 
-    class FailingZlib:
-        @staticmethod
-        def crc32(data, value=0):
-            calls["n"] += 1
-            if calls["n"] == 20:  # inside the experts
-                raise _Interrupt()
-            return real_crc32(data, value)
+    def failing_update(algorithm, crc, data):
+        calls["n"] += 1
+        if calls["n"] == 20:  # inside the experts
+            raise _Interrupt()
+        return real_update(algorithm, crc, data)
 
-    monkeypatch.setattr(stream_mod, "zlib", FailingZlib)
+    monkeypatch.setattr(stream_mod, "update", failing_update)
     with pytest.raises(_Interrupt):
         partition(sources["q4_0"], pack, progress=False)
     assert calls["n"] == 20

@@ -59,11 +59,13 @@ def expert_mb(path):
     return mb
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+@pytest.mark.parametrize("depth", [1, 2, 0], ids=["prefetch", "prefetch-2", "no-prefetch"])
 @pytest.mark.parametrize("experts_cached", [0, 1.5, 6, 16, 1000])
-def test_bit_identical_whatever_the_cache_holds(model_file, reference, experts_cached, prefetch):
+def test_bit_identical_whatever_the_cache_holds(model_file, reference, experts_cached, depth):
     budget = experts_cached * expert_mb(model_file)
-    loaded = load_model(model_file, StreamOptions.from_budget(budget, prefetch=prefetch, queue_depth=2))
+    prefetch = depth > 0
+    loaded = load_model(model_file, StreamOptions.from_budget(budget, prefetch=prefetch, prefetch_depth=max(depth, 1),
+                                                              queue_depth=2))
     got = run(loaded)
     st = loaded.model.experts.stats()
     spills = list(loaded.model.experts._spills)
@@ -79,7 +81,11 @@ def test_bit_identical_whatever_the_cache_holds(model_file, reference, experts_c
     if experts_cached >= 1000:  # everything fits: each expert is read once (again only after a wasted prefetch)
         assert st["io"]["reads"] <= 3 * 8 + st["prefetch"]["wasted"]
     if prefetch:
-        assert st["prefetch"]["issued"] > 0
+        pf = st["prefetch"]
+        assert pf["issued"] > 0 and set(pf["by_depth"]) <= set(range(1, depth + 1))
+        for c in pf["by_depth"].values():  # every read issued is judged once, or still waits
+            assert c["used_in_time"] + c["used_late"] + c["wasted"] <= c["issued"]
+        assert sum(c["issued"] for c in pf["by_depth"].values()) == pf["issued"]
 
 
 def test_buffered_fallback_identical(model_file, reference):
@@ -116,3 +122,46 @@ def test_other_interleaved_types_stream_bit_identical(expert_qtype, tmp_path):
     e = streamed.model.experts.get(0, 0)
     assert e.gate_up is not None and e.gate_up.interleave == 8 and e.down.interleave == 8
     np.testing.assert_array_equal(run(streamed), run(resident))
+
+
+def test_look_ahead_hints_fewer_the_further(model_file, monkeypatch):
+    """With depth 2, layer i hints layer i+1's router's top 2 per token and layer i+2's top 1, first choices
+    first, each from the current hidden state — the routing of transformers' own router weights, via route()."""
+    from edgemoe.models.base import rms_norm
+
+    loaded = load_model(model_file, StreamOptions.from_budget(0, prefetch_depth=2))
+    m, store = loaded.model, loaded.model.experts
+    hints, seen = [], {}
+    monkeypatch.setattr(store, "hint", lambda layer, experts, depth=1: hints.append((layer, list(experts), depth)))
+    real = type(m)._routed
+
+    def routed(self, h, x, layer, i, draft=None):
+        seen[i] = x.copy()
+        return real(self, h, x, layer, i, draft)
+
+    monkeypatch.setattr(type(m), "_routed", routed)
+    m.forward(np.asarray(PROMPT[:3]), m.new_cache(16))
+    store.close()
+    assert [(layer, d) for layer, _, d in hints] == [(1, 1), (2, 2), (2, 1)]
+    for layer, experts, d in hints:
+        nxt = m.weights.layers[layer]
+        ids = m.route(rms_norm(seen[layer - d], nxt.post_attention_layernorm, m.args.rms_norm_eps), nxt)[0]  # (3, 2)
+        want = ids[:, :2 // d].T.reshape(-1).tolist()
+        assert experts == list(dict.fromkeys(want))
+
+
+def test_wrong_predictions_are_dropped_at_their_layer(model_file):
+    """Prefetches of a layer that its pass does not ask for are wasted (counted at their depth), the others used."""
+    loaded = load_model(model_file, StreamOptions.from_budget(0, prefetch_depth=2))
+    store = loaded.model.experts
+    store.hint(1, [3, 0], depth=2)
+    store.hint(2, [5], depth=1)
+    assert store.prefetch.as_dict()["by_depth"] == {2: {"issued": 2, "used_in_time": 0, "used_late": 0, "wasted": 0},
+                                                   1: {"issued": 1, "used_in_time": 0, "used_late": 0, "wasted": 0}}
+    store.request(1, [3, 6])
+    store.get(1, 3)
+    store.get(1, 6)
+    by = store.prefetch.as_dict()["by_depth"]
+    assert by[2]["wasted"] == 1 and by[2]["used_in_time"] + by[2]["used_late"] == 1 and by[1]["wasted"] == 0
+    assert store.prefetch.wasted == 1 and (2, 5) in store._pending
+    store.close()

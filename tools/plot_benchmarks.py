@@ -27,10 +27,12 @@ def main(argv=None) -> int:
     with open(args.stream_json) as f:
         stream = json.load(f)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for prefetch, style in ((True, "o-"), (False, "s--")):
-        rows = [r for r in stream["rows"] if r["prefetch"] == prefetch]
-        ax.plot([r["budget_pct"] for r in rows], [r["decode_tok_s"] for r in rows], style,
-                label=f"edgemoe, prefetch {'on' if prefetch else 'off'}")
+    depths = sorted({int(r["prefetch"]) for r in stream["rows"]}, reverse=True)  # older files: True / False
+    for n, depth in enumerate(depths):
+        rows = [r for r in stream["rows"] if int(r["prefetch"]) == depth]
+        label = f"{depth} layer{'s' * (depth > 1)} ahead" if depth else "off"
+        ax.plot([r["budget_pct"] for r in rows], [r["decode_tok_s"] for r in rows], "os^v"[n % 4] + ("-" if depth else "--"),
+                label=f"edgemoe, prefetch {label}")
     for path in args.compare_json:
         with open(path) as f:
             c = json.load(f)

@@ -46,6 +46,9 @@ def add_session_arguments(p) -> None:
                         "all, or the config's cache tiers when --config/--set is given)")
     p.add_argument("--stream", action="store_true", help="stream experts with the config's cache tiers")
     p.add_argument("--no-prefetch", action="store_true", help="with streaming: do not prefetch predicted experts")
+    p.add_argument("--prefetch-depth", type=int, default=None, metavar="N",
+                   help="with streaming: predict and prefetch the experts of the next N layers, 0-8 (default: the "
+                        "config's routing.prefetch_depth, 1)")
     p.add_argument("--spec", choices=SPEC_CHOICES, default=None,
                    help="speculative decoding proposer (default: the config's speculative.proposer, off)")
     p.add_argument("--draft-model", metavar="PATH",
@@ -109,8 +112,10 @@ class Session:
         if wants_stream:
             from ..experts.setup import StreamOptions
 
-            self.stream = StreamOptions.from_config(cfg, getattr(args, "cache_mb", None),
-                                                    prefetch=not getattr(args, "no_prefetch", False))
+            depth = 0 if getattr(args, "no_prefetch", False) else getattr(args, "prefetch_depth", None)
+            if depth is not None and not 0 <= depth <= 8:
+                raise UsageError(f"--prefetch-depth must be from 0 to 8 (layers ahead; 0: no prefetch), got {depth}")
+            self.stream = StreamOptions.from_config(cfg, getattr(args, "cache_mb", None), prefetch_depth=depth)
         self.spec = SpecOptions.from_args(args, cfg)
         chat_file = getattr(args, "chat_template", None)
         if chat_file is not None:  # a broken --chat-template fails before the model loads

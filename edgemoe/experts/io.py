@@ -23,23 +23,30 @@ import os
 import threading
 import time
 import warnings
-import zlib
 from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 
 import numpy as np
 
 from ..errors import EdgeMoEError, ModelFormatError, UsageError
+from ..pack.checksum import ALGORITHMS, update
 from .buffers import ALIGN, Buffer, BufferPool, Layout, Slot, plan, scratch_slot
 from .io_stats import ReaderStats
 
 DEMAND = 0  # a layer is waiting for this expert
-PREFETCH = 1  # a prediction; yields to every demand read
+PREFETCH = 1  # a prediction; yields to every demand read. PREFETCH + k: a prediction k layers further ahead,
+# which also yields to every nearer one
 
 # An O_DIRECT read of at least two of these goes out as concurrent aligned pieces of about this size:
 # one expert then keeps several requests in flight (a virtual disk reads 0.6 GB/s with one 4 MB
 # request at a time, and more with several).
 PIECE_BYTES = 2 << 20
 _PIECE_THREADS = 4  # per reader, shared by its workers
+
+# A prefetch never takes the disk from a demand read: at most this share of the queue depth runs prefetches
+# (so a worker is always free for a demand), a prefetch reads its pieces one at a time, and before each it
+# waits while a demand read is running.
+PREFETCH_SHARE = 0.5
+PREFETCH_PIECE_BYTES = 512 << 10  # a prefetch's pieces: a demand waits for at most one of these
 
 # A failed read is tried this many times in all, waiting BACKOFF_S, then twice, four times as long in
 # between (5 + 10 + 20 = 35 ms): enough to ride out a transient fault (a controller reset, a bit flipped in
@@ -62,11 +69,12 @@ class ChecksumError(EdgeMoEError):
 class _Job:
     """One disk read of one key, shared by every handle that asked for it while it was in flight."""
 
-    __slots__ = ("key", "ranges", "priority", "seq", "crc", "state", "handles", "error", "done")
+    __slots__ = ("key", "ranges", "priority", "seq", "crc", "state", "handles", "error", "done", "lane")
 
     def __init__(self, key, ranges, priority, seq, crc):
         self.key, self.ranges, self.priority, self.seq, self.crc = key, ranges, priority, seq, crc
         self.state = _QUEUED
+        self.lane = DEMAND  # the kind of read it started as (counted in _running_demand or _running_prefetch)
         self.handles: list[ReadHandle] = []
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -118,20 +126,25 @@ class ExpertReader:
     fixed_buffers: page-aligned pool buffers of `buffer_bytes` (rounded up to 4096) allocated up front;
                    the pool grows to `max_buffers`, then reads degrade to buffered reads into ordinary
                    memory (`stats.degraded_reads`). A read larger than `buffer_bytes` gets a one-off buffer.
-    verify:        check the crc32 passed as `checksum=` to `read()` (costs one pass over the bytes).
+    verify:        check the CRC passed as `checksum=` to `read()` (one pass over the bytes, on the worker),
+                   computed with `checksum_algorithm` ("crc32c", or "crc32" for a format 1 pack's manifest).
     A failed read is tried ATTEMPTS times in all before its handles raise; `stats` (ReaderStats) counts the
     retries, the reads they saved (`recovered_reads`) and the reads that failed anyway (`errors`).
     """
 
     def __init__(self, path, *, direct_io: bool = True, queue_depth: int = 4, fixed_buffers: int = 8,
-                 max_buffers: int = 32, buffer_bytes: int, verify: bool = False):  # fmt: skip
+                 max_buffers: int = 32, buffer_bytes: int, verify: bool = False,
+                 checksum_algorithm: str = "crc32c"):  # fmt: skip
         if queue_depth < 1 or fixed_buffers < 0 or max_buffers < max(fixed_buffers, 1) or buffer_bytes < 1:
             raise UsageError(
                 f"bad reader settings: queue_depth={queue_depth} (>= 1), fixed_buffers={fixed_buffers} (>= 0), "
                 f"max_buffers={max_buffers} (>= fixed_buffers, >= 1), buffer_bytes={buffer_bytes} (>= 1)"
             )
+        if checksum_algorithm not in ALGORITHMS:
+            raise UsageError(f"unknown checksum algorithm {checksum_algorithm!r}; known: {', '.join(ALGORITHMS)}")
         self.path = os.fspath(path)
         self.verify = verify
+        self.checksum_algorithm = checksum_algorithm
         self.stats = ReaderStats(direct_io=False, queue_depth=queue_depth)
         try:
             self._fd_buffered = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -156,6 +169,8 @@ class ExpertReader:
         self._seq = itertools.count()
         self._depth = queue_depth
         self._running = 0
+        self._running_demand = 0  # running reads that started as demands
+        self._running_prefetch = 0
         self._busy_since = 0.0
         self._pacing = 0.0
         self._last_start = -float("inf")
@@ -169,14 +184,15 @@ class ExpertReader:
     def read(self, key, ranges, *, priority: int = DEMAND, checksum: str | None = None) -> ReadHandle:
         """Queue a read of `ranges` ((offset, length), ...) under `key`; returns a `ReadHandle`.
 
-        A read of `key` already queued or running is joined instead (same buffer); a DEMAND joining a
-        queued PREFETCH promotes it. `checksum`: crc32 hex string of the concatenated requested bytes.
+        A read of `key` already queued or running is joined instead (same buffer); a read of a higher priority
+        (lower number) joining a queued one promotes it. `checksum`: the CRC (`checksum_algorithm`) of the
+        concatenated requested bytes as a hex string.
         """
         ranges = tuple((int(o), int(n)) for o, n in ranges)
         if not ranges or any(o < 0 or n <= 0 for o, n in ranges):
             raise ValueError(f"read of {key!r}: ranges must be non-empty (offset >= 0, length > 0), got {ranges}")
-        if priority not in (DEMAND, PREFETCH):
-            raise ValueError(f"priority must be DEMAND ({DEMAND}) or PREFETCH ({PREFETCH}), got {priority!r}")
+        if not isinstance(priority, int) or priority < DEMAND:
+            raise ValueError(f"priority must be DEMAND ({DEMAND}) or PREFETCH ({PREFETCH}) + k, got {priority!r}")
         crc = _parse_checksum(key, checksum)
         with self._cond:
             if self._closed:
@@ -191,6 +207,7 @@ class ExpertReader:
                     job.crc = crc
                 if priority < job.priority:
                     job.priority = priority
+                    self._cond.notify_all()  # a running prefetch waiting to yield reads on as a demand
                     if job.state == _QUEUED:  # re-queued among demands in the order they were asked for
                         job.seq = next(self._seq)
                         heapq.heappush(self._heap, (priority, job.seq, job))
@@ -213,7 +230,7 @@ class ExpertReader:
         with self._cond:
             victims = [
                 j for j in self._inflight.values()
-                if j.state == _QUEUED and j.priority == PREFETCH and (keys is None or j.key in keys)
+                if j.state == _QUEUED and j.priority >= PREFETCH and (keys is None or j.key in keys)
             ]  # fmt: skip
             self._cancel(victims, "prefetch cancelled")
         for job in victims:
@@ -289,7 +306,8 @@ class ExpertReader:
         while not self._closed:
             while self._heap and not _current(self._heap[0]):
                 heapq.heappop(self._heap)  # stale: cancelled, or superseded by a promoted entry
-            if not self._heap or self._running >= self._depth:
+            if not self._heap or self._running >= self._depth or (
+                    self._heap[0][0] >= PREFETCH and self._running_prefetch >= self._prefetch_limit()):
                 self._cond.wait()
                 continue
             now = time.perf_counter()
@@ -299,6 +317,11 @@ class ExpertReader:
                 continue
             job = heapq.heappop(self._heap)[2]
             job.state = _RUNNING
+            job.lane = DEMAND if job.priority == DEMAND else PREFETCH
+            if job.lane == DEMAND:
+                self._running_demand += 1
+            else:
+                self._running_prefetch += 1
             self._last_start = now
             self.stats.queued -= 1
             if self._running == 0:
@@ -306,6 +329,17 @@ class ExpertReader:
             self._running += 1
             return job
         return None
+
+    def _prefetch_limit(self) -> int:
+        return max(1, int(self._depth * PREFETCH_SHARE)) if self._depth > 1 else 1
+
+    def _yield_to_demand(self, job: _Job) -> None:
+        """Before a prefetch's next piece: wait while a demand read runs (not once it is demanded itself)."""
+        if job.lane == DEMAND:
+            return
+        with self._cond:
+            while self._running_demand > 0 and job.priority != DEMAND and not self._closed:
+                self._cond.wait()
 
     def _worker(self) -> None:
         while True:
@@ -371,26 +405,21 @@ class ExpertReader:
         for r in layout.reads:
             dest = array[r.buf_pos : r.buf_pos + r.nbytes]  # (nbytes,) uint8
             n_pieces = r.nbytes // PIECE_BYTES if direct else 1
-            if n_pieces < 2:
-                got = self._read_span(job, fd, dest, r.file_offset, direct)
-            else:
-                step = -(-r.nbytes // n_pieces // ALIGN) * ALIGN
-                spans = [(a, min(a + step, r.nbytes)) for a in range(0, r.nbytes, step)]
-                with self._cond:
-                    if self._piece_pool is None:
-                        self._piece_pool = ThreadPoolExecutor(_PIECE_THREADS, thread_name_prefix="edgemoe-io-piece")
-                    pool = self._piece_pool
-                rest = [pool.submit(self._read_span, job, fd, dest[a:b], r.file_offset + a, direct) for a, b in spans[1:]]
-                try:
-                    gots = [self._read_span(job, fd, dest[: spans[0][1]], r.file_offset, direct)]
-                finally:
-                    wait(rest)  # no piece may still write into the buffer once this returns or raises
-                gots += [f.result() for f in rest]
+            if job.lane == DEMAND:
+                got = self._read_pieces(job, fd, dest, r.file_offset, direct, n_pieces)
+            else:  # a prefetch: one piece at a time, each after the running demands, the rest at once if demanded
+                step = -(-PREFETCH_PIECE_BYTES // ALIGN) * ALIGN
                 got = 0
-                for (a, b), g in zip(spans, gots):  # bytes up to the first short piece (end of file)
-                    got += g
-                    if g < b - a:
+                for a in range(0, r.nbytes, step):
+                    self._yield_to_demand(job)
+                    if job.priority == DEMAND:
+                        got += self._read_pieces(job, fd, dest[a:], r.file_offset + a, direct,
+                                                 (r.nbytes - a) // PIECE_BYTES if direct else 1)
                         break
+                    g = self._read_span(job, fd, dest[a:min(a + step, r.nbytes)], r.file_offset + a, direct)
+                    got += g
+                    if g < min(step, r.nbytes - a):
+                        break  # end of file
             if got < r.need:
                 raise ModelFormatError(
                     f"{self.path} is truncated: expert {job.key!r} needs bytes up to {r.file_offset + r.need} but "
@@ -398,6 +427,30 @@ class ExpertReader:
                 )
             with self._cond:
                 self.stats.bytes_read += got
+
+    def _read_pieces(self, job: _Job, fd: int, dest: np.ndarray, offset: int, direct: bool, n_pieces: int) -> int:
+        """Read dest's bytes at file `offset` as `n_pieces` concurrent aligned pieces (one read when < 2);
+        the bytes read up to the first short piece (end of file)."""
+        if n_pieces < 2:
+            return self._read_span(job, fd, dest, offset, direct)
+        step = -(-dest.nbytes // n_pieces // ALIGN) * ALIGN
+        spans = [(a, min(a + step, dest.nbytes)) for a in range(0, dest.nbytes, step)]
+        with self._cond:
+            if self._piece_pool is None:
+                self._piece_pool = ThreadPoolExecutor(_PIECE_THREADS, thread_name_prefix="edgemoe-io-piece")
+            pool = self._piece_pool
+        rest = [pool.submit(self._read_span, job, fd, dest[a:b], offset + a, direct) for a, b in spans[1:]]
+        try:
+            gots = [self._read_span(job, fd, dest[: spans[0][1]], offset, direct)]
+        finally:
+            wait(rest)  # no piece may still write into the buffer once this returns or raises
+        gots += [f.result() for f in rest]
+        got = 0
+        for (a, b), g in zip(spans, gots):
+            got += g
+            if g < b - a:
+                break
+        return got
 
     def _read_span(self, job: _Job, fd: int, dest: np.ndarray, offset: int, direct: bool) -> int:
         """Read up to len(dest) bytes at file `offset` into `dest`; the count (short only at end of file)."""
@@ -423,7 +476,7 @@ class ExpertReader:
     def _check(self, job: _Job, slot: Slot, layout: Layout) -> None:
         crc = 0
         for pos, length in layout.segments:
-            crc = zlib.crc32(slot.array[pos : pos + length], crc)  # releases the GIL on large buffers
+            crc = update(self.checksum_algorithm, crc, slot.array[pos : pos + length])  # releases the GIL
         if crc != job.crc:
             raise ChecksumError(
                 f"checksum mismatch for expert {job.key!r} in {self.path}: expected {job.crc:08x}, read {crc:08x}; "
@@ -434,6 +487,10 @@ class ExpertReader:
         with self._cond:
             now = time.perf_counter()
             self._running -= 1
+            if job.lane == DEMAND:
+                self._running_demand -= 1
+            else:
+                self._running_prefetch -= 1
             if self._running == 0:
                 self.stats.busy_s += now - self._busy_since
             job.state = _DONE

@@ -42,6 +42,7 @@ class ExpertStore(Protocol):
     n_experts: int
 
     wants_hints: bool  # True when `hint` does something (predictions cost a router pass)
+    hint_depth: int  # how many layers ahead predictions are wanted (0 with wants_hints False)
 
     def get(self, layer: int, expert: int) -> Expert:
         """Layer `layer`'s expert; the experts got for one step stay valid together."""
@@ -49,8 +50,8 @@ class ExpertStore(Protocol):
     def request(self, layer: int, experts) -> None:
         """All of `experts` of `layer` are needed in this step (get() follows for each)."""
 
-    def hint(self, layer: int, experts) -> None:
-        """A prediction that `experts` of `layer` will be needed soon."""
+    def hint(self, layer: int, experts, depth: int = 1) -> None:
+        """A prediction, made `depth` layers before it, that `experts` of `layer` will be needed soon."""
 
     def close(self) -> None:
         """Stop background work and free buffers."""
@@ -75,6 +76,7 @@ class ResidentExperts:
         self.n_experts = max((len(x) for x in experts), default=0)  # a dense layer has none
 
     wants_hints = False
+    hint_depth = 0
 
     def repack_x8(self) -> None:
         """Copy every matrix of a type in layouts.X8 (rows divisible by 8) into the 8-row interleaved layout, gate and up of
@@ -87,7 +89,7 @@ class ResidentExperts:
     def request(self, layer: int, experts) -> None:
         pass
 
-    def hint(self, layer: int, experts) -> None:
+    def hint(self, layer: int, experts, depth: int = 1) -> None:
         pass
 
     def resident(self, layer: int) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""Experts streamed from the file on demand into a budgeted RAM cache, with next-layer prefetch.
+"""Experts streamed from the file on demand into a budgeted RAM cache, with look-ahead prefetch.
 
 Only the engine thread touches the cache, and the memory of an evicted blob is reused only once no view
 of it is left, so the experts of one step stay valid together; reader threads only fill I/O buffers.
-Prefetched buffers wait in `_pending` until the engine asks for that expert (used in time, or late if the
-read is still running) or until the next prediction for the same layer replaces them (wasted).
+Predictions come for the next `depth` layers (a prediction d layers ahead reads at priority PREFETCH + d - 1,
+behind every nearer one); a layer predicted again from a later hidden state adds to what is in flight.
+Prefetched buffers wait in `_pending` until the engine's request for that layer: those it asks for are used
+(in time, or late if the read is still running), the others are wasted.
 
 A read that failed (after the reader's own retries) fails the pass that needed it, and nothing of it is kept:
 the store drops that pass's other demand reads and every failed prefetch, so the next pass reads afresh.
@@ -12,7 +14,7 @@ the store drops that pass's other demand reads and every failed prefetch, so the
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,25 +33,35 @@ class PrefetchStats:
     issued: int = 0  # prefetch reads queued
     used_in_time: int = 0  # demanded after its read had finished
     used_late: int = 0  # demanded while its read was still queued or running
-    wasted: int = 0  # never demanded before the next prediction for its layer
+    wasted: int = 0  # not demanded by the next pass through its layer
     skipped_busy: int = 0  # predictions not issued because the disk queue or buffer pool was full
     paused: int = 0  # predictions not issued while backed off after poor recent accuracy
     enabled: bool = True
+    depth: int = 1  # layers ahead predicted
+    by_depth: dict = field(default_factory=dict)  # d → [issued, used in time, used late, wasted]
+
+    def count(self, d: int, what: int) -> None:
+        self.by_depth.setdefault(d, [0, 0, 0, 0])[what] += 1
 
     def as_dict(self) -> dict:
         done = self.used_in_time + self.used_late + self.wasted
         return {"issued": self.issued, "used_in_time": self.used_in_time, "used_late": self.used_late,
                 "wasted": self.wasted, "skipped_busy": self.skipped_busy, "paused": self.paused,
                 "accuracy": round((self.used_in_time + self.used_late) / done, 4) if done else None,
-                "enabled": self.enabled}
+                "enabled": self.enabled, "depth": self.depth,
+                "by_depth": {d: dict(zip(("issued", "used_in_time", "used_late", "wasted"), c))
+                             for d, c in sorted(self.by_depth.items())}}
+
+
+ISSUED, IN_TIME, LATE, WASTED = range(4)  # PrefetchStats.by_depth columns
 
 
 class Backoff:
-    """Pauses prefetch when recent predictions were mostly wasted or late: on a saturated disk a wrong
-    prefetch delays the demand reads behind it. After a pause it probes again."""
+    """Pauses one depth's prefetch when its recent predictions were mostly wrong: a prefetch yields to demand
+    reads, but a wrong one still holds a buffer and the disk between them. After a pause it probes again."""
 
     WINDOW = 32  # outcomes judged together
-    MIN_USEFUL = 0.5  # fraction used in time below which prefetch pauses
+    MIN_USEFUL = 0.4  # fraction used (in time or late: a late one still started early) below which it pauses
     PAUSE = 256  # hints skipped before probing again
 
     def __init__(self):
@@ -103,17 +115,20 @@ class StreamingExperts:
     """ExpertStore whose experts live on disk; `get` returns them from the cache or reads them."""
 
     def __init__(self, extents: list[list[ExpertExtent]], reader: ExpertReader, cache: ExpertCache, *,
-                 prefetch: bool = True, checksums: dict | None = None):
+                 prefetch: bool = True, depth: int = 1, checksums: dict | None = None):
         self.extents = extents  # [layer][expert]
         self.reader = reader
         self.cache = cache
         self.checksums = checksums or {}
         self.n_layers = len(extents)
         self.n_experts = max((len(x) for x in extents), default=0)  # a dense layer has none
-        self.prefetch = PrefetchStats(enabled=prefetch)
-        self._backoff = Backoff()
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1 (prefetch=False turns prefetch off), got {depth}")
+        self.prefetch = PrefetchStats(enabled=prefetch, depth=depth)
+        self._backoff = {d: Backoff() for d in range(1, depth + 1)}  # nearer predictions are judged apart
         self._demanded: dict[tuple[int, int], ReadHandle] = {}  # issued by request(), consumed by get()
-        self._pending: dict[tuple[int, int], ReadHandle] = {}  # prefetches not yet demanded
+        self._pending: dict[tuple[int, int], tuple[ReadHandle, int]] = {}  # prefetches not yet demanded, with
+        # the depth of the prediction that issued them
         self._spills: list[np.ndarray] = []  # memory for experts the cache did not keep, reused once unreferenced
         self._x8 = False  # parts of the types in layouts.X8 are repacked into the 8-row interleaved layout as they arrive
 
@@ -125,12 +140,25 @@ class StreamingExperts:
     def wants_hints(self) -> bool:
         return self.prefetch.enabled
 
+    @property
+    def hint_depth(self) -> int:
+        return self.prefetch.depth if self.prefetch.enabled else 0
+
     def _read(self, key, priority) -> ReadHandle:
         ext = self.extents[key[0]][key[1]]
         return self.reader.read(key, ext.ranges, priority=priority, checksum=self.checksums.get(key))
 
     def request(self, layer: int, experts) -> None:
-        """Queue demand reads for every listed expert not in RAM, so the disk works while the first computes."""
+        """Queue demand reads for every listed expert not in RAM, so the disk works while the first computes;
+        this layer's prefetches of other experts were wrong and are dropped."""
+        wanted = {(layer, int(e)) for e in experts}
+        wrong = [k for k in self._pending if k[0] == layer and k not in wanted]
+        if wrong:
+            self.reader.cancel_prefetches(wrong)  # those not started yet cost the disk nothing
+            for key in wrong:
+                handle, d = self._pending.pop(key)
+                handle.release()
+                self._judge(d, WASTED)
         for e in experts:
             key = (layer, int(e))
             old = self._demanded.get(key)
@@ -143,28 +171,35 @@ class StreamingExperts:
                 continue  # its prefetch is promoted when get() asks for it
             self._demanded[key] = self._read(key, DEMAND)
 
-    def hint(self, layer: int, experts) -> None:
-        """A prediction that `experts` of `layer` come next: prefetch those not in RAM, unless the disk is busy."""
-        if not self.prefetch.enabled or layer >= self.n_layers:
+    def hint(self, layer: int, experts, depth: int = 1) -> None:
+        """A prediction, made `depth` layers before it, that `experts` of `layer` (most likely first) come next:
+        prefetch those not in RAM, unless the disk queue or the buffer pool is full."""
+        if not self.prefetch.enabled or layer >= self.n_layers or depth > self.prefetch.depth:
             return
-        wanted = {(layer, int(e)) for e in experts}
-        for key in [k for k in self._pending if k[0] == layer and k not in wanted]:
-            self._pending.pop(key).release()
-            self.prefetch.wasted += 1
-            self._backoff.record(False)
-        if not self._backoff.allow():
+        if not self._backoff[depth].allow():
             self.prefetch.paused += 1
             return
         st = self.reader.stats
-        for key in sorted(wanted):
+        for key in dict.fromkeys((layer, int(e)) for e in experts):  # in the order given: most likely first
             if key in self._pending or key in self._demanded or self.cache.contains(key):
                 continue
             # Never compete with demand reads: skip when reads are already queued or buffers run short.
             if st.queued > st.queue_depth or self.reader.pool_free() < 2:
                 self.prefetch.skipped_busy += 1
                 continue
-            self._pending[key] = self._read(key, PREFETCH)
+            self._pending[key] = (self._read(key, PREFETCH + depth - 1), depth)
             self.prefetch.issued += 1
+            self.prefetch.count(depth, ISSUED)
+
+    def _judge(self, depth: int, outcome: int) -> None:
+        if outcome == WASTED:
+            self.prefetch.wasted += 1
+        elif outcome == IN_TIME:
+            self.prefetch.used_in_time += 1
+        else:
+            self.prefetch.used_late += 1
+        self.prefetch.count(depth, outcome)
+        self._backoff[depth].record(outcome != WASTED)
 
     def get(self, layer: int, expert: int) -> Expert:
         key = (layer, expert)
@@ -173,19 +208,17 @@ class StreamingExperts:
         if blob is None:
             handle = self._demanded.pop(key, None)
             if handle is None:
-                pre = self._pending.pop(key, None)
+                pre, depth = self._pending.pop(key, (None, 0))
                 if pre is not None and pre.failed():  # a failed prediction fails nothing: demand it afresh
                     pre.release()
-                    self.prefetch.wasted += 1
-                    self._backoff.record(False)
+                    self._judge(depth, WASTED)
                     pre = None
                 if pre is not None:
-                    self._backoff.record(pre.done())
                     if pre.done():
-                        self.prefetch.used_in_time += 1
+                        self._judge(depth, IN_TIME)
                         handle = pre
                     else:
-                        self.prefetch.used_late += 1
+                        self._judge(depth, LATE)
                         handle = self._read(key, DEMAND)  # joins the running read and promotes a queued one
                         pre.release()
                 else:
@@ -228,9 +261,10 @@ class StreamingExperts:
         for h in self._demanded.values():
             h.release()
         self._demanded.clear()
-        for key in [k for k, h in self._pending.items() if h.failed()]:
-            self._pending.pop(key).release()
-            self.prefetch.wasted += 1
+        for key in [k for k, (h, _) in self._pending.items() if h.failed()]:
+            handle, d = self._pending.pop(key)
+            handle.release()
+            self._judge(d, WASTED)
 
     def resident(self, layer: int) -> np.ndarray:
         return np.fromiter((self.cache.contains((layer, e)) for e in range(self.n_experts)), bool, self.n_experts)
@@ -260,7 +294,7 @@ class StreamingExperts:
         return {"cache": self.cache.stats(), "io": self.reader.stats.as_dict(), "prefetch": self.prefetch.as_dict()}
 
     def close(self) -> None:
-        for h in list(self._pending.values()) + list(self._demanded.values()):
+        for h in [h for h, _ in self._pending.values()] + list(self._demanded.values()):
             h.release()
         self._pending.clear()
         self._demanded.clear()
@@ -271,6 +305,7 @@ class _InRam:
     """StreamingExperts as a self-draft sees it: only what is cached, touched without counting."""
 
     wants_hints = False
+    hint_depth = 0
 
     def __init__(self, store: StreamingExperts):
         self._store = store
@@ -278,7 +313,7 @@ class _InRam:
     def request(self, layer: int, experts) -> None:
         pass
 
-    def hint(self, layer: int, experts) -> None:
+    def hint(self, layer: int, experts, depth: int = 1) -> None:
         pass
 
     def get(self, layer: int, expert: int) -> Expert:

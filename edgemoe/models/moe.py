@@ -275,12 +275,8 @@ class Model:
             experts = experts.in_ram()
         else:
             ids, w = self.route(h, layer)
-        layers = self.weights.layers
-        if draft is None and experts.wants_hints and i + 1 < len(layers) and layers[i + 1].gate is not None:
-            # Layer i+1's router on the current hidden state predicts its experts (~70 % right on real models).
-            nxt = layers[i + 1]
-            self.experts.hint(i + 1, np.unique(self.route(rms_norm(x, nxt.post_attention_layernorm,
-                                                                   self.args.rms_norm_eps), nxt)[0]))
+        if draft is None and experts.wants_hints:
+            self._predict(x, i)
         if not self.spec.fused_moe:  # the family's own expert (gpt-oss)
             fn = self.spec.expert_fn
             return x + switch_glu(h, ids, w, experts, i, lambda v, ex, e: fn(v, ex, layer, e, self.args))
@@ -298,6 +294,22 @@ class Model:
             if fused_out is not None:
                 return fused_out
         return x + switch_glu(h, ids, w, experts, i)
+
+    def _predict(self, x: np.ndarray, i: int) -> None:
+        """Hint the experts of the next layers from the current hidden state x (T, D): layer i+d's router on
+        x predicts its experts. The further ahead, the fewer are hinted — the top ceil(A / d) of each row, most
+        likely first — since a prediction's accuracy falls with its depth and with its rank (one layer ahead
+        70-87 % of first choices on the random and trained models measured, two layers ahead 56-78 %)."""
+        layers = self.weights.layers
+        for d in range(1, self.experts.hint_depth + 1):
+            if i + d >= len(layers):
+                return
+            nxt = layers[i + d]
+            if nxt.gate is None:  # a dense layer reads nothing
+                continue
+            ids = self.route(rms_norm(x, nxt.post_attention_layernorm, self.args.rms_norm_eps), nxt)[0]  # (T, A)
+            ranked = ids[:, :-(-ids.shape[1] // d)].T.reshape(-1)  # rank-major: every row's first choice first
+            self.experts.hint(i + d, list(dict.fromkeys(ranked.tolist())), d)
 
     def _moe_rows(self, x, h, ids, w, experts, i):
         """The fused expert block for a few tokens (verification passes, batched decode steps); None when the

@@ -1,13 +1,13 @@
 """The pack's sidecar manifest (`PACK.manifest.json`): read it, and check a pack against it.
 
-Manifest (format_version 1):
+Manifest (format_version 2; version 1 is read too):
     format_version, source, source_format ("gguf" | "safetensors" | "synthetic"), model {name, shape keys},
     quantization {"dense": {type: tensor count}, "experts": {type: tensor count}}, alignment (4096),
-    checksum ("crc32"), pack_bytes (file size), experts_offset (first expert's byte offset),
+    checksum ("crc32c"; version 1: "crc32"), pack_bytes (file size), experts_offset (first expert's byte offset),
     experts: [{layer, expert, quantization, byte_offset, byte_length, alignment_padding, checksum, parts}]
 An expert's range [byte_offset, byte_offset + byte_length) runs from the start of its gate tensor to the
 end of its down tensor; byte_offset is a multiple of `alignment`; alignment_padding counts the zero bytes
-inside the range (between gate, up and down); checksum is zlib.crc32 of the range as 8 hex digits.
+inside the range (between gate, up and down); checksum is the range's CRC (pack/checksum.py) as 8 hex digits.
 parts: {"gate" | "up" | "down": {offset (relative to byte_offset), length, rows, cols, quantization}}.
 
 `read_manifest` checks every entry's types and bounds, so a damaged manifest is one ModelFormatError naming
@@ -19,13 +19,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zlib
+
+import numpy as np
 
 from ..errors import EdgeMoEError, ModelFormatError
+from .checksum import update
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PACK_ALIGNMENT = 4096
-CHECKSUM = "crc32"
+CHECKSUM = "crc32c"
+READ_CHECKSUMS = {1: ("crc32",), 2: ("crc32", "crc32c")}  # format version → checksum algorithms it may name
 KEY_VERSION = "edgemoe.pack.version"  # GGUF metadata: uint32 FORMAT_VERSION
 KEY_SOURCE = "edgemoe.pack.source"  # GGUF metadata: where the weights came from
 PROJS = ("gate", "up", "down")
@@ -56,9 +59,13 @@ def read_manifest(pack_path: str | os.PathLike) -> dict:
         raise ModelFormatError(f"{path}: unreadable manifest ({type(e).__name__}: {str(e)[:80]}); {_FIX}") from None
     if not isinstance(m, dict) or not isinstance(m.get("experts"), list):
         raise ModelFormatError(f"{path}: not an edgemoe pack manifest; {_FIX}")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise ModelFormatError(f"{path}: pack format version {m.get('format_version')!r}, this edgemoe reads "
-                               f"version {FORMAT_VERSION}; partition the model again")
+    version = m.get("format_version")
+    if isinstance(version, bool) or version not in READ_CHECKSUMS:
+        raise ModelFormatError(f"{path}: pack format version {version!r}, this edgemoe reads versions "
+                               f"{', '.join(map(str, READ_CHECKSUMS))}; partition the model again")
+    if m.get("checksum", "crc32") not in READ_CHECKSUMS[version]:
+        raise ModelFormatError(f"{path}: checksum {str(m.get('checksum'))[:40]!r} is not one a version {version} "
+                               f"manifest can name ({', '.join(READ_CHECKSUMS[version])}); {_FIX}")
     problem = _int_problem(m, "pack_bytes", 0)
     if problem is None and "alignment" in m:
         problem = _int_problem(m, "alignment", 1)
@@ -103,7 +110,7 @@ def _entry_problem(x, pack_bytes: int) -> str | None:
             return problem
     crc = x.get("checksum")
     if not (isinstance(crc, str) and len(crc) == 8 and all(c in "0123456789abcdefABCDEF" for c in crc)):
-        return f"'checksum' must be 8 hex digits (crc32), got {str(crc)[:40]!r}"
+        return f"'checksum' must be 8 hex digits (a CRC), got {str(crc)[:40]!r}"
     start, length = x["byte_offset"], x["byte_length"]
     if start + length > pack_bytes:
         return f"bytes {start}+{length} end past the pack's {pack_bytes} bytes"
@@ -140,10 +147,15 @@ def is_pack(path: str | os.PathLike) -> bool:
         return False  # damaged: the loader says so
 
 
+def checksum_algorithm(m: dict) -> str:
+    """The CRC a manifest (as read_manifest returns it) records for its experts."""
+    return m.get("checksum", "crc32")
+
+
 def check_pack(pack_path: str | os.PathLike, *, checksums: bool) -> dict | None:
     """Before the engine uses a pack's experts: its manifest (None, with a one-line warning, when a pack has
     none; None, silently, for a GGUF that is no pack), the file's size against it, and with `checksums` every
-    expert's CRC-32 (one read of the experts). ModelFormatError names the first problem."""
+    expert's CRC (one read of the experts). ModelFormatError names the first problem."""
     pack_path = os.fspath(pack_path)
     if not os.path.exists(manifest_path(pack_path)):
         if is_pack(pack_path):
@@ -158,7 +170,7 @@ def check_pack(pack_path: str | os.PathLike, *, checksums: bool) -> dict | None:
     if checksums:
         with open(pack_path, "rb") as f:
             for x in m["experts"]:
-                crc = f"{_crc32(f, x['byte_offset'], x['byte_length']):08x}"
+                crc = f"{_crc(f, checksum_algorithm(m), x['byte_offset'], x['byte_length']):08x}"
                 if crc != x["checksum"].lower():
                     raise ModelFormatError(
                         f"{pack_path}: expert (layer {x['layer']}, expert {x['expert']}) has checksum {crc}, its "
@@ -168,7 +180,7 @@ def check_pack(pack_path: str | os.PathLike, *, checksums: bool) -> dict | None:
 
 
 def verify_pack(pack_path: str | os.PathLike) -> list[str]:
-    """Check a pack against its manifest: file size, GGUF tensor layout, alignment and every expert's CRC-32.
+    """Check a pack against its manifest: file size, GGUF tensor layout, alignment and every expert's CRC.
 
     Returns the problems found, one line each; an empty list means the pack is intact.
     """
@@ -207,19 +219,19 @@ def verify_pack(pack_path: str | os.PathLike) -> list[str]:
                       or t.tensor_type.name != part["quantization"]
                       or [int(n) for n in t.shape] != [part["cols"], part["rows"]]):
                     problems.append(f"{where}: tensor {name} does not match the manifest's {proj} entry")
-            crc = _crc32(f, start, length)
+            crc = _crc(f, checksum_algorithm(m), start, length)
             if f"{crc:08x}" != x["checksum"].lower():
                 problems.append(f"{where}: checksum {crc:08x} != manifest {x['checksum']} (bytes {start}+{length})")
     return problems
 
 
-def _crc32(f, start: int, length: int) -> int:
+def _crc(f, algorithm: str, start: int, length: int) -> int:
     f.seek(start)
     crc, left = 0, length
     while left > 0:
         buf = f.read(min(left, _READ_BYTES))
         if not buf:
             break
-        crc = zlib.crc32(buf, crc)
+        crc = update(algorithm, crc, np.frombuffer(buf, np.uint8))
         left -= len(buf)
     return crc

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from ..qtensor import row_bytes
 from ..quants import dequantize, quantize
+from .checksum import update
+from .manifest import CHECKSUM
 
 CHUNK_BYTES = 64 << 20  # bytes per write when copying
 _CHUNK_VALUES = 1 << 22  # values per (de)quantisation pass when converting (16 MiB of float32)
@@ -50,7 +51,7 @@ class Layout:
     data_offset: int  # absolute offset of the tensor data section
     offsets: list[int]  # absolute offset of each job's data, in job order
     file_bytes: int
-    group_crcs: list[int] = field(default_factory=list)  # zlib.crc32 of each requested group's byte range
+    group_crcs: list[int] = field(default_factory=list)  # CRC (manifest.CHECKSUM) of each requested group's byte range
 
 
 def raw_chunks(data: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Callable[[], Iterator[np.ndarray]]:
@@ -146,13 +147,13 @@ def write_gguf(writer: GGUFWriter, path: str | os.PathLike, jobs: Sequence[Tenso
                     f.write(buf)
                     n += len(buf)
                     if g is not None:
-                        crcs[g] = zlib.crc32(buf, crcs[g])
+                        crcs[g] = update(CHECKSUM, crcs[g], buf)
                     bar.update(len(buf))
                 assert n == job.nbytes, f"{job.name}: wrote {n} bytes, expected {job.nbytes}"
                 pad = bytes(-n % align)
                 f.write(pad)
                 if g is not None and group_of.get(j + 1) == g:
-                    crcs[g] = zlib.crc32(pad, crcs[g])
+                    crcs[g] = update(CHECKSUM, crcs[g], pad)
         f.flush()
         os.fsync(f.fileno())
         file_bytes = f.tell()
