@@ -2,7 +2,7 @@
 
 Synthesises (once) a random-weight model (or takes --model), measures the disk's own O_DIRECT read
 bandwidth on that file in the same run (before, and after each round), then decodes with cache budgets of
-10/25/50/100 % of the expert bytes and prefetch look-ahead depths (default 2 layers and off), the
+10/25/50/100 % of the expert bytes and prefetch look-ahead depths (default 1 layer and off), the
 configurations alternating round by round. Random weights have no routing locality, so these hit rates are
 the worst case. Two bounds: "bound" is what the disk allows for the bytes actually read (misses and
 prefetches), 1 / (bytes read per token ÷ disk bandwidth); "hit bound" is the disk+memory bound at the
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--expert-quant", default="Q4_0", choices=["Q4_0", "Q4_K"])
     p.add_argument("--dir", default="/tmp/edgemoe-bench")
     p.add_argument("--budgets", default="10,25,50,100", help="cache budgets, %% of expert bytes")
-    p.add_argument("--depths", default="2,0", help="prefetch look-ahead depths to compare (layers ahead; 0 = off)")
+    p.add_argument("--depths", default="1,0", help="prefetch look-ahead depths to compare (layers ahead; 0 = off)")
     p.add_argument("--tokens", type=int, default=24, help="tokens to decode per run")
     p.add_argument("--prompt", type=int, default=8, help="prompt tokens")
     p.add_argument("--repeat", type=int, default=2, help="runs per configuration (median reported)")
