@@ -118,7 +118,7 @@ def test_a_noisy_pass_does_not_flip_the_choice():
     cost = {1: 1.0e-3, 2: 0.6e-3}
     chosen = drive(gov, lambda n, i: cost[n] * (20 if i % 97 == 50 else 1) * rng.uniform(0.9, 1.1), 2000)
     assert chosen[200:].count(2) / 1800 > 0.95
-    assert gov._sizes[1].interval <= MAX_INTERVAL
+    assert gov._sizes[1, False].interval <= MAX_INTERVAL
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +151,27 @@ def test_tokens_do_not_depend_on_the_counts(model, monkeypatch):
     assert got == want
     if top > 1:
         assert all(n > 5 for n in gov.passes.values()), gov.passes
+
+
+def test_a_new_size_starts_from_its_neighbours_choice():
+    """Once one-row passes are decided (two threads), 8-row passes start on two threads without a trial; their
+    first trial comes after FIRST_INTERVAL passes and still finds their own best (here one thread)."""
+    from edgemoe.engine.threads import FIRST_INTERVAL
+
+    gov = ThreadGovernor(2, Free(2))
+    drive(gov, lambda n, i: {1: 1e-3, 2: 0.6e-3}[n], 50)
+    chosen = drive(gov, lambda n, i: {1: 1e-3, 2: 2e-3}[n], 300, rows=8)
+    assert chosen[:FIRST_INTERVAL] == [2] * FIRST_INTERVAL
+    assert chosen[-100:].count(1) > 95 and gov.status()["choice"] == {"1-1 rows": 2, "8-15 rows": 1}
+    fresh = ThreadGovernor(2, Free(2))  # nothing decided yet: the first size starts with a trial
+    assert 1 in drive(fresh, lambda n, i: 1e-3, 6, rows=8)
+
+
+def test_prompt_passes_are_timed_apart():
+    """Passes with prompt chunks and decode steps of the same size keep their own choices."""
+    gov = ThreadGovernor(2, Free(2))
+    for _ in range(100):
+        for prompt, cost in ((True, {1: 1e-3, 2: 3e-3}), (False, {1: 1e-3, 2: 0.5e-3})):
+            n = gov.before(6, prompt=prompt)
+            gov.after(6, cost[n] * 6)
+    assert gov.status()["choice"] == {"4-7 rows": 2, "4-7 rows with prompt": 1}

@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from edgemoe.engine.threads import describe  # noqa: E402
 from tools.serve_process import start, stream_tokens  # noqa: E402
 
 
@@ -81,6 +82,12 @@ def expert_counters(sock: str) -> dict[str, float] | None:
     return out if len(out) == 3 else None
 
 
+def thread_choice(sock: str):
+    """The server's thread counts: a fixed number, or the governor's status (passes per count, choice per size)."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://edgemoe") as c:
+        return c.get("/health").json().get("engine", {}).get("threads")
+
+
 def start_server(model: str, sock: str, max_batch: int | None, extra: list[str]) -> subprocess.Popen:
     # any --set makes a configured server, which streams its experts (as `serve --config` does)
     sets = ["--set", f"batching.max_batch={max_batch}", "--set", "batching.max_queue=64"] if max_batch else []
@@ -128,10 +135,13 @@ def main() -> int:
                 r["hit_rate"] = round(d["hits"] / max(1.0, d["hits"] + d["misses"]), 3)
                 r["mb_read_per_token"] = round(d["bytes_read"] / max(1, r["tokens"]) / 1e6, 2)
                 r["read_gbs"] = round(d["bytes_read"] / wall / 1e9, 3)
+            r["threads"] = thread_choice(sock)
             results.append(r)
             if not args.json:
                 extra = (f"; hit rate {r['hit_rate']:.2f}, {r['mb_read_per_token']:.1f} MB read per token, "
                          f"{r['read_gbs']:.2f} GB/s" if "hit_rate" in r else "")
+                if isinstance(r["threads"], dict):
+                    extra += f"; threads {describe(r['threads'])}, passes per count {r['threads'].get('passes')}"
                 print(f"{level:3d} streams: {r['tok_s']:8.2f} tok/s total ({r['vs_1_stream']:.2f}x), "
                       f"latency p50 {r['latency_p50_s']:.3f} s "
                       f"p99 {r['latency_p99_s']:.3f} s, first token p50 {r['first_token_p50_s']:.3f} s "

@@ -165,7 +165,7 @@ class EngineCore:
         if batch:
             rows = sum(ids.shape[0] for _, ids, _ in batch)
             if self.threads is not None:
-                self.threads.before(rows)
+                self.threads.before(rows, prompt=n_prompt > 0)
             tf = time.perf_counter()
             self._forward(batch)
             tf = time.perf_counter() - tf

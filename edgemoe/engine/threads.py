@@ -6,7 +6,8 @@ a few hundred microseconds then takes milliseconds: two threads decode 10-100x s
 two threads are the faster. Which is true changes while a service runs, so the ThreadGovernor measures it:
 each pass runs on the thread count that was fastest for passes of its size (seconds per row, the mean of its
 last trial passes: a count whose passes are sometimes late pays for them), and now and then a trial runs a few
-passes on every count again. A pass far slower than its count's median is a sign that the box changed, and
+passes on every count again. A size seen for the first time starts from the choice of the nearest size decided
+so far (its first trial comes later), else with a trial. A pass far slower than its count's median is a sign that the box changed, and
 brings the next trial forward. The kernels give every row the same bits on
 any thread count (tests/test_fused.py, tests/test_batch.py), so the choice changes speed only.
 
@@ -103,6 +104,18 @@ class _Size:
         self.interval = FIRST_INTERVAL
         self.cap = counts[-1]  # the most threads the free cores allowed at the last pass
 
+    @property
+    def decided(self) -> bool:
+        """A trial has ended and none is under way."""
+        return not self.trial and any(self.samples.values())
+
+    def seed(self, near: _Size | None) -> None:
+        """Start from the choice of a decided nearby size instead of a trial at once: passes of a new size
+        (a batch that grew by a row, a prompt chunk) run on that count, and its first trial comes after
+        FIRST_INTERVAL passes. On a fresh service each size's first trial used to cost the most."""
+        if near is not None and len(self.samples) > 1:
+            self.best, self.trial, self.since = near.best, [], 0
+
     def choose(self, free: int | None) -> int:
         """The count for the next pass; `free`: the cores other processes leave (None: not known yet)."""
         cap = 1 if free is None else free
@@ -164,24 +177,32 @@ class ThreadGovernor:
         self.counts = candidates(max_threads)
         self.load = load if load is not None else Load(max_threads)
         self._sizes: dict[int, _Size] = {}
-        self._current: tuple[int, int] | None = None  # (size key, count) of the pass under way
+        self._current: tuple[tuple[int, bool], int] | None = None  # (size key, count) of the pass under way
         self.passes = {c: 0 for c in self.counts}  # passes run per count
         self._last: int | None = None
 
-    def before(self, rows: int) -> int:
-        """The count for a pass of `rows` rows; sets it on the calling thread."""
+    def before(self, rows: int, prompt: bool = False) -> int:
+        """The count for a pass of `rows` rows; sets it on the calling thread. prompt: the pass carries prompt
+        chunks (one sequence's rows share its attention, so such passes are timed apart from decode steps)."""
         import numba
 
-        key = max(rows, 1).bit_length()
+        key = (max(rows, 1).bit_length(), bool(prompt))
         size = self._sizes.get(key)
         if size is None:
             size = self._sizes[key] = _Size(self.counts)
+            size.seed(self._nearest_decided(key))
         n = size.choose(self.load.free_cores())
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
         self._current = (key, n)
         self._last = n
         return n
+
+    def _nearest_decided(self, key: tuple[int, bool]) -> _Size | None:
+        """The decided record of the size nearest to `key`, of the same kind first (the smaller on a tie)."""
+        done = [k for k, s in self._sizes.items() if k != key and s.decided]
+        near = min(done, key=lambda k: (k[1] != key[1], abs(k[0] - key[0]), k[0]), default=None)
+        return None if near is None else self._sizes[near]
 
     def after(self, rows: int, seconds: float) -> None:
         if self._current is None:
@@ -199,7 +220,8 @@ class ThreadGovernor:
     def status(self) -> dict:
         """The counts it chooses among, the passes each ran, and the current choice per pass size."""
         return {"mode": "auto", "counts": list(self.counts), "passes": {str(c): n for c, n in self.passes.items()},
-                "choice": {f"{1 << (k - 1)}-{(1 << k) - 1} rows": s.best for k, s in sorted(self._sizes.items())}}
+                "choice": {f"{1 << (k - 1)}-{(1 << k) - 1} rows{' with prompt' if p else ''}": s.best
+                           for (k, p), s in sorted(self._sizes.items())}}
 
 
 def describe(figures: int | dict) -> str:
