@@ -7,9 +7,10 @@ two threads are the faster. Which is true changes while a service runs, so the T
 each pass runs on the thread count that was fastest for passes of its size (seconds per row, the mean of its
 last trial passes: a count whose passes are sometimes late pays for them), and now and then a trial runs a few
 passes on every count again. A size seen for the first time starts from the choice of the nearest size decided
-so far (its first trial comes later), else with a trial. A pass far slower than its count's median is a sign that the box changed, and
-brings the next trial forward. The kernels give every row the same bits on
-any thread count (tests/test_fused.py, tests/test_batch.py), so the choice changes speed only.
+so far (its first trial comes later), else with a trial; passes carrying prompt chunks are timed apart from
+decode steps. A pass far slower than its count's median is a sign that the box changed, and brings the next
+trial forward. The kernels give every row the same bits on any thread count (tests/test_fused.py,
+tests/test_batch.py), so the choice changes speed only.
 
 A trial on a busy box is itself costly (one pass on all cores can wait a whole scheduler slice), so before each
 trial the governor looks at how much CPU other processes used since the last one (/proc/stat less this
