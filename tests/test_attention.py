@@ -46,3 +46,40 @@ def test_matches_reference_and_chunking(H, K, d, parallel):
         one = np.empty_like(q[t:t + 1])
         ops.ATTENTION[parallel](one, np.ascontiguousarray(q[t:t + 1]), k_cache, v_cache, pos0 + t, scale)
         assert np.array_equal(one[0], out[t])
+
+
+@pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("parallel", [0, 1])
+def test_several_sequences_in_one_region(cache_type, parallel):
+    """attention_seqs: sequences of different lengths, caches and row counts (decode rows and a prompt chunk)
+    give each row the bits of the per-sequence kernel, and the float64 reference's values."""
+    from edgemoe.kernels.attention_seqs import ATTENTION_SEQS, KVLists
+    from edgemoe.kv_cache import KVCache
+
+    rng = np.random.default_rng(7)
+    L, H, K, d = 3, 8, 2, 64
+    rows, lengths, capacity = [1, 3, 1, 1, 2], [5, 0, 40, 17, 63], [16, 8, 64, 32, 80]
+    caches = []
+    for n, p, cap in zip(rows, lengths, capacity):
+        c = KVCache(L, cap, K, d, cache_type)
+        for layer in range(L):
+            c.write(layer, 0, *rng.standard_normal((2, p + n, K, d)).astype(np.float32))
+        c.length = p
+        caches.append(c)
+    T = sum(rows)
+    q = rng.standard_normal((T, H, d)).astype(np.float32)
+    row0 = np.cumsum([0] + rows).astype(np.int64)
+    pos0 = np.array(lengths, dtype=np.int64)
+    scale = np.float32(1 / np.sqrt(d))
+    kv = KVLists.of(caches)
+    for layer in range(L):
+        out = np.empty_like(q)
+        ATTENTION_SEQS[1 - parallel](out, q, kv.k, kv.v, layer, row0, pos0, scale)
+        for j, c in enumerate(caches):
+            r0, r1 = row0[j], row0[j + 1]
+            one = np.empty_like(q[r0:r1])
+            ops.ATTENTION[1](one, np.ascontiguousarray(q[r0:r1]), c.k[layer], c.v[layer], c.length, scale)
+            assert np.array_equal(out[r0:r1], one), (layer, j)
+            if cache_type == "f32":
+                want = reference(q[r0:r1], c.k[layer], c.v[layer], c.length, scale)
+                np.testing.assert_allclose(out[r0:r1], want, rtol=2e-5, atol=2e-5)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..experts.store import ExpertStore
 from ..kernels import fused, ops
+from ..kernels.attention_seqs import KVLists, attention_seqs
 from ..kernels.layouts import interleave_if_eligible
 from ..kv_cache import KVCache
 from ..qtensor import QTensor
@@ -170,8 +171,9 @@ class Model:
         return KVCache(a.num_hidden_layers, n_ctx, a.num_key_value_heads, a.head_dim, cache_type or self.cache_type)
 
     def attention(self, x: np.ndarray, layer: Layer, i: int, seqs: list[tuple[int, int, KVCache]],
-                  cos, sin) -> np.ndarray:
-        """Each sequence's tokens attend to its own cache.  x: (T, D); seqs: (start row, rows, cache) → (T, D)"""
+                  cos, sin, kv: KVLists | None = None) -> np.ndarray:
+        """Each sequence's tokens attend to its own cache.  x: (T, D); seqs: (start row, rows, cache) → (T, D)
+        kv: the caches of several sequences as KVLists (their attention then runs as one parallel region)."""
         a = self.args
         T = x.shape[0]
         H, K, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
@@ -197,9 +199,14 @@ class Model:
         ops.rope_inplace(k, cos, sin)
         out = np.empty_like(q)  # (T, H, d)
         for r0, n, cache in seqs:
-            p = cache.length
-            cache.write(i, p, k[r0:r0 + n], v[r0:r0 + n])
-            ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], p, self.scale)
+            cache.write(i, cache.length, k[r0:r0 + n], v[r0:r0 + n])
+        if kv is None:
+            for r0, n, cache in seqs:
+                ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], cache.length, self.scale)
+        else:
+            row0 = np.array([r0 for r0, _, _ in seqs] + [T], dtype=np.int64)  # (B + 1,)
+            pos0 = np.array([c.length for *_, c in seqs], dtype=np.int64)  # (B,)
+            attention_seqs(out, q, kv, i, row0, pos0, self.scale)
         o = linear(out.reshape(T, -1), layer.o_proj)  # (T, D)
         if layer.o_bias is not None:
             o += layer.o_bias
@@ -381,6 +388,7 @@ class Model:
             sin = np.empty_like(cos)
             ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
         x = self.embed_rows(ids)  # (T, D)
+        kv = None  # several sequences' caches for the batched attention kernel, made at the first layer needing it
         one = len(seqs) == 1 and T <= FUSED_ROWS and self.fused  # one sequence: its attention block fused
         plain = self.spec.fused_attention  # the fused blocks compute this family's attention
         for i, layer in enumerate(self.weights.layers):
@@ -398,9 +406,13 @@ class Model:
             if out is not None:
                 x = out[None] if T == 1 else out
             else:
-                attend = self.attention if self.spec.attention is None else \
-                    (lambda *args: self.spec.attention(self, *args))
-                x = x + attend(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin)
+                if self.spec.attention is not None:
+                    attend = lambda *args: self.spec.attention(self, *args[:-1])  # noqa: E731
+                else:
+                    if kv is None and len(seqs) > 1:  # once per pass: every layer's attention takes them
+                        kv = KVLists.of([c for *_, c in seqs])
+                    attend = self.attention
+                x = x + attend(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin, kv)
             if draft is not None:
                 layer_skip = np.zeros(T)  # (T,)
                 x = self.moe(rms_norm(x, layer.post_attention_layernorm, a.rms_norm_eps), x, layer, i,

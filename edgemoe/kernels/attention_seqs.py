@@ -1,0 +1,57 @@
+"""Attention of several sequences' new rows, each over its own KV cache, in one parallel region.
+
+A batched decode step of B sequences used to run `ops.attention` once per sequence and layer: B parallel
+regions of a couple of jobs each (one token's query heads), every one paying a thread wake-up and a join for
+microseconds of work. Here the jobs of all sequences share one region. Each job is `ops.attention_job` on
+the sequence's own rows and cache, so every (token, head) gets exactly the bits of the per-sequence call.
+
+    kv = KVLists.of([cache_0, cache_1, ...])        # once per pass
+    attention_seqs(out, q, kv, layer, row0, pos0, scale)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+from numba.typed import List
+
+from .ops import attention_job, attention_jobs, pick, twins
+
+
+def _attention_seqs(out, q, k_caches, v_caches, layer, row0, pos0, scale):
+    """out, q: (T, H, d), the rows of sequence j being row0[j] .. row0[j + 1] - 1; k_caches[j], v_caches[j]:
+    its cache arrays (L, K, S_j, W); pos0: (B,) its positions before these rows."""
+    T, H, _ = q.shape
+    per_row = attention_jobs(1, H, k_caches[0].shape[1])
+    for job in prange(T * per_row):
+        t = job // per_row
+        j = 0
+        while row0[j + 1] <= t:  # the sequence of row t (a handful of sequences: a scan is enough)
+            j += 1
+        r0, r1 = row0[j], row0[j + 1]
+        attention_job(out[r0:r1], q[r0:r1], k_caches[j][layer], v_caches[j][layer], pos0[j], scale,
+                      job - r0 * per_row)
+
+
+ATTENTION_SEQS = twins(_attention_seqs)
+
+
+class KVLists:
+    """Each sequence's cache arrays as the typed lists the kernel takes, built once per pass."""
+
+    def __init__(self, k: List, v: List):
+        self.k, self.v = k, v
+
+    @classmethod
+    def of(cls, caches) -> KVLists:
+        k, v = List(), List()
+        for c in caches:
+            k.append(c.k)
+            v.append(c.v)
+        return cls(k, v)
+
+
+def attention_seqs(out, q, kv: KVLists, layer: int, row0: np.ndarray, pos0: np.ndarray, scale: float) -> None:
+    """out, q: (T, H, d); row0: (B + 1,) int64 first row of each sequence, then T; pos0: (B,) int64."""
+    longest = int(pos0.max()) + q.shape[0]
+    pick(ATTENTION_SEQS, q.size * longest * 2)(out, q, kv.k, kv.v, layer, row0, pos0, np.float32(scale))
