@@ -214,7 +214,8 @@ class Session:
         """Compile (or load from Numba's cache) the kernels a request will use, before the first one (a
         self-draft's kernels compile when `core()` times a drafting round). Without `compile_wait`, fused
         kernels missing from the cache go to a background process (`kernels.compile_ahead`), said on stderr.
-        separate: also the kernels of the unfused path (steps of several sequences run attention with them)."""
+        separate: also the kernels of batched steps of several sequences, and of the unfused path (their steps
+        run it while a fused block compiles, and when they exceed FUSED_ROWS)."""
         from ..kernels import compile_ahead
         from ..progress import Phases
 
@@ -228,12 +229,15 @@ class Session:
                 phase(f"{whose}one-token kernels")
                 model.forward(np.zeros(1, dtype=np.int64), cache)  # vector kernels (one token)
                 if separate:
+                    phase(f"{whose}several sequences' kernels")
+                    model.forward_batch([(np.zeros(1, dtype=np.int64), model.new_cache(3)) for _ in range(2)])
                     phase(f"{whose}separate kernels")
                     model.fused = False
                     try:
                         cache = model.new_cache(3)
                         model.forward(np.zeros(2, dtype=np.int64), cache)
                         model.forward(np.zeros(1, dtype=np.int64), cache)
+                        model.forward_batch([(np.zeros(1, dtype=np.int64), model.new_cache(3)) for _ in range(2)])
                     finally:
                         model.fused = True
         pid, left = compile_ahead.pending()

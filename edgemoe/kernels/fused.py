@@ -27,6 +27,7 @@ from numba import njit, prange
 
 from ..qtensor import QTensor
 from . import compile_ahead, dispatch
+from .fused_seqs import _attention_seqs_template
 from .kinds import Kind, kind_of
 from .kv_access import store_kv_row
 from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs, qk_inputs
@@ -330,7 +331,8 @@ def _specialise(template, tag: str, **bound):
 
 # block -> (template, the names its two matrix stages' functions are bound to)
 _BLOCKS = {"moe": (_moe_template, "GU", "DOWN"), "attention": (_attention_template, "QKV", "O"),
-           "moe_rows": (_moe_rows_template, "GU", "DOWN"), "attention_rows": (_attention_rows_template, "QKV", "O")}
+           "moe_rows": (_moe_rows_template, "GU", "DOWN"), "attention_rows": (_attention_rows_template, "QKV", "O"),
+           "attention_seqs": (_attention_seqs_template, "QKV", "O")}
 
 
 def kernel_for(block: str, first: Kind, second: Kind):
@@ -524,3 +526,24 @@ def attention_rows_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: Q
             _f32("attr_att", T, n_heads, head_dim), aq, ad, as_, w_o.data, _f32("attr_obuf", T, D), _variant(w_qkv),
             _variant(w_o), _f32("attr_h", T, D), np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
     return out if _launch("attention_rows", kinds, args, ahead) else None
+
+
+def attention_seqs_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
+                         n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray, kv, layer: int,
+                         row0: np.ndarray, pos0: np.ndarray, scale, kinds: tuple[Kind, Kind], extras: tuple = None,
+                         ahead: dict | None = None) -> np.ndarray | None:
+    """x + the attention block of several sequences' new rows (rows row0[j] .. row0[j + 1] - 1 of sequence j at
+    positions pos0[j]..; their k, v written to its cache), in one parallel region.   x: (T, D); cos, sin:
+    (T, d/2); kv: attention_seqs.KVLists of the sequences' caches → (T, D); with `ahead`, None (the caches
+    untouched) while the kernel is compiling in the background."""
+    T, D = x.shape
+    k1, k2 = kinds
+    xq, xd, xs = _scratch("atts_x", k1.act, T, D)
+    aq, ad, as_ = _scratch("atts_o", k2.act, T, n_heads * head_dim)
+    out = np.empty((T, D), np.float32)
+    args = (numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs,
+            _f32("atts_qkv", T, w_qkv.rows), _f32("atts_q", T, n_heads, head_dim), _f32("atts_k", T, n_kv, head_dim),
+            _f32("atts_v", T, n_kv, head_dim), cos, sin, kv.k, kv.v, layer, row0, pos0, scale,
+            _f32("atts_att", T, n_heads, head_dim), aq, ad, as_, w_o.data, _f32("atts_obuf", T, D), _variant(w_qkv),
+            _variant(w_o), _f32("atts_h", T, D), np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
+    return out if _launch("attention_seqs", kinds, args, ahead) else None

@@ -388,29 +388,36 @@ class Model:
             sin = np.empty_like(cos)
             ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
         x = self.embed_rows(ids)  # (T, D)
-        kv = None  # several sequences' caches for the batched attention kernel, made at the first layer needing it
-        one = len(seqs) == 1 and T <= FUSED_ROWS and self.fused  # one sequence: its attention block fused
+        kv = None  # several sequences' caches as the batched attention kernels take them, made once per pass
+        if len(seqs) > 1 and self.spec.attention is None:
+            kv = KVLists.of([c for *_, c in seqs])
+            row0 = np.array([r0 for r0, _, _ in seqs] + [T], dtype=np.int64)  # (B + 1,)
+            pos0 = np.array([c.length for *_, c in seqs], dtype=np.int64)  # (B,)
+        fits = T <= FUSED_ROWS and self.fused  # the rows of one sequence, or of several, in one block
         plain = self.spec.fused_attention  # the fused blocks compute this family's attention
         for i, layer in enumerate(self.weights.layers):
             if draft is not None and i in draft.skip_layers:
                 continue
-            kinds = one and plain and layer.qkv_proj is not None and fused.attention_kinds(layer.qkv_proj, layer.o_proj)
+            kinds = fits and plain and layer.qkv_proj is not None and fused.attention_kinds(layer.qkv_proj, layer.o_proj)
             out = None
-            if kinds:
+            if kinds and len(seqs) == 1:
                 cache = seqs[0][2]
                 block = fused.attention_block if T == 1 else fused.attention_rows_block
                 out = block(x[0] if T == 1 else x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
                             layer.o_proj, a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin,
                             cache.k[i], cache.v[i], cache.length, self.scale, kinds, self._extras(layer),
                             self._ahead())
+            elif kinds and kv is not None:
+                out = fused.attention_seqs_block(x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
+                                                 layer.o_proj, a.num_attention_heads, a.num_key_value_heads,
+                                                 a.head_dim, cos, sin, kv, i, row0, pos0, self.scale, kinds,
+                                                 self._extras(layer), self._ahead())
             if out is not None:
                 x = out[None] if T == 1 else out
             else:
                 if self.spec.attention is not None:
                     attend = lambda *args: self.spec.attention(self, *args[:-1])  # noqa: E731
                 else:
-                    if kv is None and len(seqs) > 1:  # once per pass: every layer's attention takes them
-                        kv = KVLists.of([c for *_, c in seqs])
                     attend = self.attention
                 x = x + attend(rms_norm(x, layer.input_layernorm, a.rms_norm_eps), layer, i, seqs, cos, sin, kv)
             if draft is not None:
