@@ -41,9 +41,9 @@ def test_first_start_compiles_fused_kernels_in_the_background(tmp_path):
     pid = int(err.split("(pid ")[1].split(",")[0])
     assert wait_for_exit(pid, timeout=600), f"the compile worker {pid} still runs after 600 s"
     stored = {name.split("__")[0] for _, _, files in os.walk(tmp_path / "numba") for name in files
-              if name.startswith("fused.") and name.endswith(".nbi")}
+              if name.startswith(("fused.", "fused_seqs.")) and name.endswith(".nbi")}
     assert stored == {"fused._moe_template", "fused._attention_template", "fused._moe_rows_template",
-                      "fused._attention_rows_template"}, stored
+                      "fused_seqs._attention_seqs_template"}, stored
     second, err = _run(env)
     assert "background" not in err, err
     assert second["text"] == first["text"]
@@ -109,7 +109,7 @@ def test_a_block_still_compiling_runs_kernel_by_kernel_with_the_same_bits(model,
         waiting = _decode(model)
     finally:
         model.compile_wait = True
-    assert set(asked) == {"moe", "attention", "moe_rows", "attention_rows"}
+    assert set(asked) == {"moe", "attention", "moe_rows", "attention_seqs"}
     np.testing.assert_array_equal(waiting, fused_logits)
 
 

@@ -151,7 +151,7 @@ def pending() -> tuple[int | None, list[str]]:
 
 # The worker.
 
-PRIORITY = ("moe", "attention", "moe_rows", "attention_rows", "attention_seqs")  # decode's one-token blocks first
+PRIORITY = ("moe", "attention", "moe_rows", "attention_seqs")  # decode's one-token blocks first
 
 
 def _lock_path() -> str:

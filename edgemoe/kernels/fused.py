@@ -12,6 +12,9 @@ every other step is the same code as the separate path, so the results are bit-i
     expert block: x (D,) -> x + sum_a w_a down_a(silu(gate_a h) * up_a h), experts in the given order
         phases: gate/up rows of every expert | SwiGLU + quantise per expert | down rows + sum + residual
 
+Steps of several rows (a prompt chunk, a verified draft, a batched step of several sequences) run the expert
+block over all rows (`_moe_rows_template`) and the attention block of `fused_seqs.py`.
+
 A kernel is compiled per combination of weight kinds (`kinds.KINDS`): the template's code is bound to
 that kind's functions under its own name, which Numba's on-disk cache keys on.
 """
@@ -232,88 +235,6 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
             c = claim(sync, 4, n5, back)
 
 
-def _attention_rows_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, q, k, v, cos, sin, k_cache,
-                             v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk,
-                             qkv_bias, q_norm, k_norm, clip, o_bias):
-    """The attention block of T consecutive tokens of one sequence, at positions pos..pos+T-1:
-    out (T, D) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x))))), their k and v written into the caches.
-    Each weight chunk is read once for all T tokens; every row gets the bits of the separate kernels.
-
-    Scratch: hbuf (T, D) f32; xq, xd, xs: (T, ...) activations of hbuf; qkv (T, (H + 2K) d) f32;
-    q (T, H, d), k, v (T, K, d) f32; att (T, H, d) f32; aq, ad, as_: (T, ...) activations of att;
-    obuf (T, D) f32. cos, sin: (T, d/2); sync: (5 * SYNC_SLOTS,) int64 zeros. Families' extras as in
-    _attention_template.
-    """
-    T, D = x.shape
-    n_heads, d = q.shape[1], q.shape[2]
-    n_kv = k.shape[1]
-    hq = n_heads * d
-    hk = n_kv * d
-    r_qkv = hq + 2 * hk
-    n1 = (r_qkv + chunk - 1) // chunk
-    n3 = attention_jobs(T, n_heads, n_kv)
-    n5 = (D + chunk - 1) // chunk
-    RMSNORM_SERIAL(hbuf, x, norm_w, eps)
-    for t in range(T):
-        QKV_QUANT(xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], hbuf[t:t + 1])
-    for it in prange(n_threads):
-        back = it % 2 == 1  # odd iterations take chunks from the back
-        c = claim(sync, 0, n1, back)
-        while c >= 0:  # q, k, v rows of every token
-            lo = c * chunk
-            for t in range(T):
-                QKV_ROWS(qkv[t], lo, min(lo + chunk, r_qkv), w_qkv, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1],
-                         qkv_variant)
-            finish(sync, 0)
-            c = claim(sync, 0, n1, back)
-        wait_done(sync, 0, n1)
-        if claim(sync, 1, 1, back) == 0:  # biases, split q/k/v, q/k norms, RoPE, then the new positions into the cache
-            for t in range(T):
-                for i in range(qkv_bias.shape[0]):
-                    qkv[t, i] += qkv_bias[i]
-                for h in range(n_heads):
-                    for i in range(d):
-                        q[t, h, i] = qkv[t, h * d + i]
-                for j in range(n_kv):
-                    for i in range(d):
-                        k[t, j, i] = qkv[t, hq + j * d + i]
-                        v[t, j, i] = qkv[t, hq + hk + j * d + i]
-            qk_inputs(q, k, v, q_norm, k_norm, eps, clip)
-            ROPE_SERIAL(q, cos, sin)
-            ROPE_SERIAL(k, cos, sin)
-            S, W = k_cache.shape[1], k_cache.shape[2]
-            for t in range(T):
-                for j in range(n_kv):
-                    store_kv_row(k_cache, (j * S + pos + t) * W, k[t, j], d)
-                    store_kv_row(v_cache, (j * S + pos + t) * W, v[t, j], d)
-            finish(sync, 1)
-        wait_done(sync, 1, 1)
-        c = claim(sync, 2, n3, back)
-        while c >= 0:
-            attention_job(att, q, k_cache, v_cache, pos, scale, c)
-            finish(sync, 2)
-            c = claim(sync, 2, n3, back)
-        wait_done(sync, 2, n3)
-        if claim(sync, 3, 1, back) == 0:
-            for t in range(T):
-                O_QUANT(aq[t:t + 1], ad[t:t + 1], as_[t:t + 1], att[t].reshape(1, hq))
-            finish(sync, 3)
-        wait_done(sync, 3, 1)
-        c = claim(sync, 4, n5, back)
-        while c >= 0:  # o_proj rows of every token plus the residual
-            lo = c * chunk
-            hi = min(lo + chunk, D)
-            for t in range(T):
-                O_ROWS(obuf[t], lo, hi, w_o, aq[t:t + 1], ad[t:t + 1], as_[t:t + 1], o_variant)
-                if o_bias.shape[0] > 0:
-                    for r in range(lo, hi):
-                        obuf[t, r] += o_bias[r]
-                for r in range(lo, hi):
-                    out[t, r] = x[t, r] + obuf[t, r]
-            finish(sync, 4)
-            c = claim(sync, 4, n5, back)
-
-
 _compiled: dict = {}
 
 
@@ -331,8 +252,7 @@ def _specialise(template, tag: str, **bound):
 
 # block -> (template, the names its two matrix stages' functions are bound to)
 _BLOCKS = {"moe": (_moe_template, "GU", "DOWN"), "attention": (_attention_template, "QKV", "O"),
-           "moe_rows": (_moe_rows_template, "GU", "DOWN"), "attention_rows": (_attention_rows_template, "QKV", "O"),
-           "attention_seqs": (_attention_seqs_template, "QKV", "O")}
+           "moe_rows": (_moe_rows_template, "GU", "DOWN"), "attention_seqs": (_attention_seqs_template, "QKV", "O")}
 
 
 def kernel_for(block: str, first: Kind, second: Kind):
@@ -506,26 +426,6 @@ def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTenso
             w_o.data, _f32("att_o", D), _variant(w_qkv), _variant(w_o), _f32("att_h", 1, D),
             np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
     return out if _launch("attention", kinds, args, ahead) else None
-
-
-def attention_rows_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
-                         n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray,
-                         k_cache: np.ndarray, v_cache: np.ndarray, pos: int, scale,
-                         kinds: tuple[Kind, Kind], extras: tuple = None, ahead: dict | None = None) -> np.ndarray | None:
-    """x + the attention block of T consecutive tokens of one sequence at positions pos.. (their k, v written
-    to the caches), in one parallel region.   x: (T, D); cos, sin: (T, d/2); k_cache, v_cache: (K, S, d)
-    → (T, D); with `ahead`, None (the caches untouched) while the kernel is compiling in the background."""
-    k1, k2 = kinds
-    T, D = x.shape
-    xq, xd, xs = _scratch("attr_x", k1.act, T, D)
-    aq, ad, as_ = _scratch("attr_o", k2.act, T, n_heads * head_dim)
-    out = np.empty((T, D), np.float32)
-    args = (numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs,
-            _f32("attr_qkv", T, w_qkv.rows), _f32("attr_q", T, n_heads, head_dim), _f32("attr_k", T, n_kv, head_dim),
-            _f32("attr_v", T, n_kv, head_dim), cos, sin, k_cache, v_cache, pos, scale,
-            _f32("attr_att", T, n_heads, head_dim), aq, ad, as_, w_o.data, _f32("attr_obuf", T, D), _variant(w_qkv),
-            _variant(w_o), _f32("attr_h", T, D), np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
-    return out if _launch("attention_rows", kinds, args, ahead) else None
 
 
 def attention_seqs_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,

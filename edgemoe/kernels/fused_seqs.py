@@ -1,5 +1,5 @@
-"""The attention block of a batched step — one or a few new rows of each of several sequences, each sequence
-over its own KV cache — in one parallel region, as `fused._attention_rows_template` is for one sequence.
+"""The attention block of a step of several rows — a prompt chunk or verified draft of one sequence, or the
+new rows of several sequences, each over its own KV cache — in one parallel region.
 
     out (T, D) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x))))), each row's k and v written into its
     sequence's cache; phases: qkv rows | rope + KV-cache writes | attention jobs of every sequence | quantise |
@@ -27,8 +27,11 @@ def _attention_seqs_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, 
                              v_caches, layer, row0, pos0, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant,
                              hbuf, sync, chunk, qkv_bias, q_norm, k_norm, clip, o_bias):
     """Rows row0[j] .. row0[j + 1] - 1 of x (T, D) continue sequence j at positions pos0[j].., whose caches are
-    k_caches[j][layer], v_caches[j][layer] (K, S_j, W). Scratch and extras as fused._attention_rows_template;
-    cos, sin: (T, d/2) at each row's own position."""
+    k_caches[j][layer], v_caches[j][layer] (K, S_j, W). cos, sin: (T, d/2) at each row's own position.
+
+    Scratch: hbuf (T, D) f32; xq, xd, xs: (T, ...) activations of hbuf; qkv (T, (H + 2K) d) f32; q (T, H, d),
+    k, v (T, K, d) f32; att (T, H, d) f32; aq, ad, as_: (T, ...) activations of att; obuf (T, D) f32; sync:
+    (5 * SYNC_SLOTS,) int64 zeros. Families' extras as in fused._attention_template."""
     T, D = x.shape
     n_heads, d = q.shape[1], q.shape[2]
     n_kv = k.shape[1]

@@ -200,7 +200,7 @@ class Model:
         out = np.empty_like(q)  # (T, H, d)
         for r0, n, cache in seqs:
             cache.write(i, cache.length, k[r0:r0 + n], v[r0:r0 + n])
-        if kv is None:
+        if kv is None or len(seqs) == 1:  # one sequence: one kernel call already
             for r0, n, cache in seqs:
                 ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], cache.length, self.scale)
         else:
@@ -388,8 +388,8 @@ class Model:
             sin = np.empty_like(cos)
             ops.rope_tables(cos, sin, positions, float(a.rope_theta), a.head_dim)
         x = self.embed_rows(ids)  # (T, D)
-        kv = None  # several sequences' caches as the batched attention kernels take them, made once per pass
-        if len(seqs) > 1 and self.spec.attention is None:
+        kv = None  # the sequences' caches as the several-row attention kernels take them, made once per pass
+        if T > 1 and self.spec.attention is None:
             kv = KVLists.of([c for *_, c in seqs])
             row0 = np.array([r0 for r0, _, _ in seqs] + [T], dtype=np.int64)  # (B + 1,)
             pos0 = np.array([c.length for *_, c in seqs], dtype=np.int64)  # (B,)
@@ -400,14 +400,13 @@ class Model:
                 continue
             kinds = fits and plain and layer.qkv_proj is not None and fused.attention_kinds(layer.qkv_proj, layer.o_proj)
             out = None
-            if kinds and len(seqs) == 1:
+            if kinds and T == 1:
                 cache = seqs[0][2]
-                block = fused.attention_block if T == 1 else fused.attention_rows_block
-                out = block(x[0] if T == 1 else x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
-                            layer.o_proj, a.num_attention_heads, a.num_key_value_heads, a.head_dim, cos, sin,
-                            cache.k[i], cache.v[i], cache.length, self.scale, kinds, self._extras(layer),
-                            self._ahead())
-            elif kinds and kv is not None:
+                out = fused.attention_block(x[0], layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
+                                            layer.o_proj, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                                            cos, sin, cache.k[i], cache.v[i], cache.length, self.scale, kinds,
+                                            self._extras(layer), self._ahead())
+            elif kinds:
                 out = fused.attention_seqs_block(x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
                                                  layer.o_proj, a.num_attention_heads, a.num_key_value_heads,
                                                  a.head_dim, cos, sin, kv, i, row0, pos0, self.scale, kinds,
