@@ -5,6 +5,7 @@ phase (loading, warming up, serving)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -44,7 +45,9 @@ def test_server_killed_mid_reply(tmp_path):
         server.wait(timeout=30)
         c.expect(pexpect.EOF)
         c.close()
-        lines = [ln for ln in c.before.splitlines() if ln.strip()]
+        # readline may reset the terminal's attributes (ESC [ 0 m) as the process exits, after the last line
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", c.before)
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         assert c.exitstatus == 1, c.before
         assert "Traceback" not in c.before
         assert lines[-1].startswith("edgemoe: error: the server at ") and "went away mid-reply" in lines[-1], lines
