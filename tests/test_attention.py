@@ -69,12 +69,12 @@ def test_several_sequences_in_one_region(cache_type, parallel):
     T = sum(rows)
     q = rng.standard_normal((T, H, d)).astype(np.float32)
     row0 = np.cumsum([0] + rows).astype(np.int64)
-    pos0 = np.array(lengths, dtype=np.int64)
     scale = np.float32(1 / np.sqrt(d))
-    kv = KVLists.of(caches)
+    kv = KVLists.of([(int(r0), n, c) for r0, n, c in zip(row0, rows, caches)])
+    assert np.array_equal(kv.row0, row0) and kv.pos0.tolist() == lengths
     for layer in range(L):
         out = np.empty_like(q)
-        ATTENTION_SEQS[1 - parallel](out, q, kv.k, kv.v, layer, row0, pos0, scale)
+        ATTENTION_SEQS[1 - parallel](out, q, kv.k, kv.v, layer, kv.row0, kv.pos0, scale)
         for j, c in enumerate(caches):
             r0, r1 = row0[j], row0[j + 1]
             one = np.empty_like(q[r0:r1])

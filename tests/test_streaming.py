@@ -165,3 +165,21 @@ def test_wrong_predictions_are_dropped_at_their_layer(model_file):
     assert by[2]["wasted"] == 1 and by[2]["used_in_time"] + by[2]["used_late"] == 1 and by[1]["wasted"] == 0
     assert store.prefetch.wasted == 1 and (2, 5) in store._pending
     store.close()
+
+
+@pytest.mark.parametrize("depth, flag", [(2, None), (0, None), (2, 3)])
+def test_prefetch_depth_from_config_and_flag(model_file, depth, flag):
+    """routing.prefetch_depth reaches the store of a session built as serve --config builds it; --prefetch-depth
+    overrides it; 0 turns prefetch off."""
+    import argparse
+
+    from edgemoe.config import load_config
+    from edgemoe.engine.session import Session
+
+    cfg = load_config(None, {"routing.prefetch_depth": depth})
+    args = argparse.Namespace(model=model_file, overrides=[f"routing.prefetch_depth={depth}"], prefetch_depth=flag)
+    session = Session(args, cfg, progress=False)
+    try:
+        assert session.model.experts.hint_depth == (flag if flag is not None else depth)
+    finally:
+        session.close()

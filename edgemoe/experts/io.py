@@ -331,7 +331,7 @@ class ExpertReader:
         return None
 
     def _prefetch_limit(self) -> int:
-        return max(1, int(self._depth * PREFETCH_SHARE)) if self._depth > 1 else 1
+        return max(1, int(self._depth * PREFETCH_SHARE))
 
     def _yield_to_demand(self, job: _Job) -> None:
         """Before a prefetch's next piece: wait while a demand read runs (not once it is demanded itself)."""

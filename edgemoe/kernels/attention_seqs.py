@@ -5,8 +5,8 @@ regions of a couple of jobs each (one token's query heads), every one paying a t
 microseconds of work. Here the jobs of all sequences share one region. Each job is `ops.attention_job` on
 the sequence's own rows and cache, so every (token, head) gets exactly the bits of the per-sequence call.
 
-    kv = KVLists.of([cache_0, cache_1, ...])        # once per pass
-    attention_seqs(out, q, kv, layer, row0, pos0, scale)
+    kv = KVLists.of(seqs)                           # once per pass: (first row, rows, cache) of each
+    attention_seqs(out, q, kv, layer, scale)
 """
 
 from __future__ import annotations
@@ -37,21 +37,25 @@ ATTENTION_SEQS = twins(_attention_seqs)
 
 
 class KVLists:
-    """Each sequence's cache arrays as the typed lists the kernel takes, built once per pass."""
+    """The sequences of one pass as the several-row kernels take them, built once per pass: each sequence's cache
+    arrays as typed lists, row0 (B + 1,) int64 the first row of each sequence then T, pos0 (B,) int64 each
+    cache's length before the pass."""
 
-    def __init__(self, k: List, v: List):
-        self.k, self.v = k, v
+    def __init__(self, k: List, v: List, row0: np.ndarray, pos0: np.ndarray):
+        self.k, self.v, self.row0, self.pos0 = k, v, row0, pos0
 
     @classmethod
-    def of(cls, caches) -> KVLists:
+    def of(cls, seqs) -> KVLists:
+        """seqs: (first row, rows, KVCache) of each sequence, in row order."""
         k, v = List(), List()
-        for c in caches:
+        for *_, c in seqs:
             k.append(c.k)
             v.append(c.v)
-        return cls(k, v)
+        row0 = np.array([r0 for r0, _, _ in seqs] + [seqs[-1][0] + seqs[-1][1]], dtype=np.int64)  # (B + 1,)
+        return cls(k, v, row0, np.array([c.length for *_, c in seqs], dtype=np.int64))
 
 
-def attention_seqs(out, q, kv: KVLists, layer: int, row0: np.ndarray, pos0: np.ndarray, scale: float) -> None:
-    """out, q: (T, H, d); row0: (B + 1,) int64 first row of each sequence, then T; pos0: (B,) int64."""
-    longest = int(pos0.max()) + q.shape[0]
-    pick(ATTENTION_SEQS, q.size * longest * 2)(out, q, kv.k, kv.v, layer, row0, pos0, np.float32(scale))
+def attention_seqs(out, q, kv: KVLists, layer: int, scale: float) -> None:
+    """out, q: (T, H, d), the rows of kv's sequences."""
+    longest = int(kv.pos0.max()) + q.shape[0]
+    pick(ATTENTION_SEQS, q.size * longest * 2)(out, q, kv.k, kv.v, layer, kv.row0, kv.pos0, np.float32(scale))

@@ -430,12 +430,12 @@ def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTenso
 
 def attention_seqs_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTensor, w_o: QTensor,
                          n_heads: int, n_kv: int, head_dim: int, cos: np.ndarray, sin: np.ndarray, kv, layer: int,
-                         row0: np.ndarray, pos0: np.ndarray, scale, kinds: tuple[Kind, Kind], extras: tuple = None,
+                         scale, kinds: tuple[Kind, Kind], extras: tuple = None,
                          ahead: dict | None = None) -> np.ndarray | None:
-    """x + the attention block of several sequences' new rows (rows row0[j] .. row0[j + 1] - 1 of sequence j at
-    positions pos0[j]..; their k, v written to its cache), in one parallel region.   x: (T, D); cos, sin:
-    (T, d/2); kv: attention_seqs.KVLists of the sequences' caches → (T, D); with `ahead`, None (the caches
-    untouched) while the kernel is compiling in the background."""
+    """x + the attention block of the new rows of one or several sequences (kv: attention_seqs.KVLists: rows
+    kv.row0[j] .. of sequence j at positions kv.pos0[j]..; their k, v written to its cache), in one parallel
+    region.   x: (T, D); cos, sin: (T, d/2) → (T, D); with `ahead`, None (the caches untouched) while the kernel
+    is compiling in the background."""
     T, D = x.shape
     k1, k2 = kinds
     xq, xd, xs = _scratch("atts_x", k1.act, T, D)
@@ -443,7 +443,7 @@ def attention_seqs_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: Q
     out = np.empty((T, D), np.float32)
     args = (numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs,
             _f32("atts_qkv", T, w_qkv.rows), _f32("atts_q", T, n_heads, head_dim), _f32("atts_k", T, n_kv, head_dim),
-            _f32("atts_v", T, n_kv, head_dim), cos, sin, kv.k, kv.v, layer, row0, pos0, scale,
+            _f32("atts_v", T, n_kv, head_dim), cos, sin, kv.k, kv.v, layer, kv.row0, kv.pos0, scale,
             _f32("atts_att", T, n_heads, head_dim), aq, ad, as_, w_o.data, _f32("atts_obuf", T, D), _variant(w_qkv),
             _variant(w_o), _f32("atts_h", T, D), np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
     return out if _launch("attention_seqs", kinds, args, ahead) else None

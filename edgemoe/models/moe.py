@@ -204,9 +204,7 @@ class Model:
             for r0, n, cache in seqs:
                 ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], cache.length, self.scale)
         else:
-            row0 = np.array([r0 for r0, _, _ in seqs] + [T], dtype=np.int64)  # (B + 1,)
-            pos0 = np.array([c.length for *_, c in seqs], dtype=np.int64)  # (B,)
-            attention_seqs(out, q, kv, i, row0, pos0, self.scale)
+            attention_seqs(out, q, kv, i, self.scale)
         o = linear(out.reshape(T, -1), layer.o_proj)  # (T, D)
         if layer.o_bias is not None:
             o += layer.o_bias
@@ -390,9 +388,7 @@ class Model:
         x = self.embed_rows(ids)  # (T, D)
         kv = None  # the sequences' caches as the several-row attention kernels take them, made once per pass
         if T > 1 and self.spec.attention is None:
-            kv = KVLists.of([c for *_, c in seqs])
-            row0 = np.array([r0 for r0, _, _ in seqs] + [T], dtype=np.int64)  # (B + 1,)
-            pos0 = np.array([c.length for *_, c in seqs], dtype=np.int64)  # (B,)
+            kv = KVLists.of(seqs)
         fits = T <= FUSED_ROWS and self.fused  # the rows of one sequence, or of several, in one block
         plain = self.spec.fused_attention  # the fused blocks compute this family's attention
         for i, layer in enumerate(self.weights.layers):
@@ -409,7 +405,7 @@ class Model:
             elif kinds:
                 out = fused.attention_seqs_block(x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
                                                  layer.o_proj, a.num_attention_heads, a.num_key_value_heads,
-                                                 a.head_dim, cos, sin, kv, i, row0, pos0, self.scale, kinds,
+                                                 a.head_dim, cos, sin, kv, i, self.scale, kinds,
                                                  self._extras(layer), self._ahead())
             if out is not None:
                 x = out[None] if T == 1 else out
