@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "warmup": "Compile every kernel a model runs into Numba's cache (an image's or appliance's first start is then warm)",
     "serve": "Serve OpenAI-style completions over a UNIX socket (continuous batching)",
     "repl": "Chat with a running server interactively",
+    "cluster": "Serve models on Ray Serve replicas across boxes behind one endpoint (edgemoe cluster up|status|down)",
     "service": "Install the systemd units and the configuration of an appliance (edgemoe service install)",
 }
 

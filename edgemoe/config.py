@@ -30,6 +30,7 @@ from .config_schema import (
     file_path,
     integer,
     is_int,
+    is_number,
     key_path,
     number,
     optional,
@@ -114,6 +115,12 @@ def _socket_ok(v: Any) -> bool:
             and len(os.fsencode(v)) <= SUN_PATH_MAX)
 
 
+def _host_port_ok(v: str) -> bool:
+    host, _, port = v.rpartition(":")
+    return bool(host) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535 and not any(
+        c.isspace() or c in "/@" for c in host)
+
+
 def _weights_ok(v: Any) -> bool:
     return (isinstance(v, dict) and len(v) > 0
             and all(isinstance(k, str) and k and is_int(w) and w >= 1 for k, w in v.items()))
@@ -132,6 +139,12 @@ SOCKET = Rule(f"a UNIX socket file path of at most {SUN_PATH_MAX} bytes (not a d
 WEIGHTS = Rule("a mapping of request class to a positive integer weight, e.g. {interactive: 3, batch: 1}",
                _weights_ok, lambda v: tuple(sorted(v.items())))  # order-free: a mapping
 FRACTION = number("a number in (0, 1]", lambda v: 0 < v <= 1)
+RAY_ADDRESS = Rule('a Ray address: "auto" (the Ray instance this machine joined) or HOST:PORT of the head node, '
+                   'e.g. 10.0.0.5:6379', lambda v: isinstance(v, str) and (v == "auto" or _host_port_ok(v)))
+RESOURCES = Rule('a mapping of Ray resource name to a positive amount, e.g. {edge_box: 1}',
+                 lambda v: isinstance(v, dict) and all(isinstance(k, str) and k and k != "CPU" and is_number(n)
+                                                        and n > 0 for k, n in v.items()),
+                 lambda v: tuple(sorted((k, float(n)) for k, n in v.items())))
 
 
 # ----------------------------------------------------------------------------------------- schema
@@ -264,6 +277,25 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """`edgemoe cluster up` (edgemoe/cluster/): models served by Ray Serve replicas behind one front door."""
+
+    address: str | None = setting(None, optional(RAY_ADDRESS, "null"),
+                                  "the Ray cluster to join (null: start a local Ray instance on this machine)")
+    replicas: int | None = setting(None, optional(POSITIVE),
+                                   "replicas per model (auto: one per node marked with the model's resource; "
+                                   "1 on a local instance)")
+    max_replicas: int | None = setting(None, optional(POSITIVE, "null"),
+                                       "with a number: Ray Serve scales each model between `replicas` and this "
+                                       "on queue length")
+    cpus_per_replica: int | None = setting(None, optional(POSITIVE),
+                                           "CPUs each replica asks Ray for; its compute threads (auto: the cores "
+                                           "shared out among a local instance's replicas, else the node's CPUs)")
+    resources: tuple = setting((), RESOURCES, "Ray resources each replica asks for besides its model's own",
+                               dump=lambda r: dict(r))
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """Request defaults; names and meaning as in `edgemoe.sampling.SamplingParams`."""
 
@@ -293,6 +325,7 @@ class Config:
     speculative: SpeculativeConfig = section(SpeculativeConfig)
     monitoring: MonitoringConfig = section(MonitoringConfig)
     server: ServerConfig = section(ServerConfig)
+    cluster: ClusterConfig = section(ClusterConfig)
     threads: int | None = setting(None, optional(POSITIVE), "compute threads (auto: all cores)")
     context_length: int | None = setting(None, optional(integer("an integer >= 2", lo=2)),
                                          "tokens (auto: min(model's, 4096))")

@@ -183,16 +183,11 @@ def bind_tcp(addr: str, backlog: int = BACKLOG) -> socket.socket:
 def main(args) -> int:
     import uvicorn
 
-    from ..engine.session import Session
-    from ..kernels import compile_ahead
     from ..server import sdnotify
-    from ..server.app import Service, build_app
-    from ..server.engine import Engine
+    from ..server.app import build_app
     from ..server.limits import HttpLimits, fit_to_nofile
-    from ..server.metrics import Metrics
     from ..server.noise import QuietFilter, Throttle
     from ..server.protocol import guarded_h11
-    from ..server.scheduler import Scheduler
 
     logging.basicConfig(level=logging.INFO, format="edgemoe: %(message)s", stream=sys.stderr)
     cfg = config_from_args(args)
@@ -225,32 +220,8 @@ def main(args) -> int:
         listeners = ["socket activation (fd 3)"] if fds else [unix_path] if unix_path is not None else []
         where = " and ".join(listeners + ([f"http://{tcp}"] if tcp else []))
         log.info("listening on %s%s", where, "; every request but GET /health needs the API key" if key else "")
-        model = args.model or cfg.inference.model or "the embedded model"
-        log.info("loading %s", model)  # one log line per phase: loading, warming up, serving
-        sdnotify.notify(f"STATUS=loading {model}")
-        session = Session(args, cfg, progress=False)
-        log.info("warming up: compiling the kernels (the first run after an install takes ~%s)",
-                 "40 s" if session.compile_wait else "10 s; the fused decode kernels compile in the background")
-        sdnotify.notify("STATUS=compiling kernels")
-        session.warm_up()
-        pid, left = compile_ahead.pending()
-        if left:
-            log.info("the fused decode kernels (%s) are compiling in a background process (pid %d, ~30-40 s); "
-                     "until then steps run kernel by kernel", ", ".join(left), pid)
+        session, engine, service = build_service(args, cfg, limits, noise)
         b = cfg.batching
-        engine = Engine(session.core(Metrics()), Scheduler(dict(b.admission), b.max_batch, b.max_queue),
-                        bind_thread=session.bind_thread)
-
-        def info() -> dict:
-            threads = engine.threads if session.threads is not None else session.thread_figures(engine.core)
-            return {"threads": threads, "layout": session.layout(), "kv_cache": session.cache_type,
-                    "streaming": session.stream is not None, "speculative": engine.core.proposer_name,
-                    **{k: v for k, v in session.stream_figures().items() if k == "thermal"}}
-
-        service = Service(engine, session.tokenizer, os.path.basename(session.model_path.rstrip("/")),
-                          session.n_ctx, cfg.sampling.params(), info, limits=limits, noise=noise,
-                          chat_template=session.chat_template)
-        log.info("chat requests use %s (%s)", session.chat_template.label, session.chat_template.origin)
         engine.start()
         # limit_concurrency: uvicorn's own 503 once a request arrives, a second fence behind the protocol's cap
         # at accept time (+1: uvicorn counts the asking connection too).
@@ -338,3 +309,47 @@ def _make_server(config, engine, grace_s: float):
             threading.Thread(target=engine.shutdown, args=(grace_s,), daemon=True).start()
 
     return Server(config)
+
+
+def build_service(args, cfg, limits, noise):
+    """The model's session (loaded and warmed up), its engine (not started) and the Service the routes answer from,
+    as `serve` builds them; a cluster replica (edgemoe/cluster/replica.py) builds its own the same way."""
+    from ..engine.session import Session
+    from ..kernels import compile_ahead
+    from ..server import sdnotify
+    from ..server.app import Service
+    from ..server.engine import Engine
+    from ..server.metrics import Metrics
+    from ..server.scheduler import Scheduler
+
+    model = args.model or cfg.inference.model or "the embedded model"
+    log.info("loading %s", model)  # one log line per phase: loading, warming up, serving
+    sdnotify.notify(f"STATUS=loading {model}")
+    session = Session(args, cfg, progress=False)
+    try:
+        log.info("warming up: compiling the kernels (the first run after an install takes ~%s)",
+                 "40 s" if session.compile_wait else "10 s; the fused decode kernels compile in the background")
+        sdnotify.notify("STATUS=compiling kernels")
+        session.warm_up()
+        pid, left = compile_ahead.pending()
+        if left:
+            log.info("the fused decode kernels (%s) are compiling in a background process (pid %d, ~30-40 s); "
+                     "until then steps run kernel by kernel", ", ".join(left), pid)
+        b = cfg.batching
+        engine = Engine(session.core(Metrics()), Scheduler(dict(b.admission), b.max_batch, b.max_queue),
+                        bind_thread=session.bind_thread)
+    except BaseException:
+        session.close()
+        raise
+
+    def info() -> dict:
+        threads = engine.threads if session.threads is not None else session.thread_figures(engine.core)
+        return {"threads": threads, "layout": session.layout(), "kv_cache": session.cache_type,
+                "streaming": session.stream is not None, "speculative": engine.core.proposer_name,
+                **{k: v for k, v in session.stream_figures().items() if k == "thermal"}}
+
+    service = Service(engine, session.tokenizer, os.path.basename(session.model_path.rstrip("/")),
+                      session.n_ctx, cfg.sampling.params(), info, limits=limits, noise=noise,
+                      chat_template=session.chat_template)
+    log.info("chat requests use %s (%s)", session.chat_template.label, session.chat_template.origin)
+    return session, engine, service
