@@ -127,6 +127,8 @@ def deploy(plans: list[Plan], extra_resources: dict[str, float], grace_s: float)
     for p in plans:
         opts = dict(name=DEPLOYMENT, ray_actor_options={"num_cpus": p.cpus, "resources": {p.resource: 1,
                                                                                           **extra_resources}},
+                    request_router_config={"request_router_class":
+                                           "edgemoe.cluster.router:PrefixAffinityRouter"},
                     max_ongoing_requests=p.max_batch, max_queued_requests=p.max_queue,
                     health_check_period_s=HEALTH_CHECK_S, health_check_timeout_s=HEALTH_TIMEOUT_S,
                     graceful_shutdown_timeout_s=grace_s + 5, max_constructor_retry_count=CONSTRUCTOR_RETRIES *

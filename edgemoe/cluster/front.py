@@ -31,6 +31,7 @@ from ..server.limits import HttpLimits
 from ..server.noise import Throttle
 from .bridge import HOP_HEADERS, request_item, sse_error
 from .promtext import merge
+from .router import affinity_key
 
 log = logging.getLogger("edgemoe.cluster")
 RETRY_WINDOW_S = 60.0  # a request no replica could take is retried this long (Ray replaces a lost replica)
@@ -55,19 +56,15 @@ class FrontDoor:
     outcomes: Counter = field(default_factory=Counter)  # answered, retried, rejected, broken, disconnected
     started: float = field(default_factory=time.time)
 
-    def model_for(self, body: bytes) -> str:
-        """The model a request body names; with one model, that one. RequestError (400/404) for a body that names
-        none of several, or one not served; a body that is not JSON goes to the first model, whose replica answers
-        it as `edgemoe serve` would."""
+    def model_for(self, body: object) -> str:
+        """The model a request body (parsed; None when it is not JSON) names; with one model, that one.
+        RequestError (400/404) for a body that names none of several, or one not served; a body that is not JSON
+        goes to the first model, whose replica answers it as `edgemoe serve` would."""
         names = list(self.handles)
-        if len(names) == 1:
-            return names[0]
-        try:
-            obj = decode_json(body, self.limits)
-        except RequestError:
+        if len(names) == 1 or body is None:
             return names[0]
         served = ", ".join(f"'{n}'" for n in names)
-        name = obj.get("model") if isinstance(obj, dict) else None
+        name = body.get("model") if isinstance(body, dict) else None
         if name is None:
             raise RequestError(f"'model' is required: this cluster serves {served} (GET /v1/models)", "model")
         if not isinstance(name, str) or name not in self.handles:
@@ -113,9 +110,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _first(gen, request: Request | None):
-    """The reply's first item; _Disconnected when the client leaves first."""
-    nxt = asyncio.ensure_future(gen.__anext__())
+async def _await(call):
+    return await call
+
+
+async def _first(call, stream: bool, request: Request | None):
+    """The reply's first item (a whole reply's only one); _Disconnected when the client leaves first."""
+    nxt = asyncio.ensure_future(call.__anext__() if stream else _await(call))
     if request is None:
         return await nxt
     gone = asyncio.ensure_future(_disconnected(request))
@@ -135,17 +136,20 @@ def _lost():
     return RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, StopAsyncIteration
 
 
-async def relay(front: FrontDoor, name: str, item: dict, request: Request | None = None) -> Response:
-    """Forward `item` to a replica of model `name` and relay its reply (retrying while no replica has answered)."""
+async def relay(front: FrontDoor, name: str, item: dict, request: Request | None = None,
+                stream: bool = False) -> Response:
+    """Forward `item` to a replica of model `name` and relay its reply (retrying while no replica has answered).
+    `stream`: the reply comes in pieces (a streamed completion); else in one call, which costs Ray less."""
     from ray.serve.exceptions import BackPressureError
 
     lost = _lost()
     deadline = time.monotonic() + RETRY_WINDOW_S
     delay = RETRY_FIRST_S
     while True:
-        gen = front.handles[name].options(stream=True).http.remote(item)
+        handle = front.handles[name]
+        gen = handle.options(stream=True).http.remote(item) if stream else handle.whole.remote(item)
         try:
-            first = await _first(gen, request)
+            first = await _first(gen, stream, request)
             break
         except _Disconnected:
             gen.cancel()
@@ -203,12 +207,19 @@ def build_front(front: FrontDoor, api_key: str | None = None):
     async def forward(request: Request) -> Response:
         try:
             body = await read_body(request, front.limits)
-            name = front.model_for(body)
+            try:
+                parsed = decode_json(body, front.limits)
+            except RequestError:
+                parsed = None
+            name = front.model_for(parsed)
         except RequestError as e:
             return _reply(e)
         except ClientDisconnect:
             return Response(status_code=499)
-        return await relay(front, name, request_item(request.scope, body), request)
+        item = request_item(request.scope, body)
+        item["affinity"] = affinity_key(parsed)  # router.py: a replica that holds the prompt's start is preferred
+        stream = isinstance(parsed, dict) and parsed.get("stream") is True
+        return await relay(front, name, item, request, stream)
 
     async def get_from(name: str, path: str) -> Response:
         return await relay(front, name, {"method": "GET", "path": path, "query": b"", "headers": [], "body": b""})

@@ -12,7 +12,7 @@ import time
 NAMESPACE = "edgemoe"
 REGISTRY = "edgemoe-cluster-registry"
 REPORT_S = 1.0
-STALE_S = 5.0
+STALE_S = 3.0
 FORGET_S = 120.0
 
 

@@ -36,6 +36,7 @@ class Replica:
         from ..server.noise import Throttle
 
         logging.basicConfig(level=logging.INFO, format="edgemoe: %(message)s")
+        self.nice = _unlower_priority()
         try:
             args = replica_arguments(argv)
             cfg = config_from_args(args)
@@ -46,14 +47,20 @@ class Replica:
         self.app = build_app(self.service)
         self.model_name = model_name
         self.id = _replica_id()
+        self._headers = [(b"x-edgemoe-replica", self.id.encode())]
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report_loop, name="edgemoe-report", daemon=True)
         self._reporter.start()
 
     async def http(self, item: dict):
         """The response to one forwarded request, as bridge.call_app yields it."""
-        async for part in call_app(self.app, item):
+        async for part in call_app(self.app, item, self._headers):
             yield part
+
+    async def whole(self, item: dict) -> dict:
+        """The response to one forwarded request in one piece (a reply that is not streamed)."""
+        parts = [part async for part in call_app(self.app, item, self._headers)]
+        return {**parts[0], "body": parts[0]["body"] + b"".join(parts[1:]), "more": False}
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine thread stopped is replaced."""
@@ -70,7 +77,8 @@ class Replica:
         import ray
 
         return {"model": self.model_name, "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "engine_alive": self.engine.is_alive(), "queue": snap["queue_length"], "running": snap["running"],
+                "engine_alive": self.engine.is_alive(), "nice": self.nice, "queue": snap["queue_length"],
+                "running": snap["running"],
                 "tokens_per_second": snap["tokens_per_second"], "tokens_generated": snap["tokens_generated"],
                 "requests": snap["requests"], "hit_rate": None if cache is None else cache["hit_rate"],
                 "engine": self.service.info(), "prometheus": prometheus(snap, cache)}
@@ -100,6 +108,17 @@ class Replica:
         self.engine.shutdown(SHUTDOWN_GRACE_S)
         self.engine.join(SHUTDOWN_GRACE_S + 5)
         self.session.close()
+
+
+def _unlower_priority() -> int:
+    """Ray starts its workers at nice 15, below every other process of the box; the model's threads (created
+    from this one from here on: Linux priorities are per thread and inherited) go back to the priority `edgemoe
+    serve` would run at when this user may raise it. Returns the niceness they run at."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:  # an unprivileged user may not lower a niceness
+        pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def _replica_id() -> str:
