@@ -57,3 +57,75 @@ def test_a_model_that_cannot_load_is_one_line(tmp_path):
     assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
     out = edgemoe("cluster", "status", env=env, timeout=60)
     assert out.returncode == 2 and "no cluster front door is running" in out.stderr
+
+
+def test_max_replicas_scales_on_queue_length(tmp_path):
+    """cluster.max_replicas (--max-replicas): 16 streams on one replica make Ray Serve start a second."""
+    import threading
+    import time
+
+    c = Cluster(tmp_path, "--replicas", "1", "--set", "cluster.max_replicas=2")
+    stop = time.monotonic() + 90
+    try:
+        def load(i: int) -> None:
+            with c.client() as client:
+                while time.monotonic() < stop:
+                    with client.stream("POST", "/v1/completions", json={
+                            "prompt": f"The king {i}", "max_tokens": 200, "temperature": 0, "stream": True}) as r:
+                        for _ in r.iter_lines():
+                            pass
+
+        threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(16)]
+        for t in threads:
+            t.start()
+        states = {}
+        with c.client() as client:
+            while time.monotonic() < stop:
+                states = client.get("/cluster/status").json()["models"]["default-moe.gguf"]["replica_states"]
+                if states.get("RUNNING", 0) == 2:
+                    break
+                time.sleep(1)
+        assert states.get("RUNNING", 0) == 2, states
+    finally:
+        stop = 0
+        c.down()
+
+
+def test_joins_a_running_ray_cluster_and_leaves_it_running(tmp_path):
+    """--address: a Ray head started as on a real head node, marked as holding the model; one replica per
+    marked node with the node's CPUs; `cluster down` deletes only its own application."""
+    import shutil
+    import socket
+    import subprocess
+
+    ray_cli = shutil.which("ray")
+    if ray_cli is None:
+        pytest.skip("the ray command is not on PATH")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    start = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--num-cpus", "2",
+                            "--include-dashboard", "false", "--disable-usage-stats",
+                            "--resources", '{"edgemoe-model-default-moe.gguf": 1, "edge_box": 1}'],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr
+    try:
+        out = edgemoe("cluster", "up", "-m", os.path.join(os.path.dirname(DRAFT), "draft-moe.gguf"), "--address",
+                      f"127.0.0.1:{port}", env={**env, "XDG_RUNTIME_DIR": str(tmp_path)}, timeout=120)
+        assert out.returncode == 2 and "no node of the Ray cluster is marked as holding model 'draft-moe.gguf'" \
+            in out.stderr.strip().splitlines()[-1], out.stderr
+        c = Cluster(tmp_path, "--address", f"127.0.0.1:{port}", "--set", "cluster.resources={edge_box: 1}")
+        try:
+            with c.client() as client:
+                st = client.get("/cluster/status").json()
+                r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200
+            assert [rep["engine"]["threads"] for rep in st["replicas"]] == [2]  # the node's 2 CPUs
+        finally:
+            c.down()
+        status = subprocess.run([ray_cli, "status", "--address", f"127.0.0.1:{port}"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0, status.stderr  # the cluster it joined still runs
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
