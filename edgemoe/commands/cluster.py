@@ -119,6 +119,11 @@ def up(args) -> int:
     c = cfg.cluster
     plans = _plans(args, cfg)
     address = args.address or c.address
+    if args.address is not None:
+        from ..config import RAY_ADDRESS
+
+        if not RAY_ADDRESS.check(args.address)[0]:
+            raise UsageError(f"--address {args.address[:80]!r}: expected {RAY_ADDRESS.what}")
     tcp = args.tcp or cfg.server.tcp
     if tcp:
         parse_tcp(tcp)
