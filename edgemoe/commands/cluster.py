@@ -93,6 +93,16 @@ def read_state() -> dict | None:
     return state
 
 
+def _left_behind() -> dict | None:
+    """The state of a front door that was killed (its file is there, its process is not)."""
+    try:
+        with open(state_path()) as f:
+            state = json.load(f)
+        return state if isinstance(state, dict) and "pid" in state else None
+    except (OSError, ValueError):
+        return None
+
+
 def main(args) -> int:
     return {"up": up, "status": status, "down": down}[args.cluster_command](args)
 
@@ -339,7 +349,12 @@ def status(args) -> int:
 def down(args) -> int:
     state = read_state()
     if state is None:
-        print("edgemoe cluster: no front door is running")
+        left = _left_behind()
+        print("edgemoe cluster: no front door is running" + (
+            f" (pid {left['pid']} in {state_path()} has exited without cleaning up; `ray stop` ends the Ray "
+            "processes it may have left)" if left else ""))
+        if left:
+            _remove(state_path())
         return 0
     pid = state["pid"]
     os.kill(pid, signal.SIGTERM)
