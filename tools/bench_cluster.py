@@ -9,7 +9,8 @@ replica with C CPUs, a cluster of two replicas with C/2 each (local Ray instance
 - one stream: --rounds streamed completions of -n tokens, tokens/s from the first token to the last (median);
 - aggregate: --streams concurrent streamed completions of -n/2 tokens each, all tokens ÷ wall time (median of
   --rounds).
-Last, Ray Serve's own cost per call: an empty deployment's round trip through a handle (median). The client
+Last, Ray Serve's own cost per call: an empty deployment's round trip through a handle (median), through the
+object store and over gRPC (as the front door calls). The client
 runs on the same box (http.client, ~40 µs of CPU per token).
 """
 
@@ -80,28 +81,31 @@ class _Empty:
         return item
 
 
-def ray_floor_ms(calls: int) -> float:
+def ray_floor_ms(calls: int) -> dict:
     """Ray Serve's own cost of one call on this box: the median round trip through a handle to a deployment
-    that does nothing (a local Ray instance of its own, with no proxy)."""
+    that does nothing (a local Ray instance of its own, with no proxy), through Ray's object store and over
+    gRPC as the front door calls (edgemoe.cluster.deploy.direct)."""
     import asyncio
 
     import ray
     from ray import serve
+
+    from edgemoe.cluster.deploy import direct
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(proxy_location="Disabled")
         handle = serve.run(serve.deployment(_Empty).options(name="empty").bind(), name="empty", route_prefix=None)
 
-        async def go() -> float:
+        async def go(h) -> float:
             times = []
             for _ in range(calls + 10):
                 t = time.perf_counter()
-                await handle.whole.remote({"method": "POST", "body": b"{}"})
+                await h.whole.remote({"method": "POST", "body": b"{}"})
                 times.append(time.perf_counter() - t)
-            return 1e3 * statistics.median(times[10:])
+            return round(1e3 * statistics.median(times[10:]), 2)
 
-        return asyncio.run(go())
+        return {"object_store": asyncio.run(go(handle)), "grpc": asyncio.run(go(direct(handle)))}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -145,8 +149,8 @@ def main() -> int:
             finally:
                 subprocess.run([sys.executable, "-m", "edgemoe", "cluster", "down"], env=env, capture_output=True)
             print(f"cluster, {replicas} replica(s):", results[f"cluster_{replicas}"], flush=True)
-    results["ray_floor_ms"] = round(ray_floor_ms(args.requests), 2)
-    print("Ray Serve's own call (an empty deployment):", results["ray_floor_ms"], "ms", flush=True)
+    results["ray_floor_ms"] = ray_floor_ms(args.requests)
+    print("Ray Serve's own call (an empty deployment), ms:", results["ray_floor_ms"], flush=True)
     s, c1, c2 = results["serve"], results["cluster_1"], results["cluster_2"]
     ratios = {"overhead_ms_per_request": round(c1["one_token_ms"] - s["one_token_ms"], 2),
               "stream_cluster1_vs_serve": round(c1["stream_tok_s"] / s["stream_tok_s"], 3),
@@ -155,8 +159,9 @@ def main() -> int:
     print(f"\n{'':24}{'1-token ms':>12}{'stream tok/s':>14}{'aggregate tok/s':>17}")
     for name, r in (("serve", s), ("cluster, 1 replica", c1), ("cluster, 2 replicas", c2)):
         print(f"{name:24}{r['one_token_ms']:>12.2f}{r['stream_tok_s']:>14.1f}{r['aggregate_tok_s']:>17.1f}")
+    floor = results["ray_floor_ms"]
     print(f"\nRay path overhead per request: {ratios['overhead_ms_per_request']:+.2f} ms (Ray Serve's own call: "
-          f"{results['ray_floor_ms']:.2f} ms); one stream "
+          f"{floor['grpc']:.2f} ms over gRPC, {floor['object_store']:.2f} through the object store); one stream "
           f"{ratios['stream_cluster1_vs_serve']:.3f}x serve, {args.streams} streams "
           f"{ratios['aggregate_cluster1_vs_serve']:.3f}x; 2 replicas vs 1: {ratios['aggregate_2_vs_1_replicas']:.3f}x "
           f"({cores} cores)")
