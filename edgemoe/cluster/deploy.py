@@ -27,7 +27,8 @@ HEALTH_TIMEOUT_S = 30.0
 
 @dataclass
 class Plan:
-    """One model's deployment: its name, the `edgemoe serve` arguments of its replicas, and their number."""
+    """One model's deployment: its name, the `edgemoe serve` arguments of its replicas (without --threads, which
+    is `cpus`), and their number."""
 
     name: str
     argv: list[str]
@@ -103,21 +104,6 @@ def fit_to_nodes(plan: Plan, cpus_set: bool, replicas_set: bool) -> None:
                          "for fewer replicas")
     if not cpus_set:
         plan.cpus = max(1, int(min(n["Resources"].get("CPU", 1) for n in nodes)))
-        plan.argv = _with_threads(plan.argv, plan.cpus)
-
-
-def _with_threads(argv: list[str], threads: int) -> list[str]:
-    out = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--threads":
-            skip = True
-            continue
-        out.append(a)
-    return out + ["--threads", str(threads)]
 
 
 def deploy(plans: list[Plan], extra_resources: dict[str, float], grace_s: float) -> dict:
@@ -146,7 +132,7 @@ def deploy(plans: list[Plan], extra_resources: dict[str, float], grace_s: float)
             opts["num_replicas"] = p.replicas
         log.info("deploying %s: %s replica(s)%s, %d CPU(s) each", p.name, p.replicas,
                  f" (up to {p.max_replicas} on queue length)" if p.max_replicas else "", p.cpus)
-        app = serve.deployment(Replica).options(**opts).bind(p.argv, p.name)
+        app = serve.deployment(Replica).options(**opts).bind([*p.argv, "--threads", str(p.cpus)], p.name)
         try:
             handles[p.name] = direct(serve.run(app, name=p.name, route_prefix=None))
         except Exception as e:  # noqa: BLE001 - Ray's deploy failures carry the replica's traceback as text

@@ -82,25 +82,25 @@ def state_path() -> str:
     return os.path.join(os.path.dirname(default_socket()), "edgemoe-cluster.json")
 
 
-def read_state() -> dict | None:
-    """The running front door's state, or None (no file, or its process is gone)."""
+def _load_state() -> dict | None:
+    """The state file's content, whether or not its process still runs."""
     try:
         with open(state_path()) as f:
             state = json.load(f)
-        os.kill(state["pid"], 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return state
-
-
-def _left_behind() -> dict | None:
-    """The state of a front door that was killed (its file is there, its process is not)."""
-    try:
-        with open(state_path()) as f:
-            state = json.load(f)
-        return state if isinstance(state, dict) and "pid" in state else None
     except (OSError, ValueError):
         return None
+    return state if isinstance(state, dict) and isinstance(state.get("pid"), int) else None
+
+
+def read_state() -> dict | None:
+    """The running front door's state, or None (no file, or its process is gone)."""
+    state = _load_state()
+    try:
+        if state is not None:
+            os.kill(state["pid"], 0)
+    except OSError:
+        return None
+    return state
 
 
 def main(args) -> int:
@@ -140,8 +140,9 @@ def up(args) -> int:
     key = api_key(args, cfg, tcp)
     limits = fit_to_nofile(HttpLimits())
     deploy.import_ray()
-    if read_state() is not None:
-        raise UsageError(f"a cluster front door is running already (pid {read_state()['pid']}); stop it with "
+    running = read_state()
+    if running is not None:
+        raise UsageError(f"a cluster front door is running already (pid {running['pid']}); stop it with "
                          "`edgemoe cluster down`")
     path = args.socket or cfg.server.socket or (None if tcp else os.path.join(
         os.path.dirname(default_socket()), "edgemoe-cluster.sock"))
@@ -171,7 +172,7 @@ def up(args) -> int:
         config = uvicorn.Config(build_front(front, key), lifespan="off", log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=args.grace + 5, backlog=limits.backlog,
                                 timeout_keep_alive=limits.keep_alive_s)
-        server = _Server(config, {"pid": os.getpid(), "socket": unix_path, "tcp": tcp,
+        server = _make_server(config, {"pid": os.getpid(), "socket": unix_path, "tcp": tcp,
                                   "models": [p.name for p in plans], "address": address or "local"})
         log.info("serving %s on %s", ", ".join(f"{p.name} ({p.replicas} replica(s))" for p in plans), where)
         asyncio.run(server.serve(sockets=sockets))
@@ -212,7 +213,7 @@ def _plans(args, cfg) -> list:
                              "rename one")
         seen[name] = m
         argv = (["-m", os.path.abspath(m)] if m is not None else []) + _config_argv(args)
-        plans.append(Plan(name, argv + ["--threads", str(cpus)], replicas, max_replicas, cpus, model_resource(name),
+        plans.append(Plan(name, argv, replicas, max_replicas, cpus, model_resource(name),
                           cfg.batching.max_batch, cfg.batching.max_queue))
     return plans
 
@@ -231,22 +232,18 @@ def _remove(path: str) -> None:
         pass
 
 
-def _server_class():
+def _make_server(config, state: dict):
+    """A uvicorn.Server that writes the state file (and tells systemd) once it listens, and removes the file when
+    it stops."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn, writing the state file (and telling systemd) once it listens, removing it when it ends."""
-
-        def __init__(self, config, state: dict):
-            super().__init__(config)
-            self.state = state
-
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started and not self.should_exit:
                 from ..server import sdnotify
 
-                _write_state(self.state)
+                _write_state(state)
                 sdnotify.notify("READY=1")
                 sdnotify.notify("STATUS=ready")
 
@@ -254,11 +251,7 @@ def _server_class():
             _remove(state_path())
             await super().shutdown(sockets=sockets)
 
-    return Server
-
-
-def _Server(config, state):  # noqa: N802 - a class made on first use (uvicorn is imported lazily)
-    return _server_class()(config, state)
+    return Server(config)
 
 
 def _write_state(state: dict) -> None:
@@ -349,7 +342,7 @@ def status(args) -> int:
 def down(args) -> int:
     state = read_state()
     if state is None:
-        left = _left_behind()
+        left = _load_state()
         print("edgemoe cluster: no front door is running" + (
             f" (pid {left['pid']} in {state_path()} has exited without cleaning up; `ray stop` ends the Ray "
             "processes it may have left)" if left else ""))
