@@ -211,8 +211,7 @@ def test_rows_do_not_depend_on_batch_threads_twin_or_variant(qt):
         tc.reset_threads()
     rows_fn = {QT.Q4_1: q451x8.rows_q4_1_x8, QT.Q5_0: q451x8.rows_q5_0_x8, QT.Q5_1: q451x8.rows_q5_1_x8}[qt]
     for variant in VARIANTS:
-        for t in (0, 7):
-            out = np.full(rows, np.nan, np.float32)
-            for r0, r1 in ((0, 8), (8, 40), (40, 64)):
-                rows_fn(out, r0, r1, packed, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], MARKERS[variant])
-            assert tc.bits_equal(out, ref[t]), (variant, t)
+        for t0, t1 in ((0, len(xq)), (7, 8)):
+            out = tc.rows_over(rows_fn, ((0, 8), (8, 40), (40, 64)), packed, (xq[t0:t1], xd[t0:t1], xs[t0:t1]),
+                               MARKERS[variant], rows)
+            assert tc.bits_equal(out, ref[t0:t1]), (variant, t0, t1)

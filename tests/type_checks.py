@@ -123,12 +123,21 @@ def check_x8_rows(pair, rows_fn, w: np.ndarray, act, n_row: int) -> np.ndarray:
     finally:
         set_threads(numba.config.NUMBA_NUM_THREADS)
     for name, marker in markers.items():
-        for t in (0, 5):
-            one = np.full(n_row, np.nan, np.float32)
-            for r0, r1 in ((0, 8), (8, 24), (24, 40)):
-                rows_fn(one, r0, r1, w, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], marker)
-            assert bits_equal(one, ref[t]), (name, t)
+        for t0, t1 in ((0, len(xq)), (5, 6), (1, 4)):
+            got = rows_over(rows_fn, ((0, 8), (8, 24), (24, 40)), w, (xq[t0:t1], xd[t0:t1], xs[t0:t1]), marker, n_row)
+            assert bits_equal(got, ref[t0:t1]), (name, t0, t1)
     return ref
+
+
+def rows_over(rows_fn, ranges, w, act, marker, n_row: int) -> np.ndarray:
+    """(T, n_row): a `rows` kernel (`kernels.rows`) over each (r0, r1) of `ranges`, all T tokens of `act` per call."""
+    xq, xd, xs = act
+    out = np.full((len(xq), n_row), np.nan, np.float32)
+    for r0, r1 in ranges:
+        block = np.full((len(xq), r1 - r0), np.nan, np.float32)
+        rows_fn(block, r0, r1, w, xq, xd, xs, marker)
+        out[:, r0:r1] = block
+    return out
 
 
 def check_x8_round_trip(qt: QT, raw: np.ndarray) -> None:
@@ -290,9 +299,7 @@ def check_row_ranges(kind, w: QTensor, x: np.ndarray, act, ranges, marker: int, 
     """kind.rows over each (r0, r1) of `ranges`, on the activation blocks `act` of x (C,), gives matvec's bits."""
     whole = np.empty(w.shape[0], np.float32)
     matvec(whole, w, x)
-    out = np.full(w.shape[0], np.nan, np.float32)
-    for r0, r1 in ranges:
-        kind.rows(out, r0, r1, w.data, *act, marker)
+    out = rows_over(kind.rows, ranges, w.data, act, marker, w.shape[0])[0]
     assert bits_equal(out, whole), what
 
 

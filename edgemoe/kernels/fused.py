@@ -68,7 +68,8 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
         while c >= 0:  # gate and up rows
             m = c // per_mat
             lo = (c % per_mat) * chunk
-            GU_ROWS(gu[m * r1:(m + 1) * r1], lo, min(lo + chunk, r1), mats[m], xq, xd, xs, gu_variant)
+            hi = min(lo + chunk, r1)
+            GU_ROWS(gu[m * r1 + lo:m * r1 + hi].reshape(1, hi - lo), lo, hi, mats[m], xq, xd, xs, gu_variant)
             finish(sync, 0)
             c = claim(sync, 0, n1, back)
         wait_done(sync, 0, n1)
@@ -84,7 +85,8 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
             lo = c * chunk
             hi = min(lo + chunk, D)
             for e in range(A):
-                DOWN_ROWS(ys[e], lo, hi, downs[e], hq[e:e + 1], hd[e:e + 1], hs[e:e + 1], down_variant)
+                DOWN_ROWS(ys[e][lo:hi].reshape(1, hi - lo), lo, hi, downs[e], hq[e:e + 1], hd[e:e + 1], hs[e:e + 1],
+                          down_variant)
             for r in range(lo, hi):
                 acc = np.float32(0.0)
                 for e in range(A):
@@ -94,8 +96,9 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
             c = claim(sync, 2, n3, back)
 
 
-def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w, slot_tok, exp_start, exp_slots,
-                       tok_start, xq, xd, xs, gu, hbuf, hq, hd, hs, ys, downs, gu_variant, down_variant, sync, chunk):
+def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w, slot_tok, slot_j, exp_start,
+                       exp_slots, tok_start, xq, xd, xs, xg, xdg, xsg, gu, hbuf, hq, hd, hs, ys, tmp, downs, gu_variant,
+                       down_variant, sync, chunk):
     """One group of experts of the expert block of T tokens: acc (T, D) += per token t, the sum over its slots
     s of this group (in order) of slot_w[s] * down_u(silu(gate_u h_t) * up_u h_t), u the slot's expert; with
     `last`, out (T, D) = resid + acc instead. Groups in increasing expert id keep every token's sum in order.
@@ -103,11 +106,14 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
     mats: the group's experts' gate|up matrices, `n_per` per expert (as `_moe_template`); downs: their
     down matrices (a group always has MOE_GROUP experts, padded with ones no slot uses, so one compiled
     kernel serves every count). Slots 0..S-1 are grouped by token (token t owns
-    tok_start[t]..tok_start[t+1]-1, in the order its outputs are summed); slot_tok (S,) its token;
-    exp_slots[exp_start[u]:exp_start[u+1]] the slots of expert u. Each weight chunk is read once and applied
-    to every slot of its expert.
-    Scratch: xq, xd, xs: (T, ...) activations of h; gu (S * 2I,) f32; hbuf (S, I) f32; hq, hd, hs: (S, ...)
-    activations of hbuf; ys (S, D) f32; sync: (3 * SYNC_SLOTS,) int64 zeros.
+    tok_start[t]..tok_start[t+1]-1, in the order its outputs are summed); slot_tok (S,) its token. The slots
+    are worked on grouped by expert: position j holds slot exp_slots[j], expert u owns positions
+    exp_start[u]..exp_start[u+1]-1, and slot_j (S,) is each slot's position. Each weight chunk is unpacked once
+    for all the positions of its expert (the `rows` kernels take several tokens per pass) and every row gets the
+    bits it gets alone.
+    Scratch: xq, xd, xs: (T, ...) activations of h; xg, xdg, xsg: (S, ...) the same per position; gu (S * 2I,)
+    f32; hbuf (S, I) f32; hq, hd, hs: (S, ...) activations of hbuf; ys (S, D) f32, all by position;
+    tmp (n_threads, T * chunk) f32; sync: (3 * SYNC_SLOTS,) int64 zeros.
     """
     T, D = out.shape
     S = slot_w.shape[0]
@@ -119,43 +125,55 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
     n3 = (D + chunk - 1) // chunk
     for t in range(T):
         GU_QUANT(xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], h[t:t + 1])
+    for j in range(S):  # each position's activations: its slot's token's
+        t = slot_tok[exp_slots[j]]
+        xg[j, :] = xq[t, :]
+        xdg[j, :] = xd[t, :]
+        xsg[j, :] = xs[t, :]
     for it in prange(n_threads):
         back = it % 2 == 1  # odd iterations take chunks from the back
         c = claim(sync, 0, n1, back)
-        while c >= 0:  # gate and up rows, for every slot of the chunk's expert
+        while c >= 0:  # gate and up rows, for every position of the chunk's expert at once
             m = c // per_mat
             u = m // n_per
             at = (m % n_per) * r1
             lo = (c % per_mat) * chunk
             hi = min(lo + chunk, r1)
-            for j in range(exp_start[u], exp_start[u + 1]):
-                s = exp_slots[j]
-                t = slot_tok[s]
-                GU_ROWS(gu[s * 2 * n_i + at:s * 2 * n_i + at + r1], lo, hi, mats[m], xq[t:t + 1], xd[t:t + 1],
-                        xs[t:t + 1], gu_variant)
+            j0, j1 = exp_start[u], exp_start[u + 1]
+            if j1 > j0:
+                blk = tmp[it][:(j1 - j0) * (hi - lo)].reshape(j1 - j0, hi - lo)
+                GU_ROWS(blk, lo, hi, mats[m], xg[j0:j1], xdg[j0:j1], xsg[j0:j1], gu_variant)
+                for k in range(j1 - j0):
+                    o = (j0 + k) * 2 * n_i + at + lo
+                    for r in range(hi - lo):
+                        gu[o + r] = blk[k, r]
             finish(sync, 0)
             c = claim(sync, 0, n1, back)
         wait_done(sync, 0, n1)
-        s = claim(sync, 1, S, back)
-        while s >= 0:  # SwiGLU and the down projection's activations, per slot
-            SWIGLU_SERIAL(hbuf[s:s + 1], gu, s * 2 * n_i, gu, s * 2 * n_i + n_i, 2 * n_i)
-            DOWN_QUANT(hq[s:s + 1], hd[s:s + 1], hs[s:s + 1], hbuf[s:s + 1])
+        j = claim(sync, 1, S, back)
+        while j >= 0:  # SwiGLU and the down projection's activations, per position
+            SWIGLU_SERIAL(hbuf[j:j + 1], gu, j * 2 * n_i, gu, j * 2 * n_i + n_i, 2 * n_i)
+            DOWN_QUANT(hq[j:j + 1], hd[j:j + 1], hs[j:j + 1], hbuf[j:j + 1])
             finish(sync, 1)
-            s = claim(sync, 1, S, back)
+            j = claim(sync, 1, S, back)
         wait_done(sync, 1, S)
         c = claim(sync, 2, n3, back)
-        while c >= 0:  # down rows of every slot, then each token's sum in order plus the residual
+        while c >= 0:  # down rows of every position, then each token's sum in order plus the residual
             lo = c * chunk
             hi = min(lo + chunk, D)
             for u in range(U):
-                for j in range(exp_start[u], exp_start[u + 1]):
-                    s = exp_slots[j]
-                    DOWN_ROWS(ys[s], lo, hi, downs[u], hq[s:s + 1], hd[s:s + 1], hs[s:s + 1], down_variant)
+                j0, j1 = exp_start[u], exp_start[u + 1]
+                if j1 > j0:
+                    blk = tmp[it][:(j1 - j0) * (hi - lo)].reshape(j1 - j0, hi - lo)
+                    DOWN_ROWS(blk, lo, hi, downs[u], hq[j0:j1], hd[j0:j1], hs[j0:j1], down_variant)
+                    for k in range(j1 - j0):
+                        for r in range(hi - lo):
+                            ys[j0 + k, lo + r] = blk[k, r]
             for t in range(T):
                 for r in range(lo, hi):
                     a = acc[t, r]
                     for s in range(tok_start[t], tok_start[t + 1]):
-                        a += slot_w[s] * ys[s, r]
+                        a += slot_w[s] * ys[slot_j[s], r]
                     if last:
                         out[t, r] = resid[t, r] + a
                     else:
@@ -195,7 +213,8 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
         c = claim(sync, 0, n1, back)
         while c >= 0:  # q, k, v rows
             lo = c * chunk
-            QKV_ROWS(qkv, lo, min(lo + chunk, r_qkv), w_qkv, xq, xd, xs, qkv_variant)
+            hi = min(lo + chunk, r_qkv)
+            QKV_ROWS(qkv[lo:hi].reshape(1, hi - lo), lo, hi, w_qkv, xq, xd, xs, qkv_variant)
             finish(sync, 0)
             c = claim(sync, 0, n1, back)
         wait_done(sync, 0, n1)
@@ -225,7 +244,7 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
         while c >= 0:  # o_proj rows plus the residual
             lo = c * chunk
             hi = min(lo + chunk, D)
-            O_ROWS(obuf, lo, hi, w_o, aq, ad, as_, o_variant)
+            O_ROWS(obuf[lo:hi].reshape(1, hi - lo), lo, hi, w_o, aq, ad, as_, o_variant)
             if o_bias.shape[0] > 0:
                 for r in range(lo, hi):
                     obuf[r] += o_bias[r]
@@ -376,15 +395,20 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
         np.cumsum(np.bincount(g_tok, minlength=T), out=g_start[1:])
         exp_slots = np.argsort(g_exp, kind="stable")  # (S,) slots of expert 0, then 1, ...
         exp_start = np.searchsorted(g_exp[exp_slots], np.arange(MOE_GROUP + 1))  # (G + 1,)
+        slot_j = np.empty(S, np.int64)  # each slot's position in expert order
+        slot_j[exp_slots] = np.arange(S)
         if e0.gate_up is not None:
             mats, n_per = tuple(e.gate_up.data for e in group), 1
         else:
             mats, n_per = tuple(m for e in group for m in (e.gate.data, e.up.data)), 2
         xq, xd, xs = _scratch("moe_rows_h", k1.act, T, D)
+        xg, xdg, xsg = _scratch("moe_rows_hg", k1.act, S, D)
         hq, hd, hs = _scratch("moe_rows_down", k2.act, S, n_i)
-        args = (numba.get_num_threads(), out, acc, g0 + MOE_GROUP >= U, x, h, mats, n_per, g_w, g_tok, exp_start,
-                exp_slots, g_start, xq, xd, xs, _f32("moe_rows_gu", S * 2 * n_i), _f32("moe_rows_hb", S, n_i), hq,
-                hd, hs, _f32("moe_rows_ys", S, D), tuple(e.down.data for e in group),
+        n_threads = numba.get_num_threads()
+        args = (n_threads, out, acc, g0 + MOE_GROUP >= U, x, h, mats, n_per, g_w, g_tok, slot_j, exp_start,
+                exp_slots, g_start, xq, xd, xs, xg, xdg, xsg, _f32("moe_rows_gu", S * 2 * n_i),
+                _f32("moe_rows_hb", S, n_i), hq, hd, hs, _f32("moe_rows_ys", S, D),
+                _f32("moe_rows_tmp", n_threads, T * CHUNK_ROWS), tuple(e.down.data for e in group),
                 _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
                 np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
         if not _launch("moe_rows", kinds, args, ahead):
@@ -421,7 +445,8 @@ def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTenso
     xq, xd, xs = _scratch("att_x", k1.act, 1, D)
     aq, ad, as_ = _scratch("att_o", k2.act, 1, n_heads * head_dim)
     out = np.empty(D, np.float32)
-    args = (numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("att_qkv", w_qkv.rows),
+    n_threads = numba.get_num_threads()
+    args = (n_threads, out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs, _f32("att_qkv", w_qkv.rows),
             n_heads, n_kv, cos, sin, k_cache, v_cache, pos, scale, _f32("att_att", 1, n_heads, head_dim), aq, ad, as_,
             w_o.data, _f32("att_o", D), _variant(w_qkv), _variant(w_o), _f32("att_h", 1, D),
             np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
@@ -441,9 +466,11 @@ def attention_seqs_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: Q
     xq, xd, xs = _scratch("atts_x", k1.act, T, D)
     aq, ad, as_ = _scratch("atts_o", k2.act, T, n_heads * head_dim)
     out = np.empty((T, D), np.float32)
-    args = (numba.get_num_threads(), out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs,
+    n_threads = numba.get_num_threads()
+    args = (n_threads, out, x, norm_w, float(eps), w_qkv.data, xq, xd, xs,
             _f32("atts_qkv", T, w_qkv.rows), _f32("atts_q", T, n_heads, head_dim), _f32("atts_k", T, n_kv, head_dim),
             _f32("atts_v", T, n_kv, head_dim), cos, sin, kv.k, kv.v, layer, kv.row0, kv.pos0, scale,
             _f32("atts_att", T, n_heads, head_dim), aq, ad, as_, w_o.data, _f32("atts_obuf", T, D), _variant(w_qkv),
-            _variant(w_o), _f32("atts_h", T, D), np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
+            _variant(w_o), _f32("atts_h", T, D), _f32("atts_tmp", n_threads, T * CHUNK_ROWS),
+            np.zeros(5 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_EXTRAS))
     return out if _launch("attention_seqs", kinds, args, ahead) else None

@@ -5,9 +5,10 @@ new rows of several sequences, each over its own KV cache — in one parallel re
     sequence's cache; phases: qkv rows | rope + KV-cache writes | attention jobs of every sequence | quantise |
     o_proj rows + residual
 
-Each weight chunk is read once for all rows; every row is computed by the same serial code as alone (the
-attention of sequence j is `ops.attention_job` on its rows and cache), so it gets the bits of the separate
-kernels and of the single-sequence blocks. The template is specialised per weight kinds by `fused.kernel_for`.
+Each weight chunk is read and unpacked once for all rows (the `rows` kernels take several tokens at a time);
+every row gets the bits the serial code gives it alone (the attention of sequence j is `ops.attention_job` on
+its rows and cache), so the bits of the separate kernels and of the single-sequence blocks. The template is
+specialised per weight kinds by `fused.kernel_for`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ RMSNORM_SERIAL, ROPE_SERIAL = RMSNORM[1], ROPE_INPLACE[1]
 
 def _attention_seqs_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, q, k, v, cos, sin, k_caches,
                              v_caches, layer, row0, pos0, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant,
-                             hbuf, sync, chunk, qkv_bias, q_norm, k_norm, clip, o_bias):
+                             hbuf, tmp, sync, chunk, qkv_bias, q_norm, k_norm, clip, o_bias):
     """Rows row0[j] .. row0[j + 1] - 1 of x (T, D) continue sequence j at positions pos0[j].., whose caches are
     k_caches[j][layer], v_caches[j][layer] (K, S_j, W). cos, sin: (T, d/2) at each row's own position.
 
     Scratch: hbuf (T, D) f32; xq, xd, xs: (T, ...) activations of hbuf; qkv (T, (H + 2K) d) f32; q (T, H, d),
-    k, v (T, K, d) f32; att (T, H, d) f32; aq, ad, as_: (T, ...) activations of att; obuf (T, D) f32; sync:
-    (5 * SYNC_SLOTS,) int64 zeros. Families' extras as in fused._attention_template."""
+    k, v (T, K, d) f32; att (T, H, d) f32; aq, ad, as_: (T, ...) activations of att; obuf (T, D) f32; tmp
+    (n_threads, T * chunk) f32; sync: (5 * SYNC_SLOTS,) int64 zeros. Families' extras as in fused._attention_template."""
     T, D = x.shape
     n_heads, d = q.shape[1], q.shape[2]
     n_kv = k.shape[1]
@@ -48,11 +49,14 @@ def _attention_seqs_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, 
     for it in prange(n_threads):
         back = it % 2 == 1  # odd iterations take chunks from the back
         c = claim(sync, 0, n1, back)
-        while c >= 0:  # q, k, v rows of every token
+        while c >= 0:  # q, k, v rows of every token, each weight chunk unpacked once for all
             lo = c * chunk
+            hi = min(lo + chunk, r_qkv)
+            blk = tmp[it][:T * (hi - lo)].reshape(T, hi - lo)
+            QKV_ROWS(blk, lo, hi, w_qkv, xq, xd, xs, qkv_variant)
             for t in range(T):
-                QKV_ROWS(qkv[t], lo, min(lo + chunk, r_qkv), w_qkv, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1],
-                         qkv_variant)
+                for r in range(hi - lo):
+                    qkv[t, lo + r] = blk[t, r]
             finish(sync, 0)
             c = claim(sync, 0, n1, back)
         wait_done(sync, 0, n1)
@@ -101,8 +105,11 @@ def _attention_seqs_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, 
         while c >= 0:  # o_proj rows of every token plus the residual
             lo = c * chunk
             hi = min(lo + chunk, D)
+            blk = tmp[it][:T * (hi - lo)].reshape(T, hi - lo)
+            O_ROWS(blk, lo, hi, w_o, aq, ad, as_, o_variant)
             for t in range(T):
-                O_ROWS(obuf[t], lo, hi, w_o, aq[t:t + 1], ad[t:t + 1], as_[t:t + 1], o_variant)
+                for r in range(hi - lo):
+                    obuf[t, lo + r] = blk[t, r]
                 if o_bias.shape[0] > 0:
                     for r in range(lo, hi):
                         obuf[t, r] += o_bias[r]

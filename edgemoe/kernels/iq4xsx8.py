@@ -144,5 +144,5 @@ matmul_iq4_xs_x8, matmul_iq4_xs_x8_serial = twins(_matmul_iq4_xs_x8)
 
 @njit(cache=True, nogil=True)
 def rows_iq4_xs_x8(out, r0, r1, w, xq, xd, xs, variant):
-    """out[r0:r1] (out (R,) f32) for one token of IQ4_XSx8 weights w (R / 8, S * 1088); r0, r1 multiples of 8."""
-    matmul_iq4_xs_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8 : r1 // 8], xq, xd, xs, variant)
+    """out (T, r1 - r0) f32 = rows r0 .. r1 of T tokens of IQ4_XSx8 weights w (R / 8, S * 1088); r0, r1 multiples of 8."""
+    matmul_iq4_xs_x8_serial(out, w[r0 // 8 : r1 // 8], xq, xd, xs, variant)

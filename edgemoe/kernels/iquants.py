@@ -369,34 +369,34 @@ matmul_iq1_m, matmul_iq1_m_serial = _bind(
 
 @njit(cache=True, nogil=True)
 def rows_iq2_xxs(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_iq2_xxs_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+    matmul_iq2_xxs_serial(out, w[r0:r1], xq, xd, xs, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_iq2_xs(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_iq2_xs_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+    matmul_iq2_xs_serial(out, w[r0:r1], xq, xd, xs, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_iq2_s(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_iq2_s_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+    matmul_iq2_s_serial(out, w[r0:r1], xq, xd, xs, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_iq3_xxs(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_iq3_xxs_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+    matmul_iq3_xxs_serial(out, w[r0:r1], xq, xd, xs, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_iq3_s(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_iq3_s_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+    matmul_iq3_s_serial(out, w[r0:r1], xq, xd, xs, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_iq1_s(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_iq1_s_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+    matmul_iq1_s_serial(out, w[r0:r1], xq, xd, xs, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_iq1_m(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_iq1_m_serial(out[r0:r1].reshape(1, r1 - r0), w[r0:r1], xq, xd, xs, variant)
+    matmul_iq1_m_serial(out, w[r0:r1], xq, xd, xs, variant)

@@ -7,7 +7,8 @@ runs on it.
     Kind.matmul    (parallel, serial) matrix kernels
     Kind.call      call(kernel, out, w, xq, xd, xs, variant): one kernel call (each type's constants bound;
                    float kinds get x itself as xq)
-    Kind.rows      njit (out, r0, r1, w, xq, xd, xs, variant): rows r0 .. r1 of one token (`rows`, `fused`)
+    Kind.rows      njit (out, r0, r1, w, xq, xd, xs, variant): rows r0 .. r1 of T tokens, out (T, r1 - r0)
+                   (`rows`, `fused`)
     Kind.step      row ranges start on multiples of this (8 for the 8-row interleaved layouts)
     Kind.isa       {variant: the instructions its kernels run}, for `edgemoe-doctor` (tests/test_kernels.py
                    compiles every kernel for an AVX-512 VNNI CPU and checks the vnni entry against the code)

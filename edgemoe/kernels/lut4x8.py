@@ -159,11 +159,11 @@ matmul_lut4_x8, matmul_lut4_x8_serial = twins(_matmul_lut4_x8)
 
 @njit(cache=True, nogil=True)
 def rows_iq4_nl_x8(out, r0, r1, w, xq, xd, xs, variant):
-    """out[r0:r1] (out (R,) f32) for one token of IQ4_NLx8 weights; r0, r1 multiples of 8."""
-    matmul_lut4_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_IQ4_NL, variant)
+    """out (T, r1 - r0) f32 = rows r0 .. r1 of T tokens of IQ4_NLx8 weights; r0, r1 multiples of 8."""
+    matmul_lut4_x8_serial(out, w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_IQ4_NL, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_mxfp4_x8(out, r0, r1, w, xq, xd, xs, variant):
-    """out[r0:r1] (out (R,) f32) for one token of MXFP4x8 weights; r0, r1 multiples of 8."""
-    matmul_lut4_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_MXFP4, variant)
+    """out (T, r1 - r0) f32 = rows r0 .. r1 of T tokens of MXFP4x8 weights; r0, r1 multiples of 8."""
+    matmul_lut4_x8_serial(out, w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_MXFP4, variant)

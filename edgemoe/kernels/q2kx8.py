@@ -160,5 +160,5 @@ matmul_q2_k_x8, matmul_q2_k_x8_serial = twins(_matmul_q2_k_x8)
 
 @njit(cache=True, nogil=True)
 def rows_q2_k_x8(out, r0, r1, w, xq, xd, xs, variant):
-    """out[r0:r1] (out (R,) f32) for one token of Q2_Kx8 weights w (R / 8, S * 672); r0, r1 multiples of 8."""
-    matmul_q2_k_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8 : r1 // 8], xq, xd, xs, variant)
+    """out (T, r1 - r0) f32 = rows r0 .. r1 of T tokens of Q2_Kx8 weights w (R / 8, S * 672); r0, r1 multiples of 8."""
+    matmul_q2_k_x8_serial(out, w[r0 // 8 : r1 // 8], xq, xd, xs, variant)

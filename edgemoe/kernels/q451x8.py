@@ -194,20 +194,20 @@ def _matmul_q451_x8(out, w, xq, xd, xs, fmt, variant):
 matmul_q451_x8, matmul_q451_x8_serial = twins(_matmul_q451_x8)
 
 
-# Row ranges out[r0:r1] (r0, r1 multiples of 8) of one token, as `rows.rows_q4_0_x8`: out (R,) f32,
-# w the x8 storage, xq, xd, xs (1, ...) activations of `ACT`.
+# Rows r0 .. r1 (multiples of 8) of T tokens, as `rows.rows_q4_0_x8`: out (T, r1 - r0) f32, w the x8 storage,
+# xq, xd, xs (T, ...) activations of `ACT`.
 
 
 @njit(cache=True, nogil=True)
 def rows_q4_1_x8(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_q451_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_Q4_1, variant)
+    matmul_q451_x8_serial(out, w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_Q4_1, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_q5_0_x8(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_q451_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_Q5_0, variant)
+    matmul_q451_x8_serial(out, w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_Q5_0, variant)
 
 
 @njit(cache=True, nogil=True)
 def rows_q5_1_x8(out, r0, r1, w, xq, xd, xs, variant):
-    matmul_q451_x8_serial(out[r0:r1].reshape(1, r1 - r0), w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_Q5_1, variant)
+    matmul_q451_x8_serial(out, w[r0 // 8 : r1 // 8], xq, xd, xs, FMT_Q5_1, variant)
