@@ -1,5 +1,6 @@
-"""tools/synth_model.py writes real Qwen3-MoE, Qwen2-MoE and OLMoE files: the engine loads them as that family,
-their packs stream bit-identically to the plain files, and llama.cpp (when installed) loads them and agrees."""
+"""tools/synth_model.py writes real Qwen3-MoE, Qwen2-MoE, OLMoE, gpt-oss and DeepSeek-V2-Lite files: the engine
+loads them as that family, their packs stream bit-identically to the plain files, and llama.cpp (when installed)
+loads them and agrees."""
 
 from __future__ import annotations
 
@@ -160,3 +161,137 @@ def test_as_mixtral_writes_arch_llama(synth, tmp_path):
     assert not any("attn_q_norm" in t.name for t in r.tensors)
     assert {t.tensor_type for t in r.tensors if "_exps" in t.name} == {Q.Q4_0}  # the old default
     assert load_model(path).args.model_type == "mixtral"
+
+
+# The keys llama.cpp's convert_hf_to_gguf.py writes for a gpt-oss checkpoint (llama-cpp-python 0.3.36's, run on
+# tests/family_factory.make_hf_gpt_oss), besides general.* and tokenizer.*.
+GPT_OSS_KEYS = {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+                "attention.head_count_kv", "rope.scaling.type", "rope.scaling.factor",
+                "rope.scaling.original_context_length", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+                "rope.freq_base", "attention.layer_norm_rms_epsilon", "expert_count", "expert_used_count",
+                "attention.key_length", "attention.value_length", "attention.sliding_window",
+                "expert_feed_forward_length"}
+GPT_OSS_SMALL = ["--scale", "0.125", "--layers", "2", "--experts", "8", "-q"]  # hidden 352, 8 / 1 heads of 64
+
+
+def test_gpt_oss_preset(synth, tmp_path):
+    """gpt-oss-20b's shape as arch gpt-oss: MXFP4 experts with biases, sinks, sliding window, YaRN; the keys and
+    tensor names of llama.cpp's converter; the engine loads it as gpt_oss with O(1) activations."""
+    g = synth.PRESETS["gpt-oss-20b"]
+    assert (g.family, g.layers, g.hidden, g.heads, g.kv_heads, g.head_dim, g.experts, g.top_k, g.intermediate,
+            g.window, g.yarn, g.rope_theta) == ("gpt_oss", 24, 2880, 64, 8, 64, 32, 4, 2880, 128, (32.0, 4096), 150000.0)
+    assert synth.resolve_types(g) == ("MXFP4", "Q8_0")
+    path = str(tmp_path / "g.gguf")
+    assert synth.main(["gpt-oss-20b", "-o", path, *GPT_OSS_SMALL]) == 0
+    r = GGUFReader(path)
+    arch = r.fields["general.architecture"].contents()
+    assert arch == "gpt-oss"
+    keys = {k[len(arch) + 1:] for k in r.fields if k.startswith(arch + ".")}
+    assert keys == GPT_OSS_KEYS
+    assert r.fields["gpt-oss.attention.sliding_window"].contents() == 128
+    assert r.fields["gpt-oss.rope.scaling.type"].contents() == "yarn"
+    tensors = {t.name: (t.tensor_type, tuple(int(x) for x in t.shape)) for t in r.tensors}
+    D, H, I, E = 352, 8, 352, 8
+    want = {"attn_norm.weight": (Q.F32, (D,)), "attn_q.weight": (Q.Q8_0, (D, H * 64)), "attn_q.bias": (Q.F32, (H * 64,)),
+            "attn_k.bias": (Q.F32, (64,)), "attn_output.bias": (Q.F32, (D,)), "attn_sinks.weight": (Q.F32, (H,)),
+            "post_attention_norm.weight": (Q.F32, (D,)), "ffn_gate_inp.bias": (Q.F32, (E,)),
+            "ffn_gate_exps.weight": (Q.MXFP4, (D, I, E)), "ffn_down_exps.weight": (Q.MXFP4, (I, D, E)),
+            "ffn_gate_exps.bias": (Q.F32, (I, E)), "ffn_up_exps.bias": (Q.F32, (I, E)),
+            "ffn_down_exps.bias": (Q.F32, (D, E))}
+    for name, expect in want.items():
+        assert tensors[f"blk.1.{name}"] == expect, name
+    assert not any("ffn_norm" in n for n in tensors)
+    loaded = load_model(path)
+    assert loaded.args.model_type == "gpt_oss" and loaded.args.sliding_window == 128
+    logits = run(loaded, n=2)
+    assert np.isfinite(logits).all() and 0.2 < logits.std() < 5
+
+
+def test_gpt_oss_llamacpp_agrees(synth, tmp_path):
+    """An all-F32 file of the preset's shape, YaRN off (llama.cpp's YaRN tables differ from transformers', see
+    tests/test_families_vs_llamacpp.py): llama.cpp loads it as gpt-oss and gives the same logits."""
+    pytest.importorskip("llama_cpp")
+    from dataclasses import replace
+
+    import llamacpp_oracle
+
+    shape = replace(synth.scaled(synth.PRESETS["gpt-oss-20b"], 0.125, 2, 8), yarn=None, window=4)
+    path = str(tmp_path / "g32.gguf")
+    synth.synthesize(path, shape, name="g32", expert_quant="F32", dense_quant="F32", progress=False)
+    theirs, (next_token,) = llamacpp_oracle.run(llamacpp_oracle.load(path), PROMPT, 1)  # (T, V), F32 KV cache
+    m = load_model(path).model
+    ours = m.forward(np.asarray(PROMPT), m.new_cache(64, "f32"), all_logits=True)  # (T, V)
+    assert int(np.argmax(ours[-1])) == next_token
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
+
+
+def test_gpt_oss_packed_is_refused(synth, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        synth.main(["gpt-oss-20b", "-o", str(tmp_path / "p.gguf"), "--packed", *GPT_OSS_SMALL])
+    assert e.value.code == 2 and "--packed is not written for gpt-oss" in capsys.readouterr().err
+
+
+# The keys llama.cpp's converter writes for a DeepSeek-V2 checkpoint without q compression and with YaRN (as
+# DeepSeek-V2-Lite's), run on family_factory.make_hf_deepseek(2, q_lora_rank=None, yarn=...).
+DEEPSEEK_V2_LITE_KEYS = {
+    "block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
+    "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow", "rope.freq_base", "attention.layer_norm_rms_epsilon",
+    "expert_count", "expert_used_count", "attention.key_length", "attention.value_length",
+    "leading_dense_block_count", "vocab_size", "attention.kv_lora_rank", "attention.key_length_mla",
+    "attention.value_length_mla", "expert_feed_forward_length", "expert_shared_count", "expert_weights_scale",
+    "rope.dimension_count", "rope.scaling.yarn_log_multiplier"}
+
+
+def test_deepseek_v2_lite_preset(synth, tmp_path):
+    """DeepSeek-V2-Lite's shape as arch deepseek2: latent attention (k_b / v_b split), a leading dense layer,
+    shared experts, YaRN; the converter's keys and tensor names; the engine loads it as deepseek_v2."""
+    p = synth.PRESETS["deepseek-v2-lite"]
+    assert (p.family, p.layers, p.hidden, p.heads, p.experts, p.top_k, p.intermediate, p.shared, p.dense_ff,
+            p.mla, p.dense_first, p.yarn) == ("deepseek_v2", 27, 2048, 16, 64, 6, 1408, 2816, 10944,
+                                              (512, 128, 64, 128), 1, (40.0, 4096))
+    path = str(tmp_path / "d.gguf")
+    assert synth.main(["deepseek-v2-lite", "-o", path, "--scale", "0.125", "--layers", "3", "--experts", "8",
+                       "-q"]) == 0
+    r = GGUFReader(path)
+    assert r.fields["general.architecture"].contents() == "deepseek2"
+    keys = {k[len("deepseek2."):] for k in r.fields if k.startswith("deepseek2.")}
+    assert keys == DEEPSEEK_V2_LITE_KEYS
+    f = {k: r.fields["deepseek2." + k].contents() for k in keys}
+    assert (f["attention.head_count"], f["attention.head_count_kv"], f["attention.key_length"],
+            f["attention.value_length"], f["attention.key_length_mla"], f["attention.value_length_mla"],
+            f["rope.dimension_count"], f["expert_shared_count"], f["expert_feed_forward_length"],
+            f["leading_dense_block_count"]) == (2, 1, 576, 512, 192, 128, 64, 2, 192, 1)
+    tensors = {t.name: (t.tensor_type, tuple(int(x) for x in t.shape)) for t in r.tensors}
+    D, H = 256, 2
+    want = {"blk.0.ffn_gate.weight": (Q.Q4_K, (D, 1376)), "blk.0.ffn_down.weight": (Q.Q4_0, (1376, D)),
+            "blk.1.attn_q.weight": (Q.Q8_0, (D, H * 192)), "blk.1.attn_kv_a_mqa.weight": (Q.Q8_0, (D, 576)),
+            "blk.1.attn_kv_a_norm.weight": (Q.F32, (512,)), "blk.1.attn_k_b.weight": (Q.Q8_0, (128, 512, H)),
+            "blk.1.attn_v_b.weight": (Q.Q8_0, (512, 128, H)), "blk.1.attn_output.weight": (Q.Q8_0, (H * 128, D)),
+            "blk.1.ffn_gate_exps.weight": (Q.Q4_K, (D, 192, 8)), "blk.1.ffn_down_exps.weight": (Q.Q4_0, (192, D, 8)),
+            "blk.1.ffn_up_shexp.weight": (Q.Q4_K, (D, 384)), "blk.1.ffn_gate_inp.weight": (Q.F32, (D, 8))}
+    for name, expect in want.items():
+        assert tensors[name] == expect, name
+    assert "blk.0.ffn_gate_inp.weight" not in tensors and "blk.1.ffn_gate_inp_shexp.weight" not in tensors
+    loaded = load_model(path)
+    assert loaded.args.model_type == "deepseek_v2" and loaded.args.q_lora_rank is None
+    logits = run(loaded, n=2)
+    assert np.isfinite(logits).all() and 0.2 < logits.std() < 5
+
+
+def test_deepseek_v2_lite_llamacpp_agrees(synth, tmp_path):
+    """All-F32, 27 layers (llama.cpp tells V2-Lite, which has no q_lora_rank key, by its layer count), YaRN over 8
+    original positions so that it changes the tables: llama.cpp loads it as deepseek2 and gives the same logits."""
+    pytest.importorskip("llama_cpp")
+    from dataclasses import replace
+
+    import llamacpp_oracle
+
+    shape = replace(synth.scaled(synth.PRESETS["deepseek-v2-lite"], 0.125, 27, 8), yarn=(40.0, 8))
+    path = str(tmp_path / "d32.gguf")
+    synth.synthesize(path, shape, name="d32", expert_quant="F32", dense_quant="F32", progress=False)
+    theirs, (next_token,) = llamacpp_oracle.run(llamacpp_oracle.load(path), PROMPT, 1)  # (T, V), F32 KV cache
+    m = load_model(path).model
+    ours = m.forward(np.asarray(PROMPT), m.new_cache(64, "f32"), all_logits=True)  # (T, V)
+    assert int(np.argmax(ours[-1])) == next_token
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()

@@ -3,6 +3,8 @@
     python tools/synth_model.py qwen3-30b-a3b --scale 0.5 --layers 8 -o q3.gguf     # qwen3moe, Q4_K_M-like
     python tools/synth_model.py qwen1.5-moe-a2.7b --layers 2 --packed -o q2.pack.gguf
     python tools/synth_model.py olmoe-1b-7b --layers 4 -o olmoe.gguf
+    python tools/synth_model.py gpt-oss-20b -o goss.gguf                              # gpt-oss, MXFP4, 10.9 GB
+    python tools/synth_model.py deepseek-v2-lite --scale 0.25 -o dsl.gguf            # deepseek2, latent attention
     python tools/synth_model.py mixtral-8x7b -o /data/mixtral-synth.gguf            # ~25 GB, Q4_0 experts
     python tools/synth_model.py tiny -o tiny.gguf
     python tools/synth_model.py olmoe-1b-7b --layers 4 --as-mixtral -o old.gguf    # the shape as arch llama
@@ -31,6 +33,30 @@ Presets and what each writes (tensor names, shapes and metadata keys are those o
   1024, rope 1e4): arch `olmoe`, `attn_q_norm` of [hidden] and `attn_k_norm` of [kv_heads · head_dim]
   (F32), no biases; `feed_forward_length` is the expert width, no `expert_feed_forward_length`,
   `layer_norm_rms_epsilon` 1e-5 (the converter overwrites it), no key_length.
+- `gpt-oss-20b` (gpt-oss-20b: 24 layers, hidden 2880, 64 heads / 8 kv, head_dim 64, 32 experts top-4 of width
+  2880, sliding window 128 on every other layer, YaRN factor 32 over 4096 positions, rope 150000): arch
+  `gpt-oss`, per layer `attn_{q,k,v,output}.bias` (F32), `attn_sinks` [heads] (F32, N(0, 0.5²)),
+  `post_attention_norm` (where the others have `ffn_norm`), `ffn_gate_inp.bias` [E], the merged experts and
+  their biases `ffn_{gate,up}_exps.bias` [I, E] and `ffn_down_exps.bias` [hidden, E]. Keys
+  `gpt-oss.{block_count, context_length, embedding_length, feed_forward_length, head_count, head_count_kv,
+  rope.freq_base, rope.scaling.{type, factor, original_context_length, yarn_beta_fast, yarn_beta_slow},
+  attention.layer_norm_rms_epsilon, expert_count, expert_used_count, attention.key_length,
+  attention.value_length, attention.sliding_window, expert_feed_forward_length}`; experts MXFP4 as released
+  (`--mix mxfp4`, its default).
+- `deepseek-v2-lite` (DeepSeek-V2-Lite: 27 layers, hidden 2048, 16 heads, multi-head latent attention with
+  kv_lora_rank 512, no q compression, nope / rope / v head dims 128 / 64 / 128, 64 experts top-6 of width 1408,
+  2 shared experts, the first layer dense of width 10944, YaRN factor 40 over 4096 positions with mscale
+  0.707, rope 1e4): arch `deepseek2`, per layer `attn_q` [hidden, H·192], `attn_kv_a_mqa` [hidden, 576],
+  `attn_kv_a_norm` [512], `attn_k_b` [128, 512, H], `attn_v_b` [512, 128, H] (the converter's split of
+  kv_b_proj), `attn_output`; layer 0 `ffn_{gate,up,down}`, the others the routed experts and
+  `ffn_{gate,up,down}_shexp` (width 2 × 1408, no gate). Keys `deepseek2.{block_count, context_length,
+  embedding_length, feed_forward_length (10944), head_count, head_count_kv (1), rope.scaling.{type, factor,
+  original_context_length, yarn_beta_fast, yarn_beta_slow, yarn_log_multiplier}, rope.freq_base,
+  attention.layer_norm_rms_epsilon, expert_count, expert_used_count, attention.key_length (576),
+  attention.value_length (512), leading_dense_block_count, vocab_size, attention.kv_lora_rank,
+  attention.key_length_mla (192), attention.value_length_mla (128), expert_feed_forward_length,
+  expert_shared_count, expert_weights_scale, rope.dimension_count (64)}`. `--scale` keeps the latent and head
+  dimensions.
 All: `general.{architecture, type, name, file_type, quantization_version}`, output.weight untied (llama.cpp's
 qwen2moe and olmoe loaders require it), no `{arch}.vocab_size` / `rope.dimension_count` for the three
 families (the converter writes neither; both engines take the token count and head_dim).
@@ -77,7 +103,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,7 +116,8 @@ from edgemoe.pack.stream import CHUNK_BYTES, TensorJob, write_gguf  # noqa: E402
 from edgemoe.qtensor import row_bytes  # noqa: E402
 
 # HF model_type → GGUF general.architecture
-GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "olmoe": "olmoe"}
+GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "olmoe": "olmoe",
+             "gpt_oss": "gpt-oss", "deepseek_v2": "deepseek2"}
 
 
 @dataclass(frozen=True)
@@ -105,10 +132,15 @@ class Shape:
     top_k: int
     context: int
     rope_theta: float
-    family: str = "mixtral"  # HF model_type: mixtral, qwen3_moe, qwen2_moe, olmoe
+    family: str = "mixtral"  # HF model_type: mixtral, qwen3_moe, qwen2_moe, olmoe, gpt_oss
     shared: int = 0  # S, the shared expert's width (qwen2_moe)
     dense_ff: int | None = None  # the config's intermediate_size when it is not the experts' width (qwen)
     eps: float = 1e-5  # rms_norm_eps
+    window: int = 0  # sliding window of every other layer (gpt_oss)
+    yarn: tuple[float, int] | None = None  # YaRN (factor, original context) (gpt_oss, deepseek_v2)
+    mla: tuple[int, int, int, int] | None = None  # (kv_lora_rank, nope, rope, v head dims) (deepseek_v2)
+    dense_first: int = 0  # leading dense layers of width dense_ff (deepseek_v2)
+    mscale: float = 0.0  # YaRN mscale_all_dim (deepseek_v2)
 
 
 PRESETS = {
@@ -119,13 +151,19 @@ PRESETS = {
     "olmoe-1b-7b": Shape(16, 2048, 1024, 16, 16, 128, 64, 8, 4096, 1e4, family="olmoe"),
     "qwen1.5-moe-a2.7b": Shape(24, 2048, 1408, 16, 16, 128, 60, 4, 8192, 1e6, family="qwen2_moe", shared=5632,
                                dense_ff=5632, eps=1e-6),
+    "gpt-oss-20b": Shape(24, 2880, 2880, 64, 8, 64, 32, 4, 131072, 150000.0, family="gpt_oss", window=128,
+                         yarn=(32.0, 4096)),
+    "deepseek-v2-lite": Shape(27, 2048, 1408, 16, 16, 192, 64, 6, 163840, 1e4, family="deepseek_v2",
+                              shared=2 * 1408, dense_ff=10944, eps=1e-6, yarn=(40.0, 4096), mla=(512, 128, 64, 128),
+                              dense_first=1, mscale=0.707),
 }
-EXPERT_TYPES = ("Q4_0", "Q4_K", "Q8_0", "F16", "F32")
+EXPERT_TYPES = ("Q4_0", "Q4_K", "Q8_0", "MXFP4", "F16", "F32")
 DENSE_TYPES = ("Q8_0", "F16", "F32")
-MIXES = {"q4_k_m": ("Q4_K", "Q8_0"), "legacy": ("Q4_0", "Q8_0")}  # (experts, dense)
+MIXES = {"q4_k_m": ("Q4_K", "Q8_0"), "legacy": ("Q4_0", "Q8_0"), "mxfp4": ("MXFP4", "Q8_0")}  # (experts, dense)
 Q4_K_FALLBACK = Q.Q4_0  # llama.cpp's is Q5_0, which edgemoe does not load
 _WIDTH_STEP = 256  # hidden sizes (and widths that were multiples of it) stay multiples of the Q4_K super-block
 _BIAS_STD = 0.1
+_SINK_STD = 0.5
 _HEADS_SPAN_HIDDEN = ("olmoe", "qwen2_moe")  # llama.cpp's graphs take q rows = hidden
 
 # Per block type: byte offset of the f16 scale d, and E[level²] of the random levels it multiplies,
@@ -137,7 +175,11 @@ _LEVEL_SQ = {Q.Q4_0: 21.5, Q.Q8_0: 5461.5, Q.Q4_K: 64 * 21.25}
 # Q4_K scales[12] with all eight 6-bit scales and mins = 8 (get_scale_min_k4's packing).
 _Q4_K_SCALES = np.array([8, 8, 8, 8, 8, 8, 8, 8, 0x88, 0x88, 0x88, 0x88], dtype=np.uint8)
 _FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
-              Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_M}
+              Q.Q4_0: LlamaFileType.MOSTLY_Q4_0, Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
+              Q.MXFP4: LlamaFileType.MOSTLY_MXFP4_MOE}
+# MXFP4: a block is one E8M0 exponent byte e, then 16 bytes of 4-bit codes whose values are
+# kvalues[code] · 2^(e - 128), kvalues = ±{0, 1, 2, 3, 4, 6, 8, 12} (E[kvalue²] = 34.25)
+_MXFP4_LEVEL_SQ = 34.25
 
 
 def scaled(shape: Shape, scale: float = 1.0, layers: int | None = None, experts: int | None = None) -> Shape:
@@ -167,9 +209,13 @@ def scaled(shape: Shape, scale: float = 1.0, layers: int | None = None, experts:
     n_experts = shape.experts if experts is None else experts
     if n_experts < 1:
         raise ValueError(f"--experts must be at least 1, got {n_experts}")
-    return replace(shape, layers=n_layers, hidden=hidden, intermediate=width(shape.intermediate), heads=heads,
-                   kv_heads=kv, experts=n_experts, top_k=min(shape.top_k, n_experts),
-                   shared=width(shape.shared) if shape.shared else 0,
+    inter = width(shape.intermediate)
+    shared = width(shape.shared) if shape.shared else 0
+    if shape.mla:  # DeepSeek's shared experts are a count of routed-width experts; its kv heads are its heads
+        shared, kv = shape.shared // shape.intermediate * inter, heads
+    return replace(shape, layers=n_layers, hidden=hidden, intermediate=inter, heads=heads,
+                   kv_heads=kv, experts=n_experts, top_k=min(shape.top_k, n_experts), shared=shared,
+                   dense_first=min(shape.dense_first, n_layers),
                    dense_ff=width(shape.dense_ff) if shape.dense_ff else None)
 
 
@@ -193,6 +239,9 @@ def random_rows(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.
     n_blocks = rows * cols // block
     words = rng.bit_generator.random_raw(-(-n_blocks * size // 8))  # uint64; releases the GIL, unlike integers()
     blocks = words.view(np.uint8)[: n_blocks * size].reshape(n_blocks, size)  # (B, size) random bytes
+    if qtype == Q.MXFP4:  # symmetric codes (zero mean); a power-of-two scale, the nearest to the target
+        blocks[:, 0] = 128 + round(math.log2(1 / math.sqrt(cols * _MXFP4_LEVEL_SQ)))
+        return blocks.reshape(rows, -1)
     d = int(np.float16(1 / math.sqrt(cols * _LEVEL_SQ[qtype])).view(np.uint16))
     # Keep each block's random sign bit of d (zero-mean weights), overwrite the rest of the scale field(s);
     # whole-word writes, as one strided pass per word costs more than generating the bytes.
@@ -277,10 +326,11 @@ def const_job(name: str, value: float, n: int) -> TensorJob:
     return TensorJob(name, Q.F32, (n,), lambda: (v,))
 
 
-def bias_job(name: str, n: int, base_seed: int) -> TensorJob:
-    v = (np.random.default_rng(_seed(base_seed, name)).standard_normal(n, dtype=np.float32)
-         * np.float32(_BIAS_STD))  # (n,)
-    return TensorJob(name, Q.F32, (n,), lambda: (v,))
+def bias_job(name: str, n: int | tuple[int, ...], base_seed: int, std: float = _BIAS_STD) -> TensorJob:
+    shape = (n,) if isinstance(n, int) else n
+    v = (np.random.default_rng(_seed(base_seed, name)).standard_normal(shape, dtype=np.float32)
+         * np.float32(std))  # shape
+    return TensorJob(name, Q.F32, shape, lambda: (v,))
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -297,33 +347,47 @@ def model_jobs(s: Shape, expert_type: Q, dense_type: Q, seed: int, packed: bool,
 
     dense: list[TensorJob] = [rand("token_embd.weight", dense_type, V, D)]
     experts: list[ExpertJobs] = []
-    out_in = {"gate": (I, D), "up": (I, D), "down": (D, I)}
     # the converter stacks Mixtral's experts as w1, w2, w3 and the others' as down_proj, gate_proj, up_proj
     order = ("gate", "down", "up") if fam == "mixtral" else ("down", "gate", "up")
     for i in range(s.layers):
         dense.append(const_job(f"blk.{i}.attn_norm.weight", 1.0, D))
+        if s.mla:
+            dense += _mla_attention(s, i, rand, dense_type)
+            dense.append(const_job(f"blk.{i}.ffn_norm.weight", 1.0, D))
+            if i < s.dense_first:  # a dense MLP layer, in the experts' type
+                F = s.dense_ff
+                dense += [rand(f"blk.{i}.ffn_gate.weight", expert_type, F, D),
+                          rand(f"blk.{i}.ffn_up.weight", expert_type, F, D),
+                          rand(f"blk.{i}.ffn_down.weight", expert_type, D, F)]
+                continue
+            dense.append(rand(f"blk.{i}.ffn_gate_inp.weight", Q.F32, E, D))
+            _routed(dense, experts, s, i, expert_type, seed, packed, pool, ("down", "gate", "up"))
+            dense += [rand(f"blk.{i}.ffn_gate_shexp.weight", expert_type, S, D),
+                      rand(f"blk.{i}.ffn_up_shexp.weight", expert_type, S, D),
+                      rand(f"blk.{i}.ffn_down_shexp.weight", expert_type, D, S)]
+            continue
         for part, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
             dense.append(rand(f"blk.{i}.attn_{part}.weight", dense_type, rows, D))
-            if fam == "qwen2_moe":
+            if fam in ("qwen2_moe", "gpt_oss"):
                 dense.append(bias_job(f"blk.{i}.attn_{part}.bias", rows, seed))
         dense.append(rand(f"blk.{i}.attn_output.weight", dense_type, D, q_rows))
+        if fam == "gpt_oss":  # the output bias and each head's sink logit
+            dense += [bias_job(f"blk.{i}.attn_output.bias", D, seed),
+                      bias_job(f"blk.{i}.attn_sinks.weight", s.heads, seed, _SINK_STD)]
         if fam == "qwen3_moe":  # RMSNorm over each head
             dense += [const_job(f"blk.{i}.attn_q_norm.weight", 1.0, s.head_dim),
                       const_job(f"blk.{i}.attn_k_norm.weight", 1.0, s.head_dim)]
         elif fam == "olmoe":  # RMSNorm over the whole q and k projections
             dense += [const_job(f"blk.{i}.attn_q_norm.weight", 1.0, q_rows),
                       const_job(f"blk.{i}.attn_k_norm.weight", 1.0, kv_rows)]
-        dense += [const_job(f"blk.{i}.ffn_norm.weight", 1.0, D),
-                  rand(f"blk.{i}.ffn_gate_inp.weight", Q.F32, E, D)]
-        merged = {p: GGUF_EXPERTS[p].format(i=i) for p in out_in}
-        types = {p: storage_type(expert_type, out_in[p][1]) for p in out_in}
-        if packed:
-            for e in range(E):
-                j = {p: expert_job(merged[p], GGUF_EXPERT_SPLIT[p].format(i=i, e=e), types[p], out_in[p], e, seed,
-                                   pool) for p in out_in}
-                experts.append(ExpertJobs(i, e, j["gate"], j["up"], j["down"]))
-        else:
-            dense += [merged_experts_job(merged[p], types[p], (E, *out_in[p]), seed, pool) for p in order]
+        norm = "post_attention_norm" if fam == "gpt_oss" else "ffn_norm"
+        dense += [const_job(f"blk.{i}.{norm}.weight", 1.0, D), rand(f"blk.{i}.ffn_gate_inp.weight", Q.F32, E, D)]
+        if fam == "gpt_oss":  # router and expert biases (F32, as the converter writes them)
+            dense += [bias_job(f"blk.{i}.ffn_gate_inp.bias", E, seed),
+                      bias_job(f"blk.{i}.ffn_gate_exps.bias", (E, I), seed),
+                      bias_job(f"blk.{i}.ffn_up_exps.bias", (E, I), seed),
+                      bias_job(f"blk.{i}.ffn_down_exps.bias", (E, D), seed)]
+        _routed(dense, experts, s, i, expert_type, seed, packed, pool, order)
         if S:  # qwen2_moe's shared expert and its sigmoid gate, (1, D) as the converter writes it
             dense += [rand(f"blk.{i}.ffn_gate_inp_shexp.weight", Q.F32, 1, D),
                       rand(f"blk.{i}.ffn_gate_shexp.weight", expert_type, S, D),
@@ -331,6 +395,34 @@ def model_jobs(s: Shape, expert_type: Q, dense_type: Q, seed: int, packed: bool,
                       rand(f"blk.{i}.ffn_down_shexp.weight", expert_type, D, S)]
     dense += [const_job("output_norm.weight", 1.0, D), rand("output.weight", dense_type, V, D)]
     return dense, experts
+
+
+def _mla_attention(s: Shape, i: int, rand, dense_type: Q) -> list[TensorJob]:
+    """DeepSeek-V2's latent attention as the converter writes it without q compression (V2-Lite)."""
+    D, H = s.hidden, s.heads
+    R, n, r, v = s.mla
+    return [rand(f"blk.{i}.attn_q.weight", dense_type, H * (n + r), D),
+            rand(f"blk.{i}.attn_kv_a_mqa.weight", dense_type, R + r, D),
+            const_job(f"blk.{i}.attn_kv_a_norm.weight", 1.0, R),
+            rand(f"blk.{i}.attn_k_b.weight", dense_type, H, R, n),
+            rand(f"blk.{i}.attn_v_b.weight", dense_type, H, v, R),
+            rand(f"blk.{i}.attn_output.weight", dense_type, D, H * v)]
+
+
+def _routed(dense: list, experts: list, s: Shape, i: int, expert_type: Q, seed: int, packed: bool, pool,
+            order: tuple[str, ...]) -> None:
+    """Layer i's routed experts: merged tensors in `order` appended to `dense`, or one ExpertJobs per expert."""
+    D, I, E = s.hidden, s.intermediate, s.experts
+    out_in = {"gate": (I, D), "up": (I, D), "down": (D, I)}
+    merged = {p: GGUF_EXPERTS[p].format(i=i) for p in out_in}
+    types = {p: storage_type(expert_type, out_in[p][1]) for p in out_in}
+    if packed:
+        for e in range(E):
+            j = {p: expert_job(merged[p], GGUF_EXPERT_SPLIT[p].format(i=i, e=e), types[p], out_in[p], e, seed,
+                               pool) for p in out_in}
+            experts.append(ExpertJobs(i, e, j["gate"], j["up"], j["down"]))
+    else:
+        dense += [merged_experts_job(merged[p], types[p], (E, *out_in[p]), seed, pool) for p in order]
 
 
 def file_type(expert_type: Q, dense_type: Q) -> LlamaFileType:
@@ -372,16 +464,40 @@ def _family_writer(s: Shape, name: str, ftype: LlamaFileType) -> GGUFWriter:
     w.add_embedding_length(s.hidden)
     w.add_feed_forward_length(s.dense_ff or s.intermediate)  # config intermediate_size (olmoe: the experts')
     w.add_head_count(s.heads)
-    w.add_head_count_kv(s.kv_heads)
+    w.add_head_count_kv(1 if s.mla else s.kv_heads)  # DeepSeek: the latent is one shared "head"
     w.add_rope_freq_base(float(s.rope_theta))
     w.add_layer_norm_rms_eps(1e-5 if s.family == "olmoe" else float(s.eps))  # OlmoeModel forces 1e-5
     w.add_expert_count(s.experts)
     w.add_expert_used_count(s.top_k)
-    if s.family == "qwen3_moe":  # written when config.json has head_dim; Qwen3-MoE's has, the others' not
+    if s.yarn:  # GptOssModel: rope_scaling of type yarn
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(s.yarn[0]))
+        w.add_rope_scaling_orig_ctx_len(int(s.yarn[1]))
+        w.add_rope_scaling_yarn_beta_fast(32.0)
+        w.add_rope_scaling_yarn_beta_slow(1.0)
+    if s.family in ("qwen3_moe", "gpt_oss"):  # written when config.json has head_dim (Qwen2/OLMoE's has not)
         w.add_key_length(s.head_dim)
         w.add_value_length(s.head_dim)
+    if s.mla:  # DeepseekV2Model.set_gguf_parameters: the cache's key is the latent plus the rope key
+        R, n, r, v = s.mla
+        w.add_key_length(R + r)
+        w.add_value_length(R)
     w.add_file_type(ftype)
-    if s.family in ("qwen3_moe", "qwen2_moe"):  # Qwen2MoeModel.set_gguf_parameters
+    if s.mla:
+        R, n, r, v = s.mla
+        w.add_leading_dense_block_count(s.dense_first)
+        w.add_vocab_size(len(vocabulary()[0]))
+        w.add_kv_lora_rank(R)
+        w.add_key_length_mla(n + r)
+        w.add_value_length_mla(v)
+        w.add_expert_feed_forward_length(s.intermediate)
+        w.add_expert_shared_count(s.shared // s.intermediate)
+        w.add_expert_weights_scale(1.0)
+        w.add_rope_dimension_count(r)
+        w.add_rope_scaling_yarn_log_mul(0.1 * s.mscale)
+    if s.window:
+        w.add_sliding_window(s.window)
+    if s.family in ("qwen3_moe", "qwen2_moe", "gpt_oss"):  # Qwen2MoeModel / GptOssModel.set_gguf_parameters
         w.add_expert_feed_forward_length(s.intermediate)
         if s.shared:
             w.add_expert_shared_feed_forward_length(s.shared)
@@ -393,7 +509,7 @@ def resolve_types(shape: Shape, mix: str | None = None, expert_quant: str | None
                   dense_quant: str | None = None) -> tuple[str, str]:
     """(expert type, dense type): explicit types over the mix, the mix over the preset's default (q4_k_m for
     the Qwen and OLMoE families, legacy Q4_0/Q8_0 for Mixtral)."""
-    default = "legacy" if shape.family == "mixtral" else "q4_k_m"
+    default = {"mixtral": "legacy", "gpt_oss": "mxfp4"}.get(shape.family, "q4_k_m")
     e, d = MIXES[mix or default]
     return expert_quant or e, dense_quant or d
 
@@ -407,6 +523,8 @@ def synthesize(path: str, shape: Shape, *, name: str, expert_quant: str = "Q4_0"
         raise ValueError(f"family must be one of {sorted(GGUF_ARCH)}, got {shape.family!r}")
     if shape.family == "mixtral" and shape.shared:
         raise ValueError("a Mixtral has no shared expert")
+    if packed and shape.family == "gpt_oss":
+        raise ValueError("--packed is not written for gpt-oss (its expert biases); write the unpacked file")
     expert_type, dense_type = Q[expert_quant], Q[dense_quant]
     writer = new_writer(shape, name, expert_type, dense_type)
     with ThreadPoolExecutor(1) as pool:  # generates while the main thread writes (and checksums)
@@ -442,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=None, help="number of routed experts (default: the preset's)")
     p.add_argument("--mix", choices=sorted(MIXES), default=None,
                    help="q4_k_m: Q4_K experts (Q4_0 where rows are not whole super-blocks), Q8_0 dense; legacy: "
-                        "Q4_0 experts, Q8_0 dense (default: q4_k_m for the Qwen/OLMoE presets, legacy for Mixtral)")
+                        "Q4_0 experts, Q8_0 dense; mxfp4: MXFP4 experts, Q8_0 dense (default: q4_k_m for the "
+                        "Qwen/OLMoE presets, legacy for Mixtral, mxfp4 for gpt-oss)")
     p.add_argument("--expert-quant", choices=EXPERT_TYPES, default=None, help="routed (and shared) experts' type")
     p.add_argument("--dense-quant", choices=DENSE_TYPES, default=None, help="attention/embedding/output type")
     p.add_argument("--as-mixtral", action="store_true",
@@ -459,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = scaled(preset, args.scale, args.layers, args.experts)
     except ValueError as e:
         p.error(str(e))
+    if args.packed and shape.family == "gpt_oss":
+        p.error("--packed is not written for gpt-oss (its expert biases); write the unpacked file")
     expert_quant, dense_quant = resolve_types(shape, args.mix, args.expert_quant, args.dense_quant)
     name = (args.preset + (f"@{args.scale:g}x" if args.scale != 1 else "") + (f"-{shape.layers}L" if args.layers else "")
             + (f"-{shape.experts}E" if args.experts else "") + ("-as-mixtral" if args.as_mixtral else ""))
