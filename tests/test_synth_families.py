@@ -77,7 +77,7 @@ def test_loads_as_the_family(files, preset):
         if name.endswith(("norm.weight", ".bias", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
             assert qtype == Q.F32, name
         elif "_exps" in name or "_shexp" in name:
-            want = Q.Q4_K if shape[0] % 256 == 0 else Q.Q4_0  # rows of 1408·scale: Q4_0 for llama.cpp's Q5_0
+            want = Q.Q4_K if shape[0] % 256 == 0 else Q.Q5_0  # rows of 1408·scale: llama.cpp's fallback
             assert qtype == want, name
         else:
             assert qtype == Q.Q8_0, name
@@ -94,7 +94,7 @@ def test_loads_as_the_family(files, preset):
     else:
         assert tensors["blk.0.ffn_gate_inp_shexp.weight"] == (Q.F32, (D, 1))
         assert tensors["blk.0.attn_q.bias"][1] == (D,) and "blk.0.attn_q_norm.weight" not in tensors
-        assert tensors["blk.1.ffn_down_exps.weight"] == (Q.Q4_0, (192, D, 8))  # 1408 / 8 → 192, not 256-blocks
+        assert tensors["blk.1.ffn_down_exps.weight"] == (Q.Q5_0, (192, D, 8))  # 1408 / 8 → 192, not 256-blocks
         assert r.fields["qwen2moe.expert_shared_feed_forward_length"].contents() == 768
         assert r.fields["qwen2moe.expert_feed_forward_length"].contents() == 192
         assert "qwen2moe.attention.key_length" not in keys
@@ -144,7 +144,7 @@ def test_preset_shapes(synth):
     # scaled: head_dim kept; OLMoE / Qwen2-MoE attention spans the hidden size; 1408 stays off the 256 grid
     s = synth.scaled(q2, 0.25)
     assert (s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.shared) == (512, 4, 4, 128, 352, 1536)
-    assert synth.storage_type(Q.Q4_K, s.intermediate) == Q.Q4_0 and synth.storage_type(Q.Q4_K, s.shared) == Q.Q4_K
+    assert synth.storage_type(Q.Q4_K, s.intermediate) == Q.Q5_0 and synth.storage_type(Q.Q4_K, s.shared) == Q.Q4_K
     s = synth.scaled(ol, 0.5, layers=8, experts=16)
     assert (s.hidden, s.heads, s.kv_heads, s.intermediate, s.layers, s.experts, s.top_k) == (1024, 8, 8, 512, 8, 16, 8)
     s = synth.scaled(q3, 0.5)
@@ -264,11 +264,11 @@ def test_deepseek_v2_lite_preset(synth, tmp_path):
             f["leading_dense_block_count"]) == (2, 1, 576, 512, 192, 128, 64, 2, 192, 1)
     tensors = {t.name: (t.tensor_type, tuple(int(x) for x in t.shape)) for t in r.tensors}
     D, H = 256, 2
-    want = {"blk.0.ffn_gate.weight": (Q.Q4_K, (D, 1376)), "blk.0.ffn_down.weight": (Q.Q4_0, (1376, D)),
+    want = {"blk.0.ffn_gate.weight": (Q.Q4_K, (D, 1376)), "blk.0.ffn_down.weight": (Q.Q5_0, (1376, D)),
             "blk.1.attn_q.weight": (Q.Q8_0, (D, H * 192)), "blk.1.attn_kv_a_mqa.weight": (Q.Q8_0, (D, 576)),
             "blk.1.attn_kv_a_norm.weight": (Q.F32, (512,)), "blk.1.attn_k_b.weight": (Q.Q8_0, (128, 512, H)),
             "blk.1.attn_v_b.weight": (Q.Q8_0, (512, 128, H)), "blk.1.attn_output.weight": (Q.Q8_0, (H * 128, D)),
-            "blk.1.ffn_gate_exps.weight": (Q.Q4_K, (D, 192, 8)), "blk.1.ffn_down_exps.weight": (Q.Q4_0, (192, D, 8)),
+            "blk.1.ffn_gate_exps.weight": (Q.Q4_K, (D, 192, 8)), "blk.1.ffn_down_exps.weight": (Q.Q5_0, (192, D, 8)),
             "blk.1.ffn_up_shexp.weight": (Q.Q4_K, (D, 384)), "blk.1.ffn_gate_inp.weight": (Q.F32, (D, 8))}
     for name, expect in want.items():
         assert tensors[name] == expect, name

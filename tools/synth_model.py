@@ -65,10 +65,9 @@ Types. Norm vectors, q/k norms, biases, the router and the shared-expert gate ar
 writes them. `--mix q4_k_m` (the default for the three family presets): routed and shared experts Q4_K,
 dense matrices (embedding, attention, output) Q8_0. llama.cpp's own Q4_K_M recipe differs in three ways:
 its dense matrices are Q4_K; ffn_down, attn_v and output.weight get Q6_K in about half the layers; and a
-Q4_K matrix whose rows are not a multiple of 256 falls back to Q5_0 — Qwen1.5-MoE's ffn_down_exps, rows of
-1408 — which edgemoe cannot load yet, so such matrices are written Q4_0 here (same block of 32, 4.5 instead
-of 5.5 bits per weight). Any other type whose blocks do not fit a row falls back to F16, as the converter
-does. `mixtral-8x7b` and `tiny` default to Q4_0 experts and Q8_0 dense matrices (as before);
+Q4_K matrix whose rows are not a multiple of 256 falls back to Q5_0 — Qwen1.5-MoE's and DeepSeek-V2-Lite's
+ffn_down_exps, rows of 1408 —, as here. Any other type whose blocks do not fit a row falls back to F16, as the
+converter does. `mixtral-8x7b` and `tiny` default to Q4_0 experts and Q8_0 dense matrices (as before);
 `--expert-quant`/`--dense-quant` choose explicitly (F32 everywhere gives a file two engines agree on to
 float rounding).
 
@@ -160,7 +159,7 @@ PRESETS = {
 EXPERT_TYPES = ("Q4_0", "Q4_K", "Q8_0", "MXFP4", "F16", "F32")
 DENSE_TYPES = ("Q8_0", "F16", "F32")
 MIXES = {"q4_k_m": ("Q4_K", "Q8_0"), "legacy": ("Q4_0", "Q8_0"), "mxfp4": ("MXFP4", "Q8_0")}  # (experts, dense)
-Q4_K_FALLBACK = Q.Q4_0  # llama.cpp's is Q5_0, which edgemoe does not load
+Q4_K_FALLBACK = Q.Q5_0  # llama.cpp's quantiser's, for rows that are not whole 256-value super-blocks
 _WIDTH_STEP = 256  # hidden sizes (and widths that were multiples of it) stay multiples of the Q4_K super-block
 _BIAS_STD = 0.1
 _SINK_STD = 0.5
@@ -171,7 +170,8 @@ _HEADS_SPAN_HIDDEN = ("olmoe", "qwen2_moe")  # llama.cpp's graphs take q rows = 
 #   Q4_0: level = q - 8, q uniform in 0..15            → E = 344/16 = 21.5
 #   Q8_0: level = q, q uniform int8                     → E = 5461.5
 #   Q4_K: level = 8·(q - 7.5) (sub-block scales and mins fixed at 8, dmin = 7.5·d) → E = 64 · 21.25
-_LEVEL_SQ = {Q.Q4_0: 21.5, Q.Q8_0: 5461.5, Q.Q4_K: 64 * 21.25}
+#   Q5_0: level = q - 16, q uniform in 0..31 (4 low bits in qs, the fifth in qh) → E = 2736/32 = 85.5
+_LEVEL_SQ = {Q.Q4_0: 21.5, Q.Q8_0: 5461.5, Q.Q4_K: 64 * 21.25, Q.Q5_0: 85.5}
 # Q4_K scales[12] with all eight 6-bit scales and mins = 8 (get_scale_min_k4's packing).
 _Q4_K_SCALES = np.array([8, 8, 8, 8, 8, 8, 8, 8, 0x88, 0x88, 0x88, 0x88], dtype=np.uint8)
 _FILE_TYPE = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
@@ -220,7 +220,7 @@ def scaled(shape: Shape, scale: float = 1.0, layers: int | None = None, experts:
 
 
 def storage_type(qtype: Q, cols: int) -> Q:
-    """`qtype`, or its fallback when a row of `cols` is not whole blocks: Q4_K → Q4_0 (llama.cpp: Q5_0), else F16."""
+    """`qtype`, or its fallback when a row of `cols` is not whole blocks: Q4_K → Q5_0 (as llama.cpp), else F16."""
     if cols % GGML_QUANT_SIZES[qtype][0] == 0:
         return qtype
     if qtype == Q.Q4_K and cols % GGML_QUANT_SIZES[Q4_K_FALLBACK][0] == 0:
@@ -252,7 +252,7 @@ def random_rows(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.
         lo = d | dmin << 16 | int.from_bytes(_Q4_K_SCALES[:4].tobytes(), "little") << 32
         head[:, 0] = np.uint64(lo) | signs | signs << np.uint64(16)  # the same sign on d and dmin
         head[:, 1] = np.uint64(int.from_bytes(_Q4_K_SCALES[4:].tobytes(), "little"))
-    else:  # Q4_0, Q8_0: d is the first uint16
+    else:  # Q4_0, Q5_0, Q8_0: d is the first uint16
         head = blocks.view(np.uint16)  # (B, size / 2)
         head[:, 0] = (head[:, 0] & np.uint16(0x8000)) | np.uint16(d)
     return blocks.reshape(rows, -1)
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="number of layers (default: the preset's)")
     p.add_argument("--experts", type=int, default=None, help="number of routed experts (default: the preset's)")
     p.add_argument("--mix", choices=sorted(MIXES), default=None,
-                   help="q4_k_m: Q4_K experts (Q4_0 where rows are not whole super-blocks), Q8_0 dense; legacy: "
+                   help="q4_k_m: Q4_K experts (Q5_0 where rows are not whole super-blocks), Q8_0 dense; legacy: "
                         "Q4_0 experts, Q8_0 dense; mxfp4: MXFP4 experts, Q8_0 dense (default: q4_k_m for the "
                         "Qwen/OLMoE presets, legacy for Mixtral, mxfp4 for gpt-oss)")
     p.add_argument("--expert-quant", choices=EXPERT_TYPES, default=None, help="routed (and shared) experts' type")

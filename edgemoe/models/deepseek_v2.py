@@ -201,8 +201,8 @@ def attention(model, x: np.ndarray, layer, i: int, seqs, cos: np.ndarray, sin: n
         rows = cache.k[i, 0]  # (S, R + r)
         rows[p:p + m, :R] = latent[r0:r0 + m]
         rows[p:p + m, R:] = k_pe[r0:r0 + m, 0]
-        mla.mla_attention(out[r0:r0 + m], q_nope[r0:r0 + m], q_pe[r0:r0 + m], rows[:, :R], rows[:, R:],
-                          ex["w_uk"], ex["w_uv"], p, model.scale)
+        mla.mla_attention(out[r0:r0 + m], q_nope[r0:r0 + m], q_pe[r0:r0 + m], rows, ex["w_uk"], ex["w_uv"], p,
+                          model.scale)
     return linear(out.reshape(T, H * v), layer.o_proj)  # (T, D)
 
 
