@@ -120,14 +120,20 @@ def test_pack_streams_bit_identical(files, preset):
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_llamacpp_agrees(files, preset):
     pytest.importorskip("llama_cpp")
+
+    assert_llamacpp_agrees(files[preset]["f32"])
+
+
+def assert_llamacpp_agrees(path: str) -> None:
+    """llama.cpp and edgemoe on the same all-F32 file: the same next token and the same logits (the same model,
+    not just the same top-1)."""
     import llamacpp_oracle
 
-    path = files[preset]["f32"]
     theirs, (next_token,) = llamacpp_oracle.run(llamacpp_oracle.load(path), PROMPT, 1)  # (T, V), F32 KV cache
     m = load_model(path).model
     ours = m.forward(np.asarray(PROMPT), m.new_cache(64, "f32"), all_logits=True)  # (T, V)
     assert int(np.argmax(ours[-1])) == next_token
-    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()  # the same model, not just the same top-1
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
 
 
 def test_preset_shapes(synth):
@@ -213,16 +219,10 @@ def test_gpt_oss_llamacpp_agrees(synth, tmp_path):
     pytest.importorskip("llama_cpp")
     from dataclasses import replace
 
-    import llamacpp_oracle
-
     shape = replace(synth.scaled(synth.PRESETS["gpt-oss-20b"], 0.125, 2, 8), yarn=None, window=4)
     path = str(tmp_path / "g32.gguf")
     synth.synthesize(path, shape, name="g32", expert_quant="F32", dense_quant="F32", progress=False)
-    theirs, (next_token,) = llamacpp_oracle.run(llamacpp_oracle.load(path), PROMPT, 1)  # (T, V), F32 KV cache
-    m = load_model(path).model
-    ours = m.forward(np.asarray(PROMPT), m.new_cache(64, "f32"), all_logits=True)  # (T, V)
-    assert int(np.argmax(ours[-1])) == next_token
-    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
+    assert_llamacpp_agrees(path)
 
 
 def test_gpt_oss_packed_is_refused(synth, tmp_path, capsys):
@@ -285,13 +285,7 @@ def test_deepseek_v2_lite_llamacpp_agrees(synth, tmp_path):
     pytest.importorskip("llama_cpp")
     from dataclasses import replace
 
-    import llamacpp_oracle
-
     shape = replace(synth.scaled(synth.PRESETS["deepseek-v2-lite"], 0.125, 27, 8), yarn=(40.0, 8))
     path = str(tmp_path / "d32.gguf")
     synth.synthesize(path, shape, name="d32", expert_quant="F32", dense_quant="F32", progress=False)
-    theirs, (next_token,) = llamacpp_oracle.run(llamacpp_oracle.load(path), PROMPT, 1)  # (T, V), F32 KV cache
-    m = load_model(path).model
-    ours = m.forward(np.asarray(PROMPT), m.new_cache(64, "f32"), all_logits=True)  # (T, V)
-    assert int(np.argmax(ours[-1])) == next_token
-    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
+    assert_llamacpp_agrees(path)
