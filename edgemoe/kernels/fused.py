@@ -113,7 +113,8 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
     bits it gets alone.
     Scratch: xq, xd, xs: (T, ...) activations of h; xg, xdg, xsg: (S, ...) the same per position; gu (S * 2I,)
     f32; hbuf (S, I) f32; hq, hd, hs: (S, ...) activations of hbuf; ys (S, D) f32, all by position;
-    tmp (n_threads, T * chunk) f32; sync: (3 * SYNC_SLOTS,) int64 zeros.
+    tmp (n_threads, S * chunk) f32 (an expert has at most T positions, unless a router's NaN picked it twice
+    for one token); sync: (3 * SYNC_SLOTS,) int64 zeros.
     """
     T, D = out.shape
     S = slot_w.shape[0]
@@ -408,7 +409,7 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
         args = (n_threads, out, acc, g0 + MOE_GROUP >= U, x, h, mats, n_per, g_w, g_tok, slot_j, exp_start,
                 exp_slots, g_start, xq, xd, xs, xg, xdg, xsg, _f32("moe_rows_gu", S * 2 * n_i),
                 _f32("moe_rows_hb", S, n_i), hq, hd, hs, _f32("moe_rows_ys", S, D),
-                _f32("moe_rows_tmp", n_threads, T * CHUNK_ROWS), tuple(e.down.data for e in group),
+                _f32("moe_rows_tmp", n_threads, S * CHUNK_ROWS), tuple(e.down.data for e in group),
                 _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
                 np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
         if not _launch("moe_rows", kinds, args, ahead):
