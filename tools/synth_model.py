@@ -478,13 +478,11 @@ def _family_writer(s: Shape, name: str, ftype: LlamaFileType) -> GGUFWriter:
     if s.family in ("qwen3_moe", "gpt_oss"):  # written when config.json has head_dim (Qwen2/OLMoE's has not)
         w.add_key_length(s.head_dim)
         w.add_value_length(s.head_dim)
+    w.add_file_type(ftype)
     if s.mla:  # DeepseekV2Model.set_gguf_parameters: the cache's key is the latent plus the rope key
         R, n, r, v = s.mla
         w.add_key_length(R + r)
         w.add_value_length(R)
-    w.add_file_type(ftype)
-    if s.mla:
-        R, n, r, v = s.mla
         w.add_leading_dense_block_count(s.dense_first)
         w.add_vocab_size(len(vocabulary()[0]))
         w.add_kv_lora_rank(R)
@@ -578,15 +576,16 @@ def main(argv: list[str] | None = None) -> int:
         shape = scaled(preset, args.scale, args.layers, args.experts)
     except ValueError as e:
         p.error(str(e))
-    if args.packed and shape.family == "gpt_oss":
-        p.error("--packed is not written for gpt-oss (its expert biases); write the unpacked file")
     expert_quant, dense_quant = resolve_types(shape, args.mix, args.expert_quant, args.dense_quant)
     name = (args.preset + (f"@{args.scale:g}x" if args.scale != 1 else "") + (f"-{shape.layers}L" if args.layers else "")
             + (f"-{shape.experts}E" if args.experts else "") + ("-as-mixtral" if args.as_mixtral else ""))
     print(f"{name} ({GGUF_ARCH[shape.family]}, experts {expert_quant}, dense {dense_quant}): {shape}", file=sys.stderr)
     t0 = time.perf_counter()
-    size = synthesize(args.output, shape, name=name, expert_quant=expert_quant, dense_quant=dense_quant,
-                      packed=args.packed, seed=args.seed, progress=False if args.quiet else None)
+    try:
+        size = synthesize(args.output, shape, name=name, expert_quant=expert_quant, dense_quant=dense_quant,
+                          packed=args.packed, seed=args.seed, progress=False if args.quiet else None)
+    except ValueError as e:  # a combination of options the tool does not write
+        p.error(str(e))
     dt = time.perf_counter() - t0
     print(f"wrote {args.output}: {size / 1e9:.2f} GB in {dt:.1f} s ({size / 1e9 / dt:.2f} GB/s)")
     return 0
