@@ -25,7 +25,8 @@ import pytest
 
 from edgemoe.engine.filewatch import ModelFileChanged, ModelFiles
 from edgemoe.errors import ModelFormatError
-from edgemoe.experts.io import ATTEMPTS, ExpertIOError, ExpertReader
+from edgemoe.experts.io import ATTEMPTS, ExpertReader
+from edgemoe.experts.read_jobs import ExpertIOError
 from edgemoe.experts.setup import StreamOptions
 from edgemoe.loader import load_model
 from edgemoe.pack.manifest import manifest_path, read_manifest

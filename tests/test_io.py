@@ -19,7 +19,8 @@ import pytest
 
 import edgemoe.experts.io as io_mod
 from edgemoe.errors import EdgeMoEError, ModelFormatError, UsageError
-from edgemoe.experts.io import DEMAND, PREFETCH, ChecksumError, ExpertIOError, ExpertReader
+from edgemoe.experts.io import ExpertReader
+from edgemoe.experts.read_jobs import DEMAND, PREFETCH, ChecksumError, ExpertIOError
 
 T = 10  # seconds: the longest any wait may take before the test fails
 SIZE = 3 * 65536 + 1234  # deliberately not a multiple of 4096

@@ -265,7 +265,7 @@ def _as_format_1(pack: str) -> dict:
 def test_format_1_pack_still_verified(sources, tmp_path):
     """A pack written before CRC-32C (format 1, zlib CRC-32) loads, streams with every read checked, and a flipped
     byte in it is still found, by verify_pack and by the streaming reader."""
-    from edgemoe.experts.io import ChecksumError
+    from edgemoe.experts.read_jobs import ChecksumError
     from edgemoe.experts.setup import StreamOptions
 
     pack = str(tmp_path / "p.gguf")

@@ -31,10 +31,19 @@ from ..errors import EdgeMoEError, ModelFormatError, UsageError
 from ..pack.checksum import ALGORITHMS, update
 from .buffers import ALIGN, Buffer, BufferPool, Layout, Slot, plan, scratch_slot
 from .io_stats import ReaderStats
-
-DEMAND = 0  # a layer is waiting for this expert
-PREFETCH = 1  # a prediction; yields to every demand read. PREFETCH + k: a prediction k layers further ahead,
-# which also yields to every nearer one
+from .read_jobs import (
+    DEMAND,
+    DONE,
+    PREFETCH,
+    QUEUED,
+    RUNNING,
+    ChecksumError,
+    ExpertIOError,
+    ReadHandle,
+    ReadJob,
+    after_attempts,
+    parse_checksum,
+)
 
 # An O_DIRECT read of at least two of these goes out as concurrent aligned pieces of about this size:
 # one expert then keeps several requests in flight (a virtual disk reads 0.6 GB/s with one 4 MB
@@ -54,68 +63,7 @@ PREFETCH_PIECE_BYTES = 512 << 10  # a prefetch's pieces: a demand waits for at m
 ATTEMPTS = 4
 BACKOFF_S = 0.005
 
-_QUEUED, _RUNNING, _DONE = range(3)
 _NO_DIRECT_ERRNOS = (errno.EINVAL, errno.EOPNOTSUPP)
-
-
-class ExpertIOError(EdgeMoEError):
-    """Reading an expert's bytes failed (EIO and friends); the message names the key, file and offset."""
-
-
-class ChecksumError(EdgeMoEError):
-    """An expert's bytes do not match the crc32 recorded in the pack manifest."""
-
-
-class _Job:
-    """One disk read of one key, shared by every handle that asked for it while it was in flight."""
-
-    __slots__ = ("key", "ranges", "priority", "seq", "crc", "state", "handles", "error", "done", "lane")
-
-    def __init__(self, key, ranges, priority, seq, crc):
-        self.key, self.ranges, self.priority, self.seq, self.crc = key, ranges, priority, seq, crc
-        self.state = _QUEUED
-        self.lane = DEMAND  # the kind of read it started as (counted in _running_demand or _running_prefetch)
-        self.handles: list[ReadHandle] = []
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-
-class ReadHandle:
-    """A future for one `read()` call. Each handle holds one lease on the shared buffer."""
-
-    def __init__(self, reader: ExpertReader, job: _Job):
-        self._reader = reader
-        self._job = job
-        self.key = job.key
-        self._buffer: Buffer | None = None  # set by the worker when the read completes
-        self._abandoned = False
-
-    def done(self) -> bool:
-        return self._job.done.is_set()
-
-    def result(self, timeout: float | None = None) -> Buffer:
-        """Wait for the read; returns this caller's `Buffer`. Raises `TimeoutError`, `CancelledError`
-        (prefetch cancelled or reader closed), `ExpertIOError`, `ChecksumError` or `ModelFormatError`."""
-        if not self._job.done.wait(timeout):
-            raise TimeoutError(f"read of {self.key!r} did not complete within {timeout} s")
-        if self._job.error is not None:
-            raise self._job.error
-        if self._buffer is None:
-            raise ValueError(f"handle of {self.key!r} was released before its read completed")
-        return self._buffer
-
-    def failed(self) -> bool:
-        """The read has ended in an error (every attempt failed, or it was cancelled)."""
-        return self._job.done.is_set() and self._job.error is not None
-
-    def release(self) -> None:
-        """Give up this caller's lease, whether or not the read has completed (idempotent)."""
-        with self._reader._cond:  # the worker hands out leases under this lock when it marks the job done
-            if self._job.state != _DONE:
-                self._abandoned = True  # the worker will not give this handle a lease
-                return
-        if self._buffer is not None:
-            self._buffer.release()
 
 
 class ExpertReader:
@@ -164,8 +112,8 @@ class ExpertReader:
                 self._disable_direct(e)
         self._pool = BufferPool(-(-buffer_bytes // ALIGN) * ALIGN, fixed_buffers, max_buffers)
         self.stats.pool_buffers = self._pool.allocated
-        self._heap: list[tuple[int, int, _Job]] = []  # (priority, seq, job); stale entries skipped
-        self._inflight: dict[object, _Job] = {}  # key -> queued or running job
+        self._heap: list[tuple[int, int, ReadJob]] = []  # (priority, seq, job); stale entries skipped
+        self._inflight: dict[object, ReadJob] = {}  # key -> queued or running job
         self._seq = itertools.count()
         self._depth = queue_depth
         self._running = 0
@@ -193,7 +141,7 @@ class ExpertReader:
             raise ValueError(f"read of {key!r}: ranges must be non-empty (offset >= 0, length > 0), got {ranges}")
         if not isinstance(priority, int) or priority < DEMAND:
             raise ValueError(f"priority must be DEMAND ({DEMAND}) or PREFETCH ({PREFETCH}) + k, got {priority!r}")
-        crc = _parse_checksum(key, checksum)
+        crc = parse_checksum(key, checksum)
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"ExpertReader({self.path}) is closed")
@@ -208,13 +156,13 @@ class ExpertReader:
                 if priority < job.priority:
                     job.priority = priority
                     self._cond.notify_all()  # a running prefetch waiting to yield reads on as a demand
-                    if job.state == _QUEUED:  # re-queued among demands in the order they were asked for
+                    if job.state == QUEUED:  # re-queued among demands in the order they were asked for
                         job.seq = next(self._seq)
                         heapq.heappush(self._heap, (priority, job.seq, job))
                         self.stats.promoted += 1
                         self._cond.notify_all()
             else:
-                job = _Job(key, ranges, priority, next(self._seq), crc)
+                job = ReadJob(key, ranges, priority, next(self._seq), crc)
                 self._inflight[key] = job
                 heapq.heappush(self._heap, (priority, job.seq, job))
                 self.stats.queued += 1
@@ -230,7 +178,7 @@ class ExpertReader:
         with self._cond:
             victims = [
                 j for j in self._inflight.values()
-                if j.state == _QUEUED and j.priority >= PREFETCH and (keys is None or j.key in keys)
+                if j.state == QUEUED and j.priority >= PREFETCH and (keys is None or j.key in keys)
             ]  # fmt: skip
             self._cancel(victims, "prefetch cancelled")
         for job in victims:
@@ -264,7 +212,7 @@ class ExpertReader:
             if self._closed:
                 return
             self._closed = True
-            victims = [j for j in self._inflight.values() if j.state == _QUEUED]
+            victims = [j for j in self._inflight.values() if j.state == QUEUED]
             self._cancel(victims, "reader closed")
             self._cond.notify_all()
         for job in victims:
@@ -293,15 +241,15 @@ class ExpertReader:
             self._threads.append(t)
             t.start()
 
-    def _cancel(self, jobs: list[_Job], why: str) -> None:
+    def _cancel(self, jobs: list[ReadJob], why: str) -> None:
         for job in jobs:  # caller holds the lock and sets job.done after releasing it
-            job.state = _DONE
+            job.state = DONE
             job.error = CancelledError(f"read of {job.key!r} from {self.path}: {why}")
             del self._inflight[job.key]
             self.stats.queued -= 1
             self.stats.cancelled += 1
 
-    def _next_job(self) -> _Job | None:
+    def _next_job(self) -> ReadJob | None:
         """Block until a read may start (depth and pacing allow it); None once closed. Holds the lock."""
         while not self._closed:
             while self._heap and not _current(self._heap[0]):
@@ -316,7 +264,7 @@ class ExpertReader:
                 self._cond.wait(wait)  # re-checked: pacing may change, a demand may arrive
                 continue
             job = heapq.heappop(self._heap)[2]
-            job.state = _RUNNING
+            job.state = RUNNING
             job.lane = DEMAND if job.priority == DEMAND else PREFETCH
             if job.lane == DEMAND:
                 self._running_demand += 1
@@ -333,7 +281,7 @@ class ExpertReader:
     def _prefetch_limit(self) -> int:
         return max(1, int(self._depth * PREFETCH_SHARE))
 
-    def _yield_to_demand(self, job: _Job) -> None:
+    def _yield_to_demand(self, job: ReadJob) -> None:
         """Before a prefetch's next piece: wait while a demand read runs (not once it is demanded itself)."""
         if job.lane == DEMAND:
             return
@@ -349,7 +297,7 @@ class ExpertReader:
                 return
             self._finish(job, *self._attempt(job))
 
-    def _attempt(self, job: _Job) -> tuple[Slot | None, Layout | None, float, bool]:
+    def _attempt(self, job: ReadJob) -> tuple[Slot | None, Layout | None, float, bool]:
         """Read and check `job`'s bytes, again after a failure (up to ATTEMPTS in all, backing off);
         (slot, layout, seconds to data in RAM, degraded), or (None, None, seconds, False) with job.error set."""
         t0 = time.perf_counter()
@@ -370,13 +318,13 @@ class ExpertReader:
                 if not isinstance(e, EdgeMoEError):
                     e = ExpertIOError(f"reading {job.key!r} from {self.path} failed: {e!r}")
                 if attempt == ATTEMPTS or self._closed:
-                    job.error = e if attempt == 1 else _after(e, attempt)
+                    job.error = e if attempt == 1 else after_attempts(e, attempt)
                     return None, None, time.perf_counter() - t0, False
                 with self._cond:
                     self.stats.retries += 1
                 time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
-    def _fill(self, job: _Job) -> tuple[Slot, Layout, bool]:
+    def _fill(self, job: ReadJob) -> tuple[Slot, Layout, bool]:
         """Read `job`'s ranges into a buffer: pool (O_DIRECT when available), one-off, or degraded."""
         while True:
             direct = self._fd_direct >= 0 and self.stats.direct_io
@@ -401,7 +349,7 @@ class ExpertReader:
                     continue  # retry buffered
                 raise
 
-    def _read_into(self, job: _Job, array: np.ndarray, layout: Layout, fd: int, direct: bool) -> None:
+    def _read_into(self, job: ReadJob, array: np.ndarray, layout: Layout, fd: int, direct: bool) -> None:
         for r in layout.reads:
             dest = array[r.buf_pos : r.buf_pos + r.nbytes]  # (nbytes,) uint8
             n_pieces = r.nbytes // PIECE_BYTES if direct else 1
@@ -428,7 +376,7 @@ class ExpertReader:
             with self._cond:
                 self.stats.bytes_read += got
 
-    def _read_pieces(self, job: _Job, fd: int, dest: np.ndarray, offset: int, direct: bool, n_pieces: int) -> int:
+    def _read_pieces(self, job: ReadJob, fd: int, dest: np.ndarray, offset: int, direct: bool, n_pieces: int) -> int:
         """Read dest's bytes at file `offset` as `n_pieces` concurrent aligned pieces (one read when < 2);
         the bytes read up to the first short piece (end of file)."""
         if n_pieces < 2:
@@ -452,7 +400,7 @@ class ExpertReader:
                 break
         return got
 
-    def _read_span(self, job: _Job, fd: int, dest: np.ndarray, offset: int, direct: bool) -> int:
+    def _read_span(self, job: ReadJob, fd: int, dest: np.ndarray, offset: int, direct: bool) -> int:
         """Read up to len(dest) bytes at file `offset` into `dest`; the count (short only at end of file)."""
         got = 0
         while got < dest.nbytes:
@@ -473,7 +421,7 @@ class ExpertReader:
                 break  # O_DIRECT stops short only at EOF, and an unaligned retry would EINVAL
         return got
 
-    def _check(self, job: _Job, slot: Slot, layout: Layout) -> None:
+    def _check(self, job: ReadJob, slot: Slot, layout: Layout) -> None:
         crc = 0
         for pos, length in layout.segments:
             crc = update(self.checksum_algorithm, crc, slot.array[pos : pos + length])  # releases the GIL
@@ -483,7 +431,7 @@ class ExpertReader:
                 "the file is corrupt: re-run `edgemoe partition` or re-download the model"
             )
 
-    def _finish(self, job: _Job, slot: Slot | None, layout: Layout | None, elapsed: float, degraded: bool) -> None:
+    def _finish(self, job: ReadJob, slot: Slot | None, layout: Layout | None, elapsed: float, degraded: bool) -> None:
         with self._cond:
             now = time.perf_counter()
             self._running -= 1
@@ -493,7 +441,7 @@ class ExpertReader:
                 self._running_prefetch -= 1
             if self._running == 0:
                 self.stats.busy_s += now - self._busy_since
-            job.state = _DONE
+            job.state = DONE
             del self._inflight[job.key]
             st = self.stats
             st.latencies_ms.append(elapsed * 1e3)
@@ -530,28 +478,6 @@ class ExpertReader:
         )
 
 
-def _after(e: EdgeMoEError, attempts: int) -> EdgeMoEError:
-    """`e` (the last attempt's error), its message saying it was no transient fault."""
-    try:
-        out = type(e)(f"after {attempts} attempts: {e}")
-    except TypeError:  # a subclass with another constructor: its own message will do
-        return e
-    out.__cause__ = e
-    return out
-
-
-def _current(entry: tuple[int, int, _Job]) -> bool:
+def _current(entry: tuple[int, int, ReadJob]) -> bool:
     priority, seq, job = entry
-    return job.state == _QUEUED and priority == job.priority and seq == job.seq
-
-
-def _parse_checksum(key, checksum: str | None) -> int | None:
-    if checksum is None:
-        return None
-    try:
-        value = int(checksum, 16)
-    except (TypeError, ValueError):
-        value = -1
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise UsageError(f"checksum of {key!r} must be a crc32 hex string like '1a2b3c4d', got {checksum!r}")
-    return value
+    return job.state == QUEUED and priority == job.priority and seq == job.seq

@@ -22,7 +22,8 @@ from ..kernels.layouts import repack_x8, x8_eligible
 from ..qtensor import QTensor, row_bytes
 from .cache import ExpertCache
 from .extents import ExpertExtent
-from .io import DEMAND, PREFETCH, ExpertReader, ReadHandle
+from .io import ExpertReader
+from .read_jobs import DEMAND, PREFETCH, ReadHandle
 from .store import Expert, with_gate_up
 
 SPILL_SHARE = 1 / 8  # spill buffers kept for reuse: at most this share of the cache's budget on top of it
