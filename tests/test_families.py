@@ -154,6 +154,33 @@ def test_batched_rows_bit_identical(models, case):
         at += len(s)
 
 
+@pytest.mark.parametrize("case", ["gpt_oss", "gpt_oss-top1-mha"])
+def test_gpt_oss_fused_blocks_bit_identical(models, case, monkeypatch):
+    """gpt-oss's attention (sinks, sliding window, biases) and experts (biases, the clamped SwiGLU) in the fused
+    one-token and several-token blocks: the bits of the separate kernels over a prefill and decode steps (past
+    the window), and the fused blocks are the path taken."""
+    from edgemoe.kernels import fused
+
+    m = load_model(models[case][3]).model
+
+    def run(on: bool) -> np.ndarray:
+        m.fused = on
+        c = m.new_cache(64)
+        out = [m.forward(np.asarray(PROMPT), c, all_logits=True)]
+        out += [m.forward(np.asarray([t]), c) for t in (5, 9, 2)]
+        return np.concatenate(out)
+
+    want = run(False)
+    calls = []
+    blocks = ("moe_block", "moe_rows_block", "attention_block", "attention_seqs_block")
+    for name in blocks:
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    got = run(True)
+    assert set(blocks) <= set(calls)
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("case", ["qwen3_moe-top8", "qwen2_moe", "olmoe", "deepseek_v2-groups", "gpt_oss-top1-mha"])
 def test_streamed_and_packed_bit_identical(models, case, tmp_path):
     """Experts read from disk into a cache of a few experts, from the converter's file and from its pack:

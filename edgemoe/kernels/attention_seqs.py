@@ -15,12 +15,13 @@ import numpy as np
 from numba import prange
 from numba.typed import List
 
-from .ops import attention_job, attention_jobs, pick, twins
+from .ops import NO_SINKS, attention_job, attention_jobs, pick, twins
 
 
-def _attention_seqs(out, q, k_caches, v_caches, layer, row0, pos0, scale):
+def _attention_seqs(out, q, k_caches, v_caches, layer, row0, pos0, scale, sinks, window):
     """out, q: (T, H, d), the rows of sequence j being row0[j] .. row0[j + 1] - 1; k_caches[j], v_caches[j]:
-    its cache arrays (L, K, S_j, W); pos0: (B,) its positions before these rows."""
+    its cache arrays (L, K, S_j, W); pos0: (B,) its positions before these rows; sinks, window: as
+    `ops.attention_job`."""
     T, H, _ = q.shape
     per_row = attention_jobs(1, H, k_caches[0].shape[1])
     for job in prange(T * per_row):
@@ -30,7 +31,7 @@ def _attention_seqs(out, q, k_caches, v_caches, layer, row0, pos0, scale):
             j += 1
         r0, r1 = row0[j], row0[j + 1]
         attention_job(out[r0:r1], q[r0:r1], k_caches[j][layer], v_caches[j][layer], pos0[j], scale,
-                      job - r0 * per_row)
+                      job - r0 * per_row, sinks, window)
 
 
 ATTENTION_SEQS = twins(_attention_seqs)
@@ -55,7 +56,10 @@ class KVLists:
         return cls(k, v, row0, np.array([c.length for *_, c in seqs], dtype=np.int64))
 
 
-def attention_seqs(out, q, kv: KVLists, layer: int, scale: float) -> None:
-    """out, q: (T, H, d), the rows of kv's sequences."""
+def attention_seqs(out, q, kv: KVLists, layer: int, scale: float, sinks=NO_SINKS, window: int = 0) -> None:
+    """out, q: (T, H, d), the rows of kv's sequences; sinks (H,) read-only or NO_SINKS; window 0: full."""
     longest = int(kv.pos0.max()) + q.shape[0]
-    pick(ATTENTION_SEQS, q.size * longest * 2)(out, q, kv.k, kv.v, layer, kv.row0, kv.pos0, np.float32(scale))
+    if window > 0:
+        longest = min(longest, window)
+    pick(ATTENTION_SEQS, q.size * longest * 2)(out, q, kv.k, kv.v, layer, kv.row0, kv.pos0, np.float32(scale),
+                                               sinks, int(window))

@@ -33,7 +33,7 @@ from . import compile_ahead, dispatch
 from .fused_seqs import _attention_seqs_template
 from .kinds import Kind, kind_of
 from .kv_access import store_kv_row
-from .ops import RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs, qk_inputs
+from .ops import CLAMPED_SWIGLU, RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs, qk_inputs
 from .q8act import activations
 from .sync import SYNC_SLOTS, claim, finish, wait_done
 
@@ -41,12 +41,14 @@ CHUNK_ROWS = 128  # matrix rows per chunk (a multiple of 8): ~35-70 KB of weight
 
 # Bound per weight kind by `_specialise` (the templates are never compiled themselves).
 GU_QUANT = GU_ROWS = DOWN_QUANT = DOWN_ROWS = QKV_QUANT = QKV_ROWS = O_QUANT = O_ROWS = None
-SWIGLU_SERIAL, RMSNORM_SERIAL, ROPE_SERIAL = SWIGLU[1], RMSNORM[1], ROPE_INPLACE[1]
+SWIGLU_SERIAL, RMSNORM_SERIAL, ROPE_SERIAL, CLAMPED_SERIAL = SWIGLU[1], RMSNORM[1], ROPE_INPLACE[1], CLAMPED_SWIGLU[1]
 
 
 def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, hbuf, hq, hd, hs, ys, downs,
-                  gu_variant, down_variant, sync, chunk):
+                  gu_variant, down_variant, sync, chunk, gate_b, up_b, down_b, alpha, limit):
     """out (D,) = resid + sum_a w_exp[a] * down_a(silu(gate_a h) * up_a h).
+    With biases (gate_b, up_b (A, I), down_b (A, D); (0, 0) arrays when absent) gpt-oss's expert instead:
+    down_a(ops._clamped_swiglu(gate_a h, up_a h)) + down_b[a], the activation's alpha and limit as given.
 
     mats: the experts' gate|up matrices, `n_per` per expert in expert order (1: gate and up stacked,
     2I rows; 2: gate then up, I rows each); downs: the down matrices (D, I).
@@ -75,7 +77,11 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
         wait_done(sync, 0, n1)
         a = claim(sync, 1, A, back)
         while a >= 0:  # SwiGLU and the down projection's activations, per expert
-            SWIGLU_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i)
+            if gate_b.shape[0]:
+                CLAMPED_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i, gate_b[a], up_b[a],
+                               alpha, limit)
+            else:
+                SWIGLU_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i)
             DOWN_QUANT(hq[a:a + 1], hd[a:a + 1], hs[a:a + 1], hbuf[a:a + 1])
             finish(sync, 1)
             a = claim(sync, 1, A, back)
@@ -87,6 +93,9 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
             for e in range(A):
                 DOWN_ROWS(ys[e][lo:hi].reshape(1, hi - lo), lo, hi, downs[e], hq[e:e + 1], hd[e:e + 1], hs[e:e + 1],
                           down_variant)
+                if down_b.shape[0]:
+                    for r in range(lo, hi):
+                        ys[e, r] += down_b[e, r]
             for r in range(lo, hi):
                 acc = np.float32(0.0)
                 for e in range(A):
@@ -98,7 +107,7 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
 
 def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w, slot_tok, slot_j, exp_start,
                        exp_slots, tok_start, xq, xd, xs, xg, xdg, xsg, gu, hbuf, hq, hd, hs, ys, tmp, downs, gu_variant,
-                       down_variant, sync, chunk):
+                       down_variant, sync, chunk, gate_b, up_b, down_b, alpha, limit):
     """One group of experts of the expert block of T tokens: acc (T, D) += per token t, the sum over its slots
     s of this group (in order) of slot_w[s] * down_u(silu(gate_u h_t) * up_u h_t), u the slot's expert; with
     `last`, out (T, D) = resid + acc instead. Groups in increasing expert id keep every token's sum in order.
@@ -114,7 +123,8 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
     Scratch: xq, xd, xs: (T, ...) activations of h; xg, xdg, xsg: (S, ...) the same per position; gu (S * 2I,)
     f32; hbuf (S, I) f32; hq, hd, hs: (S, ...) activations of hbuf; ys (S, D) f32, all by position;
     tmp (n_threads, S * chunk) f32 (an expert has at most T positions, unless a router's NaN picked it twice
-    for one token); sync: (3 * SYNC_SLOTS,) int64 zeros.
+    for one token); sync: (3 * SYNC_SLOTS,) int64 zeros. gate_b, up_b, down_b, alpha, limit: as `_moe_template`,
+    one row per expert of the group.
     """
     T, D = out.shape
     S = slot_w.shape[0]
@@ -126,6 +136,9 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
     n3 = (D + chunk - 1) // chunk
     for t in range(T):
         GU_QUANT(xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], h[t:t + 1])
+    pos_u = np.empty(S, np.int64)  # each position's expert
+    for u in range(U):
+        pos_u[exp_start[u]:exp_start[u + 1]] = u
     for j in range(S):  # each position's activations: its slot's token's
         t = slot_tok[exp_slots[j]]
         xg[j, :] = xq[t, :]
@@ -153,7 +166,12 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
         wait_done(sync, 0, n1)
         j = claim(sync, 1, S, back)
         while j >= 0:  # SwiGLU and the down projection's activations, per position
-            SWIGLU_SERIAL(hbuf[j:j + 1], gu, j * 2 * n_i, gu, j * 2 * n_i + n_i, 2 * n_i)
+            if gate_b.shape[0]:
+                u = pos_u[j]
+                CLAMPED_SERIAL(hbuf[j:j + 1], gu, j * 2 * n_i, gu, j * 2 * n_i + n_i, 2 * n_i, gate_b[u], up_b[u],
+                               alpha, limit)
+            else:
+                SWIGLU_SERIAL(hbuf[j:j + 1], gu, j * 2 * n_i, gu, j * 2 * n_i + n_i, 2 * n_i)
             DOWN_QUANT(hq[j:j + 1], hd[j:j + 1], hs[j:j + 1], hbuf[j:j + 1])
             finish(sync, 1)
             j = claim(sync, 1, S, back)
@@ -170,6 +188,10 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
                     for k in range(j1 - j0):
                         for r in range(hi - lo):
                             ys[j0 + k, lo + r] = blk[k, r]
+                    if down_b.shape[0]:
+                        for k in range(j1 - j0):
+                            for r in range(hi - lo):
+                                ys[j0 + k, lo + r] += down_b[u, lo + r]
             for t in range(T):
                 for r in range(lo, hi):
                     a = acc[t, r]
@@ -185,11 +207,12 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
 
 def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, n_heads, n_kv, cos, sin, k_cache,
                         v_cache, pos, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant, hbuf, sync, chunk,
-                        qkv_bias, q_norm, k_norm, clip, o_bias):
+                        qkv_bias, q_norm, k_norm, clip, o_bias, sinks, window):
     """out (D,) = x + o_proj(attention(rope(qkv_proj(rmsnorm(x)))) of one token at position `pos`,
     whose k and v are written into k_cache[:, pos], v_cache[:, pos] (K, S, d).
     The families' extras (empty arrays / clip 0 when absent): qkv_bias ((H + 2K) d,) added to the projections,
-    q_norm/k_norm and clip as ops.qk_inputs, o_bias (D,) added to o_proj's output.
+    q_norm/k_norm and clip as ops.qk_inputs, o_bias (D,) added to o_proj's output, sinks (H,) and window as
+    ops.attention_job.
 
     Scratch: hbuf (1, D) f32; xq, xd, xs: (1, ...) activations of hbuf; qkv ((H + 2K) d,) f32;
     att (1, H, d) f32; aq, ad, as_: (1, ...) activations of att; obuf (D,) f32.
@@ -233,7 +256,7 @@ def _attention_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, 
         wait_done(sync, 1, 1)
         c = claim(sync, 2, n3, back)
         while c >= 0:
-            attention_job(att, q, k_cache, v_cache, pos, scale, c)
+            attention_job(att, q, k_cache, v_cache, pos, scale, c, sinks, window)
             finish(sync, 2)
             c = claim(sync, 2, n3, back)
         wait_done(sync, 2, n3)
@@ -337,12 +360,13 @@ def moe_kinds(gate_up: QTensor | None, gate: QTensor, down: QTensor) -> tuple[Ki
 
 
 def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, kinds: tuple[Kind, Kind],
-              ahead: dict | None = None) -> np.ndarray | None:
+              ahead: dict | None = None, extras: tuple | None = None) -> np.ndarray | None:
     """x + the weighted sum of `experts` applied to h, for one token.   x, h: (D,) → (D,)
 
     experts: Expert tuples of one layer with the same types and shapes, in the order their outputs
     are summed; weights: (A,) f32; kinds: from `moe_kinds` on the first expert. With `ahead` (the caller's
-    compile_ahead state), None (nothing done) while the kernel is compiling in the background.
+    compile_ahead state), None (nothing done) while the kernel is compiling in the background. extras: gpt-oss's
+    expert biases and activation (`moe_extras`, one row per expert of `experts`), None for plain SwiGLU.
     """
     k1, k2 = kinds
     e0 = experts[0]
@@ -358,7 +382,7 @@ def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, 
     args = (numba.get_num_threads(), out, x, h, mats, n_per, weights, xq, xd, xs, _f32("moe_gu", A * 2 * n_i),
             _f32("moe_hb", A, n_i), hq, hd, hs, _f32("moe_ys", A, D), tuple(e.down.data for e in experts),
             _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
-            np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+            np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *(extras or NO_MOE_EXTRAS))
     return out if _launch("moe", kinds, args, ahead) else None
 
 
@@ -367,7 +391,7 @@ MOE_GROUP = 4  # experts per call of the several-token expert block
 
 def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarray, slot_tok: np.ndarray,
                    slot_exp: np.ndarray, tok_start: np.ndarray, kinds: tuple[Kind, Kind],
-                   ahead: dict | None = None) -> np.ndarray | None:
+                   ahead: dict | None = None, extras: tuple | None = None) -> np.ndarray | None:
     """x + each token's weighted sum of its experts applied to h, for T tokens; every row gets the bits
     `moe_block` gives it alone.   x, h: (T, D) → (T, D)
 
@@ -375,7 +399,7 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
     token as tok_start (T+1,) says, each with its weight slot_w (S,) f32, token slot_tok (S,) and expert
     index slot_exp (S,) into `experts`; kinds: from `moe_kinds` on the first expert. The experts run in
     groups of MOE_GROUP, one parallel region each. With `ahead`, None while the kernel is compiling in the
-    background.
+    background. extras: as `moe_block`'s, one row per expert of `experts`.
     """
     k1, k2 = kinds
     e0 = experts[0]
@@ -387,6 +411,8 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
     for g0 in range(0, U, MOE_GROUP):
         group = experts[g0:g0 + MOE_GROUP]
         group = group + [group[0]] * (MOE_GROUP - len(group))  # padding: experts without slots
+        g_extras = NO_MOE_EXTRAS if extras is None else \
+            moe_extras(extras, np.minimum(np.arange(g0, g0 + MOE_GROUP), U - 1))  # padded likewise
         mine = (slot_exp >= g0) & (slot_exp < g0 + MOE_GROUP)  # (S,) this group's slots, still token-major
         g_exp = slot_exp[mine] - g0
         g_w = np.ascontiguousarray(slot_w[mine])
@@ -411,21 +437,34 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
                 _f32("moe_rows_hb", S, n_i), hq, hd, hs, _f32("moe_rows_ys", S, D),
                 _f32("moe_rows_tmp", n_threads, S * CHUNK_ROWS), tuple(e.down.data for e in group),
                 _variant(e0.gate if e0.gate_up is None else e0.gate_up), _variant(e0.down),
-                np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS)
+                np.zeros(3 * SYNC_SLOTS, np.int64), CHUNK_ROWS, *g_extras)
         if not _launch("moe_rows", kinds, args, ahead):
             return None  # only ever at the first group: the same kernel runs every group
     return out
 
 
+_NONE2 = np.zeros((0, 0), np.float32)
+NO_MOE_EXTRAS = (_NONE2, _NONE2, _NONE2, 0.0, 0.0)  # plain SwiGLU, no biases
+
+
+def moe_extras(family: tuple, ids) -> tuple:
+    """The fused expert blocks' extras for experts `ids` (in block order), from a family's per-layer
+    (gate_b (E, I), up_b (E, I), down_b (E, D), alpha, limit) (`ArchSpec.moe_extras`)."""
+    gate_b, up_b, down_b, alpha, limit = family
+    return (np.ascontiguousarray(gate_b[ids]), np.ascontiguousarray(up_b[ids]), np.ascontiguousarray(down_b[ids]),
+            float(alpha), float(limit))
+
+
 _NONE = np.zeros(0, np.float32)
 _NONE.flags.writeable = False  # the model's vectors are read-only (Model.prepare): one Numba type for all
-NO_EXTRAS = (_NONE, _NONE, _NONE, 0.0, _NONE)  # no biases, no q/k norms, no clamp (Mixtral)
+NO_EXTRAS = (_NONE, _NONE, _NONE, 0.0, _NONE, _NONE, 0)  # no biases, q/k norms, clamp, sinks or window (Mixtral)
 
 
-def attention_extras(qkv_bias, q_norm, k_norm, clip, o_bias) -> tuple:
+def attention_extras(qkv_bias, q_norm, k_norm, clip, o_bias, sinks=None, window: int = 0) -> tuple:
     """The attention block's family extras; None for an absent one (the kernels take empty arrays)."""
     return (_NONE if qkv_bias is None else qkv_bias, _NONE if q_norm is None else q_norm,
-            _NONE if k_norm is None else k_norm, float(clip or 0.0), _NONE if o_bias is None else o_bias)
+            _NONE if k_norm is None else k_norm, float(clip or 0.0), _NONE if o_bias is None else o_bias,
+            _NONE if sinks is None else sinks, int(window or 0))
 
 
 def attention_kinds(w_qkv: QTensor, w_o: QTensor) -> tuple[Kind, Kind] | None:
@@ -439,7 +478,7 @@ def attention_block(x: np.ndarray, norm_w: np.ndarray, eps: float, w_qkv: QTenso
                     extras: tuple = None, ahead: dict | None = None) -> np.ndarray | None:
     """x + the attention block of one token at position `pos` (its k, v written to the caches).
     x: (D,); cos, sin: (1, d/2); k_cache, v_cache: (K, S, d) → (D,)
-    extras: (qkv_bias, q_norm, k_norm, clip, o_bias) of the family (`attention_extras`). With `ahead`,
+    extras: (qkv_bias, q_norm, k_norm, clip, o_bias, sinks, window) of the family (`attention_extras`). With `ahead`,
     None (the caches untouched) while the kernel is compiling in the background."""
     k1, k2 = kinds
     D = x.shape[0]

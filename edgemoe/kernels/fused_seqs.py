@@ -26,7 +26,7 @@ RMSNORM_SERIAL, ROPE_SERIAL = RMSNORM[1], ROPE_INPLACE[1]
 
 def _attention_seqs_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, qkv, q, k, v, cos, sin, k_caches,
                              v_caches, layer, row0, pos0, scale, att, aq, ad, as_, w_o, obuf, qkv_variant, o_variant,
-                             hbuf, tmp, sync, chunk, qkv_bias, q_norm, k_norm, clip, o_bias):
+                             hbuf, tmp, sync, chunk, qkv_bias, q_norm, k_norm, clip, o_bias, sinks, window):
     """Rows row0[j] .. row0[j + 1] - 1 of x (T, D) continue sequence j at positions pos0[j].., whose caches are
     k_caches[j][layer], v_caches[j][layer] (K, S_j, W). cos, sin: (T, d/2) at each row's own position.
 
@@ -92,7 +92,7 @@ def _attention_seqs_template(n_threads, out, x, norm_w, eps, w_qkv, xq, xd, xs, 
                 s += 1
             r0, r1 = row0[s], row0[s + 1]
             attention_job(att[r0:r1], q[r0:r1], k_caches[s][layer], v_caches[s][layer], pos0[s], scale,
-                          c - r0 * per_row)
+                          c - r0 * per_row, sinks, window)
             finish(sync, 2)
             c = claim(sync, 2, n3, back)
         wait_done(sync, 2, n3)

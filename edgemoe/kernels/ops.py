@@ -15,7 +15,7 @@ from numba import njit, prange
 from .intrinsics import get, load_f32x8
 from .intrinsics_x8 import store_x8
 from .kv_access import load_kv1, load_kv8
-from .vecops import exp_f32x8, fadd, fdiv, ffma, fmul, fsub, hsum, splat_f32x8, zero_f32x8
+from .vecops import exp_f32x8, fadd, fdiv, ffma, fmax, fmin, fmul, fsub, hsum, splat_f32x8, zero_f32x8
 
 # A parallel region costs a thread wake-up (µs when idle, a scheduler slice on a busy box); kernels whose
 # work is below this many multiply-adds run on the calling thread instead.
@@ -86,7 +86,7 @@ def attention_jobs(T, H, K):
     return T * K * ((group + 3) // 4)
 
 
-def _attention(out, q, k_cache, v_cache, pos0, scale):
+def _attention(out, q, k_cache, v_cache, pos0, scale, sinks, window):
     """Causal GQA attention of T new queries at positions pos0..pos0+T-1 over the cache.
 
     out: (T, H, d); q: (T, H, d); k_cache, v_cache: (K, S, d) with S >= pos0 + T filled (a head's positions
@@ -95,15 +95,18 @@ def _attention(out, q, k_cache, v_cache, pos0, scale):
     once from memory for all of them (then from L1/L2). Each (token, head) is still computed alone
     in a fixed order (q.k as 8-lane partial sums, p.V accumulated over positions in order), so its
     result does not depend on T or on the grouping: a prompt in chunks gives the same values.
+    sinks, window: a family's attention sinks and sliding window (`attention_job`).
     """
     T, H, _ = q.shape
     for job in prange(attention_jobs(T, H, k_cache.shape[0])):
-        attention_job(out, q, k_cache, v_cache, pos0, scale, job)
+        attention_job(out, q, k_cache, v_cache, pos0, scale, job, sinks, window)
 
 
 @njit(cache=True, nogil=True)
-def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
-    """Job number `job` of `_attention`: token t, query heads h0 .. h0 + ng - 1."""
+def attention_job(out, q, k_cache, v_cache, pos0, scale, job, sinks, window):
+    """Job number `job` of `_attention`: token t, query heads h0 .. h0 + ng - 1. sinks: (H,) one more logit per
+    head in the softmax that adds no value (gpt-oss), or (0,) for none; window > 0: the token at position p sees
+    positions p - window + 1 .. p only."""
     T, H, d = q.shape
     K, S, W = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]  # W: a row's stored elements (kv_access)
     group = H // K
@@ -115,11 +118,15 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
     kv = (job // subs) % K
     h0 = kv * group + (job % subs) * per_job
     ng = min(per_job, kv * group + group - h0)
-    n = pos0 + t + 1
+    lo = max(0, pos0 + t + 1 - window) if window > 0 else 0  # the first position seen
+    n = pos0 + t + 1 - lo  # positions seen; scores[j, s] is position lo + s
     scores = np.empty((ng, n_max), dtype=np.float32)
     ms = np.full(ng, -np.inf, dtype=np.float32)
+    if sinks.shape[0]:
+        for j in range(ng):
+            ms[j] = sinks[h0 + j]
     for s in range(n):
-        ko = (kv * S + s) * W  # flat offset of k_cache[kv, s]
+        ko = (kv * S + lo + s) * W  # flat offset of k_cache[kv, lo + s]
         for j in range(ng):
             qo = (t * H + h0 + j) * d  # flat offset of q[t, h0 + j]
             a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
@@ -156,6 +163,8 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
             scores[j, s] = e
             total += e
             s += 1
+        if sinks.shape[0]:
+            total += np.float32(math.exp(np.float64(sinks[h0 + j]) - np.float64(m)))
         ms[j] = np.float32(1.0) / total  # from here on: 1 / the softmax denominator
     i0 = 0  # out[t, h] = sum_s p_s v[s, kv]: 64 columns at a time in 8 vector accumulators
     while i0 + 64 <= d:
@@ -166,7 +175,7 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
             a4, a5, a6, a7 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
             for s in range(n):
                 p = splat_f32x8(scores[j, s] * inv)
-                vo = (kv * S + s) * W
+                vo = (kv * S + lo + s) * W
                 a0, a1 = ffma(p, load_kv8(v_cache, vo, i0), a0), ffma(p, load_kv8(v_cache, vo, i0 + 8), a1)
                 a2, a3 = ffma(p, load_kv8(v_cache, vo, i0 + 16), a2), ffma(p, load_kv8(v_cache, vo, i0 + 24), a3)
                 a4, a5 = ffma(p, load_kv8(v_cache, vo, i0 + 32), a4), ffma(p, load_kv8(v_cache, vo, i0 + 40), a5)
@@ -185,7 +194,7 @@ def attention_job(out, q, k_cache, v_cache, pos0, scale, job):
         for i in range(i0, d):
             acc = np.float32(0.0)
             for s in range(n):
-                acc += (scores[j, s] * inv) * load_kv1(v_cache, (kv * S + s) * W, i)
+                acc += (scores[j, s] * inv) * load_kv1(v_cache, (kv * S + lo + s) * W, i)
             out[t, h0 + j, i] = acc
 
 
@@ -204,6 +213,27 @@ def _swiglu(out, gate, g0, up, u0, stride):
         for i in range(n8, n):
             g = get(gate, go + i)
             out[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * get(up, uo + i)
+
+
+def _clamped_swiglu(out, gate, g0, up, u0, stride, gate_b, up_b, alpha, limit):
+    """gpt-oss's SwiGLU: out[t, i] = (clamp(u, ±limit) + 1) · g σ(alpha g) with g = min(gate + gate_b[i], limit),
+    u = up + up_b[i]; gate and up at flat offsets as `_swiglu`.  out: (T, I); gate_b, up_b: (I,)"""
+    T, n = out.shape
+    n8 = n - n % 8
+    a, lim = np.float32(alpha), np.float32(limit)
+    one, minus_a = splat_f32x8(np.float32(1.0)), splat_f32x8(-a)
+    hi, lo = splat_f32x8(lim), splat_f32x8(-lim)
+    for t in prange(T):
+        go, uo, oo = g0 + t * stride, u0 + t * stride, t * n
+        for i in range(0, n8, 8):
+            g = fmin(fadd(load_f32x8(gate, go + i), load_f32x8(gate_b, i)), hi)
+            u = fmax(fmin(fadd(load_f32x8(up, uo + i), load_f32x8(up_b, i)), hi), lo)
+            glu = fdiv(g, fadd(one, exp_f32x8(fmul(g, minus_a))))
+            store_x8(out, oo + i, fmul(fadd(u, one), glu))
+        for i in range(n8, n):
+            g = min(get(gate, go + i) + gate_b[i], lim)
+            u = min(max(get(up, uo + i) + up_b[i], -lim), lim)
+            out[t, i] = (u + np.float32(1.0)) * (g / (np.float32(1.0) + np.float32(math.exp(-a * g))))
 
 
 @njit(cache=True, nogil=True)
@@ -270,6 +300,8 @@ ATTENTION = twins(_attention)
 
 SWIGLU = twins(_swiglu)
 
+CLAMPED_SWIGLU = twins(_clamped_swiglu)
+
 
 def rmsnorm(out, x, w, eps):
     """out, x: (T, D); w: (D,)"""
@@ -281,14 +313,24 @@ def rope_inplace(x, cos, sin):
     pick(ROPE_INPLACE, x.size)(x, cos, sin)
 
 
-def attention(out, q, k_cache, v_cache, pos0, scale):
-    """out, q: (T, H, d); k_cache, v_cache: (K, S, d)"""
-    pick(ATTENTION, q.size * (pos0 + q.shape[0]) * 2)(out, q, k_cache, v_cache, pos0, scale)
+NO_SINKS = np.zeros(0, np.float32)
+NO_SINKS.flags.writeable = False  # the model's vectors are read-only (Model.prepare): one Numba type for all
+
+
+def attention(out, q, k_cache, v_cache, pos0, scale, sinks=NO_SINKS, window: int = 0):
+    """out, q: (T, H, d); k_cache, v_cache: (K, S, d); sinks (H,) read-only or NO_SINKS; window 0: full"""
+    seen = pos0 + q.shape[0] if window <= 0 else min(window, pos0 + q.shape[0])
+    pick(ATTENTION, q.size * seen * 2)(out, q, k_cache, v_cache, pos0, scale, sinks, int(window))
 
 
 def silu_mul(out, gate, up):
     """out = silu(gate) * up.   out, gate, up: (T, I), C-contiguous"""
     pick(SWIGLU, gate.size * 8)(out, gate, 0, up, 0, gate.shape[1])
+
+
+def clamped_swiglu(out, gate, up, gate_b, up_b, alpha, limit):
+    """gpt-oss's SwiGLU (`_clamped_swiglu`).   out, gate, up: (T, I), C-contiguous; gate_b, up_b: (I,)"""
+    pick(CLAMPED_SWIGLU, gate.size * 8)(out, gate, 0, up, 0, gate.shape[1], gate_b, up_b, float(alpha), float(limit))
 
 
 def swiglu_halves(out, gate_up):

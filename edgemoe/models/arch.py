@@ -101,6 +101,7 @@ class ArchSpec:
     hf_expert_split: dict[str, str] = field(default_factory=lambda: dict(HF_EXPERT_SPLIT))
     hf_ignored: tuple[str, ...] = ()  # suffixes of checkpoint tensors the model does not use
     fused_attention: bool = True  # the one-sequence fused attention blocks compute this family's attention
+    sinks_window: Callable | None = None  # (layer, i, args) → layer i's attention sinks (H,) or None, its window
     shared_gate: bool = True  # a shared expert's output is scaled by sigmoid(shared_expert_gate · h) (Qwen2-MoE)
     # A family whose attention is not grouped-query attention over q/k/v projections (DeepSeek's MLA) brings
     # its own: the tensors it reads, the block, its rotary tables, its KV cache, its softmax scale and how
@@ -114,7 +115,7 @@ class ArchSpec:
     moe_parts: Callable | None = None  # (args, "hf" | "gguf") → a MoE layer's further tensors (expert biases)
     hf_experts: Callable | None = None  # (index, args, i, need) → a layer's experts, when not the usual layouts
     expert_fn: Callable | None = None  # (x, expert, layer, e, args) → (n, D): an expert not plain SwiGLU
-    fused_moe: bool = True  # the fused expert blocks compute this family's experts (plain SwiGLU)
+    moe_extras: Callable | None = None  # (layer, args) → expert biases and SwiGLU clamp for the fused blocks
     route: Callable | None = None  # (model, x, layer) → ids, weights (default softmax → top-k)
     gguf_config: Callable | None = None  # (cfg, meta, tensors, where) → cfg: what the key table cannot say
 

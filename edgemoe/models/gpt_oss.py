@@ -17,8 +17,6 @@ import numpy as np
 from ..errors import ModelFormatError, UnsupportedError
 from ..experts.store import Expert
 from ..kernels import ops, routing
-from ..kernels.sink_attention import sink_attention
-from ..kv_cache import KVCache
 from ..qtensor import QTensor
 from .arch import ArchSpec, refuse_activation
 from .base import linear
@@ -92,36 +90,11 @@ def rope_tables(args, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return yarn_tables(positions, args.head_dim, float(args.rope_theta), args.yarn, args.yarn_truncate)
 
 
-def new_cache(args, n_ctx: int, cache_type: str) -> KVCache:
-    """f32 keys and values whatever `cache_type` asks (the sink attention kernel reads f32)."""
-    return KVCache(args.num_hidden_layers, n_ctx, args.num_key_value_heads, args.head_dim, "f32")
-
-
-def attention(model, x: np.ndarray, layer, i: int, seqs, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x: (T, D) normalised → (T, D)"""
-    a = model.args
-    T = x.shape[0]
-    H, K, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
-    if layer.qkv_proj is not None:
-        qkv = linear(x, layer.qkv_proj) + layer.qkv_bias  # (T, (H + 2K) d)
-        q, k, v = qkv[:, :H * d], qkv[:, H * d:(H + K) * d], qkv[:, (H + K) * d:]
-    else:
-        q = linear(x, layer.q_proj) + layer.q_bias
-        k = linear(x, layer.k_proj) + layer.k_bias
-        v = linear(x, layer.v_proj) + layer.v_bias
-    q = np.ascontiguousarray(q).reshape(T, H, d)  # (T, H, d)
-    k = np.ascontiguousarray(k).reshape(T, K, d)  # (T, K, d)
-    v = np.ascontiguousarray(v).reshape(T, K, d)  # (T, K, d)
-    ops.rope_inplace(q, cos, sin)
-    ops.rope_inplace(k, cos, sin)
-    window = a.sliding_window if i in a.sliding_layers else 0
-    out = np.empty_like(q)  # (T, H, d)
-    for r0, n, cache in seqs:
-        p = cache.length
-        cache.write(i, p, k[r0:r0 + n], v[r0:r0 + n])
-        sink_attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], p, model.scale,
-                       layer.extra["sinks"], window)
-    return linear(out.reshape(T, H * d), layer.o_proj) + layer.o_bias  # (T, D)
+def sinks_window(layer, i: int, args) -> tuple[np.ndarray, int]:
+    """Layer i's sinks (H,), read-only like the model's other vectors, and its window (0: full attention)."""
+    sinks = layer.extra["sinks"].view()
+    sinks.flags.writeable = False
+    return sinks, args.sliding_window if i in args.sliding_layers else 0
 
 
 def route(model, x: np.ndarray, layer) -> tuple[np.ndarray, np.ndarray]:
@@ -134,14 +107,20 @@ def route(model, x: np.ndarray, layer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def expert_fn(x: np.ndarray, ex: Expert, layer, e: int, args) -> np.ndarray:
-    """(clamp(up, ±limit) + 1) · g σ(α g), g = min(gate, limit), then down; biases on all three.
-    x: (n, D) → (n, D)"""
+    """(clamp(up, ±limit) + 1) · g σ(α g), g = min(gate, limit), then down; biases on all three (the fused expert
+    blocks compute the same bits from `moe_extras`).   x: (n, D) → (n, D)"""
     ext = layer.extra
-    lim, alpha = np.float32(args.swiglu_limit), np.float32(args.swiglu_alpha)
-    g = np.minimum(linear(x, ex.gate) + ext["exp_gate_b"][e], lim)  # (n, I)
-    u = np.clip(linear(x, ex.up) + ext["exp_up_b"][e], -lim, lim)  # (n, I)
-    h = ((u + np.float32(1.0)) * (g / (np.float32(1.0) + np.exp(-alpha * g)))).astype(np.float32)  # (n, I)
-    return linear(np.ascontiguousarray(h), ex.down) + ext["exp_down_b"][e]  # (n, D)
+    h = np.empty((x.shape[0], ex.gate.rows), np.float32)  # (n, I)
+    ops.clamped_swiglu(h, linear(x, ex.gate), linear(x, ex.up), ext["exp_gate_b"][e], ext["exp_up_b"][e],
+                       args.swiglu_alpha, args.swiglu_limit)
+    return linear(h, ex.down) + ext["exp_down_b"][e]  # (n, D)
+
+
+def moe_extras(layer, args) -> tuple:
+    """What the fused expert blocks add to plain SwiGLU: the experts' biases gate (E, I), up (E, I) and
+    down (E, D), and the activation's alpha and limit."""
+    ext = layer.extra
+    return ext["exp_gate_b"], ext["exp_up_b"], ext["exp_down_b"], args.swiglu_alpha, args.swiglu_limit
 
 
 def moe_parts(args, fmt: str) -> list[str]:
@@ -194,13 +173,11 @@ SPEC = ArchSpec(
     gguf_keys={"expert_feed_forward_length": "intermediate_size"},
     hf_parts=HF_PARTS,
     gguf_parts=GGUF_PARTS,
-    fused_attention=False,
-    fused_moe=False,
+    moe_extras=moe_extras,
     attention_parts=attention_parts,
-    attention=attention,
+    sinks_window=sinks_window,
     route=route,
     rope_tables=rope_tables,
-    new_cache=new_cache,
     moe_parts=moe_parts,
     finish_layer=finish_layer,
     hf_experts=hf_experts,

@@ -192,7 +192,7 @@ class Model:
                 v += layer.v_bias
             q, k, v = q.reshape(T, H, d), k.reshape(T, K, d), v.reshape(T, K, d)  # (T, H, d), (T, K, d) x2
         q, k, v = np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)
-        extras = self._extras(layer)
+        extras = self._extras(layer, i)
         if extras[1].shape[0] or extras[3] > 0:  # the family's q/k norms, clamp (none: nothing to compile)
             ops.qk_inputs(q, k, v, extras[1], extras[2], a.rms_norm_eps, extras[3])
         ops.rope_inplace(q, cos, sin)
@@ -202,9 +202,10 @@ class Model:
             cache.write(i, cache.length, k[r0:r0 + n], v[r0:r0 + n])
         if kv is None or len(seqs) == 1:  # one sequence: one kernel call already
             for r0, n, cache in seqs:
-                ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], cache.length, self.scale)
+                ops.attention(out[r0:r0 + n], q[r0:r0 + n], cache.k[i], cache.v[i], cache.length, self.scale,
+                              extras[5], extras[6])
         else:
-            attention_seqs(out, q, kv, i, self.scale)
+            attention_seqs(out, q, kv, i, self.scale, extras[5], extras[6])
         o = linear(out.reshape(T, -1), layer.o_proj)  # (T, D)
         if layer.o_bias is not None:
             o += layer.o_bias
@@ -217,9 +218,12 @@ class Model:
             self._want = (*one.k.shape[:2], one.head_dim)
         return self._want
 
-    def _extras(self, layer: Layer) -> tuple:
-        """(qkv_bias, q_norm, k_norm, clip, o_bias) of the layer's attention, empty arrays for what it lacks."""
-        return fused.attention_extras(layer.qkv_bias, layer.q_norm, layer.k_norm, self.args.clip_qkv, layer.o_bias)
+    def _extras(self, layer: Layer, i: int) -> tuple:
+        """(qkv_bias, q_norm, k_norm, clip, o_bias, sinks, window) of layer i's attention, empty arrays (window 0)
+        for what it lacks."""
+        sinks, window = self.spec.sinks_window(layer, i, self.args) if self.spec.sinks_window else (None, 0)
+        return fused.attention_extras(layer.qkv_bias, layer.q_norm, layer.k_norm, self.args.clip_qkv, layer.o_bias,
+                                      sinks, window)
 
     def route(self, x: np.ndarray, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Softmax over experts, top-k, renormalised when the family does.  x: (T, D) → ids (T, A), weights (T, A)"""
@@ -282,23 +286,22 @@ class Model:
             ids, w = self.route(h, layer)
         if draft is None and experts.wants_hints:
             self._predict(x, i)
-        if not self.spec.fused_moe:  # the family's own expert (gpt-oss)
-            fn = self.spec.expert_fn
-            return x + switch_glu(h, ids, w, experts, i, lambda v, ex, e: fn(v, ex, layer, e, self.args))
+        family = self.spec.moe_extras and self.spec.moe_extras(layer, self.args)  # gpt-oss's biases, clamp
         if self.fused and x.shape[0] == 1 and ids.shape[1] <= FUSED_ONE_TOKEN_EXPERTS:
             order = np.argsort(ids[0], kind="stable")  # summed in increasing expert id, as switch_glu
             experts.request(i, ids[0, order])
             chosen = [experts.get(i, int(e)) for e in ids[0, order]]
             kinds = fused.moe_kinds(chosen[0].gate_up, chosen[0].gate, chosen[0].down)
             out = kinds and fused.moe_block(x[0], h[0], chosen, np.ascontiguousarray(w[0, order]), kinds,
-                                            self._ahead())
+                                            self._ahead(), family and fused.moe_extras(family, ids[0, order]))
             if out is not None:
                 return out[None]
         if self.fused and x.shape[0] <= FUSED_ROWS:
-            fused_out = self._moe_rows(x, h, ids, w, experts, i)
+            fused_out = self._moe_rows(x, h, ids, w, experts, i, family)
             if fused_out is not None:
                 return fused_out
-        return x + switch_glu(h, ids, w, experts, i)
+        fn = self.spec.expert_fn
+        return x + switch_glu(h, ids, w, experts, i, fn and (lambda v, ex, e: fn(v, ex, layer, e, self.args)))
 
     def _predict(self, x: np.ndarray, i: int) -> None:
         """Hint the experts of the next layers from the current hidden state x (T, D): layer i+d's router on
@@ -316,7 +319,7 @@ class Model:
             ranked = ids[:, :-(-ids.shape[1] // d)].T.reshape(-1)  # rank-major: every row's first choice first
             self.experts.hint(i + d, list(dict.fromkeys(ranked.tolist())), d)
 
-    def _moe_rows(self, x, h, ids, w, experts, i):
+    def _moe_rows(self, x, h, ids, w, experts, i, family=None):
         """The fused expert block for a few tokens (verification passes, batched decode steps); None when the
         experts' kinds cannot run fused (or its kernel is still compiling).   x, h: (T, D); ids, w: (T, A) → (T, D)"""
         T, A = ids.shape
@@ -332,7 +335,8 @@ class Model:
         slot_tok = np.repeat(np.arange(T, dtype=np.int64), A)  # (S,)
         tok_start = np.arange(T + 1, dtype=np.int64) * A  # (T + 1,)
         return fused.moe_rows_block(np.ascontiguousarray(x), np.ascontiguousarray(h), chosen, slot_w, slot_tok,
-                                    slot_exp.astype(np.int64).reshape(-1), tok_start, kinds, self._ahead())
+                                    slot_exp.astype(np.int64).reshape(-1), tok_start, kinds, self._ahead(),
+                                    family and fused.moe_extras(family, uniq))
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` (T,) at the next positions of `cache`; logits (T, V), or (1, V) of the last token."""
@@ -401,12 +405,12 @@ class Model:
                 out = fused.attention_block(x[0], layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
                                             layer.o_proj, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
                                             cos, sin, cache.k[i], cache.v[i], cache.length, self.scale, kinds,
-                                            self._extras(layer), self._ahead())
+                                            self._extras(layer, i), self._ahead())
             elif kinds:
                 out = fused.attention_seqs_block(x, layer.input_layernorm, a.rms_norm_eps, layer.qkv_proj,
                                                  layer.o_proj, a.num_attention_heads, a.num_key_value_heads,
                                                  a.head_dim, cos, sin, kv, i, self.scale, kinds,
-                                                 self._extras(layer), self._ahead())
+                                                 self._extras(layer, i), self._ahead())
             if out is not None:
                 x = out[None] if T == 1 else out
             else:
