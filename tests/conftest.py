@@ -18,6 +18,18 @@ def shared_vocab_dir() -> pathlib.Path | None:
     return None
 
 
+RAY_FILES = ("test_cluster.py", "test_cluster_bridge.py", "test_cluster_models.py")  # one local Ray at a time
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's `--dist loadgroup` (the README's test command) each file's tests stay in one worker, so
+    a module's fixtures are built once, and the files that start a local Ray instance share one worker."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep the default model (synthesised on first use) out of the user's real cache directory."""

@@ -27,11 +27,13 @@ def run(llm, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
     return logits, greedy
 
 
-def engine_run(path, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
-    """edgemoe on the same file, as `run` asks llama.cpp: logits (T, V) with an F32 KV cache, and greedy tokens."""
+def engine_run(path, ids: list[int], n: int, fused: bool = True) -> tuple[np.ndarray, list[int]]:
+    """edgemoe on the same file, as `run` asks llama.cpp: logits (T, V) with an F32 KV cache, and greedy tokens.
+    fused=False: kernel by kernel (the fused blocks give the same bits: tests/test_fused.py, the types' tests)."""
     from edgemoe.loader import load_model
 
     m = load_model(str(path)).model
+    m.fused = fused
     cache = m.new_cache(64, "f32")
     logits = m.forward(np.asarray(ids), cache, all_logits=True)  # (T, V)
     greedy, last = [], logits[-1]
