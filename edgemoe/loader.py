@@ -348,6 +348,7 @@ def _check_hf_names(idx: SafetensorsIndex, args: ModelArgs, spec, path: str) -> 
             continue
         known |= {t.format(i=i) for t in spec.hf_router_aliases}
         known |= {t.format(i=i) for t in names.HF_EXPERT_FUSED.values()}
+        known |= {t.format(i=i) for t in spec.hf_expert_tensors}
         known |= {t.format(i=i, e=e) for t in spec.hf_expert_split.values() for e in range(args.num_local_experts)}
     for name in idx.keys():
         m = _HF_LAYER.match(name)

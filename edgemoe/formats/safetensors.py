@@ -92,6 +92,16 @@ class SafetensorsIndex:
         raw = self._maps[fn][lo:hi]
         return raw.view(np_dtype).reshape(shape), qtype
 
+    def raw_bytes(self, name: str, n_dims: int) -> np.ndarray:
+        """A uint8 ("U8") tensor of `n_dims` dimensions as stored (packed quantised blocks, E8M0 scales)."""
+        self._dims(name, n_dims)
+        fn, dtype, shape, lo, hi = self.entries[name]
+        if dtype != "U8":
+            raise ModelFormatError(f"tensor {name} is {dtype}, expected U8 (packed blocks); the checkpoint is corrupt")
+        if fn not in self._maps:
+            self._maps[fn] = np.memmap(fn, dtype=np.uint8, mode="r")
+        return self._maps[fn][lo:hi].reshape(shape)
+
     def _dims(self, name: str, n: int) -> None:
         shape = self.entries[name][2]
         if len(shape) != n:

@@ -114,6 +114,7 @@ class ArchSpec:
     finish_layer: Callable | None = None  # (the family's tensors by part, args) → what its blocks read
     moe_parts: Callable | None = None  # (args, "hf" | "gguf") → a MoE layer's further tensors (expert biases)
     hf_experts: Callable | None = None  # (index, args, i, need) → a layer's experts, when not the usual layouts
+    hf_expert_tensors: tuple[str, ...] = ()  # further per-layer tensors ("...{i}...") hf_experts may read
     expert_fn: Callable | None = None  # (x, expert, layer, e, args) → (n, D): an expert not plain SwiGLU
     moe_extras: Callable | None = None  # (layer, args) → expert biases and SwiGLU clamp for the fused blocks
     route: Callable | None = None  # (model, x, layer) → ids, weights (default softmax → top-k)

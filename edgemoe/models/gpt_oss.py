@@ -5,7 +5,9 @@ the router has a bias and takes the top-k logits before its softmax; experts hav
 
 HF checkpoints keep gate and up interleaved in one (E, D, 2I) tensor (x @ W, not W x) with its bias (E, 2I);
 llama.cpp's converter writes them apart, as usual (E, I, D) expert tensors with `.bias` companions, and the
-sinks as `attn_sinks.weight`. The released checkpoints store experts in MXFP4 blocks: those load from GGUF.
+sinks as `attn_sinks.weight`. The released checkpoints store the experts in MXFP4 (`*_blocks` + `*_scales`,
+`quantization_config.quant_method` "mxfp4"); their bits become ggml's MXFP4 rows unchanged, as llama.cpp's
+converter writes them.
 
 Legend: T tokens, D hidden, H/K query/key-value heads, d head_dim, E experts, I expert width.
 """
@@ -42,9 +44,10 @@ GGUF_PARTS = {
 
 def hf_config(cfg: dict, where: str) -> dict:
     refuse_activation(cfg, where)
-    if cfg.get("quantization_config"):
-        raise UnsupportedError(f"{where}: an HF checkpoint with quantised ({str(cfg['quantization_config'])[:30]}) "
-                               "experts is not supported; use its GGUF (llama.cpp's convert_hf_to_gguf.py keeps MXFP4)")
+    quant = cfg.get("quantization_config")
+    if quant and not (isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"):
+        raise UnsupportedError(f"{where}: an HF checkpoint quantised as {str(quant)[:40]} is not supported (its "
+                               "experts in MXFP4, as released, or unquantised are); dequantise it or use a GGUF")
     types = cfg.get("layer_types") or []
     n = cfg.get("num_hidden_layers")
     if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
@@ -146,12 +149,19 @@ def finish_layer(t: dict, args) -> dict:
     return t
 
 
+HF_MXFP4 = ("model.layers.{i}.mlp.experts.gate_up_proj_blocks", "model.layers.{i}.mlp.experts.gate_up_proj_scales",
+            "model.layers.{i}.mlp.experts.down_proj_blocks", "model.layers.{i}.mlp.experts.down_proj_scales")
+
+
 def hf_experts(idx, args, i: int, need) -> list[Expert]:
-    """gate_up_proj (E, D, 2I) with gate and up interleaved, down_proj (E, I, D), as HF stores them (x @ W)."""
+    """The released checkpoints' MXFP4 experts (`hf_mxfp4_experts`), or gate_up_proj (E, D, 2I) with gate and up
+    interleaved and down_proj (E, I, D), as HF stores them unquantised (x @ W)."""
     from gguf import GGMLQuantizationType
 
     from ..quants import dequantize_qtensor
 
+    if HF_MXFP4[0].format(i=i) in idx:
+        return hf_mxfp4_experts(idx, args, i, need)
     gate_up = idx.matrices(need(f"model.layers.{i}.mlp.experts.gate_up_proj"))  # E × (D, 2I)
     down = idx.matrices(need(f"model.layers.{i}.mlp.experts.down_proj"))  # E × (I, D)
     F32 = GGMLQuantizationType.F32
@@ -163,6 +173,29 @@ def hf_experts(idx, args, i: int, need) -> list[Expert]:
         out.append(Expert(QTensor.from_array(g, F32, *g.shape), QTensor.from_array(u, F32, *u.shape),
                           QTensor.from_array(wd, F32, *wd.shape)))
     return out
+
+
+def hf_mxfp4_experts(idx, args, i: int, need) -> list[Expert]:
+    """gate_up_proj_blocks (E, 2I, D/32, 16) with scales (E, 2I, D/32), gate and up rows interleaved, and
+    down_proj_blocks (E, D, I/32, 16) with scales (E, D, I/32): out-feature rows (W x), each an MXFP4 QTensor."""
+    from gguf import GGMLQuantizationType
+
+    from ..quants.mxfp4 import from_hf_mxfp4
+
+    E, D, n_i = args.num_local_experts, args.hidden_size, args.intermediate_size
+    names = [t.format(i=i) for t in HF_MXFP4]
+    gu_b, gu_s, dn_b, dn_s = (idx.raw_bytes(need(n), 4 if n.endswith("blocks") else 3) for n in names)
+    for k, blocks, scales, rows, cols in ((0, gu_b, gu_s, 2 * n_i, D), (2, dn_b, dn_s, D, n_i)):
+        if cols % 32 or blocks.shape != (E, rows, cols // 32, 16) or scales.shape != (E, rows, cols // 32):
+            raise ModelFormatError(f"{names[k]} / {names[k + 1]}: shapes {blocks.shape} and {scales.shape}, expected "
+                                   f"{(E, rows, cols // 32, 16)} and {(E, rows, cols // 32)} for this config.json; "
+                                   "the checkpoint is corrupt")
+    MX = GGMLQuantizationType.MXFP4
+    gate_up = from_hf_mxfp4(gu_b, gu_s)  # (E, 2I, D/32 * 17)
+    down = from_hf_mxfp4(dn_b, dn_s)  # (E, D, I/32 * 17)
+    return [Expert(QTensor(np.ascontiguousarray(gate_up[e, 0::2]), MX, n_i, D),
+                   QTensor(np.ascontiguousarray(gate_up[e, 1::2]), MX, n_i, D),
+                   QTensor(down[e], MX, D, n_i)) for e in range(E)]
 
 
 SPEC = ArchSpec(
@@ -181,6 +214,7 @@ SPEC = ArchSpec(
     moe_parts=moe_parts,
     finish_layer=finish_layer,
     hf_experts=hf_experts,
+    hf_expert_tensors=HF_MXFP4,
     expert_fn=expert_fn,
     gguf_config=gguf_config,
 )

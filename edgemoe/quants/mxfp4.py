@@ -22,6 +22,18 @@ def e8m0_to_fp32_half(e: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
+def from_hf_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """An HF MXFP4 tensor (gpt-oss's released checkpoints) as ggml `block_mxfp4` rows, moving bits only.
+
+    blocks: (..., G, 16) uint8, value 2k of a group in the low nibble of byte k, value 2k+1 in the high one;
+    scales: (..., G) uint8 E8M0 exponents (2**(s - 127) times the E2M1 values, which ggml keeps doubled with
+    the scale halved: the same numbers). → (..., G * 17): per group the scale byte, then byte j holding value j
+    (low nibble) and value j + 16 (high), as llama.cpp's converter writes them."""
+    v = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)  # (..., G, 32) codes
+    out = np.concatenate([scales[..., None], v[..., :16] | (v[..., 16:] << 4)], axis=-1)  # (..., G, 17)
+    return np.ascontiguousarray(out.reshape(*blocks.shape[:-2], blocks.shape[-2] * 17))
+
+
 def _dequantize_mxfp4(blocks: np.ndarray) -> np.ndarray:
     """block_mxfp4: e (E8M0) | qs[16]; value j in the low nibble of byte j, value j+16 in the high one;
     y = kvalues_mxfp4[code] * e8m0_to_fp32_half(e), one exact product (or inf) per value."""
