@@ -238,6 +238,29 @@ def _edited(models, tmp_path, case, edit):
     return str(d)
 
 
+def test_deepseek_latent_cache_types(tmp_path):
+    """DeepSeek's compressed cache in f16 (the default) and q8_0: logits within the rounding of the cached latents
+    of the f32 cache's, over a prefill and decode steps; q8_0 needs a row width that is a multiple of 32 and says
+    so in one line otherwise."""
+    from edgemoe.errors import UsageError
+
+    model, cfg = make_hf_deepseek(3, kv_lora_rank=56, rope=8, seed=41)  # rows of 56 + 8 = 64 values
+    m = load_model(save_hf(model, cfg, tmp_path / "ds")).model
+    runs = {}
+    for cache_type in ("f32", "f16", "q8_0"):
+        c = m.new_cache(64, cache_type)
+        assert c.k.nbytes == {"f32": 4 * 64, "f16": 2 * 64, "q8_0": 68}[cache_type] * 3 * 64  # L, S, row
+        out = [m.forward(np.asarray(PROMPT), c, all_logits=True)] + [m.forward(np.asarray([t]), c) for t in (5, 9)]
+        runs[cache_type] = np.concatenate(out)
+    scale = np.abs(runs["f32"]).max()
+    assert np.abs(runs["f16"] - runs["f32"]).max() <= 2e-3 * scale
+    assert np.abs(runs["q8_0"] - runs["f32"]).max() <= 2e-2 * scale
+    assert not np.array_equal(runs["f16"], runs["f32"])  # the cache's type is the one asked for
+    narrow, _ = make_hf_deepseek(3, seed=42)  # 32 + 8 = 40 values per row
+    with pytest.raises(UsageError, match="multiple of 32"):
+        load_model(save_hf(narrow, _, tmp_path / "narrow")).model.new_cache(16, "q8_0")
+
+
 @pytest.mark.parametrize("edit,needle", [
     (lambda c: c.update(model_type="dbrx"), "model_type 'dbrx' is not supported"),
     (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),

@@ -73,6 +73,26 @@ def _stored(x, cache_type):
     return quants.dequantize(q, GGMLQuantizationType.Q8_0).reshape(x.shape), q
 
 
+@pytest.mark.parametrize("cache_type,R,r", [("f16", 32, 8), ("f16", 52, 12), ("q8_0", 512, 64), ("q8_0", 56, 8)])
+def test_latent_attention_equals_f32_holding_the_same_values(cache_type, R, r):
+    """DeepSeek's latent attention (kernels/mla.py) over an f16 or q8_0 cache of [latent ; rope key] rows gives
+    the bits it gives over an f32 cache holding the same values, row widths with and without 8-value tails."""
+    from edgemoe.kernels.mla import mla_attention
+
+    rng = np.random.default_rng(R + r)
+    T, H, n, v, pos0 = 3, 4, 16, 12, 21
+    S = pos0 + T + 2
+    q_nope = rng.standard_normal((T, H, n)).astype(np.float32)
+    q_pe = rng.standard_normal((T, H, r)).astype(np.float32)
+    w_uk = (rng.standard_normal((H, n, R)) * 0.2).astype(np.float32)
+    w_uv = (rng.standard_normal((H, v, R)) * 0.2).astype(np.float32)
+    f32, stored = _stored(rng.standard_normal((1, S, R + r)).astype(np.float32), cache_type)
+    want, got = np.empty((T, H, v), np.float32), np.empty((T, H, v), np.float32)
+    mla_attention(want, q_nope, q_pe, np.ascontiguousarray(f32[0]), w_uk, w_uv, pos0, np.float32(0.3))
+    mla_attention(got, q_nope, q_pe, np.ascontiguousarray(stored[0]), w_uk, w_uv, pos0, np.float32(0.3))
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
 @pytest.mark.parametrize("T,H,K,d,pos0", [(1, 8, 2, 64, 37), (5, 4, 4, 32, 0), (3, 6, 2, 96, 11)])
 def test_attention_equals_f32_holding_the_same_values(cache_type, T, H, K, d, pos0):

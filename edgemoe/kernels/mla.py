@@ -16,6 +16,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .intrinsics_x8 import store_x8
+from .kv_access import load_kv1, load_kv8
+
 
 @njit(cache=True, nogil=True)
 def rope_pairs_inplace(x, cos, sin):
@@ -33,20 +36,34 @@ def rope_pairs_inplace(x, cos, sin):
 HEAD_GROUPS = 4  # jobs per token: each reads the cached latents once for its group of heads
 
 
+@njit(cache=True, nogil=True)
+def _row(buf, rows, ro, n):
+    """buf[:n] = the first n values of the cache row at flat element `ro`, widened to float32."""
+    i = 0
+    while i + 8 <= n:
+        store_x8(buf, i, load_kv8(rows, ro, i))
+        i += 8
+    while i < n:
+        buf[i] = load_kv1(rows, ro, i)
+        i += 1
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def mla_attention(out, q_nope, q_pe, rows, w_uk, w_uv, pos0, scale):
     """out (T, H, v): token t (at position pos0 + t) of each head attends to cache positions 0..pos0 + t.
 
-    q_nope: (T, H, n); q_pe: (T, H, r) after RoPE; rows: (S, R + r) the cache, C-contiguous: each position's
-    latent, then its key's rope part after RoPE (one array, not two strided views of it: a view's unknown
-    stride keeps LLVM from vectorising the dot products, 7-9x slower);
+    q_nope: (T, H, n); q_pe: (T, H, r) after RoPE; rows: (S, W) the cache, C-contiguous: each position's latent,
+    then its key's rope part after RoPE, as float32 (W = R + r), f16 bits or Q8_0 blocks (kv_access), widened
+    row by row into a float32 buffer the dot products read (one contiguous array: a strided view's unknown
+    stride keeps LLVM from vectorising them, 7-9x slower);
     w_uk: (H, n, R) the keys' up-projection; w_uv: (H, v, R) the values'. A job is one token and a group of
     heads, reading each cached position once for the whole group; its sums are its own, so a row's result does
     not depend on the other rows of the pass (fastmath reorders a sum the same way in every job).
     """
     T, H, n = q_nope.shape
     r = q_pe.shape[2]
-    R = rows.shape[1] - r
+    R = w_uk.shape[2]
+    W = rows.shape[1]
     v = w_uv.shape[1]
     G = min(HEAD_GROUPS, H)
     per = (H + G - 1) // G
@@ -62,13 +79,15 @@ def mla_attention(out, q_nope, q_pe, rows, w_uk, w_uv, pos0, scale):
                 for j in range(R):
                     qa[h - h0, j] += qi * w_uk[h, i, j]
         scores = np.empty((h1 - h0, L), np.float32)
+        buf = np.empty(R + r, np.float32)  # one cache row, widened
         for s in range(L):
+            _row(buf, rows, s * W, R + r)
             for h in range(h0, h1):
                 acc = np.float32(0.0)
                 for j in range(R):
-                    acc += qa[h - h0, j] * rows[s, j]
+                    acc += qa[h - h0, j] * buf[j]
                 for j in range(r):
-                    acc += q_pe[t, h, j] * rows[s, R + j]
+                    acc += q_pe[t, h, j] * buf[R + j]
                 scores[h - h0, s] = acc * scale
         total = np.zeros(h1 - h0, np.float32)
         for h in range(h1 - h0):
@@ -80,10 +99,11 @@ def mla_attention(out, q_nope, q_pe, rows, w_uk, w_uv, pos0, scale):
                 total[h] += scores[h, s]
         ol = np.zeros((h1 - h0, R), np.float32)  # Σ_s p_s c_s per head
         for s in range(L):
+            _row(buf, rows, s * W, R)
             for h in range(h1 - h0):
                 p = scores[h, s]
                 for j in range(R):
-                    ol[h, j] += p * rows[s, j]
+                    ol[h, j] += p * buf[j]
         for h in range(h0, h1):
             for k in range(v):
                 acc = np.float32(0.0)

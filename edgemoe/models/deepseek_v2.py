@@ -147,16 +147,23 @@ def softmax_scale(args) -> float:
 
 
 class LatentCache(KVCache):
-    """Per layer and position the normalised latent (R) and the rotary key (r), f32: `k` holds [latent ; k_pe]
-    as one head of R + r values; `v` is empty (values are up-projected from the latent)."""
+    """Per layer and position the normalised latent (R) and the rotary key (r), in the cache's type (f32, f16 or
+    q8_0 as `--cache-type` says, rounded as KVCache rounds): `k` holds [latent ; k_pe] as one head of R + r
+    values; `v` is empty (values are up-projected from the latent)."""
 
-    def __init__(self, n_layers: int, n_ctx: int, width: int):
+    def __init__(self, n_layers: int, n_ctx: int, width: int, cache_type: str = "f16"):
+        super().__init__(n_layers, 0, 1, width, cache_type)  # checks the type; no values
         self.n_ctx = n_ctx
-        self.cache_type = "f32"
-        self.head_dim = width
-        self.k = np.zeros((n_layers, 1, n_ctx, width), dtype=np.float32)  # (L, 1, S, R + r)
-        self.v = np.zeros((n_layers, 1, n_ctx, 0), dtype=np.float32)
-        self.length = 0
+        self.k = np.zeros((n_layers, 1, n_ctx, self.k.shape[3]), dtype=self.k.dtype)  # (L, 1, S, W)
+
+    def write_rows(self, layer: int, pos: int, rows: np.ndarray) -> None:
+        """Positions pos .. pos+n-1 of `layer`.   rows: (n, R + r) float32"""
+        self.k[layer, 0, pos:pos + rows.shape[0]] = self._stored(rows[None])[0]
+
+    @property
+    def row_bytes(self) -> int:
+        L, _, _, W = self.k.shape
+        return L * W * self.k.itemsize
 
     def load_prefix(self, k: np.ndarray, v: np.ndarray, n: int) -> None:
         if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or k.dtype != self.k.dtype:
@@ -167,8 +174,8 @@ class LatentCache(KVCache):
 
 
 def new_cache(args, n_ctx: int, cache_type: str) -> LatentCache:
-    """The compressed cache whatever `cache_type` asks: ~(R + r) / (2 H d) of a full one already."""
-    return LatentCache(args.num_hidden_layers, n_ctx, args.kv_lora_rank + args.qk_rope_head_dim)
+    """The compressed cache (~(R + r) / (2 H d) of a full one) in `cache_type`."""
+    return LatentCache(args.num_hidden_layers, n_ctx, args.kv_lora_rank + args.qk_rope_head_dim, cache_type)
 
 
 def attention(model, x: np.ndarray, layer, i: int, seqs, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -198,11 +205,9 @@ def attention(model, x: np.ndarray, layer, i: int, seqs, cos: np.ndarray, sin: n
     out = np.empty((T, H, v), np.float32)  # (T, H, v)
     for r0, m, cache in seqs:
         p = cache.length
-        rows = cache.k[i, 0]  # (S, R + r)
-        rows[p:p + m, :R] = latent[r0:r0 + m]
-        rows[p:p + m, R:] = k_pe[r0:r0 + m, 0]
-        mla.mla_attention(out[r0:r0 + m], q_nope[r0:r0 + m], q_pe[r0:r0 + m], rows, ex["w_uk"], ex["w_uv"], p,
-                          model.scale)
+        cache.write_rows(i, p, np.concatenate([latent[r0:r0 + m], k_pe[r0:r0 + m, 0]], axis=1))  # (m, R + r)
+        mla.mla_attention(out[r0:r0 + m], q_nope[r0:r0 + m], q_pe[r0:r0 + m], cache.k[i, 0], ex["w_uk"],
+                          ex["w_uv"], p, model.scale)
     return linear(out.reshape(T, H * v), layer.o_proj)  # (T, D)
 
 
