@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -118,8 +119,13 @@ def test_joins_a_running_ray_cluster_and_leaves_it_running(tmp_path):
         c = Cluster(tmp_path, "--address", f"127.0.0.1:{port}", "--set", "cluster.resources={edge_box: 1}")
         try:
             with c.client() as client:
-                st = client.get("/cluster/status").json()
                 r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+                st = client.get("/cluster/status").json()
+                for _ in range(60):  # a replica that has just answered may not have reported to the status yet
+                    if st["replicas"]:
+                        break
+                    time.sleep(0.5)
+                    st = client.get("/cluster/status").json()
             assert r.status_code == 200
             assert [rep["engine"]["threads"] for rep in st["replicas"]] == [2]  # the node's 2 CPUs
         finally:

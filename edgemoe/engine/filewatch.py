@@ -76,22 +76,15 @@ class ModelFiles:
     @classmethod
     def of(cls, model, gate=None, *, verify_packs: bool = True) -> ModelFiles:
         """The files `model` (and the draft models of `gate`'s proposers) are mapped from. With `verify_packs`,
-        a pack whose experts are memory-mapped is checked against its manifest first (once per process):
-        a pack streamed from disk has each expert checked as it is read instead."""
+        each pack among them is checked first (`verify_mapped_packs`)."""
         from ..experts.streaming import StreamingExperts
-        from ..pack.manifest import check_pack
 
         models = [model] + [p.model for p in getattr(gate, "proposers", ()) if getattr(p, "model", None) is not None]
+        if verify_packs:
+            verify_mapped_packs(models)
         files: dict[str, int] = {}
         for m in models:
-            found = mapped_files(m, skip=(StreamingExperts,))  # it reads with pread, and its threads run
-            streamed = isinstance(getattr(m, "experts", None), StreamingExperts)
-            for path in found:
-                identity = _identity(path)
-                if verify_packs and not streamed and identity is not None and identity not in _checked:
-                    check_pack(path, checksums=True)  # ModelFormatError: a corrupt pack is never served
-                    _checked.add(identity)
-            for path, needed in found.items():
+            for path, needed in mapped_files(m, skip=(StreamingExperts,)).items():  # a stream reads with pread
                 files[path] = max(files.get(path, 0), needed)
         return cls(files)
 
@@ -174,3 +167,19 @@ def _identity(path: str) -> tuple | None:
     except OSError:
         manifest = None
     return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, manifest)
+
+
+def verify_mapped_packs(models) -> None:
+    """A pack whose experts are memory-mapped is checked against its manifest (once per process; ModelFormatError:
+    a corrupt pack is never served). A pack streamed from disk has each expert checked as it is read instead."""
+    from ..experts.streaming import StreamingExperts
+    from ..pack.manifest import check_pack
+
+    for m in models:
+        if isinstance(getattr(m, "experts", None), StreamingExperts):
+            continue
+        for path in mapped_files(m, skip=(StreamingExperts,)):
+            identity = _identity(path)
+            if identity is not None and identity not in _checked:
+                check_pack(path, checksums=True)
+                _checked.add(identity)

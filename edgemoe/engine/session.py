@@ -218,7 +218,10 @@ class Session:
         run it while a fused block compiles, and when they exceed FUSED_ROWS)."""
         from ..kernels import compile_ahead
         from ..progress import Phases
+        from .filewatch import verify_mapped_packs
 
+        if self.cfg.ssd.verify_checksums:  # a corrupt pack fails here, before seconds of compiling
+            verify_mapped_packs([self.model] + ([self.draft.model] if self.draft is not None else []))
         models = [("", self.model)] + ([("the draft's ", self.draft.model)] if self.draft is not None else [])
         first = "~10 s" if not self.compile_wait else "~40 s"
         with Phases("warming up", enabled=self.progress) as phase:
