@@ -433,13 +433,16 @@ def exp_f32x8(typingctx, v):
 
 
 def _lanewise(name: str, op: str, what: str):
-    """A lane-wise f32x8 intrinsic `name(a, b)` emitting the LLVM instruction `op`."""
+    """A lane-wise f32x8 intrinsic `name(a, b)` emitting the LLVM instruction `op` ("fadd", ...) or calling the
+    LLVM intrinsic `op` ("llvm.minnum.v8f32", ...)."""
 
     def impl(typingctx, a, b):
         if not (a == f32x8 and b == f32x8):
             return None
 
         def codegen(context, builder, sig, args):
+            if op.startswith("llvm."):
+                return _call(builder, op, _V8F32, [args[0], args[1]])
             return getattr(builder, op)(args[0], args[1])
 
         return f32x8(a, b), codegen
@@ -453,24 +456,5 @@ fadd = _lanewise("fadd", "fadd", "add")
 fsub = _lanewise("fsub", "fsub", "subtract")
 fmul = _lanewise("fmul", "fmul", "multiply")
 fdiv = _lanewise("fdiv", "fdiv", "divide")
-
-
-def _lanewise_call(name: str, fn: str, what: str):
-    """A lane-wise f32x8 intrinsic `name(a, b)` calling the LLVM intrinsic `fn`."""
-
-    def impl(typingctx, a, b):
-        if not (a == f32x8 and b == f32x8):
-            return None
-
-        def codegen(context, builder, sig, args):
-            return _call(builder, fn, _V8F32, [args[0], args[1]])
-
-        return f32x8(a, b), codegen
-
-    impl.__name__ = impl.__qualname__ = name
-    impl.__doc__ = f"Lane-wise f32 {what}."
-    return intrinsic(impl)
-
-
-fmin = _lanewise_call("fmin", "llvm.minnum.v8f32", "minimum (of a NaN and a number: the number)")
-fmax = _lanewise_call("fmax", "llvm.maxnum.v8f32", "maximum (of a NaN and a number: the number)")
+fmin = _lanewise("fmin", "llvm.minnum.v8f32", "minimum (of a NaN and a number: the number)")
+fmax = _lanewise("fmax", "llvm.maxnum.v8f32", "maximum (of a NaN and a number: the number)")
