@@ -218,3 +218,53 @@ def test_a_shared_prompt_start_goes_back_to_its_replica(two_replicas):
     line = next(ln for ln in metrics.splitlines() if ln.startswith("edgemoe_prompt_tokens_reused_total")
                 and f'replica="{served[0]}"' in ln)
     assert float(line.rsplit(" ", 1)[1]) >= 9 * 60  # each later prompt reused the ~80 tokens of the shared start
+
+
+def test_started_as_the_cluster_unit_starts_it(tmp_path, oracle):
+    """edgemoe-cluster.service as `edgemoe service install --cluster` writes it, started as systemd starts it: its
+    ExecStart in the unit's environment (RuntimeDirectory=, NOTIFY_SOCKET, HOME=, the Environment= lines; the test's
+    Numba cache instead of the unit's): READY=1 once the replicas answer, greedy output equal to `edgemoe run`,
+    and on SIGTERM (systemctl stop) exit 0 with its socket and state file gone."""
+    import socket
+
+    from edgemoe.cli import main
+
+    units, config, run_dir = tmp_path / "units", tmp_path / "etc" / "edgemoe.yaml", tmp_path / "run"
+    assert main(["service", "install", "--cluster", "--prefix", sys.prefix, "--unit-dir", str(units),
+                 "--config", str(config)]) == 0
+    lines = (units / "edgemoe-cluster.service").read_text().splitlines()
+    (exec_start,) = [x.removeprefix("ExecStart=").split() for x in lines if x.startswith("ExecStart=")]
+    assert exec_start[1:] == ["-m", "edgemoe", "cluster", "up", "--config", str(config)]
+    unit_env = dict(x.removeprefix("Environment=").split("=", 1) for x in lines if x.startswith("Environment="))
+    unit_env.pop("NUMBA_CACHE_DIR")
+    unit_env["HOME"] = unit_env["HOME"].replace("%S", str(tmp_path / "state"))
+    run_dir.mkdir()
+    (tmp_path / "state" / "edgemoe").mkdir(parents=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(1.0)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env.update(unit_env, RUNTIME_DIRECTORY=str(run_dir), NOTIFY_SOCKET=str(tmp_path / "notify"),
+               RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen(exec_start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said, deadline = [], time.monotonic() + 600
+        while "READY=1" not in said and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                said += notify.recv(4096).decode().split("\n")
+            except TimeoutError:
+                pass
+        assert "READY=1" in said, (said, proc.poll())
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(run_dir / "edgemoe-cluster.sock")),
+                          base_url="http://edgemoe", timeout=300) as client:
+            assert client.get("/health").status_code == 200
+            r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": N, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == oracle[PROMPTS[0]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert not (run_dir / "edgemoe-cluster.sock").exists() and not (run_dir / "edgemoe-cluster.json").exists()

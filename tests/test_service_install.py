@@ -123,3 +123,17 @@ def test_package_data_ships_the_units_and_configs():
         assert (REPO / sub).resolve() == (data / sub).resolve()
         files = [f"data/{sub}/{f.name}" for f in (data / sub).iterdir()]
         assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
+
+
+@needs_analyze
+def test_cluster_install_writes_the_front_door_unit(tmp_path, capsys):
+    assert install(tmp_path, "--cluster") == 0
+    out = capsys.readouterr().out
+    units, config = tmp_path / "units", tmp_path / "etc" / "edgemoe.yaml"
+    assert sorted(p.name for p in units.iterdir()) == ["edgemoe-cluster.service"]
+    r = subprocess.run([ANALYZE, "verify", "--man=no", "edgemoe-cluster.service"], cwd=units, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stdout + r.stderr
+    python, *rest = exec_start(units / "edgemoe-cluster.service")
+    assert python == service_python() and rest == ["-m", "edgemoe", "cluster", "up", "--config", str(config)]
+    assert "systemctl enable --now edgemoe-cluster.service\n" in out and "edgemoe.socket" not in out

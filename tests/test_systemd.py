@@ -3,6 +3,7 @@ default configuration (socket path and mode, memory limit above the cache budget
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ def installed_copy(tmp_path):
     """The units with ExecStart pointing at an `edgemoe` that exists here (verify checks the binary)."""
     exe = shutil.which("edgemoe")
     cmd = exe if exe else f"{sys.executable} -m edgemoe"
-    for name in ("edgemoe.service", "edgemoe.socket"):
+    for name in ("edgemoe.service", "edgemoe.socket", "edgemoe-cluster.service"):
         text = (UNITS / name).read_text().replace("ExecStart=/usr/local/bin/edgemoe", f"ExecStart={cmd}")
         (tmp_path / name).write_text(text)
     return tmp_path / "edgemoe.service", tmp_path / "edgemoe.socket"
@@ -52,8 +53,8 @@ def installed_copy(tmp_path):
 @needs_analyze
 def test_verify(tmp_path):
     service, socket = installed_copy(tmp_path)
-    r = subprocess.run([ANALYZE, "verify", "--man=no", str(service), str(socket)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([ANALYZE, "verify", "--man=no", str(service), str(socket), str(tmp_path / "edgemoe-cluster.service")],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stderr.strip() == "", r.stderr  # no warnings either
 
@@ -86,3 +87,21 @@ def test_units_agree_with_the_default_config():
                       "PrivateTmp": "yes"}.items():
         assert value(service, key) == want, key
     assert "MemoryDenyWriteExecute" not in {k for _, k, _ in directives(service)}  # Numba JIT needs W^X off
+
+
+def test_cluster_unit_agrees_with_the_front_door(monkeypatch):
+    """edgemoe-cluster.service: `cluster up` from the configuration, its socket and state file in the unit's
+    RuntimeDirectory (where `cluster status`/`down` look for them), READY from the main process, and never beside
+    edgemoe.service on one box."""
+    from edgemoe.commands.cluster import state_path
+
+    unit = UNITS / "edgemoe-cluster.service"
+    assert value(unit, "ExecStart") == "/usr/local/bin/edgemoe cluster up --config /etc/edgemoe/edgemoe.yaml"
+    runtime = "/run/" + value(unit, "RuntimeDirectory")
+    env = {"RUNTIME_DIRECTORY": runtime}
+    assert os.path.dirname(default_socket(env)) == runtime
+    monkeypatch.setenv("RUNTIME_DIRECTORY", runtime)
+    assert state_path() == runtime + "/edgemoe-cluster.json"
+    for key, want in {"Type": "notify", "NotifyAccess": "main", "KillMode": "mixed", "DynamicUser": "yes",
+                      "Conflicts": "edgemoe.service edgemoe.socket", "PrivateTmp": "yes"}.items():
+        assert value(unit, key) == want, key

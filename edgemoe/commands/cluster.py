@@ -175,6 +175,9 @@ def up(args) -> int:
         server = _make_server(config, {"pid": os.getpid(), "socket": unix_path, "tcp": tcp,
                                   "models": [p.name for p in plans], "address": address or "local"})
         log.info("serving %s on %s", ", ".join(f"{p.name} ({p.replicas} replica(s))" for p in plans), where)
+        # uvicorn re-raises the SIGTERM that stopped it once it has: with Ray's handler in place that would end
+        # the process with status 15 (systemd: "failed") after the replicas are down; a stop is a clean exit
+        signal.signal(signal.SIGTERM, lambda *_: None)
         asyncio.run(server.serve(sockets=sockets))
     finally:
         for s in sockets:

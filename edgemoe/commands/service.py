@@ -3,8 +3,9 @@
     python3 -m venv /opt/edgemoe && /opt/edgemoe/bin/pip install edgemoe
     sudo /opt/edgemoe/bin/edgemoe service install
 
-writes /etc/systemd/system/edgemoe.service and edgemoe.socket from the templates shipped in the package
-(edgemoe/data/systemd/, = the repository's systemd/), with ExecStart naming this interpreter, and
+writes /etc/systemd/system/edgemoe.service and edgemoe.socket (with --cluster: edgemoe-cluster.service, the
+`edgemoe cluster up` front door) from the templates shipped in the package (edgemoe/data/systemd/, = the
+repository's systemd/), with ExecStart naming this interpreter, and
 /etc/edgemoe/edgemoe.yaml from edgemoe/data/configs/default.yaml unless that file exists; then prints the
 commands to run next. Each unit it writes starts with a checksum of the rest: a unit edited since (or not
 written by it) is replaced only with --force; an existing configuration is always kept.
@@ -24,6 +25,7 @@ from importlib import resources
 from ..errors import UsageError
 
 UNITS = ("edgemoe.service", "edgemoe.socket")
+CLUSTER_UNITS = ("edgemoe-cluster.service",)
 STAMP = "# Written by `edgemoe service install`; replaced by it while this checksum of the rest holds: sha256:"
 # A path the unit holds as is: systemd would expand % and $, and split on spaces.
 SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+@-]*")
@@ -48,6 +50,9 @@ def setup_arg_parser(p) -> None:
                               "(default edgemoe)")
     install.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR",
                          help="where the units go (default /etc/systemd/system)")
+    install.add_argument("--cluster", action="store_true",
+                         help="write edgemoe-cluster.service instead: `edgemoe cluster up --config FILE`, the "
+                              "models as Ray Serve replicas behind one endpoint (pip install 'edgemoe[cluster]')")
     install.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     install.add_argument("--force", action="store_true", help="replace units that were edited since they were written")
 
@@ -87,21 +92,23 @@ def main(args) -> int:
                   "/opt/edgemoe), and a configuration under /etc",
                   file=sys.stderr)
 
-    plan = [_plan_unit(os.path.join(unit_dir, name), render(name, python, config, args.user)) for name in UNITS]
+    units = CLUSTER_UNITS if args.cluster else UNITS
+    plan = [_plan_unit(os.path.join(unit_dir, name), render(name, python, config, args.user)) for name in units]
     plan.append(_plan_config(config))
     edited = [p.path for p in plan if p.status == "edited"]
     if edited and not args.force:
         raise UsageError(f"{edited[0]} was edited since it was written (or not written by edgemoe service install); "
-                         "pass --force to replace it (keep local changes in `systemctl edit edgemoe` drop-ins)")
+                         f"pass --force to replace it (keep local changes in `systemctl edit "
+                         f"{os.path.basename(edited[0]).removesuffix('.service')}` drop-ins)")
     for p in plan:
         if p.status in ("new", "update", "edited") and not args.dry_run:
             _write(p.path, p.text)
         print(f"{SAID[p.status][args.dry_run]} {p.path}")
     if args.dry_run:
-        for p in plan[:len(UNITS)]:
+        for p in plan[:len(units)]:
             print(f"\n--- {p.path}\n{p.text}", end="")
     print()
-    print(next_steps(args.user, config, python, args.dry_run), end="")
+    print(next_steps(args.user, config, python, args.dry_run, args.cluster), end="")
     return 0
 
 
@@ -133,8 +140,9 @@ def _hidden(path: str) -> tuple[str, str] | None:
 def render(name: str, python: str, config: str, user: str) -> str:
     """The packaged template `name` for this interpreter, configuration and user, stamped with its checksum."""
     text = resources.files("edgemoe").joinpath("data", "systemd", name).read_text()
-    if name == "edgemoe.service":
-        text = _set(text, "ExecStart", f"{python} -m edgemoe serve --config {config}")
+    if name.endswith(".service"):
+        command = "cluster up" if name == "edgemoe-cluster.service" else "serve"
+        text = _set(text, "ExecStart", f"{python} -m edgemoe {command} --config {config}")
         text = _set(text, "User", user)
         text = _set(text, "Group", user)
     else:
@@ -200,7 +208,7 @@ def _write(path: str, text: str) -> None:
         raise UsageError(f"cannot write {path} ({e.strerror}); run this as root (sudo)") from None
 
 
-def next_steps(user: str, config: str, python: str, dry_run: bool) -> str:
+def next_steps(user: str, config: str, python: str, dry_run: bool, cluster: bool = False) -> str:
     lines = ["then, as root:" if not dry_run else "after writing them, as root:"]
     if not _exists(pwd.getpwnam, user):
         group = f"--gid {user}" if _exists(grp.getgrnam, user) else "--user-group"
@@ -212,9 +220,15 @@ def next_steps(user: str, config: str, python: str, dry_run: bool) -> str:
               f"  # set inference.model in {config} to a model under /srv/edgemoe that {user} may read "
               "(null: the embedded model), then:",
               f"  {python} -m edgemoe config check {config}",
-              "  systemctl daemon-reload",
-              "  systemctl enable --now edgemoe.socket",
-              "  curl --unix-socket /run/edgemoe/edgemoe.sock http://localhost/health    # starts the service"]
+              "  systemctl daemon-reload"]
+    if cluster:
+        lines += [f"  {python} -m pip install 'edgemoe[cluster]'    # Ray Serve, unless installed",
+                  "  # cluster.address in the configuration: the Ray cluster to join (none: a local one), then:",
+                  "  systemctl enable --now edgemoe-cluster.service",
+                  "  curl --unix-socket /run/edgemoe/edgemoe-cluster.sock http://localhost/health"]
+    else:
+        lines += ["  systemctl enable --now edgemoe.socket",
+                  "  curl --unix-socket /run/edgemoe/edgemoe.sock http://localhost/health    # starts the service"]
     return "\n".join(lines) + "\n"
 
 
