@@ -41,8 +41,8 @@ def test_first_start_compiles_fused_kernels_in_the_background(tmp_path):
     pid = int(err.split("(pid ")[1].split(",")[0])
     assert wait_for_exit(pid, timeout=600), f"the compile worker {pid} still runs after 600 s"
     stored = {name.split("__")[0] for _, _, files in os.walk(tmp_path / "numba") for name in files
-              if name.startswith(("fused.", "fused_seqs.")) and name.endswith(".nbi")}
-    assert stored == {"fused._moe_template", "fused._attention_template", "fused._moe_rows_template",
+              if name.startswith(("fused.", "fused_seqs.", "fused_rows.")) and name.endswith(".nbi")}
+    assert stored == {"fused._moe_template", "fused._attention_template", "fused_rows._moe_rows_template",
                       "fused_seqs._attention_seqs_template"}, stored
     second, err = _run(env)
     assert "background" not in err, err

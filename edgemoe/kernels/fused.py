@@ -13,7 +13,7 @@ every other step is the same code as the separate path, so the results are bit-i
         phases: gate/up rows of every expert | SwiGLU + quantise per expert | down rows + sum + residual
 
 Steps of several rows (a prompt chunk, a verified draft, a batched step of several sequences) run the expert
-block over all rows (`_moe_rows_template`) and the attention block of `fused_seqs.py`.
+block over all rows (`fused_rows.py`) and the attention block of `fused_seqs.py`.
 
 A kernel is compiled per combination of weight kinds (`kinds.KINDS`): the template's code is bound to
 that kind's functions under its own name, which Numba's on-disk cache keys on.
@@ -30,6 +30,7 @@ from numba import njit, prange
 
 from ..qtensor import QTensor
 from . import compile_ahead, dispatch
+from .fused_rows import _moe_rows_template
 from .fused_seqs import _attention_seqs_template
 from .kinds import Kind, kind_of
 from .kv_access import store_kv_row
@@ -45,10 +46,11 @@ SWIGLU_SERIAL, RMSNORM_SERIAL, ROPE_SERIAL, CLAMPED_SERIAL = SWIGLU[1], RMSNORM[
 
 
 def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, hbuf, hq, hd, hs, ys, downs,
-                  gu_variant, down_variant, sync, chunk, gate_b, up_b, down_b, alpha, limit):
+                  gu_variant, down_variant, sync, chunk, gate_b, up_b, down_b, bias_ids, alpha, limit):
     """out (D,) = resid + sum_a w_exp[a] * down_a(silu(gate_a h) * up_a h).
-    With biases (gate_b, up_b (A, I), down_b (A, D); (0, 0) arrays when absent) gpt-oss's expert instead:
-    down_a(ops._clamped_swiglu(gate_a h, up_a h)) + down_b[a], the activation's alpha and limit as given.
+    With biases (the layer's gate_b, up_b (E, I), down_b (E, D), expert a's row bias_ids[a]; (0, 0) arrays when
+    absent) gpt-oss's expert instead: down_a(ops._clamped_swiglu(gate_a h, up_a h)) + down_b[bias_ids[a]], the
+    activation's alpha and limit as given.
 
     mats: the experts' gate|up matrices, `n_per` per expert in expert order (1: gate and up stacked,
     2I rows; 2: gate then up, I rows each); downs: the down matrices (D, I).
@@ -78,8 +80,8 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
         a = claim(sync, 1, A, back)
         while a >= 0:  # SwiGLU and the down projection's activations, per expert
             if gate_b.shape[0]:
-                CLAMPED_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i, gate_b[a], up_b[a],
-                               alpha, limit)
+                CLAMPED_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i, gate_b[bias_ids[a]],
+                               up_b[bias_ids[a]], alpha, limit)
             else:
                 SWIGLU_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i)
             DOWN_QUANT(hq[a:a + 1], hd[a:a + 1], hs[a:a + 1], hbuf[a:a + 1])
@@ -95,112 +97,12 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
                           down_variant)
                 if down_b.shape[0]:
                     for r in range(lo, hi):
-                        ys[e, r] += down_b[e, r]
+                        ys[e, r] += down_b[bias_ids[e], r]
             for r in range(lo, hi):
                 acc = np.float32(0.0)
                 for e in range(A):
                     acc += w_exp[e] * ys[e, r]
                 out[r] = resid[r] + acc
-            finish(sync, 2)
-            c = claim(sync, 2, n3, back)
-
-
-def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w, slot_tok, slot_j, exp_start,
-                       exp_slots, tok_start, xq, xd, xs, xg, xdg, xsg, gu, hbuf, hq, hd, hs, ys, tmp, downs, gu_variant,
-                       down_variant, sync, chunk, gate_b, up_b, down_b, alpha, limit):
-    """One group of experts of the expert block of T tokens: acc (T, D) += per token t, the sum over its slots
-    s of this group (in order) of slot_w[s] * down_u(silu(gate_u h_t) * up_u h_t), u the slot's expert; with
-    `last`, out (T, D) = resid + acc instead. Groups in increasing expert id keep every token's sum in order.
-
-    mats: the group's experts' gate|up matrices, `n_per` per expert (as `_moe_template`); downs: their
-    down matrices (a group always has MOE_GROUP experts, padded with ones no slot uses, so one compiled
-    kernel serves every count). Slots 0..S-1 are grouped by token (token t owns
-    tok_start[t]..tok_start[t+1]-1, in the order its outputs are summed); slot_tok (S,) its token. The slots
-    are worked on grouped by expert: position j holds slot exp_slots[j], expert u owns positions
-    exp_start[u]..exp_start[u+1]-1, and slot_j (S,) is each slot's position. Each weight chunk is unpacked once
-    for all the positions of its expert (the `rows` kernels take several tokens per pass) and every row gets the
-    bits it gets alone.
-    Scratch: xq, xd, xs: (T, ...) activations of h; xg, xdg, xsg: (S, ...) the same per position; gu (S * 2I,)
-    f32; hbuf (S, I) f32; hq, hd, hs: (S, ...) activations of hbuf; ys (S, D) f32, all by position;
-    tmp (n_threads, S * chunk) f32 (an expert has at most T positions, unless a router's NaN picked it twice
-    for one token); sync: (3 * SYNC_SLOTS,) int64 zeros. gate_b, up_b, down_b, alpha, limit: as `_moe_template`,
-    one row per expert of the group.
-    """
-    T, D = out.shape
-    S = slot_w.shape[0]
-    U = len(downs)
-    n_i = hbuf.shape[1]
-    r1 = 2 * n_i // n_per  # rows per matrix of `mats`
-    per_mat = (r1 + chunk - 1) // chunk
-    n1 = len(mats) * per_mat
-    n3 = (D + chunk - 1) // chunk
-    for t in range(T):
-        GU_QUANT(xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], h[t:t + 1])
-    pos_u = np.empty(S, np.int64)  # each position's expert
-    for u in range(U):
-        pos_u[exp_start[u]:exp_start[u + 1]] = u
-    for j in range(S):  # each position's activations: its slot's token's
-        t = slot_tok[exp_slots[j]]
-        xg[j, :] = xq[t, :]
-        xdg[j, :] = xd[t, :]
-        xsg[j, :] = xs[t, :]
-    for it in prange(n_threads):
-        back = it % 2 == 1  # odd iterations take chunks from the back
-        c = claim(sync, 0, n1, back)
-        while c >= 0:  # gate and up rows, for every position of the chunk's expert at once
-            m = c // per_mat
-            u = m // n_per
-            at = (m % n_per) * r1
-            lo = (c % per_mat) * chunk
-            hi = min(lo + chunk, r1)
-            j0, j1 = exp_start[u], exp_start[u + 1]
-            if j1 > j0:
-                blk = tmp[it][:(j1 - j0) * (hi - lo)].reshape(j1 - j0, hi - lo)
-                GU_ROWS(blk, lo, hi, mats[m], xg[j0:j1], xdg[j0:j1], xsg[j0:j1], gu_variant)
-                for k in range(j1 - j0):
-                    o = (j0 + k) * 2 * n_i + at + lo
-                    for r in range(hi - lo):
-                        gu[o + r] = blk[k, r]
-            finish(sync, 0)
-            c = claim(sync, 0, n1, back)
-        wait_done(sync, 0, n1)
-        j = claim(sync, 1, S, back)
-        while j >= 0:  # SwiGLU and the down projection's activations, per position
-            if gate_b.shape[0]:
-                u = pos_u[j]
-                CLAMPED_SERIAL(hbuf[j:j + 1], gu, j * 2 * n_i, gu, j * 2 * n_i + n_i, 2 * n_i, gate_b[u], up_b[u],
-                               alpha, limit)
-            else:
-                SWIGLU_SERIAL(hbuf[j:j + 1], gu, j * 2 * n_i, gu, j * 2 * n_i + n_i, 2 * n_i)
-            DOWN_QUANT(hq[j:j + 1], hd[j:j + 1], hs[j:j + 1], hbuf[j:j + 1])
-            finish(sync, 1)
-            j = claim(sync, 1, S, back)
-        wait_done(sync, 1, S)
-        c = claim(sync, 2, n3, back)
-        while c >= 0:  # down rows of every position, then each token's sum in order plus the residual
-            lo = c * chunk
-            hi = min(lo + chunk, D)
-            for u in range(U):
-                j0, j1 = exp_start[u], exp_start[u + 1]
-                if j1 > j0:
-                    blk = tmp[it][:(j1 - j0) * (hi - lo)].reshape(j1 - j0, hi - lo)
-                    DOWN_ROWS(blk, lo, hi, downs[u], hq[j0:j1], hd[j0:j1], hs[j0:j1], down_variant)
-                    for k in range(j1 - j0):
-                        for r in range(hi - lo):
-                            ys[j0 + k, lo + r] = blk[k, r]
-                    if down_b.shape[0]:
-                        for k in range(j1 - j0):
-                            for r in range(hi - lo):
-                                ys[j0 + k, lo + r] += down_b[u, lo + r]
-            for t in range(T):
-                for r in range(lo, hi):
-                    a = acc[t, r]
-                    for s in range(tok_start[t], tok_start[t + 1]):
-                        a += slot_w[s] * ys[slot_j[s], r]
-                    if last:
-                        out[t, r] = resid[t, r] + a
-                    else:
-                        acc[t, r] = a
             finish(sync, 2)
             c = claim(sync, 2, n3, back)
 
@@ -366,7 +268,7 @@ def moe_block(x: np.ndarray, h: np.ndarray, experts: list, weights: np.ndarray, 
     experts: Expert tuples of one layer with the same types and shapes, in the order their outputs
     are summed; weights: (A,) f32; kinds: from `moe_kinds` on the first expert. With `ahead` (the caller's
     compile_ahead state), None (nothing done) while the kernel is compiling in the background. extras: gpt-oss's
-    expert biases and activation (`moe_extras`, one row per expert of `experts`), None for plain SwiGLU.
+    expert biases and activation (`moe_extras`, a bias row id per expert of `experts`), None for plain SwiGLU.
     """
     k1, k2 = kinds
     e0 = experts[0]
@@ -399,7 +301,7 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
     token as tok_start (T+1,) says, each with its weight slot_w (S,) f32, token slot_tok (S,) and expert
     index slot_exp (S,) into `experts`; kinds: from `moe_kinds` on the first expert. The experts run in
     groups of MOE_GROUP, one parallel region each. With `ahead`, None while the kernel is compiling in the
-    background. extras: as `moe_block`'s, one row per expert of `experts`.
+    background. extras: as `moe_block`'s, one row id per expert of `experts`.
     """
     k1, k2 = kinds
     e0 = experts[0]
@@ -412,7 +314,7 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
         group = experts[g0:g0 + MOE_GROUP]
         group = group + [group[0]] * (MOE_GROUP - len(group))  # padding: experts without slots
         g_extras = NO_MOE_EXTRAS if extras is None else \
-            moe_extras(extras, np.minimum(np.arange(g0, g0 + MOE_GROUP), U - 1))  # padded likewise
+            (*extras[:3], extras[3][np.minimum(np.arange(g0, g0 + MOE_GROUP), U - 1)], *extras[4:])  # padded likewise
         mine = (slot_exp >= g0) & (slot_exp < g0 + MOE_GROUP)  # (S,) this group's slots, still token-major
         g_exp = slot_exp[mine] - g0
         g_w = np.ascontiguousarray(slot_w[mine])
@@ -444,15 +346,16 @@ def moe_rows_block(x: np.ndarray, h: np.ndarray, experts: list, slot_w: np.ndarr
 
 
 _NONE2 = np.zeros((0, 0), np.float32)
-NO_MOE_EXTRAS = (_NONE2, _NONE2, _NONE2, 0.0, 0.0)  # plain SwiGLU, no biases
+_NONE2.flags.writeable = False  # as the families' read-only bias arrays: one Numba type for all
+NO_MOE_EXTRAS = (_NONE2, _NONE2, _NONE2, np.zeros(0, np.int64), 0.0, 0.0)  # plain SwiGLU, no biases
 
 
 def moe_extras(family: tuple, ids) -> tuple:
-    """The fused expert blocks' extras for experts `ids` (in block order), from a family's per-layer
-    (gate_b (E, I), up_b (E, I), down_b (E, D), alpha, limit) (`ArchSpec.moe_extras`)."""
+    """The fused expert blocks' extras for experts `ids` (in block order), from a family's per-layer read-only
+    (gate_b (E, I), up_b (E, I), down_b (E, D), alpha, limit) (`ArchSpec.moe_extras`): the arrays themselves and
+    each expert's row in them."""
     gate_b, up_b, down_b, alpha, limit = family
-    return (np.ascontiguousarray(gate_b[ids]), np.ascontiguousarray(up_b[ids]), np.ascontiguousarray(down_b[ids]),
-            float(alpha), float(limit))
+    return gate_b, up_b, down_b, np.ascontiguousarray(ids, dtype=np.int64), float(alpha), float(limit)
 
 
 _NONE = np.zeros(0, np.float32)

@@ -94,10 +94,8 @@ def rope_tables(args, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sinks_window(layer, i: int, args) -> tuple[np.ndarray, int]:
-    """Layer i's sinks (H,), read-only like the model's other vectors, and its window (0: full attention)."""
-    sinks = layer.extra["sinks"].view()
-    sinks.flags.writeable = False
-    return sinks, args.sliding_window if i in args.sliding_layers else 0
+    """Layer i's sinks (H,) and its window (0: full attention)."""
+    return layer.extra["sinks"], args.sliding_window if i in args.sliding_layers else 0
 
 
 def route(model, x: np.ndarray, layer) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +118,8 @@ def expert_fn(x: np.ndarray, ex: Expert, layer, e: int, args) -> np.ndarray:
 
 
 def moe_extras(layer, args) -> tuple:
-    """What the fused expert blocks add to plain SwiGLU: the experts' biases gate (E, I), up (E, I) and
-    down (E, D), and the activation's alpha and limit."""
+    """What the fused expert blocks add to plain SwiGLU: the experts' read-only biases gate (E, I), up (E, I)
+    and down (E, D), and the activation's alpha and limit."""
     ext = layer.extra
     return ext["exp_gate_b"], ext["exp_up_b"], ext["exp_down_b"], args.swiglu_alpha, args.swiglu_limit
 
@@ -136,7 +134,8 @@ def attention_parts(args) -> list[str]:
 
 
 def finish_layer(t: dict, args) -> dict:
-    """Biases as float32 arrays: router (E,), experts' gate/up (E, I) (HF: de-interleaved) and down (E, D)."""
+    """Biases and sinks as read-only float32 arrays: router (E,), experts' gate/up (E, I) (HF: de-interleaved),
+    down (E, D), sinks (H,)."""
     from ..quants import dequantize_qtensor
 
     def arr(w):
@@ -146,6 +145,8 @@ def finish_layer(t: dict, args) -> dict:
     if "exp_gate_up_b" in t:
         gu = t.pop("exp_gate_up_b")  # (E, 2I): gate, up interleaved
         t["exp_gate_b"], t["exp_up_b"] = np.ascontiguousarray(gu[:, ::2]), np.ascontiguousarray(gu[:, 1::2])
+    for a in t.values():
+        a.flags.writeable = False  # like the model's other vectors: one Numba type for the kernels taking them
     return t
 
 
