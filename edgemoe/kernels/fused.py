@@ -34,7 +34,7 @@ from .fused_rows import _moe_rows_template
 from .fused_seqs import _attention_seqs_template
 from .kinds import Kind, kind_of
 from .kv_access import store_kv_row
-from .ops import CLAMPED_SWIGLU, RMSNORM, ROPE_INPLACE, SWIGLU, attention_job, attention_jobs, qk_inputs
+from .ops import RMSNORM, ROPE_INPLACE, attention_job, attention_jobs, expert_activation, qk_inputs
 from .q8act import activations
 from .sync import SYNC_SLOTS, claim, finish, wait_done
 
@@ -42,7 +42,7 @@ CHUNK_ROWS = 128  # matrix rows per chunk (a multiple of 8): ~35-70 KB of weight
 
 # Bound per weight kind by `_specialise` (the templates are never compiled themselves).
 GU_QUANT = GU_ROWS = DOWN_QUANT = DOWN_ROWS = QKV_QUANT = QKV_ROWS = O_QUANT = O_ROWS = None
-SWIGLU_SERIAL, RMSNORM_SERIAL, ROPE_SERIAL, CLAMPED_SERIAL = SWIGLU[1], RMSNORM[1], ROPE_INPLACE[1], CLAMPED_SWIGLU[1]
+RMSNORM_SERIAL, ROPE_SERIAL = RMSNORM[1], ROPE_INPLACE[1]
 
 
 def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, hbuf, hq, hd, hs, ys, downs,
@@ -79,11 +79,8 @@ def _moe_template(n_threads, out, resid, h, mats, n_per, w_exp, xq, xd, xs, gu, 
         wait_done(sync, 0, n1)
         a = claim(sync, 1, A, back)
         while a >= 0:  # SwiGLU and the down projection's activations, per expert
-            if gate_b.shape[0]:
-                CLAMPED_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i, gate_b[bias_ids[a]],
-                               up_b[bias_ids[a]], alpha, limit)
-            else:
-                SWIGLU_SERIAL(hbuf[a:a + 1], gu, a * 2 * n_i, gu, a * 2 * n_i + n_i, 2 * n_i)
+            expert_activation(hbuf[a:a + 1], gu, a * 2 * n_i, n_i, gate_b, up_b, bias_ids[a] if bias_ids.shape[0] else 0,
+                              alpha, limit)
             DOWN_QUANT(hq[a:a + 1], hd[a:a + 1], hs[a:a + 1], hbuf[a:a + 1])
             finish(sync, 1)
             a = claim(sync, 1, A, back)

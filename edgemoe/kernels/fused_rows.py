@@ -9,12 +9,11 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .ops import CLAMPED_SWIGLU, SWIGLU
+from .ops import expert_activation
 from .sync import claim, finish, wait_done
 
 # Bound per weight kind by `fused._specialise` (the template is never compiled itself).
 GU_QUANT = GU_ROWS = DOWN_QUANT = DOWN_ROWS = None
-SWIGLU_SERIAL, CLAMPED_SERIAL = SWIGLU[1], CLAMPED_SWIGLU[1]
 
 
 def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w, slot_tok, slot_j, exp_start,
@@ -78,12 +77,8 @@ def _moe_rows_template(n_threads, out, acc, last, resid, h, mats, n_per, slot_w,
         wait_done(sync, 0, n1)
         j = claim(sync, 1, S, back)
         while j >= 0:  # SwiGLU and the down projection's activations, per position
-            if gate_b.shape[0]:
-                u = pos_u[j]
-                CLAMPED_SERIAL(hbuf[j:j + 1], gu, j * 2 * n_i, gu, j * 2 * n_i + n_i, 2 * n_i, gate_b[bias_ids[u]],
-                               up_b[bias_ids[u]], alpha, limit)
-            else:
-                SWIGLU_SERIAL(hbuf[j:j + 1], gu, j * 2 * n_i, gu, j * 2 * n_i + n_i, 2 * n_i)
+            expert_activation(hbuf[j:j + 1], gu, j * 2 * n_i, n_i, gate_b, up_b,
+                              bias_ids[pos_u[j]] if bias_ids.shape[0] else 0, alpha, limit)
             DOWN_QUANT(hq[j:j + 1], hd[j:j + 1], hs[j:j + 1], hbuf[j:j + 1])
             finish(sync, 1)
             j = claim(sync, 1, S, back)

@@ -301,6 +301,18 @@ ATTENTION = twins(_attention)
 SWIGLU = twins(_swiglu)
 
 CLAMPED_SWIGLU = twins(_clamped_swiglu)
+_swiglu_serial, _clamped_swiglu_serial = SWIGLU[1], CLAMPED_SWIGLU[1]
+
+
+@njit(cache=True, nogil=True)
+def expert_activation(hrow, gu, at, n_i, gate_b, up_b, bias_row, alpha, limit):
+    """One expert row's activation in the fused expert blocks: hrow (1, I) from gate gu[at:at + I] and up
+    gu[at + I:at + 2I]: SwiGLU, or with biases (gate_b, up_b (E, I); (0, 0) when absent) gpt-oss's clamped
+    SwiGLU with the biases' row `bias_row`."""
+    if gate_b.shape[0]:
+        _clamped_swiglu_serial(hrow, gu, at, gu, at + n_i, 2 * n_i, gate_b[bias_row], up_b[bias_row], alpha, limit)
+    else:
+        _swiglu_serial(hrow, gu, at, gu, at + n_i, 2 * n_i)
 
 
 def rmsnorm(out, x, w, eps):
